@@ -1,0 +1,107 @@
+package balancer
+
+import (
+	"unicode"
+	"unicode/utf8"
+
+	"github.com/cespare/xxhash/v2"
+)
+
+const utf8Max = utf8.UTFMax
+
+// lowerBuf is sized to hold typical user@domain names whole, so that they
+// hash in one Sum64 call; longer names are streamed through a Digest.
+const lowerBuf = 128
+
+// needsLower reports whether lowercasing might change s. Non-ASCII bytes
+// count as "might": they go through the rune path.
+func needsLower(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c >= utf8.RuneSelf || 'A' <= c && c <= 'Z' {
+			return true
+		}
+	}
+	return false
+}
+
+// lowerRune writes the lowercase form of the character at s[i] into dst
+// (len(dst) >= utf8.UTFMax) and returns the bytes written and read. It is
+// the one definition of lowercasing that both Key and sumLower use, so the
+// two cannot drift apart. Invalid UTF-8 bytes are copied unchanged: unlike
+// strings.ToLower, which would turn each into U+FFFD, this keeps distinct
+// malformed names distinct.
+func lowerRune(dst []byte, s string, i int) (written, read int) {
+	c := s[i]
+	if c < utf8.RuneSelf {
+		if 'A' <= c && c <= 'Z' {
+			c += 'a' - 'A'
+		}
+		dst[0] = c
+		return 1, 1
+	}
+	r, size := utf8.DecodeRuneInString(s[i:])
+	if r == utf8.RuneError && size == 1 {
+		dst[0] = c
+		return 1, 1
+	}
+	return utf8.EncodeRune(dst, unicode.ToLower(r)), size
+}
+
+// appendLower appends the lowercase form of s to dst.
+func appendLower(dst []byte, s string) []byte {
+	var tmp [utf8Max]byte
+	for i := 0; i < len(s); {
+		w, n := lowerRune(tmp[:], s, i)
+		dst = append(dst, tmp[:w]...)
+		i += n
+	}
+	return dst
+}
+
+// sumLower is xxhash.Sum64String(lowercase(s)) computed in a stack buffer,
+// because Pick must not allocate even for mixed-case names.
+func sumLower(s string) uint64 {
+	// Most names are short ASCII: lowercase them into one buffer and hash
+	// it in one call. This repeats lowerRune's ASCII rule for speed;
+	// TestKeyHash holds the two paths to the same result.
+	if len(s) <= lowerBuf {
+		var buf [lowerBuf]byte
+		i := 0
+		for ; i < len(s); i++ {
+			c := s[i]
+			if c >= utf8.RuneSelf {
+				break
+			}
+			if 'A' <= c && c <= 'Z' {
+				c += 'a' - 'A'
+			}
+			buf[i] = c
+		}
+		if i == len(s) {
+			return xxhash.Sum64(buf[:i])
+		}
+	}
+	return sumLowerStream(s)
+}
+
+// sumLowerStream is sumLower for long or non-ASCII names, whose lowercase
+// form may not fit one buffer: it streams chunks through a Digest.
+func sumLowerStream(s string) uint64 {
+	var (
+		buf [lowerBuf]byte
+		d   xxhash.Digest
+		n   int
+	)
+	d.Reset()
+	for i := 0; i < len(s); {
+		if n > len(buf)-utf8Max {
+			d.Write(buf[:n])
+			n = 0
+		}
+		w, r := lowerRune(buf[n:], s, i)
+		n += w
+		i += r
+	}
+	d.Write(buf[:n])
+	return d.Sum64()
+}

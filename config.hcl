@@ -1,0 +1,149 @@
+# imapproxy example configuration, set up for the local demo: one cleartext
+# listener in front of three IMAP backends on 127.0.0.1.
+#
+# Durations are strings such as "200ms", "60s", "30m" or "1h". Every key below
+# that is set to its default says so; leaving such a key out changes nothing.
+# Unknown keys are errors, so a typo is reported rather than ignored.
+
+# trace | debug | info | warn | error. "debug" shows each session's state
+# changes; "trace" adds a protocol trace with credentials redacted.
+log_level = "info"
+
+# text | json. Use "json" when logs are shipped to a collector.
+log_format = "text" # default
+
+# A client-facing address. Add one block per address; names must be unique and
+# are used in logs.
+listener "imap" {
+  # host:port. An empty host (":143") listens on every interface.
+  address = "127.0.0.1:1143"
+
+  # none (default) | starttls | implicit. "starttls" offers STARTTLS on a
+  # cleartext port (143); "implicit" starts TLS at once (IMAPS, 993). Both
+  # need the client_tls block.
+  tls = "none"
+}
+
+# IMAPS on the standard port; uncomment together with client_tls below.
+# listener "imaps" {
+#   address = "0.0.0.0:993"
+#   tls     = "implicit"
+# }
+
+# The certificate presented to clients by starttls and implicit listeners.
+# client_tls {
+#   # PEM certificate chain and its private key; both must load as a pair.
+#   cert_file = "/etc/imapproxy/tls/cert.pem"
+#   key_file  = "/etc/imapproxy/tls/key.pem"
+#
+#   # Advertise LOGINDISABLED on cleartext connections so that passwords only
+#   # travel inside TLS. Needs at least one starttls or implicit listener.
+#   require_tls_for_login = false # default
+#
+#   # Oldest TLS version accepted from clients: "1.2" (default) or "1.3".
+#   min_version = "1.2"
+# }
+
+# How the proxy connects and logs in to the backends.
+upstream {
+  # none (default) | starttls | implicit. A backend's own tls overrides it.
+  tls = "none"
+
+  # PEM bundle used to verify backend certificates; empty means the system
+  # roots. Set it when the backends use a private CA.
+  # ca_file = "/etc/imapproxy/tls/backend-ca.pem"
+
+  # Name checked against the backend certificate; empty means the host part
+  # of each backend's address. Set it when backends are addressed by IP.
+  # server_name = "imap.internal.example"
+
+  # Skips certificate verification. For tests only: it allows a
+  # man-in-the-middle to read every password.
+  insecure_skip_verify = false # default
+
+  # auto (default) | login | plain. "auto" uses AUTHENTICATE PLAIN when the
+  # backend advertises it and LOGIN otherwise; pin one if a backend lies.
+  login_method = "auto"
+
+  # How long one TCP (and TLS) connect may take, how many more attempts
+  # follow a failed one, and the pause between them.
+  dial_timeout = "5s"    # default
+  dial_retries = 2       # default
+  retry_delay  = "200ms" # default
+
+  # TCP keepalive period for backend connections; "0s" keeps the system
+  # default. Lower it when a firewall drops idle cached connections early.
+  tcp_keepalive = "30s" # default
+
+  # Send the client's ID and x-originating-ip to the backend before LOGIN, so
+  # its logs and rate limits see the real client rather than the proxy.
+  forward_id = true # default
+}
+
+# The static backend set. Users are spread over the backends by rendezvous
+# hashing of the user name, so a user keeps landing on the same backend.
+backend "backend-1" {
+  # host:port of the IMAP server.
+  address = "127.0.0.1:10143"
+
+  # Relative share of users (default 1); 2 takes twice the users of 1.
+  weight = 1
+
+  # Overrides upstream.tls for this backend; leave it out to inherit.
+  # tls = "implicit"
+}
+
+backend "backend-2" {
+  address = "127.0.0.1:10144"
+}
+
+backend "backend-3" {
+  address = "127.0.0.1:10145"
+}
+
+# The pool of logged-in backend connections kept after a client logs out, so
+# that the next session of the same user (webmail opens one per page view)
+# skips connect and LOGIN.
+cache {
+  # false turns the proxy into a plain relay.
+  enabled = true # default
+
+  # How long a connection may sit idle in the pool (up-imapproxy's
+  # cache_expiration_time). Keep it below the backends' own idle logout.
+  expiration = "300s" # default
+
+  # How often expired connections are swept and closed.
+  sweep_interval = "60s" # default
+
+  # A connection older than this is closed instead of reused, whatever its
+  # idle time, so that backend-side state cannot grow for ever.
+  reuse_max_age = "1h" # default
+
+  # Idle connections kept per user; raise it for clients that open several
+  # sessions in parallel.
+  max_cached_per_user = 4 # default
+
+  # All backend connections, active and cached. Size it to what the backends
+  # accept from the proxy, or they will refuse logins before the proxy does.
+  max_connections = 1000 # default
+}
+
+# Each timeout is named by the state it bounds.
+timeouts {
+  preauth       = "60s" # default: from connect until login completes
+  auth_idle     = "30m" # default: client silence between commands (RFC 3501 asks for at least 30m)
+  idle          = "60m" # default: client silence during IDLE
+  literal       = "60s" # default: to transfer one literal
+  backend_login = "30s" # default: greeting, ID and LOGIN on a new backend connection
+  check         = "5s"  # default: the NOOP that proves a cached connection alive
+  write         = "60s" # default: one write to a client or backend
+  drain         = "30s" # default: grace for sessions to end on shutdown
+}
+
+# Sizes in bytes. They bound what a client can make the proxy hold in memory.
+limits {
+  max_line_length     = 65536    # default: one command line, at least 1024
+  max_literal_preauth = 8192     # default: a literal before login (e.g. a password)
+  max_literal         = 67108864 # default (64 MiB): a literal after login (e.g. APPEND)
+  max_bad_commands    = 3        # default: BAD responses before login, then BYE
+}

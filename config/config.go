@@ -1,0 +1,176 @@
+// Package config reads the imapproxy HCL configuration file into structs.
+//
+// Parse fills in every default, so a Config from a minimal file (one listener,
+// one backend) is complete. Every problem found is reported at once, each
+// prefixed with the file and line it comes from.
+package config
+
+import (
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/hashicorp/hcl/v2"
+	"github.com/hashicorp/hcl/v2/gohcl"
+	"github.com/hashicorp/hcl/v2/hclsyntax"
+)
+
+// Config is the whole configuration file.
+type Config struct {
+	LogLevel  string // trace|debug|info|warn|error
+	LogFormat string // text|json
+	Listeners []Listener
+	ClientTLS ClientTLS
+	Upstream  Upstream
+	Backends  []Backend // the static backend set
+	Cache     Cache
+	Timeouts  Timeouts
+	Limits    Limits
+
+	// pos maps keys such as "cache.expiration" or "listener[0].address" to
+	// where they were written; nil for a Config built in code.
+	pos map[string]hcl.Range
+}
+
+// Listener is a client-facing address.
+type Listener struct {
+	Name    string
+	Address string // host:port
+	TLS     string // none|starttls|implicit
+}
+
+// ClientTLS is the certificate that listeners present to clients.
+type ClientTLS struct {
+	CertFile           string
+	KeyFile            string
+	RequireTLSForLogin bool   // advertise LOGINDISABLED on cleartext connections
+	MinVersion         string // "1.2" or "1.3"
+}
+
+// Upstream is how the proxy connects and logs in to backends.
+type Upstream struct {
+	TLS                string // none|starttls|implicit, unless a backend overrides it
+	CAFile             string // "" means the system roots
+	ServerName         string // "" means the host part of the backend address
+	InsecureSkipVerify bool
+	LoginMethod        string // auto|login|plain
+	DialTimeout        time.Duration
+	DialRetries        int
+	RetryDelay         time.Duration
+	KeepAlive          time.Duration // 0 leaves the dialer's default
+	ForwardID          bool          // send the client's ID and x-originating-ip before LOGIN
+}
+
+// Backend is one IMAP server of the static set.
+type Backend struct {
+	Name    string
+	Address string // host:port
+	Weight  int
+	TLS     string // "" means Upstream.TLS
+}
+
+// Cache controls the pool of idle authenticated upstream connections.
+type Cache struct {
+	Enabled          bool
+	Expiration       time.Duration // how long an idle connection is kept
+	SweepInterval    time.Duration
+	ReuseMaxAge      time.Duration // connections older than this are not handed out again
+	MaxCachedPerUser int
+	MaxConnections   int // all upstream connections, active and cached
+}
+
+// Timeouts are named by the state of the session they bound.
+type Timeouts struct {
+	PreAuth      time.Duration // the whole time allowed before login completes
+	AuthIdle     time.Duration // client silence between commands after login
+	Idle         time.Duration // client silence while in IDLE
+	Literal      time.Duration // to transfer one literal
+	BackendLogin time.Duration // greeting, ID and LOGIN on a new upstream connection
+	Check        time.Duration // the round trip that proves a cached connection alive
+	Write        time.Duration // one write to a client or server
+	Drain        time.Duration // shutdown grace
+}
+
+// Limits bound what a client may send.
+type Limits struct {
+	MaxLineLength     int
+	MaxLiteralPreAuth int
+	MaxLiteral        int64
+	MaxBadCommands    int // pre-auth BAD responses before BYE
+}
+
+// Load reads the file at path and parses it with Parse.
+func Load(path string) (*Config, error) {
+	src, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	return Parse(src, path)
+}
+
+// Parse decodes HCL native syntax, applies defaults and validates the result.
+// filename is used in error messages only. The error joins every problem
+// found, each as "filename:line: key: problem".
+func Parse(src []byte, filename string) (*Config, error) {
+	f, diags := hclsyntax.ParseConfig(src, filename, hcl.InitialPos)
+	if diags.HasErrors() {
+		// After a syntax error the body is a guess; report only what the parser saw.
+		var ck checker
+		ck.diags(diags)
+		return nil, ck.err()
+	}
+	body := f.Body.(*hclsyntax.Body) // always, from hclsyntax.ParseConfig
+
+	c := defaults()
+	c.pos = positions(body)
+	ck := checker{pos: c.pos}
+	var raw hclFile
+	ck.diags(gohcl.DecodeBody(body, nil, &raw))
+	c.apply(&raw, &ck)
+	c.check(&ck)
+	if err := ck.err(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+func defaults() *Config {
+	return &Config{
+		LogLevel:  "info",
+		LogFormat: "text",
+		ClientTLS: ClientTLS{MinVersion: "1.2"},
+		Upstream: Upstream{
+			TLS:         "none",
+			LoginMethod: "auto",
+			DialTimeout: 5 * time.Second,
+			DialRetries: 2,
+			RetryDelay:  200 * time.Millisecond,
+			KeepAlive:   30 * time.Second,
+			ForwardID:   true,
+		},
+		Cache: Cache{
+			Enabled:          true,
+			Expiration:       300 * time.Second,
+			SweepInterval:    60 * time.Second,
+			ReuseMaxAge:      time.Hour,
+			MaxCachedPerUser: 4,
+			MaxConnections:   1000,
+		},
+		Timeouts: Timeouts{
+			PreAuth:      60 * time.Second,
+			AuthIdle:     30 * time.Minute,
+			Idle:         60 * time.Minute,
+			Literal:      60 * time.Second,
+			BackendLogin: 30 * time.Second,
+			Check:        5 * time.Second,
+			Write:        60 * time.Second,
+			Drain:        30 * time.Second,
+		},
+		Limits: Limits{
+			MaxLineLength:     65536,
+			MaxLiteralPreAuth: 8192,
+			MaxLiteral:        64 << 20,
+			MaxBadCommands:    3,
+		},
+	}
+}

@@ -1,0 +1,204 @@
+package config
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/hashicorp/hcl/v2"
+	"github.com/hashicorp/hcl/v2/hclsyntax"
+)
+
+// The hcl* types mirror the file. Every attribute is a pointer so that an
+// absent one leaves the default in place, while an explicit zero is kept and
+// validated.
+
+type hclFile struct {
+	LogLevel  *string       `hcl:"log_level,optional"`
+	LogFormat *string       `hcl:"log_format,optional"`
+	Listeners []hclListener `hcl:"listener,block"`
+	ClientTLS *hclClientTLS `hcl:"client_tls,block"`
+	Upstream  *hclUpstream  `hcl:"upstream,block"`
+	Backends  []hclBackend  `hcl:"backend,block"`
+	Cache     *hclCache     `hcl:"cache,block"`
+	Timeouts  *hclTimeouts  `hcl:"timeouts,block"`
+	Limits    *hclLimits    `hcl:"limits,block"`
+}
+
+type hclListener struct {
+	Name    string  `hcl:"name,label"`
+	Address *string `hcl:"address,optional"` // required, but checked by Validate to report it once
+	TLS     *string `hcl:"tls,optional"`
+}
+
+type hclClientTLS struct {
+	CertFile           *string `hcl:"cert_file,optional"`
+	KeyFile            *string `hcl:"key_file,optional"`
+	RequireTLSForLogin *bool   `hcl:"require_tls_for_login,optional"`
+	MinVersion         *string `hcl:"min_version,optional"`
+}
+
+type hclUpstream struct {
+	TLS                *string `hcl:"tls,optional"`
+	CAFile             *string `hcl:"ca_file,optional"`
+	ServerName         *string `hcl:"server_name,optional"`
+	InsecureSkipVerify *bool   `hcl:"insecure_skip_verify,optional"`
+	LoginMethod        *string `hcl:"login_method,optional"`
+	DialTimeout        *string `hcl:"dial_timeout,optional"`
+	DialRetries        *int    `hcl:"dial_retries,optional"`
+	RetryDelay         *string `hcl:"retry_delay,optional"`
+	KeepAlive          *string `hcl:"tcp_keepalive,optional"`
+	ForwardID          *bool   `hcl:"forward_id,optional"`
+}
+
+type hclBackend struct {
+	Name    string  `hcl:"name,label"`
+	Address *string `hcl:"address,optional"`
+	Weight  *int    `hcl:"weight,optional"`
+	TLS     *string `hcl:"tls,optional"`
+}
+
+type hclCache struct {
+	Enabled          *bool   `hcl:"enabled,optional"`
+	Expiration       *string `hcl:"expiration,optional"`
+	SweepInterval    *string `hcl:"sweep_interval,optional"`
+	ReuseMaxAge      *string `hcl:"reuse_max_age,optional"`
+	MaxCachedPerUser *int    `hcl:"max_cached_per_user,optional"`
+	MaxConnections   *int    `hcl:"max_connections,optional"`
+}
+
+type hclTimeouts struct {
+	PreAuth      *string `hcl:"preauth,optional"`
+	AuthIdle     *string `hcl:"auth_idle,optional"`
+	Idle         *string `hcl:"idle,optional"`
+	Literal      *string `hcl:"literal,optional"`
+	BackendLogin *string `hcl:"backend_login,optional"`
+	Check        *string `hcl:"check,optional"`
+	Write        *string `hcl:"write,optional"`
+	Drain        *string `hcl:"drain,optional"`
+}
+
+type hclLimits struct {
+	MaxLineLength     *int   `hcl:"max_line_length,optional"`
+	MaxLiteralPreAuth *int   `hcl:"max_literal_preauth,optional"`
+	MaxLiteral        *int64 `hcl:"max_literal,optional"`
+	MaxBadCommands    *int   `hcl:"max_bad_commands,optional"`
+}
+
+// apply copies what the file sets over the defaults in c. A duration that
+// does not parse is reported and leaves the default, so that Validate does
+// not report the same key again.
+func (c *Config) apply(f *hclFile, ck *checker) {
+	set(&c.LogLevel, f.LogLevel)
+	set(&c.LogFormat, f.LogFormat)
+
+	for _, h := range f.Listeners {
+		l := Listener{Name: h.Name, TLS: "none"}
+		set(&l.Address, h.Address)
+		set(&l.TLS, h.TLS)
+		c.Listeners = append(c.Listeners, l)
+	}
+
+	if h := f.ClientTLS; h != nil {
+		t := &c.ClientTLS
+		set(&t.CertFile, h.CertFile)
+		set(&t.KeyFile, h.KeyFile)
+		set(&t.RequireTLSForLogin, h.RequireTLSForLogin)
+		set(&t.MinVersion, h.MinVersion)
+	}
+
+	if h := f.Upstream; h != nil {
+		u, k := &c.Upstream, top("upstream")
+		set(&u.TLS, h.TLS)
+		set(&u.CAFile, h.CAFile)
+		set(&u.ServerName, h.ServerName)
+		set(&u.InsecureSkipVerify, h.InsecureSkipVerify)
+		set(&u.LoginMethod, h.LoginMethod)
+		ck.duration(k.dot("dial_timeout"), &u.DialTimeout, h.DialTimeout)
+		set(&u.DialRetries, h.DialRetries)
+		ck.duration(k.dot("retry_delay"), &u.RetryDelay, h.RetryDelay)
+		ck.duration(k.dot("tcp_keepalive"), &u.KeepAlive, h.KeepAlive)
+		set(&u.ForwardID, h.ForwardID)
+	}
+
+	for _, h := range f.Backends {
+		b := Backend{Name: h.Name, Weight: 1}
+		set(&b.Address, h.Address)
+		set(&b.Weight, h.Weight)
+		set(&b.TLS, h.TLS)
+		c.Backends = append(c.Backends, b)
+	}
+
+	if h := f.Cache; h != nil {
+		cc, k := &c.Cache, top("cache")
+		set(&cc.Enabled, h.Enabled)
+		ck.duration(k.dot("expiration"), &cc.Expiration, h.Expiration)
+		ck.duration(k.dot("sweep_interval"), &cc.SweepInterval, h.SweepInterval)
+		ck.duration(k.dot("reuse_max_age"), &cc.ReuseMaxAge, h.ReuseMaxAge)
+		set(&cc.MaxCachedPerUser, h.MaxCachedPerUser)
+		set(&cc.MaxConnections, h.MaxConnections)
+	}
+
+	if h := f.Timeouts; h != nil {
+		t, k := &c.Timeouts, top("timeouts")
+		ck.duration(k.dot("preauth"), &t.PreAuth, h.PreAuth)
+		ck.duration(k.dot("auth_idle"), &t.AuthIdle, h.AuthIdle)
+		ck.duration(k.dot("idle"), &t.Idle, h.Idle)
+		ck.duration(k.dot("literal"), &t.Literal, h.Literal)
+		ck.duration(k.dot("backend_login"), &t.BackendLogin, h.BackendLogin)
+		ck.duration(k.dot("check"), &t.Check, h.Check)
+		ck.duration(k.dot("write"), &t.Write, h.Write)
+		ck.duration(k.dot("drain"), &t.Drain, h.Drain)
+	}
+
+	if h := f.Limits; h != nil {
+		l := &c.Limits
+		set(&l.MaxLineLength, h.MaxLineLength)
+		set(&l.MaxLiteralPreAuth, h.MaxLiteralPreAuth)
+		set(&l.MaxLiteral, h.MaxLiteral)
+		set(&l.MaxBadCommands, h.MaxBadCommands)
+	}
+}
+
+func set[T any](dst, src *T) {
+	if src != nil {
+		*dst = *src
+	}
+}
+
+func (ck *checker) duration(k key, dst *time.Duration, src *string) {
+	if src == nil {
+		return
+	}
+	d, err := time.ParseDuration(*src)
+	if err != nil {
+		ck.addf(k, "invalid duration %q", *src)
+		return
+	}
+	*dst = d
+}
+
+// positions records where each attribute and block of body is written, under
+// the keys that check uses. Labelled blocks are numbered in file order, as
+// gohcl decodes them into a slice; like gohcl, only blocks with exactly one
+// label (the only kind this file has) are counted.
+func positions(body *hclsyntax.Body) map[string]hcl.Range {
+	pos := map[string]hcl.Range{"": body.MissingItemRange()}
+	var walk func(b *hclsyntax.Body, prefix string)
+	walk = func(b *hclsyntax.Body, prefix string) {
+		for name, a := range b.Attributes {
+			pos[prefix+name] = a.SrcRange
+		}
+		seen := map[string]int{}
+		for _, blk := range b.Blocks {
+			k := prefix + blk.Type
+			if len(blk.Labels) == 1 {
+				k = fmt.Sprintf("%s[%d]", k, seen[blk.Type])
+				seen[blk.Type]++
+			}
+			pos[k] = blk.DefRange()
+			walk(blk.Body, k+".")
+		}
+	}
+	walk(body, "")
+	return pos
+}

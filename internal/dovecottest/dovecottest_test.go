@@ -1,0 +1,466 @@
+package dovecottest
+
+import (
+	"bufio"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+const ioTimeout = 10 * time.Second
+
+// client is a tiny raw IMAP client: enough to log in, select and fetch.
+type client struct {
+	t   testing.TB
+	c   net.Conn
+	r   *bufio.Reader
+	tag int
+}
+
+func newClient(t testing.TB, c net.Conn) *client {
+	return &client{t: t, c: c, r: bufio.NewReader(c)}
+}
+
+// dial connects and returns the client with its greeting line.
+func dial(t testing.TB, addr string) (*client, string) {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, ioTimeout)
+	if err != nil {
+		t.Fatalf("dial %s: %v", addr, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	cl := newClient(t, c)
+	g, err := cl.line()
+	if err != nil {
+		t.Fatalf("read greeting from %s: %v", addr, err)
+	}
+	return cl, g
+}
+
+var literalRE = regexp.MustCompile(`\{(\d+)\}$`)
+
+// line reads one response line without CRLF; a literal {n} at its end is
+// read and appended together with the rest of the line.
+func (c *client) line() (string, error) {
+	if err := c.c.SetReadDeadline(time.Now().Add(ioTimeout)); err != nil {
+		return "", err
+	}
+	var b strings.Builder
+	for {
+		s, err := c.r.ReadString('\n')
+		b.WriteString(strings.TrimRight(s, "\r\n"))
+		if err != nil {
+			return b.String(), err
+		}
+		m := literalRE.FindStringSubmatch(strings.TrimRight(s, "\r\n"))
+		if m == nil {
+			return b.String(), nil
+		}
+		n, _ := strconv.Atoi(m[1])
+		lit := make([]byte, n)
+		if _, err := io.ReadFull(c.r, lit); err != nil {
+			return b.String(), err
+		}
+		b.Write(lit)
+	}
+}
+
+// do sends one command and returns the untagged lines and the tagged reply
+// without its tag ("OK ...", "NO ...").
+func (c *client) do(format string, args ...any) (untagged []string, tagged string) {
+	c.t.Helper()
+	c.tag++
+	tag := fmt.Sprintf("t%d", c.tag)
+	if err := c.c.SetWriteDeadline(time.Now().Add(ioTimeout)); err != nil {
+		c.t.Fatal(err)
+	}
+	if _, err := fmt.Fprintf(c.c, "%s %s\r\n", tag, fmt.Sprintf(format, args...)); err != nil {
+		c.t.Fatalf("write %s: %v", tag, err)
+	}
+	for {
+		l, err := c.line()
+		if err != nil {
+			c.t.Fatalf("read reply to %s %s: %v (got %q)", tag, strings.Fields(format)[0], err, l)
+		}
+		if rest, ok := strings.CutPrefix(l, tag+" "); ok {
+			return untagged, rest
+		}
+		untagged = append(untagged, l)
+	}
+}
+
+// login logs in and fails the test unless the server says OK.
+func (c *client) login(user, pw string) {
+	c.t.Helper()
+	if _, r := c.do("LOGIN %s %s", user, pw); !strings.HasPrefix(r, "OK") {
+		c.t.Fatalf("LOGIN %s = %q, want OK", user, r)
+	}
+}
+
+// exists selects mailbox and returns its EXISTS count.
+func (c *client) exists(mailbox string) int {
+	c.t.Helper()
+	u, r := c.do("SELECT %s", mailbox)
+	if !strings.HasPrefix(r, "OK") {
+		c.t.Fatalf("SELECT %s = %q, want OK", mailbox, r)
+	}
+	for _, l := range u {
+		var n int
+		if _, err := fmt.Sscanf(l, "* %d EXISTS", &n); err == nil {
+			return n
+		}
+	}
+	c.t.Fatalf("SELECT %s: no EXISTS in %q", mailbox, u)
+	return 0
+}
+
+// readUntilClosed reads until EOF (or a reset) and returns what was read.
+func (c *client) readUntilClosed() ([]string, error) {
+	var lines []string
+	for {
+		l, err := c.line()
+		if l != "" {
+			lines = append(lines, l)
+		}
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				return lines, err
+			}
+			return lines, nil
+		}
+	}
+}
+
+func TestServer(t *testing.T) {
+	const (
+		messages = 7
+		big      = 1
+	)
+	s := StartT(t, Options{Name: "backend-t", Users: 3, Messages: messages, BigMessages: big})
+
+	successful := 0
+	t.Run("greeting", func(t *testing.T) {
+		_, g := dial(t, s.Addr)
+		if !strings.HasPrefix(g, "* OK") || !strings.Contains(g, "Dovecot ready (backend-t).") {
+			t.Errorf("greeting = %q, want * OK ... Dovecot ready (backend-t).", g)
+		}
+	})
+
+	t.Run("login and select", func(t *testing.T) {
+		c, _ := dial(t, s.Addr)
+		c.login("user0001", "pw-user0001")
+		successful++
+		if u, _ := c.do("ID NIL"); len(u) != 1 || u[0] != `* ID ("name" "backend-t")` {
+			t.Errorf("ID reply = %q, want [* ID (\"name\" \"backend-t\")]", u)
+		}
+		if got := c.exists("INBOX"); got != messages {
+			t.Errorf("SELECT INBOX EXISTS = %d, want %d", got, messages)
+		}
+		u, r := c.do("FETCH 1:* (UID BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+		if !strings.HasPrefix(r, "OK") || len(u) != messages {
+			t.Fatalf("FETCH = %q, %q", u, r)
+		}
+		for i, l := range u {
+			want := fmt.Sprintf("* %d FETCH (UID %d BODY[HEADER.FIELDS (SUBJECT)] {", i+1, i+1)
+			subj := fmt.Sprintf("Subject: msg %d for user0001", i+1)
+			if !strings.HasPrefix(l, want) || !strings.Contains(l, subj) {
+				t.Errorf("FETCH line %d = %q, want %q...%q", i+1, l, want, subj)
+			}
+		}
+		if got := c.exists("Big"); got != big {
+			t.Errorf("SELECT Big EXISTS = %d, want %d", got, big)
+		}
+		u, _ = c.do("FETCH 1 RFC822.SIZE")
+		var size int
+		if len(u) != 1 || func() bool { _, err := fmt.Sscanf(u[0], "* 1 FETCH (RFC822.SIZE %d)", &size); return err != nil }() {
+			t.Fatalf("FETCH RFC822.SIZE = %q", u)
+		}
+		if size < bigMessageSize {
+			t.Errorf("big message size = %d, want >= %d", size, bigMessageSize)
+		}
+	})
+
+	t.Run("wrong password", func(t *testing.T) {
+		c, _ := dial(t, s.Addr)
+		if _, r := c.do("LOGIN user0001 nope"); !strings.HasPrefix(r, "NO") {
+			t.Errorf("LOGIN with wrong password = %q, want NO", r)
+		}
+		if _, r := c.do("LOGIN user0099 pw-user0099"); !strings.HasPrefix(r, "NO") {
+			t.Errorf("LOGIN of unknown user = %q, want NO", r)
+		}
+	})
+
+	t.Run("logins", func(t *testing.T) {
+		for range 2 {
+			c, _ := dial(t, s.Addr)
+			c.login("user0002", "pw-user0002")
+			successful++
+		}
+		// The failed logins above must not count: the count reached is
+		// exactly the successful ones.
+		got, err := s.WaitLogins(successful, ioTimeout)
+		if err != nil || got != successful {
+			t.Fatalf("WaitLogins(%d) = %d, %v; want %d", successful, got, err, successful)
+		}
+		if n, err := s.LoginsFor("user0002"); err != nil || n != 2 {
+			t.Errorf("LoginsFor(user0002) = %d, %v; want 2", n, err)
+		}
+		if n, err := s.LoginsFor("user0003"); err != nil || n != 0 {
+			t.Errorf("LoginsFor(user0003) = %d, %v; want 0", n, err)
+		}
+	})
+
+	t.Run("set password", func(t *testing.T) {
+		if err := s.SetPassword("user0003", "fresh"); err != nil {
+			t.Fatal(err)
+		}
+		if got := s.PasswordOf("user0003"); got != "fresh" {
+			t.Errorf("PasswordOf(user0003) = %q, want fresh", got)
+		}
+		c, _ := dial(t, s.Addr)
+		if _, r := c.do("LOGIN user0003 pw-user0003"); !strings.HasPrefix(r, "NO") {
+			t.Errorf("LOGIN with the old password = %q, want NO", r)
+		}
+		c.login("user0003", "fresh")
+		successful++
+		// Same length, same second: still seen.
+		if err := s.SetPassword("user0003", "fresX"); err != nil {
+			t.Fatal(err)
+		}
+		c2, _ := dial(t, s.Addr)
+		c2.login("user0003", "fresX")
+		successful++
+		if got, err := s.WaitLogins(successful, ioTimeout); err != nil || got != successful {
+			t.Errorf("WaitLogins(%d) = %d, %v; want %d", successful, got, err, successful)
+		}
+	})
+
+	t.Run("kick", func(t *testing.T) {
+		victim, _ := dial(t, s.Addr)
+		victim.login("user0001", "pw-user0001")
+		victim.exists("INBOX")
+		bystander, _ := dial(t, s.Addr)
+		bystander.login("user0002", "pw-user0002")
+		successful += 2
+
+		if err := s.Kick("user0001"); err != nil {
+			t.Fatal(err)
+		}
+		lines, err := victim.readUntilClosed()
+		if err != nil {
+			t.Fatalf("kicked connection not closed: %v (read %q)", err, lines)
+		}
+		if len(lines) == 0 || !strings.HasPrefix(lines[len(lines)-1], "* BYE") {
+			t.Errorf("kicked connection read %q, want a final * BYE", lines)
+		}
+		if _, r := bystander.do("NOOP"); !strings.HasPrefix(r, "OK") {
+			t.Errorf("NOOP of another user after the kick = %q, want OK", r)
+		}
+		if err := s.Kick("user0001"); err != nil {
+			t.Errorf("Kick without sessions: %v", err)
+		}
+	})
+
+	t.Run("kill", func(t *testing.T) {
+		c, _ := dial(t, s.Addr)
+		c.login("user0001", "pw-user0001")
+		if err := s.Kill(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.readUntilClosed(); err != nil {
+			t.Errorf("connection after Kill: %v, want EOF or reset", err)
+		}
+		conn, err := net.DialTimeout("tcp", s.Addr, ioTimeout)
+		if err == nil {
+			conn.Close()
+			t.Fatalf("dial %s after Kill succeeded, want refused", s.Addr)
+		}
+		if !strings.Contains(err.Error(), "refused") {
+			t.Errorf("dial after Kill: %v, want connection refused", err)
+		}
+		if ps, _ := descendants(s.pid); len(ps) != 0 {
+			t.Errorf("processes left after Kill: %v", ps)
+		}
+	})
+}
+
+func TestTwoInstances(t *testing.T) {
+	skipUnlessAvailable(t)
+	names := []string{"alpha", "beta"}
+	servers := make([]*Server, len(names))
+	var wg sync.WaitGroup
+	errs := make([]error, len(names))
+	for i, n := range names {
+		wg.Go(func() {
+			s, err := Start(Options{Name: n, Users: 2, Messages: 3 + i})
+			servers[i], errs[i] = s, err
+		})
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("start %s: %v", names[i], err)
+		}
+	}
+	for _, s := range servers {
+		t.Cleanup(func() { s.Stop() })
+	}
+	if servers[0].Addr == servers[1].Addr || servers[0].Dir == servers[1].Dir {
+		t.Fatalf("instances share %s / %s", servers[0].Addr, servers[0].Dir)
+	}
+	for i, s := range servers {
+		c, g := dial(t, s.Addr)
+		if want := "Dovecot ready (" + names[i] + ")."; !strings.Contains(g, want) {
+			t.Errorf("greeting of %s = %q, want %q", s.Addr, g, want)
+		}
+		c.login("user0001", "pw-user0001")
+		if got := c.exists("INBOX"); got != 3+i {
+			t.Errorf("%s: EXISTS = %d, want %d", names[i], got, 3+i)
+		}
+	}
+	for _, s := range servers {
+		if got, err := s.WaitLogins(1, ioTimeout); err != nil || got != 1 {
+			t.Errorf("%s: WaitLogins(1) = %d, %v; want 1", s.Name, got, err)
+		}
+	}
+
+	// Stopping one leaves the other alone, and removes its directory.
+	if err := servers[0].Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(servers[0].Dir); !os.IsNotExist(err) {
+		t.Errorf("Dir %s after Stop: %v, want it removed", servers[0].Dir, err)
+	}
+	if c, err := net.DialTimeout("tcp", servers[0].Addr, ioTimeout); err == nil {
+		c.Close()
+		t.Errorf("dial %s after Stop succeeded", servers[0].Addr)
+	}
+	c, _ := dial(t, servers[1].Addr)
+	c.login("user0002", "pw-user0002")
+	if err := servers[0].Stop(); err != nil {
+		t.Errorf("second Stop: %v", err)
+	}
+}
+
+func TestTLS(t *testing.T) {
+	s := StartT(t, Options{Name: "secure", Users: 1, Messages: 2, TLS: true, ImplicitTLSPort: -1})
+	if s.TLSAddr == "" {
+		t.Fatal("TLSAddr empty with ImplicitTLSPort -1")
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(s.CertPEM) {
+		t.Fatalf("CertPEM holds no certificate: %q", s.CertPEM)
+	}
+
+	starttls := func(t *testing.T, cfg *tls.Config) (*client, error) {
+		c, g := dial(t, s.Addr)
+		if !strings.Contains(g, "STARTTLS") {
+			t.Fatalf("greeting %q does not offer STARTTLS", g)
+		}
+		if _, r := c.do("STARTTLS"); !strings.HasPrefix(r, "OK") {
+			t.Fatalf("STARTTLS = %q, want OK", r)
+		}
+		tc := tls.Client(c.c, cfg)
+		if err := tc.SetDeadline(time.Now().Add(ioTimeout)); err != nil {
+			t.Fatal(err)
+		}
+		if err := tc.Handshake(); err != nil {
+			return nil, err
+		}
+		return newClient(t, tc), nil
+	}
+
+	for _, name := range []string{"localhost", "127.0.0.1"} {
+		t.Run("starttls "+name, func(t *testing.T) {
+			c, err := starttls(t, &tls.Config{RootCAs: pool, ServerName: name})
+			if err != nil {
+				t.Fatalf("handshake verifying %s: %v", name, err)
+			}
+			c.login("user0001", "pw-user0001")
+			if got := c.exists("INBOX"); got != 2 {
+				t.Errorf("EXISTS over TLS = %d, want 2", got)
+			}
+		})
+	}
+
+	t.Run("unknown CA fails", func(t *testing.T) {
+		if _, err := starttls(t, &tls.Config{RootCAs: x509.NewCertPool(), ServerName: "localhost"}); err == nil {
+			t.Error("handshake with an empty RootCAs pool succeeded, want a verification error")
+		}
+	})
+
+	t.Run("implicit tls", func(t *testing.T) {
+		d := &net.Dialer{Timeout: ioTimeout}
+		tc, err := tls.DialWithDialer(d, "tcp", s.TLSAddr, &tls.Config{RootCAs: pool, ServerName: "localhost"})
+		if err != nil {
+			t.Fatalf("dial %s: %v", s.TLSAddr, err)
+		}
+		defer tc.Close()
+		c := newClient(t, tc)
+		g, err := c.line()
+		if err != nil || !strings.Contains(g, "Dovecot ready (secure).") {
+			t.Fatalf("greeting over implicit TLS = %q, %v", g, err)
+		}
+		c.login("user0001", "pw-user0001")
+	})
+}
+
+func TestStartFailureShowsLog(t *testing.T) {
+	skipUnlessAvailable(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	port := l.Addr().(*net.TCPAddr).Port
+	s, err := Start(Options{Port: port, Users: 1, Messages: 1})
+	if err == nil {
+		s.Stop()
+		t.Fatalf("Start on busy port %d succeeded", port)
+	}
+	if !strings.Contains(err.Error(), "Address already in use") {
+		t.Errorf("Start on a busy port: %v, want the log line about the address", err)
+	}
+}
+
+func TestDirMustBeSearchable(t *testing.T) {
+	skipUnlessAvailable(t)
+	dir := t.TempDir() // its parent is mode 0700
+	_, err := Start(Options{Users: 1, Dir: dir + "/dc"})
+	if err == nil || !strings.Contains(err.Error(), "not searchable") {
+		t.Errorf("Start in %s = %v, want a not searchable error", dir, err)
+	}
+}
+
+func TestLoginRE(t *testing.T) {
+	tests := []struct {
+		line string
+		user string // "" = no match
+	}{
+		{"2026-11-28 13:15:18 imap-login: Info: Login: user=<user0003>, method=PLAIN, rip=127.0.0.1, lip=127.0.0.1, mpid=9141, TLS, session=</HzY9>", "user0003"},
+		{"2026-11-28 13:15:19 imap-login: Info: Disconnected: Connection closed (auth failed, 1 attempts in 1 secs): user=<user0001>, method=PLAIN", ""},
+		{"2026-11-28 13:15:10 imap-login: Info: Disconnected: Aborted login by logging out (no auth attempts in 0 secs): user=<>, rip=127.0.0.1", ""},
+		{"2026-11-28 13:16:19 imap(user0001)<9139><sI3X>: Info: Disconnected: Connection closed (ID finished 60.554 secs ago) in=200 out=1979", ""},
+	}
+	for _, tt := range tests {
+		m := loginRE.FindStringSubmatch(tt.line)
+		got := ""
+		if m != nil {
+			got = m[1]
+		}
+		if got != tt.user {
+			t.Errorf("loginRE on %q = %q, want %q", tt.line, got, tt.user)
+		}
+	}
+}

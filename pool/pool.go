@@ -1,0 +1,515 @@
+// Package pool keeps logged-in upstream IMAP connections after their client
+// logged out, so the same user's next login can skip the backend's LOGIN.
+//
+// There is one Table per backend and one Pool over them all. The Pool owns
+// the global connection budget (max_connections counts active and cached
+// connections alike) and runs the one sweeper that closes connections idle
+// for longer than the expiration, as up-imapproxy's sweeper thread does.
+//
+// Ownership: Get hands a connection to the caller; Put or Discard hands it
+// back. A connection in a table belongs to the table. No lock is held while
+// a connection does I/O: entries are taken out under the lock and checked
+// or closed outside it.
+package pool
+
+import (
+	"container/list"
+	"context"
+	"crypto/subtle"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+)
+
+// ErrFull means max_connections upstream connections are open and none of
+// them is idle: there is nothing to close to make room.
+var ErrFull = errors.New("pool: all upstream connections in use")
+
+// Conn is an authenticated upstream connection as the pool sees it.
+type Conn interface {
+	// Check proves the connection alive and at a command boundary, with a
+	// round trip bounded by ctx.
+	Check(ctx context.Context) error
+	// Close logs out (bounded) and closes the connection.
+	Close() error
+}
+
+// Digest identifies the credential a connection was authenticated with.
+// It is an HMAC, never the password.
+type Digest [32]byte
+
+// Options configure a Pool. The zero value works.
+type Options struct {
+	Expiration    time.Duration // idle time after which a cached conn is closed (300s)
+	SweepInterval time.Duration // how often the sweeper runs (60s)
+	MaxAge        time.Duration // conns first authenticated longer ago are not reused (1h)
+	MaxPerUser    int           // cached conns per user and table (4)
+	MaxConns      int           // upstream conns in total, active + cached (1000)
+	Disabled      bool          // cache nothing; Put closes
+	Logger        hclog.Logger
+}
+
+func (o *Options) expiration() time.Duration { return orDuration(o.Expiration, 300*time.Second) }
+func (o *Options) sweepInterval() time.Duration {
+	return orDuration(o.SweepInterval, 60*time.Second)
+}
+func (o *Options) maxAge() time.Duration { return orDuration(o.MaxAge, time.Hour) }
+func (o *Options) maxPerUser() int       { return orInt(o.MaxPerUser, 4) }
+func (o *Options) maxConns() int         { return orInt(o.MaxConns, 1000) }
+
+func orDuration(d, def time.Duration) time.Duration {
+	if d > 0 {
+		return d
+	}
+	return def
+}
+
+func orInt(n, def int) int {
+	if n > 0 {
+		return n
+	}
+	return def
+}
+
+// Stats are cumulative counts, plus the current gauges.
+type Stats struct {
+	Open   int // upstream conns open: active + cached
+	Cached int
+
+	Hits   uint64 // Get returned a conn
+	Misses uint64 // Get found nothing reusable
+
+	// Closes of cached connections, by cause.
+	ClosedExpired     uint64 // idle longer than Expiration (sweeper)
+	ClosedMaxAge      uint64 // authenticated longer ago than MaxAge
+	ClosedDead        uint64 // failed the liveness check on Get
+	ClosedUserLimit   uint64 // pushed out by MaxPerUser
+	ClosedFull        uint64 // pushed out to make room under MaxConns
+	ClosedBackendGone uint64 // table removed or pool closed
+}
+
+type counters struct {
+	hits, misses                                 atomic.Uint64
+	expired, maxAge, dead, userLimit, full, gone atomic.Uint64
+}
+
+// Pool is the set of per-backend tables and their shared budget.
+type Pool struct {
+	opts Options
+	log  hclog.Logger
+
+	open atomic.Int64 // active + cached
+
+	mu     sync.Mutex // guards tables and closed
+	tables map[string]*Table
+	closed bool
+
+	c counters
+}
+
+// New returns a Pool. Call Run to start its sweeper.
+func New(opts Options) *Pool {
+	log := opts.Logger
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	return &Pool{opts: opts, log: log, tables: make(map[string]*Table)}
+}
+
+// Table returns the table of a backend, creating it on first use.
+func (p *Pool) Table(backend string) *Table {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	t := p.tables[backend]
+	if t == nil {
+		t = &Table{pool: p, name: backend, byUser: make(map[string][]*list.Element)}
+		t.closed = p.closed
+		p.tables[backend] = t
+	}
+	return t
+}
+
+// RemoveTable closes a backend's cached connections at once (it left the
+// healthy set) and makes later Puts to it close instead of caching.
+func (p *Pool) RemoveTable(backend string) {
+	p.mu.Lock()
+	t := p.tables[backend]
+	delete(p.tables, backend)
+	p.mu.Unlock()
+	if t != nil {
+		n := t.closeAll()
+		p.c.gone.Add(uint64(n))
+	}
+}
+
+// Close closes every cached connection and makes the pool cache nothing
+// more. Active connections are their sessions' business.
+func (p *Pool) Close() {
+	p.mu.Lock()
+	p.closed = true
+	tables := p.snapshotLocked()
+	p.mu.Unlock()
+	for _, t := range tables {
+		p.c.gone.Add(uint64(t.closeAll()))
+	}
+}
+
+func (p *Pool) snapshotLocked() []*Table {
+	ts := make([]*Table, 0, len(p.tables))
+	for _, t := range p.tables {
+		ts = append(ts, t)
+	}
+	return ts
+}
+
+// Reserve takes one slot of the connection budget before a new upstream
+// connection is dialled. When the budget is spent it closes the oldest
+// cached connection of any backend to make room, and fails with ErrFull if
+// there is none. Every successful Reserve is matched by a Release, or by a
+// Put of the connection that used the slot.
+func (p *Pool) Reserve() error {
+	for {
+		n := p.open.Load()
+		if n < int64(p.opts.maxConns()) {
+			if p.open.CompareAndSwap(n, n+1) {
+				return nil
+			}
+			continue
+		}
+		t, e := p.oldest()
+		if e == nil {
+			return ErrFull
+		}
+		if !t.remove(e) {
+			continue // someone else took it meanwhile
+		}
+		p.c.full.Add(1)
+		// The evicted conn's slot passes to the caller.
+		closeConn(e.conn)
+		return nil
+	}
+}
+
+// Release gives back a slot taken by Reserve whose connection was never
+// cached (dial failed, login refused, session ended dirty).
+func (p *Pool) Release() { p.open.Add(-1) }
+
+func (p *Pool) oldest() (*Table, *entry) {
+	p.mu.Lock()
+	tables := p.snapshotLocked()
+	p.mu.Unlock()
+	var (
+		bt *Table
+		be *entry
+	)
+	for _, t := range tables {
+		t.mu.Lock()
+		if f := t.lru.Front(); f != nil {
+			e := f.Value.(*entry)
+			if be == nil || e.since.Before(be.since) {
+				bt, be = t, e
+			}
+		}
+		t.mu.Unlock()
+	}
+	return bt, be
+}
+
+// Stats returns the pool's counters.
+func (p *Pool) Stats() Stats {
+	s := Stats{
+		Open:              int(p.open.Load()),
+		Hits:              p.c.hits.Load(),
+		Misses:            p.c.misses.Load(),
+		ClosedExpired:     p.c.expired.Load(),
+		ClosedMaxAge:      p.c.maxAge.Load(),
+		ClosedDead:        p.c.dead.Load(),
+		ClosedUserLimit:   p.c.userLimit.Load(),
+		ClosedFull:        p.c.full.Load(),
+		ClosedBackendGone: p.c.gone.Load(),
+	}
+	p.mu.Lock()
+	tables := p.snapshotLocked()
+	p.mu.Unlock()
+	for _, t := range tables {
+		s.Cached += t.Len()
+	}
+	return s
+}
+
+// Run is the sweeper: every SweepInterval it closes the cached connections
+// of all tables that have been idle longer than Expiration or were
+// authenticated longer ago than MaxAge. So, as with up-imapproxy, a
+// connection lives at most Expiration + SweepInterval after its logout.
+// Run returns when ctx is done.
+func (p *Pool) Run(ctx context.Context) {
+	tick := time.NewTicker(p.opts.sweepInterval())
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			p.Sweep(time.Now())
+		}
+	}
+}
+
+// Sweep does one sweeper pass as of now.
+func (p *Pool) Sweep(now time.Time) {
+	p.mu.Lock()
+	tables := p.snapshotLocked()
+	p.mu.Unlock()
+	var expired, aged []Conn
+	for _, t := range tables {
+		expired, aged = t.collectExpired(now, expired, aged)
+	}
+	p.c.expired.Add(uint64(len(expired)))
+	p.c.maxAge.Add(uint64(len(aged)))
+	for _, c := range expired {
+		closeConn(c)
+		p.Release()
+	}
+	for _, c := range aged {
+		closeConn(c)
+		p.Release()
+	}
+	if n := len(expired) + len(aged); n > 0 {
+		p.log.Debug("sweep closed cached connections", "expired", len(expired), "max_age", len(aged))
+	}
+}
+
+func closeConn(c Conn) { _ = c.Close() }
+
+// entry is one cached connection.
+type entry struct {
+	user   string
+	digest Digest
+	conn   Conn
+	born   time.Time // first authenticated
+	since  time.Time // cached at
+}
+
+// Table holds one backend's cached connections.
+type Table struct {
+	pool *Pool
+	name string
+
+	mu     sync.Mutex
+	lru    list.List                  // of *entry, oldest first
+	byUser map[string][]*list.Element // per user, oldest first
+	closed bool
+}
+
+// Name is the backend's identity.
+func (t *Table) Name() string { return t.name }
+
+// Len is the number of cached connections.
+func (t *Table) Len() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.lru.Len()
+}
+
+// Get returns a cached connection of user authenticated with the same
+// credential, proven alive by Check, with its first authentication time.
+// It tries the most recently cached first and closes any that fail the
+// check. A digest that matches none of the user's connections leaves them
+// all in place: a wrong password evicts nothing.
+func (t *Table) Get(ctx context.Context, user string, d Digest) (Conn, time.Time, bool) {
+	for {
+		e := t.take(user, d)
+		if e == nil {
+			t.pool.c.misses.Add(1)
+			return nil, time.Time{}, false
+		}
+		if time.Since(e.born) > t.pool.opts.maxAge() {
+			t.pool.c.maxAge.Add(1)
+			closeConn(e.conn)
+			t.pool.Release()
+			continue
+		}
+		if err := e.conn.Check(ctx); err != nil {
+			t.pool.c.dead.Add(1)
+			t.pool.log.Debug("cached connection failed check", "backend", t.name, "error", err)
+			closeConn(e.conn)
+			t.pool.Release()
+			continue
+		}
+		t.pool.c.hits.Add(1)
+		return e.conn, e.born, true
+	}
+}
+
+// take removes and returns the newest entry of user whose digest equals d.
+func (t *Table) take(user string, d Digest) *entry {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	els := t.byUser[user]
+	found := -1
+	// Compare every candidate in constant time, and all of them, so
+	// that timing says nothing about which digest matched.
+	for i, el := range els {
+		e := el.Value.(*entry)
+		if subtle.ConstantTimeCompare(e.digest[:], d[:]) == 1 {
+			found = i
+		}
+	}
+	if found < 0 {
+		return nil
+	}
+	el := els[found]
+	t.unlinkLocked(el, found)
+	return el.Value.(*entry)
+}
+
+// Put caches c, an idle connection at a command boundary and in the
+// authenticated state, for user with credential digest d. born is when it
+// was first authenticated. If the table or pool is closed, caching is off,
+// or c is too old, c is closed instead. The user's oldest cached
+// connection is closed when MaxPerUser is reached.
+func (t *Table) Put(user string, d Digest, c Conn, born time.Time) {
+	now := time.Now()
+	if t.pool.opts.Disabled || now.Sub(born) > t.pool.opts.maxAge() {
+		if !t.pool.opts.Disabled {
+			t.pool.c.maxAge.Add(1)
+		}
+		closeConn(c)
+		t.pool.Release()
+		return
+	}
+	e := &entry{user: user, digest: d, conn: c, born: born, since: now}
+	var evicted *entry
+	t.mu.Lock()
+	if t.closed {
+		t.mu.Unlock()
+		t.pool.c.gone.Add(1)
+		closeConn(c)
+		t.pool.Release()
+		return
+	}
+	if els := t.byUser[user]; len(els) >= t.pool.opts.maxPerUser() {
+		evicted = els[0].Value.(*entry)
+		t.unlinkLocked(els[0], 0)
+	}
+	el := t.lru.PushBack(e)
+	t.byUser[user] = append(t.byUser[user], el)
+	t.mu.Unlock()
+	if evicted != nil {
+		t.pool.c.userLimit.Add(1)
+		closeConn(evicted.conn)
+		t.pool.Release()
+	}
+}
+
+// Discard closes c, a connection taken from or meant for this table, and
+// gives its slot back.
+func (t *Table) Discard(c Conn) {
+	closeConn(c)
+	t.pool.Release()
+}
+
+// Users returns how many connections each user has cached (for the admin
+// view; no secrets).
+func (t *Table) Users() map[string]int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	m := make(map[string]int, len(t.byUser))
+	for u, els := range t.byUser {
+		m[u] = len(els)
+	}
+	return m
+}
+
+// CloseUser closes every cached connection of user; it returns how many.
+func (t *Table) CloseUser(user string) int {
+	t.mu.Lock()
+	els := t.byUser[user]
+	var conns []Conn
+	for len(els) > 0 {
+		conns = append(conns, els[0].Value.(*entry).conn)
+		t.unlinkLocked(els[0], 0)
+		els = t.byUser[user]
+	}
+	t.mu.Unlock()
+	for _, c := range conns {
+		closeConn(c)
+		t.pool.Release()
+	}
+	return len(conns)
+}
+
+func (t *Table) remove(e *entry) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for i, el := range t.byUser[e.user] {
+		if el.Value.(*entry) == e {
+			t.unlinkLocked(el, i)
+			return true
+		}
+	}
+	return false
+}
+
+// unlinkLocked removes el, which is byUser[user][i].
+func (t *Table) unlinkLocked(el *list.Element, i int) {
+	e := t.lru.Remove(el).(*entry)
+	els := t.byUser[e.user]
+	els = append(els[:i], els[i+1:]...)
+	if len(els) == 0 {
+		delete(t.byUser, e.user)
+	} else {
+		t.byUser[e.user] = els
+	}
+}
+
+func (t *Table) collectExpired(now time.Time, expired, aged []Conn) ([]Conn, []Conn) {
+	exp, maxAge := t.pool.opts.expiration(), t.pool.opts.maxAge()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for el := t.lru.Front(); el != nil; {
+		next := el.Next()
+		e := el.Value.(*entry)
+		switch {
+		case now.Sub(e.born) > maxAge:
+			aged = append(aged, e.conn)
+		case now.Sub(e.since) > exp:
+			expired = append(expired, e.conn)
+		default:
+			el = next
+			continue
+		}
+		t.unlinkLocked(el, indexOf(t.byUser[e.user], el))
+		el = next
+	}
+	return expired, aged
+}
+
+func indexOf(els []*list.Element, el *list.Element) int {
+	for i, x := range els {
+		if x == el {
+			return i
+		}
+	}
+	return -1
+}
+
+func (t *Table) closeAll() int {
+	t.mu.Lock()
+	t.closed = true
+	var conns []Conn
+	for el := t.lru.Front(); el != nil; el = el.Next() {
+		conns = append(conns, el.Value.(*entry).conn)
+	}
+	t.lru.Init()
+	t.byUser = make(map[string][]*list.Element)
+	t.mu.Unlock()
+	for _, c := range conns {
+		closeConn(c)
+		t.pool.Release()
+	}
+	return len(conns)
+}

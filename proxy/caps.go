@@ -1,0 +1,96 @@
+package proxy
+
+import (
+	"bytes"
+	"strings"
+)
+
+// parseCapCode returns the capabilities of a "[CAPABILITY ...]" response
+// code in a response text, or nil.
+func parseCapCode(text []byte) []string {
+	i := bytes.Index(bytes.ToUpper(text), []byte("[CAPABILITY "))
+	if i < 0 {
+		return nil
+	}
+	rest := text[i+len("[CAPABILITY "):]
+	j := bytes.IndexByte(rest, ']')
+	if j < 0 {
+		return nil
+	}
+	return strings.Fields(string(rest[:j]))
+}
+
+// parseCapLine returns the capabilities of an untagged "* CAPABILITY ..."
+// line, or nil.
+func parseCapLine(line []byte) []string {
+	const p = "* CAPABILITY "
+	if len(line) < len(p) || !strings.EqualFold(string(line[:len(p)]), p) {
+		return nil
+	}
+	return strings.Fields(string(line[len(p):]))
+}
+
+func hasCap(caps []string, name string) bool {
+	for _, c := range caps {
+		if strings.EqualFold(c, name) {
+			return true
+		}
+	}
+	return false
+}
+
+// relayable reports whether a backend capability may be shown to the
+// client. The proxy cannot relay a compressed stream (it must see command
+// boundaries), does TLS and authentication itself, and cannot let a session
+// drop back to the unauthenticated state under it.
+func relayable(c string) bool {
+	u := strings.ToUpper(c)
+	switch {
+	case strings.HasPrefix(u, "AUTH="),
+		strings.HasPrefix(u, "COMPRESS="),
+		u == "STARTTLS", u == "LOGINDISABLED", u == "SASL-IR",
+		u == "LOGIN-REFERRALS", u == "UNAUTHENTICATE",
+		u == "LITERAL+", u == "LITERAL-", u == "ID", u == "IMAP4REV1":
+		return false
+	}
+	return true
+}
+
+// preLoginCaps builds the capability list the proxy announces before login
+// from the backend's pre-login list.
+func preLoginCaps(backend []string, startTLS, loginDisabled bool) string {
+	var b strings.Builder
+	b.WriteString("IMAP4rev1")
+	for _, c := range backend {
+		if relayable(c) {
+			b.WriteByte(' ')
+			b.WriteString(c)
+		}
+	}
+	b.WriteString(" SASL-IR ID LITERAL+")
+	if startTLS {
+		b.WriteString(" STARTTLS")
+	}
+	if loginDisabled {
+		b.WriteString(" LOGINDISABLED")
+	} else {
+		b.WriteString(" AUTH=PLAIN AUTH=LOGIN")
+	}
+	return b.String()
+}
+
+// postLoginCaps filters the backend's post-login capabilities. LITERAL+ and
+// ID are relayed as the backend has them, since after login the backend
+// answers those itself.
+func postLoginCaps(backend []string) string {
+	var b strings.Builder
+	b.WriteString("IMAP4rev1")
+	for _, c := range backend {
+		u := strings.ToUpper(c)
+		if relayable(c) || u == "LITERAL+" || u == "LITERAL-" || u == "ID" {
+			b.WriteByte(' ')
+			b.WriteString(c)
+		}
+	}
+	return b.String()
+}

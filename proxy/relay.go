@@ -1,0 +1,752 @@
+package proxy
+
+import (
+	"bytes"
+	"errors"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/imapproxy/imapproxy/imapwire"
+	"github.com/imapproxy/imapproxy/pool"
+)
+
+// cmdKind is what the relay needs to know of a command in flight.
+type cmdKind uint8
+
+const (
+	kindOther    cmdKind = iota
+	kindSelect           // SELECT, EXAMINE: selected on OK, unselected on NO
+	kindDeselect         // CLOSE, UNSELECT: unselected on OK
+	kindIdle             // IDLE
+	kindInternal         // the proxy's own cleanup command
+)
+
+type pending struct {
+	tag  string
+	kind cmdKind
+}
+
+// relay runs an authenticated session: the session goroutine copies
+// client commands to the backend (clientLoop), the pump goroutine copies
+// responses back. Both keep just enough state to know, at logout, whether
+// the backend connection is back where a fresh login would leave it.
+type relay struct {
+	sess   *session
+	up     *upstream
+	table  *pool.Table
+	user   string
+	digest pool.Digest
+	born   time.Time
+	log    hclog.Logger
+
+	mu       sync.Mutex // guards the fields below
+	inflight []pending
+	selected bool
+	idling   bool   // IDLE sent and DONE not yet
+	dirty    string // why the connection cannot be cached; "" if it can
+	litTag   string // a synchronising literal of this command awaits "+"
+	stopping bool   // the pump ends after the next internal reply
+	internal string // status of the internal command
+
+	litCh    chan bool     // "+" arrived (true) or the command was refused (false)
+	quiet    chan struct{} // nothing in flight any more (edge, cap 1)
+	pumpDone chan struct{}
+	pumpErr  error
+}
+
+func (sess *session) newRelay(up *upstream, t *pool.Table, user string, d pool.Digest, born time.Time, log hclog.Logger) *relay {
+	return &relay{
+		sess: sess, up: up, table: t, user: user, digest: d, born: born,
+		log:      log,
+		litCh:    make(chan bool, 1),
+		quiet:    make(chan struct{}, 1),
+		pumpDone: make(chan struct{}),
+	}
+}
+
+func (rl *relay) setDirty(why string) {
+	rl.mu.Lock()
+	if rl.dirty == "" {
+		rl.dirty = why
+	}
+	rl.mu.Unlock()
+}
+
+// run relays until the session ends, then puts the upstream connection
+// back in the pool or closes it.
+func (rl *relay) run() {
+	sess := rl.sess
+	if err := sess.flush(); err != nil {
+		rl.up.abort()
+		rl.release()
+		return
+	}
+	sess.rl.Store(rl)
+	defer sess.rl.Store(nil)
+	go rl.pump()
+	end := rl.clientLoop()
+	rl.finish(end)
+}
+
+// endKind says how a session ended from the client's side.
+type endKind int
+
+const (
+	endLogout   endKind = iota // the client sent LOGOUT; answered
+	endClient                  // the client went away or broke the protocol
+	endPump                    // the backend side failed; the client was told
+	endDraining                // server shutdown; the client was told
+)
+
+func (rl *relay) clientLoop() endKind {
+	sess := rl.sess
+	o := &sess.srv.opts
+	r := sess.r
+	for {
+		if sess.draining.Load() {
+			return rl.drainClient()
+		}
+		rl.mu.Lock()
+		idling := rl.idling
+		rl.mu.Unlock()
+		timeout := o.authIdleTimeout()
+		if idling {
+			timeout = o.idleTimeout()
+		}
+		sess.conn.SetReadDeadline(time.Now().Add(timeout))
+		line, lit, err := r.ReadLine()
+		if err != nil {
+			var se *imapwire.SyntaxError
+			switch {
+			case errors.As(err, &se):
+				rl.answer("* BAD Error in IMAP command: " + se.Msg)
+				continue
+			case errors.Is(err, imapwire.ErrLineTooLong):
+				rl.answer("* BAD Command line too long")
+				continue
+			}
+			return rl.clientError(err)
+		}
+		if idling {
+			// The server waits for DONE and nothing else.
+			if !bytes.EqualFold(imapwire.TrimEOL(line), []byte("DONE")) {
+				rl.setDirty("unexpected line in IDLE")
+			}
+			rl.mu.Lock()
+			rl.idling = false
+			rl.mu.Unlock()
+			if lit != nil {
+				rl.setDirty("literal in IDLE")
+				return endClient
+			}
+			if err := rl.toUpstream(line, true); err != nil {
+				return rl.upstreamError(err)
+			}
+			continue
+		}
+		tag, rest, ok := imapwire.CutTag(line)
+		if !ok {
+			if !rl.skipLiterals(lit) {
+				return endClient
+			}
+			rl.answer("* BAD Invalid tag")
+			continue
+		}
+		name, args := imapwire.CutAtom(rest)
+		cmd := string(bytes.ToUpper(name))
+		if cmd == "UID" {
+			sub, _ := imapwire.CutAtom(args)
+			cmd = "UID " + string(bytes.ToUpper(sub))
+		}
+		kind := kindOther
+		switch cmd {
+		case "LOGOUT":
+			if lit != nil {
+				if !rl.skipLiterals(lit) {
+					return endClient
+				}
+				rl.answer(string(tag) + " BAD LOGOUT takes no arguments")
+				continue
+			}
+			return rl.logout(string(tag))
+		case "STARTTLS", "COMPRESS", "UNAUTHENTICATE", "LOGIN", "AUTHENTICATE":
+			// TLS and authentication are the proxy's; a compressed or
+			// unauthenticated stream cannot be relayed.
+			if !rl.skipLiterals(lit) {
+				return endClient
+			}
+			rl.answer(string(tag) + " BAD Command not available in authenticated state")
+			continue
+		case "IDLE":
+			kind = kindIdle
+		case "SELECT", "EXAMINE":
+			kind = kindSelect
+		case "CLOSE", "UNSELECT":
+			kind = kindDeselect
+		default:
+			if !stateless[cmd] {
+				rl.setDirty(cmd)
+			}
+		}
+		if lit != nil && lit.Size > o.maxLiteral() {
+			if lit.NonSync {
+				rl.answer("* BYE [TOOBIG] Literal too big")
+				return endClient
+			}
+			rl.answer(string(tag) + " NO [TOOBIG] Literal too big")
+			continue
+		}
+		rl.scan(cmd, line)
+		rl.mu.Lock()
+		rl.inflight = append(rl.inflight, pending{tag: string(tag), kind: kind})
+		if kind == kindIdle {
+			rl.idling = true
+		}
+		rl.mu.Unlock()
+		if err := rl.toUpstream(line, false); err != nil {
+			return rl.upstreamError(err)
+		}
+		for lit != nil {
+			if !lit.NonSync {
+				rl.mu.Lock()
+				rl.litTag = string(tag)
+				rl.mu.Unlock()
+				if err := rl.up.w.Flush(); err != nil {
+					return rl.upstreamError(err)
+				}
+				select {
+				case ok := <-rl.litCh:
+					if !ok {
+						// Refused: the client sends no literal.
+						lit = nil
+						continue
+					}
+				case <-rl.pumpDone:
+					return endPump
+				}
+			}
+			if err := rl.up.w.Flush(); err != nil {
+				return rl.upstreamError(err)
+			}
+			sess.conn.SetReadDeadline(time.Now().Add(o.literalTimeout()))
+			rl.up.conn.SetWriteDeadline(time.Now().Add(o.literalTimeout()))
+			if _, err := r.CopyLiteral(rl.up.conn, lit.Size, sess.conn); err != nil {
+				rl.setDirty("literal interrupted")
+				return rl.clientError(err)
+			}
+			rl.up.conn.SetWriteDeadline(time.Time{})
+			line, lit, err = r.ReadLine()
+			if err != nil {
+				rl.setDirty("command interrupted")
+				return rl.clientError(err)
+			}
+			if lit != nil && lit.Size > o.maxLiteral() {
+				// Half the command is with the server already.
+				rl.setDirty("oversized literal")
+				rl.answer("* BYE [TOOBIG] Literal too big")
+				return endClient
+			}
+			rl.scan(cmd, line)
+			if _, err := rl.up.w.Write(line); err != nil {
+				return rl.upstreamError(err)
+			}
+		}
+		// Pipelined commands go out in one write.
+		if r.Buffered() == 0 {
+			if err := rl.up.w.Flush(); err != nil {
+				return rl.upstreamError(err)
+			}
+		}
+	}
+}
+
+// stateless lists the commands that change nothing on a connection that
+// outlives the session, beyond the selected mailbox which is tracked. Any
+// other command makes the connection uncacheable.
+var stateless = map[string]bool{
+	"CAPABILITY": true, "NOOP": true, "CHECK": true, "ID": true, "NAMESPACE": true,
+	"CREATE": true, "DELETE": true, "RENAME": true, "SUBSCRIBE": true, "UNSUBSCRIBE": true,
+	"LIST": true, "LSUB": true, "XLIST": true, "STATUS": true, "APPEND": true,
+	"FETCH": true, "STORE": true, "COPY": true, "MOVE": true, "SEARCH": true,
+	"SORT": true, "THREAD": true, "EXPUNGE": true, "REPLACE": true,
+	"UID FETCH": true, "UID STORE": true, "UID COPY": true, "UID MOVE": true,
+	"UID SEARCH": true, "UID SORT": true, "UID THREAD": true, "UID EXPUNGE": true,
+	"GETQUOTA": true, "GETQUOTAROOT": true, "SETQUOTA": true,
+	"GETACL": true, "SETACL": true, "DELETEACL": true, "LISTRIGHTS": true, "MYRIGHTS": true,
+	"GETMETADATA": true, "SETMETADATA": true,
+}
+
+// Words that, anywhere in a command, switch on state that outlives the
+// session: CONDSTORE is enabled implicitly by any of its modifiers
+// (RFC 7162 3.1), SEARCHRES keeps a saved result, CONTEXT=SEARCH keeps
+// updating. A false alarm (a mailbox called "modseq") costs a cached
+// connection, nothing more.
+var (
+	stickyWords = [][]byte{[]byte("CONDSTORE"), []byte("QRESYNC"), []byte("MODSEQ"), []byte("CHANGEDSINCE")}
+	searchWords = [][]byte{[]byte("SAVE"), []byte("UPDATE"), []byte("CONTEXT")}
+)
+
+func (rl *relay) scan(cmd string, line []byte) {
+	var stack [256]byte
+	up := stack[:0]
+	if len(line) > len(stack) {
+		up = make([]byte, 0, len(line))
+	}
+	for _, c := range line {
+		if 'a' <= c && c <= 'z' {
+			c -= 'a' - 'A'
+		}
+		up = append(up, c)
+	}
+	for _, w := range stickyWords {
+		if bytes.Contains(up, w) {
+			rl.setDirty(string(w))
+			return
+		}
+	}
+	switch cmd {
+	case "SEARCH", "UID SEARCH", "SORT", "UID SORT", "THREAD", "UID THREAD":
+		for _, w := range searchWords {
+			if bytes.Contains(up, w) {
+				rl.setDirty(string(w))
+				return
+			}
+		}
+	}
+}
+
+// toUpstream writes a client line to the backend, flushing when nothing
+// more is waiting from the client.
+func (rl *relay) toUpstream(line []byte, flush bool) error {
+	if _, err := rl.up.w.Write(line); err != nil {
+		return err
+	}
+	if flush || rl.sess.r.Buffered() == 0 {
+		return rl.up.w.Flush()
+	}
+	return nil
+}
+
+// skipLiterals consumes the literals of a command the proxy answers
+// itself. A synchronising literal is never sent (no "+" was given), so
+// only non-synchronising ones are read, and only up to the limit.
+func (rl *relay) skipLiterals(lit *imapwire.Literal) bool {
+	for lit != nil {
+		if !lit.NonSync {
+			return true
+		}
+		if lit.Size > rl.sess.srv.opts.maxLiteral() {
+			rl.answer("* BYE [TOOBIG] Literal too big")
+			return false
+		}
+		if err := rl.sess.r.DiscardLiteral(lit.Size); err != nil {
+			return false
+		}
+		var err error
+		if _, lit, err = rl.sess.r.ReadLine(); err != nil {
+			return false
+		}
+	}
+	return true
+}
+
+// answer writes a response of the proxy's own to the client.
+func (rl *relay) answer(line string) {
+	sess := rl.sess
+	sess.wmu.Lock()
+	defer sess.wmu.Unlock()
+	if sess.silenced {
+		return
+	}
+	sess.w.WriteString(line)
+	sess.w.WriteString("\r\n")
+	sess.flush()
+}
+
+// say writes the session's last words to the client and silences the
+// relay, so nothing from the backend follows them.
+func (rl *relay) say(lines ...string) {
+	sess := rl.sess
+	sess.wmu.Lock()
+	defer sess.wmu.Unlock()
+	if sess.silenced {
+		return
+	}
+	sess.silenced = true
+	for _, l := range lines {
+		sess.w.WriteString(l)
+		sess.w.WriteString("\r\n")
+	}
+	sess.flush()
+}
+
+func (rl *relay) clientError(err error) endKind {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		if rl.sess.draining.Load() {
+			return rl.drainClient()
+		}
+		rl.say("* BYE Autologout; idle for too long")
+		rl.log.Debug("client timed out")
+	} else {
+		rl.log.Debug("client connection ended", "error", err)
+	}
+	return endClient
+}
+
+func (rl *relay) upstreamError(err error) endKind {
+	rl.setDirty("backend write failed")
+	rl.say("* BYE Connection to IMAP server lost")
+	rl.log.Warn("backend write failed", "error", err)
+	return endPump
+}
+
+// waitQuiet waits until no client command is in flight, the pump ends,
+// or the timeout passes.
+func (rl *relay) waitQuiet(timeout time.Duration) bool {
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	for {
+		rl.mu.Lock()
+		n := len(rl.inflight)
+		rl.mu.Unlock()
+		if n == 0 {
+			return true
+		}
+		select {
+		case <-rl.quiet:
+		case <-rl.pumpDone:
+			return false
+		case <-t.C:
+			return false
+		}
+	}
+}
+
+// logout answers the client's LOGOUT once everything it asked before has
+// been answered.
+func (rl *relay) logout(tag string) endKind {
+	if !rl.waitQuiet(rl.sess.srv.opts.logoutWait()) {
+		rl.setDirty("commands outstanding at logout")
+	}
+	rl.say("* BYE Logging out", tag+" OK LOGOUT completed")
+	return endLogout
+}
+
+// drainClient ends the session for a server shutdown, at a command
+// boundary: an IDLE is ended for the client, outstanding commands are
+// answered first.
+func (rl *relay) drainClient() endKind {
+	rl.mu.Lock()
+	idling := rl.idling
+	rl.idling = false
+	rl.mu.Unlock()
+	if idling {
+		rl.up.w.WriteString("DONE\r\n")
+		rl.up.w.Flush()
+	}
+	rl.waitQuiet(rl.sess.srv.opts.logoutWait())
+	rl.say("* BYE Server shutting down")
+	return endDraining
+}
+
+func (rl *relay) drain() {
+	// Wake the client reader; it sees draining and ends at a boundary.
+	rl.sess.conn.SetReadDeadline(time.Now())
+}
+
+// finish decides the fate of the upstream connection: back to the pool
+// only if provably clean, else logged out and closed.
+func (rl *relay) finish(end endKind) {
+	sess := rl.sess
+	sess.wmu.Lock()
+	sess.silenced = true
+	sess.wmu.Unlock()
+	sess.conn.Close()
+
+	rl.mu.Lock()
+	reason := rl.dirty
+	switch {
+	case end == endPump:
+		reason = "backend connection failed"
+	case reason != "":
+	case rl.idling:
+		reason = "in IDLE"
+	case len(rl.inflight) > 0:
+		reason = "command in flight"
+	}
+	selected := rl.selected
+	rl.mu.Unlock()
+
+	select {
+	case <-rl.pumpDone:
+		if reason == "" {
+			reason = "backend connection failed"
+		}
+	default:
+	}
+	if reason != "" {
+		rl.log.Debug("not caching backend connection", "reason", reason)
+		rl.close()
+		return
+	}
+	// Leave the mailbox without expunging (never CLOSE), so the next
+	// session starts unselected as on a fresh login.
+	cmd, want := "NOOP", "OK"
+	if selected {
+		if hasCap(rl.up.postCaps, "UNSELECT") {
+			cmd = "UNSELECT"
+		} else {
+			// A failed EXAMINE leaves no mailbox selected (RFC 3501 6.3.1).
+			cmd, want = "EXAMINE \"imapproxy/\\\"nonexistent\\\"/"+rl.up.nextTag()+"\"", "NO"
+		}
+	}
+	status, err := rl.internalCommand(cmd)
+	switch {
+	case err != nil:
+		rl.log.Debug("not caching backend connection", "reason", "cleanup failed", "error", err)
+		rl.up.abort()
+		rl.release()
+	case status != want:
+		rl.log.Debug("not caching backend connection", "reason", "cleanup refused", "status", status)
+		rl.up.Close()
+		rl.release()
+	case rl.up.r.Buffered() > 0:
+		rl.log.Debug("not caching backend connection", "reason", "unread data")
+		rl.up.abort()
+		rl.release()
+	default:
+		rl.table.Put(rl.user, rl.digest, rl.up, rl.born)
+	}
+}
+
+// internalCommand sends a command of the proxy's own and lets the pump
+// stop after its tagged reply, so the proxy again owns the reader.
+func (rl *relay) internalCommand(cmd string) (string, error) {
+	tag := rl.up.nextTag()
+	rl.mu.Lock()
+	rl.inflight = append(rl.inflight, pending{tag: tag, kind: kindInternal})
+	rl.stopping = true
+	rl.mu.Unlock()
+	rl.up.conn.SetDeadline(time.Now().Add(rl.up.checkLimit))
+	rl.up.w.WriteString(tag + " " + cmd + "\r\n")
+	if err := rl.up.w.Flush(); err != nil {
+		rl.up.abort()
+		<-rl.pumpDone
+		return "", err
+	}
+	<-rl.pumpDone
+	rl.up.conn.SetDeadline(time.Time{})
+	rl.mu.Lock()
+	defer rl.mu.Unlock()
+	if rl.internal == "" {
+		if rl.pumpErr == nil {
+			return "", errUnexpected
+		}
+		return "", rl.pumpErr
+	}
+	return rl.internal, nil
+}
+
+// close logs the upstream connection out when that can be done cleanly,
+// else drops it, and gives its slot back.
+func (rl *relay) close() {
+	select {
+	case <-rl.pumpDone:
+		rl.up.abort()
+		rl.release()
+		return
+	default:
+	}
+	rl.mu.Lock()
+	idling := rl.idling
+	busy := len(rl.inflight) > 0 && !(idling && len(rl.inflight) == 1)
+	rl.mu.Unlock()
+	if busy {
+		rl.up.abort()
+		<-rl.pumpDone
+		rl.release()
+		return
+	}
+	if idling {
+		rl.up.w.WriteString("DONE\r\n")
+	}
+	rl.internalCommand("LOGOUT")
+	rl.up.abort()
+	rl.release()
+}
+
+// pump copies backend responses to the client.
+func (rl *relay) pump() {
+	err := rl.pumpLoop()
+	rl.mu.Lock()
+	rl.pumpErr = err
+	stopping := rl.stopping
+	rl.mu.Unlock()
+	if err != nil && !stopping {
+		if errors.Is(err, errClientGone) {
+			rl.log.Debug("client connection lost", "error", err)
+		} else {
+			rl.log.Warn("backend connection lost", "error", err)
+		}
+		rl.say("* BYE Connection to IMAP server lost")
+		// Wake the client reader.
+		rl.sess.conn.Close()
+	}
+	close(rl.pumpDone)
+}
+
+func (rl *relay) pumpLoop() error {
+	r := rl.up.r
+	for {
+		line, lit, err := r.ReadLine()
+		if err != nil {
+			return err
+		}
+		forward := true
+		stop := false
+		switch {
+		case line[0] == '+':
+			rl.mu.Lock()
+			if rl.litTag != "" {
+				rl.litTag = ""
+				rl.signalLit(true)
+			}
+			rl.mu.Unlock()
+		case line[0] == '*':
+			l := imapwire.TrimEOL(line)
+			if hasPrefixFold(l, "* BYE") {
+				rl.setDirty("server said BYE")
+			} else if hasPrefixFold(l, "* ENABLED") {
+				rl.setDirty("ENABLE")
+			}
+		default:
+			forward, stop = rl.tagged(line)
+		}
+		if err := rl.forward(line, lit, forward); err != nil {
+			return err
+		}
+		if stop {
+			return nil
+		}
+	}
+}
+
+// tagged updates the state for a command's completion. It reports
+// whether to pass the line on and whether the pump must stop now.
+func (rl *relay) tagged(line []byte) (forward, stop bool) {
+	tag, rest, ok := imapwire.CutTag(line)
+	rl.mu.Lock()
+	defer rl.mu.Unlock()
+	if !ok {
+		rl.dirtyLocked("malformed response")
+		return true, false
+	}
+	st, _ := imapwire.CutAtom(rest)
+	status := string(bytes.ToUpper(st))
+	i := -1
+	for j, p := range rl.inflight {
+		if p.tag == string(tag) {
+			i = j
+			break
+		}
+	}
+	if rl.litTag == string(tag) {
+		rl.litTag = ""
+		rl.signalLit(false)
+	}
+	if i < 0 {
+		rl.dirtyLocked("response to unknown tag")
+		return true, false
+	}
+	p := rl.inflight[i]
+	rl.inflight = append(rl.inflight[:i], rl.inflight[i+1:]...)
+	if len(rl.inflight) == 0 {
+		select {
+		case rl.quiet <- struct{}{}:
+		default:
+		}
+	}
+	switch p.kind {
+	case kindSelect:
+		rl.selected = status == "OK"
+	case kindDeselect:
+		if status == "OK" {
+			rl.selected = false
+		}
+	case kindIdle:
+		rl.idling = false
+	case kindInternal:
+		rl.internal = status
+		return false, rl.stopping
+	}
+	return true, false
+}
+
+func (rl *relay) dirtyLocked(why string) {
+	if rl.dirty == "" {
+		rl.dirty = why
+	}
+}
+
+func (rl *relay) signalLit(ok bool) {
+	select {
+	case rl.litCh <- ok:
+	default:
+	}
+}
+
+// forward passes one response, literals and all, to the client, or
+// swallows it once the client has been said goodbye to. Literal bytes are
+// copied in bulk, never looked at.
+func (rl *relay) forward(line []byte, lit *imapwire.Literal, pass bool) error {
+	sess := rl.sess
+	up := rl.up
+	sess.wmu.Lock()
+	defer sess.wmu.Unlock()
+	out := pass && !sess.silenced
+	if out {
+		if _, err := sess.w.Write(line); err != nil {
+			return clientGone(err)
+		}
+	}
+	for lit != nil {
+		if out {
+			if err := sess.flush(); err != nil {
+				return clientGone(err)
+			}
+			sess.conn.SetWriteDeadline(time.Now().Add(sess.srv.opts.writeTimeout() + time.Duration(lit.Size>>16)*time.Second))
+			if _, err := up.r.CopyLiteral(sess.conn, lit.Size, up.conn); err != nil {
+				return err
+			}
+		} else if err := up.r.DiscardLiteral(lit.Size); err != nil {
+			return err
+		}
+		var err error
+		line, lit, err = up.r.ReadLine()
+		if err != nil {
+			return err
+		}
+		if out {
+			if _, err := sess.w.Write(line); err != nil {
+				return clientGone(err)
+			}
+		}
+	}
+	if out && up.r.Buffered() == 0 {
+		if err := sess.flush(); err != nil {
+			return clientGone(err)
+		}
+	}
+	return nil
+}
+
+var errClientGone = errors.New("client connection lost")
+
+func clientGone(err error) error { return errors.Join(errClientGone, err) }
+
+// release gives back the connection budget slot of a dropped upstream.
+func (rl *relay) release() { rl.sess.srv.pool.Release() }

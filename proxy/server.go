@@ -1,0 +1,322 @@
+// Package proxy is the client side of imapproxy: listeners, the per-client
+// session (greeting, pre-login commands, STARTTLS, LOGIN/AUTHENTICATE),
+// the relay after login, and LOGOUT interception that hands clean upstream
+// connections to the pool.
+package proxy
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"errors"
+	"net"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/imapproxy/imapproxy/balancer"
+	"github.com/imapproxy/imapproxy/pool"
+)
+
+// ErrServerClosed is returned by Serve after Shutdown or Close.
+var ErrServerClosed = errors.New("proxy: server closed")
+
+// Options configure a Server. The zero value works with a backend set
+// given by SetBackends.
+type Options struct {
+	Logger hclog.Logger
+	Pool   *pool.Pool // nil: a pool with default options
+	Dialer *Dialer    // nil: defaults
+
+	// TLSConfig holds the client-facing certificate; nil disables
+	// STARTTLS and implicit TLS listeners.
+	TLSConfig          *tls.Config
+	RequireTLSForLogin bool
+
+	Banner string // greeting text; default "imapproxy ready."
+
+	PreAuthTimeout  time.Duration // whole time allowed before login (60s)
+	AuthIdleTimeout time.Duration // client silence after login (30m)
+	IdleTimeout     time.Duration // silence while in IDLE (60m)
+	LiteralTimeout  time.Duration // to transfer one literal (60s)
+	WriteTimeout    time.Duration // one write to the client (60s)
+	LogoutWait      time.Duration // wait for outstanding commands at LOGOUT (30s)
+
+	MaxLineLength     int   // 64 KiB
+	MaxLiteralPreAuth int   // 8 KiB
+	MaxLiteral        int64 // 64 MiB, after login
+	MaxBadCommands    int   // 3
+}
+
+func (o *Options) banner() string {
+	if o.Banner != "" {
+		return o.Banner
+	}
+	return "imapproxy ready."
+}
+func (o *Options) preAuthTimeout() time.Duration  { return orDur(o.PreAuthTimeout, 60*time.Second) }
+func (o *Options) authIdleTimeout() time.Duration { return orDur(o.AuthIdleTimeout, 30*time.Minute) }
+func (o *Options) idleTimeout() time.Duration     { return orDur(o.IdleTimeout, 60*time.Minute) }
+func (o *Options) literalTimeout() time.Duration  { return orDur(o.LiteralTimeout, 60*time.Second) }
+func (o *Options) writeTimeout() time.Duration    { return orDur(o.WriteTimeout, 60*time.Second) }
+func (o *Options) logoutWait() time.Duration      { return orDur(o.LogoutWait, 30*time.Second) }
+func (o *Options) maxLine() int                   { return orInt(o.MaxLineLength, 64*1024) }
+func (o *Options) maxLiteralPreAuth() int         { return orInt(o.MaxLiteralPreAuth, 8*1024) }
+func (o *Options) maxBad() int                    { return orInt(o.MaxBadCommands, 3) }
+func (o *Options) maxLiteral() int64 {
+	if o.MaxLiteral > 0 {
+		return o.MaxLiteral
+	}
+	return 64 << 20
+}
+
+func orInt(n, def int) int {
+	if n > 0 {
+		return n
+	}
+	return def
+}
+
+// backendSet is the current set of backends and its ring, swapped as one.
+type backendSet struct {
+	ring *balancer.Ring
+	byID map[string]Backend
+}
+
+// Server accepts IMAP clients and proxies them.
+type Server struct {
+	opts   Options
+	log    hclog.Logger
+	pool   *pool.Pool
+	dialer *Dialer
+	key    [32]byte // HMAC key for credential digests, drawn at start
+
+	backends atomic.Pointer[backendSet]
+	preCaps  atomic.Pointer[[]string] // latest backend pre-login capabilities
+
+	nextID atomic.Uint64
+
+	mu        sync.Mutex
+	listeners map[net.Listener]struct{}
+	sessions  map[*session]struct{}
+	shutdown  bool
+	wg        sync.WaitGroup // sessions
+}
+
+// New returns a Server.
+func New(opts Options) *Server {
+	s := &Server{opts: opts, listeners: map[net.Listener]struct{}{}, sessions: map[*session]struct{}{}}
+	s.log = opts.Logger
+	if s.log == nil {
+		s.log = hclog.NewNullLogger()
+	}
+	s.pool = opts.Pool
+	if s.pool == nil {
+		s.pool = pool.New(pool.Options{})
+	}
+	s.dialer = opts.Dialer
+	if s.dialer == nil {
+		s.dialer = &Dialer{}
+	}
+	if _, err := rand.Read(s.key[:]); err != nil {
+		panic("proxy: no randomness for the credential key: " + err.Error())
+	}
+	s.backends.Store(&backendSet{ring: balancer.New(nil, balancer.Options{}), byID: map[string]Backend{}})
+	return s
+}
+
+// SetBackends replaces the backend set. Cached connections of backends
+// that left it are closed at once.
+func (s *Server) SetBackends(bs []Backend) {
+	byID := make(map[string]Backend, len(bs))
+	rb := make([]balancer.Backend, 0, len(bs))
+	for _, b := range bs {
+		if _, dup := byID[b.ID]; dup {
+			continue
+		}
+		byID[b.ID] = b
+		rb = append(rb, balancer.Backend{ID: b.ID, Addr: b.Addr, Weight: b.Weight})
+	}
+	old := s.backends.Swap(&backendSet{ring: balancer.New(rb, balancer.Options{}), byID: byID})
+	for id, ob := range old.byID {
+		if nb, ok := byID[id]; !ok || nb != ob {
+			s.pool.RemoveTable(id)
+		}
+	}
+}
+
+// Pool returns the server's connection pool.
+func (s *Server) Pool() *pool.Pool { return s.pool }
+
+// ProbeCapabilities fetches a backend's pre-login capabilities for the
+// greeting. Later fresh connections refresh them.
+func (s *Server) ProbeCapabilities(ctx context.Context) error {
+	set := s.backends.Load()
+	var err error
+	for _, b := range set.ring.Backends() {
+		var u *upstream
+		u, err = s.dialer.dial(ctx, set.byID[b.ID])
+		if err != nil {
+			continue
+		}
+		caps := u.preCaps
+		s.preCaps.Store(&caps)
+		u.Close()
+		return nil
+	}
+	if err == nil {
+		err = errors.New("no backends")
+	}
+	return err
+}
+
+func (s *Server) backendCaps() []string {
+	if p := s.preCaps.Load(); p != nil {
+		return *p
+	}
+	return []string{"IDLE", "ENABLE"}
+}
+
+// digest binds a credential to the process key. The password itself is
+// never kept: only this HMAC, compared in constant time by the pool.
+func (s *Server) digest(cr *credentials) pool.Digest {
+	m := hmac.New(sha256.New, s.key[:])
+	m.Write(cr.user)
+	m.Write([]byte{0})
+	m.Write(cr.authzid)
+	m.Write([]byte{0})
+	m.Write(cr.pass)
+	var d pool.Digest
+	m.Sum(d[:0])
+	return d
+}
+
+// Serve accepts connections on l until it fails or the server shuts down.
+// tlsMode is the listener's client TLS: TLSNone, TLSStartTLS or
+// TLSImplicit.
+func (s *Server) Serve(l net.Listener, tlsMode string) error {
+	s.mu.Lock()
+	if s.shutdown {
+		s.mu.Unlock()
+		l.Close()
+		return ErrServerClosed
+	}
+	s.listeners[l] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, l)
+		s.mu.Unlock()
+	}()
+	var delay time.Duration
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			s.mu.Lock()
+			down := s.shutdown
+			s.mu.Unlock()
+			if down {
+				return ErrServerClosed
+			}
+			// Out of file descriptors and the like: back off as
+			// net/http does, instead of spinning.
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || isTemporary(err) {
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				s.log.Warn("accept failed; retrying", "error", err, "delay", delay)
+				t := time.NewTimer(delay)
+				<-t.C
+				continue
+			}
+			return err
+		}
+		delay = 0
+		if tc, ok := c.(*net.TCPConn); ok {
+			tc.SetNoDelay(true)
+		}
+		sess := s.newSession(c, tlsMode)
+		if sess == nil {
+			continue
+		}
+		go sess.serve()
+	}
+}
+
+func isTemporary(err error) bool {
+	var t interface{ Temporary() bool }
+	return errors.As(err, &t) && t.Temporary()
+}
+
+func (s *Server) newSession(c net.Conn, tlsMode string) *session {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.shutdown {
+		c.Close()
+		return nil
+	}
+	sess := &session{
+		srv:     s,
+		id:      strconv.FormatUint(s.nextID.Add(1), 36),
+		conn:    c,
+		tlsMode: tlsMode,
+	}
+	s.sessions[sess] = struct{}{}
+	s.wg.Add(1)
+	return sess
+}
+
+func (s *Server) endSession(sess *session) {
+	s.mu.Lock()
+	delete(s.sessions, sess)
+	s.mu.Unlock()
+	s.wg.Done()
+}
+
+// Shutdown stops accepting, asks every session to end at its next command
+// boundary with a BYE, waits until they have or ctx ends, then ends the
+// rest and closes the cached connections.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.shutdown = true
+	for l := range s.listeners {
+		l.Close()
+	}
+	sessions := make([]*session, 0, len(s.sessions))
+	for sess := range s.sessions {
+		sessions = append(sessions, sess)
+	}
+	s.mu.Unlock()
+	for _, sess := range sessions {
+		sess.drain()
+	}
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	var err error
+	select {
+	case <-done:
+	case <-ctx.Done():
+		err = ctx.Err()
+		s.Close()
+		<-done
+	}
+	s.pool.Close()
+	return err
+}
+
+// Close ends every session at once.
+func (s *Server) Close() {
+	s.mu.Lock()
+	s.shutdown = true
+	for l := range s.listeners {
+		l.Close()
+	}
+	for sess := range s.sessions {
+		sess.kill()
+	}
+	s.mu.Unlock()
+}

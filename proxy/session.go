@@ -1,0 +1,606 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"runtime/debug"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/imapproxy/imapproxy/balancer"
+	"github.com/imapproxy/imapproxy/imapwire"
+)
+
+// session is one client connection. It owns conn, and the upstream
+// connection while it is checked out of the pool.
+type session struct {
+	srv     *Server
+	id      string
+	conn    net.Conn
+	tlsMode string
+	log     hclog.Logger
+
+	r   *imapwire.Reader
+	wmu sync.Mutex // serialises whole responses to the client
+	w   *bufio.Writer
+	// silenced is set once the session has said its last word (BYE);
+	// relayed responses after that are dropped. Guarded by wmu.
+	silenced bool
+
+	tls      bool
+	nbad     int
+	idParams [][2][]byte // the client's ID, "x-" keys removed
+
+	draining atomic.Bool
+	rl       atomic.Pointer[relay] // set while relaying
+}
+
+func (sess *session) serve() {
+	defer sess.srv.endSession(sess)
+	defer sess.conn.Close()
+	sess.log = sess.srv.log.With("session", sess.id, "client", sess.conn.RemoteAddr().String())
+	defer func() {
+		if p := recover(); p != nil {
+			sess.log.Error("session panic", "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
+		}
+	}()
+	if sess.tlsMode == TLSImplicit {
+		if sess.srv.opts.TLSConfig == nil {
+			sess.log.Error("implicit TLS listener without a certificate")
+			return
+		}
+		tc := tls.Server(sess.conn, sess.srv.opts.TLSConfig)
+		tc.SetDeadline(time.Now().Add(sess.srv.opts.preAuthTimeout()))
+		if err := tc.Handshake(); err != nil {
+			sess.log.Debug("client tls handshake failed", "error", err)
+			return
+		}
+		sess.conn = tc
+		sess.tls = true
+	}
+	sess.r = imapwire.NewReader(sess.conn, sess.srv.opts.maxLine())
+	sess.w = bufio.NewWriterSize(sess.conn, 4096)
+	sess.conn.SetReadDeadline(time.Now().Add(sess.srv.opts.preAuthTimeout()))
+
+	sess.writef("* OK [CAPABILITY %s] %s\r\n", sess.capabilities(), sess.srv.opts.banner())
+	if err := sess.flush(); err != nil {
+		return
+	}
+	rl, err := sess.preAuth()
+	if err != nil {
+		sess.endWithError(err)
+		return
+	}
+	if rl != nil {
+		rl.run()
+	}
+}
+
+func (sess *session) capabilities() string {
+	o := &sess.srv.opts
+	startTLS := sess.tlsMode == TLSStartTLS && !sess.tls && o.TLSConfig != nil
+	loginDisabled := o.RequireTLSForLogin && !sess.tls
+	return preLoginCaps(sess.srv.backendCaps(), startTLS, loginDisabled)
+}
+
+// writef queues a response for the client. Callers hold no lock: the
+// session goroutine is the only writer before login.
+func (sess *session) writef(format string, a ...any) {
+	fmt.Fprintf(sess.w, format, a...)
+}
+
+func (sess *session) flush() error {
+	sess.conn.SetWriteDeadline(time.Now().Add(sess.srv.opts.writeTimeout()))
+	return sess.w.Flush()
+}
+
+// endWithError says goodbye as the error deserves. Ordinary ends of a
+// connection are not worth a log line above debug.
+func (sess *session) endWithError(err error) {
+	var ne net.Error
+	switch {
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, net.ErrClosed):
+		sess.log.Debug("client closed connection")
+	case errors.As(err, &ne) && ne.Timeout():
+		if sess.draining.Load() {
+			sess.writef("* BYE Server shutting down\r\n")
+		} else {
+			sess.writef("* BYE Autologout; idle for too long\r\n")
+		}
+		sess.flush()
+		sess.log.Debug("client timed out")
+	case errors.Is(err, imapwire.ErrNonSyncTooBig):
+		sess.writef("* BYE [TOOBIG] Literal too big\r\n")
+		sess.flush()
+		sess.log.Info("client sent an oversized literal")
+	case errors.Is(err, errTooManyBad):
+		sess.writef("* BYE Too many invalid commands\r\n")
+		sess.flush()
+		sess.log.Info("too many invalid commands")
+	case errors.Is(err, errLogout):
+	default:
+		sess.log.Debug("session ended", "error", err)
+	}
+}
+
+var (
+	errTooManyBad = errors.New("too many invalid commands")
+	errLogout     = errors.New("logout")
+)
+
+// bad answers a command error and counts it; too many end the session.
+func (sess *session) bad(tag, text string) error {
+	if tag == "" {
+		tag = "*"
+	}
+	sess.writef("%s BAD %s\r\n", tag, text)
+	sess.nbad++
+	if sess.nbad >= sess.srv.opts.maxBad() {
+		return errTooManyBad
+	}
+	return sess.flush()
+}
+
+// preAuth runs the not-authenticated state until a login succeeds
+// (returning the relay to run), the client logs out, or an error.
+func (sess *session) preAuth() (*relay, error) {
+	o := &sess.srv.opts
+	dec := &imapwire.Decoder{
+		R:          sess.r,
+		MaxLiteral: o.maxLiteralPreAuth(),
+		Continue: func() error {
+			sess.writef("+ Ready for literal data\r\n")
+			return sess.flush()
+		},
+	}
+	for {
+		if sess.draining.Load() {
+			sess.writef("* BYE Server shutting down\r\n")
+			sess.flush()
+			return nil, errLogout
+		}
+		cmd, err := dec.ReadCommand()
+		var se *imapwire.SyntaxError
+		switch {
+		case err == nil:
+		case errors.As(err, &se):
+			if err := sess.bad(cmd.Tag, "Error in IMAP command: "+se.Msg); err != nil {
+				return nil, err
+			}
+			continue
+		case errors.Is(err, imapwire.ErrLineTooLong):
+			if err := sess.bad("", "Command line too long"); err != nil {
+				return nil, err
+			}
+			continue
+		case errors.Is(err, imapwire.ErrLiteralTooBig):
+			sess.writef("%s NO [TOOBIG] Literal too big\r\n", cmd.Tag)
+			if err := sess.flush(); err != nil {
+				return nil, err
+			}
+			continue
+		default:
+			return nil, err
+		}
+		rl, err := sess.preAuthCommand(cmd)
+		if rl != nil || err != nil {
+			return rl, err
+		}
+		if err := sess.flush(); err != nil {
+			return nil, err
+		}
+	}
+}
+
+func (sess *session) preAuthCommand(cmd *imapwire.Command) (*relay, error) {
+	o := &sess.srv.opts
+	switch cmd.Name {
+	case "CAPABILITY":
+		if len(cmd.Args) != 0 {
+			return nil, sess.bad(cmd.Tag, "CAPABILITY takes no arguments")
+		}
+		sess.writef("* CAPABILITY %s\r\n%s OK CAPABILITY completed\r\n", sess.capabilities(), cmd.Tag)
+	case "NOOP":
+		sess.writef("%s OK NOOP completed\r\n", cmd.Tag)
+	case "LOGOUT":
+		sess.writef("* BYE Logging out\r\n%s OK LOGOUT completed\r\n", cmd.Tag)
+		sess.flush()
+		return nil, errLogout
+	case "STARTTLS":
+		return nil, sess.startTLS(cmd)
+	case "ID":
+		return nil, sess.idCommand(cmd)
+	case "LOGIN":
+		if len(cmd.Args) != 2 || !isString(cmd.Args[0]) || !isString(cmd.Args[1]) {
+			return nil, sess.bad(cmd.Tag, "LOGIN expects user name and password")
+		}
+		if o.RequireTLSForLogin && !sess.tls {
+			sess.writef("%s NO [PRIVACYREQUIRED] Use STARTTLS or implicit TLS before login\r\n", cmd.Tag)
+			clear(cmd.Args[1].Value)
+			return nil, nil
+		}
+		cr := &credentials{user: cmd.Args[0].Value, pass: cmd.Args[1].Value}
+		return sess.login(cmd.Tag, cr)
+	case "AUTHENTICATE":
+		return sess.authenticate(cmd)
+	default:
+		return nil, sess.bad(cmd.Tag, "Command not valid before login")
+	}
+	return nil, nil
+}
+
+func isString(t imapwire.Token) bool { return t.Kind == imapwire.String || t.Kind == imapwire.Atom }
+
+func (sess *session) startTLS(cmd *imapwire.Command) error {
+	if sess.tlsMode != TLSStartTLS || sess.tls || sess.srv.opts.TLSConfig == nil {
+		return sess.bad(cmd.Tag, "STARTTLS not available")
+	}
+	if sess.r.Buffered() > 0 {
+		// Commands pipelined behind STARTTLS were sent in the clear and
+		// could have been injected (CVE-2011-0411 and kin).
+		sess.writef("* BYE Pipelined data after STARTTLS\r\n")
+		sess.flush()
+		return errLogout
+	}
+	sess.writef("%s OK Begin TLS negotiation now\r\n", cmd.Tag)
+	if err := sess.flush(); err != nil {
+		return err
+	}
+	tc := tls.Server(sess.conn, sess.srv.opts.TLSConfig)
+	if err := tc.Handshake(); err != nil {
+		sess.log.Debug("client starttls handshake failed", "error", err)
+		return errLogout
+	}
+	sess.conn = tc
+	sess.tls = true
+	sess.r.Reset(tc)
+	sess.w.Reset(tc)
+	return nil
+}
+
+// Limits from RFC 2971.
+const (
+	maxIDPairs    = 30
+	maxIDKeyLen   = 30
+	maxIDValueLen = 1024
+)
+
+func (sess *session) idCommand(cmd *imapwire.Command) error {
+	args := cmd.Args
+	var params [][2][]byte
+	switch {
+	case len(args) == 1 && args[0].Kind == imapwire.Atom && strings.EqualFold(string(args[0].Value), "NIL"):
+	case len(args) >= 2 && args[0].Kind == imapwire.ListStart && args[len(args)-1].Kind == imapwire.ListEnd:
+		inner := args[1 : len(args)-1]
+		if len(inner)%2 != 0 || len(inner)/2 > maxIDPairs {
+			return sess.bad(cmd.Tag, "Invalid ID parameters")
+		}
+		for i := 0; i < len(inner); i += 2 {
+			k, v := inner[i], inner[i+1]
+			if k.Kind != imapwire.String || len(k.Value) > maxIDKeyLen || len(v.Value) > maxIDValueLen {
+				return sess.bad(cmd.Tag, "Invalid ID parameters")
+			}
+			if v.Kind == imapwire.Atom && !strings.EqualFold(string(v.Value), "NIL") || v.Kind > imapwire.String {
+				return sess.bad(cmd.Tag, "Invalid ID parameters")
+			}
+			// The proxy is trusted by the backend to tell it who the
+			// client is; a client must not tell it that itself.
+			if len(k.Value) >= 2 && (k.Value[0] == 'x' || k.Value[0] == 'X') && k.Value[1] == '-' {
+				continue
+			}
+			var val []byte
+			if v.Kind == imapwire.String {
+				val = v.Value
+			}
+			params = append(params, [2][]byte{k.Value, val})
+		}
+	default:
+		return sess.bad(cmd.Tag, "Invalid ID parameters")
+	}
+	sess.idParams = params
+	sess.writef("* ID (\"name\" \"imapproxy\")\r\n%s OK ID completed\r\n", cmd.Tag)
+	return nil
+}
+
+// backendID builds the ID parameter list sent to a backend before LOGIN:
+// the client's own fields plus where it really connects from, which
+// Dovecot honours from its login_trusted_networks.
+func (sess *session) backendID() []byte {
+	buf := []byte{'('}
+	add := func(k, v []byte) {
+		if len(buf) > 1 {
+			buf = append(buf, ' ')
+		}
+		var ok bool
+		if buf, ok = imapwire.AppendQuoted(buf, k); !ok {
+			return
+		}
+		buf = append(buf, ' ')
+		if v == nil {
+			buf = append(buf, "NIL"...)
+		} else if nb, ok := imapwire.AppendQuoted(buf, v); ok {
+			buf = nb
+		} else {
+			buf = append(buf, "NIL"...)
+		}
+	}
+	for _, p := range sess.idParams {
+		add(p[0], p[1])
+	}
+	if host, port, err := net.SplitHostPort(sess.conn.RemoteAddr().String()); err == nil {
+		add([]byte("x-originating-ip"), []byte(host))
+		add([]byte("x-originating-port"), []byte(port))
+	}
+	if host, port, err := net.SplitHostPort(sess.conn.LocalAddr().String()); err == nil {
+		add([]byte("x-connected-ip"), []byte(host))
+		add([]byte("x-connected-port"), []byte(port))
+	}
+	add([]byte("x-session-id"), []byte("imapproxy-"+sess.id))
+	return append(buf, ')')
+}
+
+// authenticate runs AUTHENTICATE PLAIN or LOGIN, with or without an
+// initial response (SASL-IR).
+func (sess *session) authenticate(cmd *imapwire.Command) (*relay, error) {
+	if len(cmd.Args) < 1 || len(cmd.Args) > 2 || cmd.Args[0].Kind != imapwire.Atom {
+		return nil, sess.bad(cmd.Tag, "AUTHENTICATE expects a mechanism")
+	}
+	mech := strings.ToUpper(string(cmd.Args[0].Value))
+	if mech != "PLAIN" && mech != "LOGIN" {
+		sess.writef("%s NO [CANNOT] Unsupported authentication mechanism\r\n", cmd.Tag)
+		return nil, nil
+	}
+	if sess.srv.opts.RequireTLSForLogin && !sess.tls {
+		sess.writef("%s NO [PRIVACYREQUIRED] Use STARTTLS or implicit TLS before authentication\r\n", cmd.Tag)
+		return nil, nil
+	}
+	var ir []byte
+	hasIR := len(cmd.Args) == 2
+	if hasIR {
+		ir = cmd.Args[1].Value
+	}
+	cancelled := func() (*relay, error) {
+		sess.writef("%s BAD AUTHENTICATE cancelled\r\n", cmd.Tag)
+		return nil, nil
+	}
+	badB64 := func() (*relay, error) {
+		return nil, sess.bad(cmd.Tag, "Invalid base64 data in AUTHENTICATE")
+	}
+	switch mech {
+	case "PLAIN":
+		var data []byte
+		var err error
+		if hasIR {
+			data, err = decodeSASL(ir)
+		} else {
+			var cancel bool
+			data, cancel, err = sess.saslStep("")
+			if cancel {
+				return cancelled()
+			}
+		}
+		if err != nil {
+			if errors.Is(err, errBadBase64) {
+				return badB64()
+			}
+			return nil, err
+		}
+		parts := bytes.SplitN(data, []byte{0}, 3)
+		if len(parts) != 3 || len(parts[1]) == 0 {
+			clear(data)
+			return nil, sess.bad(cmd.Tag, "Invalid PLAIN credentials")
+		}
+		cr := &credentials{authzid: parts[0], user: parts[1], pass: parts[2]}
+		if bytes.Equal(cr.authzid, cr.user) {
+			cr.authzid = nil
+		}
+		rl, err := sess.login(cmd.Tag, cr)
+		clear(data)
+		return rl, err
+	default: // LOGIN
+		var user []byte
+		var err error
+		if hasIR {
+			user, err = decodeSASL(ir)
+		} else {
+			var cancel bool
+			user, cancel, err = sess.saslStep("VXNlcm5hbWU6") // "Username:"
+			if cancel {
+				return cancelled()
+			}
+		}
+		if err != nil {
+			if errors.Is(err, errBadBase64) {
+				return badB64()
+			}
+			return nil, err
+		}
+		pass, cancel, err := sess.saslStep("UGFzc3dvcmQ6") // "Password:"
+		if cancel {
+			return cancelled()
+		}
+		if err != nil {
+			if errors.Is(err, errBadBase64) {
+				return badB64()
+			}
+			return nil, err
+		}
+		return sess.login(cmd.Tag, &credentials{user: user, pass: pass})
+	}
+}
+
+var errBadBase64 = errors.New("bad base64")
+
+// saslStep sends a continuation request with challenge and reads the
+// client's base64 answer; "*" cancels.
+func (sess *session) saslStep(challenge string) (data []byte, cancel bool, err error) {
+	sess.writef("+ %s\r\n", challenge)
+	if err := sess.flush(); err != nil {
+		return nil, false, err
+	}
+	line, lit, err := sess.r.ReadLine()
+	if err != nil {
+		return nil, false, err
+	}
+	if lit != nil {
+		return nil, false, errBadBase64
+	}
+	l := imapwire.TrimEOL(line)
+	if len(l) == 1 && l[0] == '*' {
+		return nil, true, nil
+	}
+	data, err = decodeSASL(l)
+	clear(line)
+	return data, false, err
+}
+
+func decodeSASL(b []byte) ([]byte, error) {
+	if len(b) == 1 && b[0] == '=' {
+		return []byte{}, nil
+	}
+	out := make([]byte, base64.StdEncoding.DecodedLen(len(b)))
+	n, err := base64.StdEncoding.Decode(out, b)
+	if err != nil {
+		return nil, errBadBase64
+	}
+	return out[:n], nil
+}
+
+// login authenticates the client through its backend: a cached
+// connection of the same user and credential if one is alive, otherwise a
+// new connection and a real LOGIN. The password is cleared before return.
+func (sess *session) login(tag string, cr *credentials) (*relay, error) {
+	defer clear(cr.pass)
+	srv := sess.srv
+	user := string(cr.user)
+	log := sess.log.With("user", user)
+	digest := srv.digest(cr)
+	set := srv.backends.Load()
+	// The mailbox owner picks the backend: the authorization identity
+	// when a SASL client names one.
+	pinUser := user
+	if len(cr.authzid) > 0 {
+		pinUser = string(cr.authzid)
+	}
+	var order [8]balancer.Backend
+	candidates := set.ring.Order(pinUser, order[:0])
+	if len(candidates) == 0 {
+		log.Warn("login failed: no backend available")
+		sess.writef("%s NO [UNAVAILABLE] No IMAP server available, try again later\r\n", tag)
+		return nil, nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), srv.dialer.loginTimeout())
+	defer cancel()
+	cacheKey := user
+	if len(cr.authzid) > 0 {
+		cacheKey = string(cr.authzid) + "\x00" + user
+	}
+	var lastErr error
+	for _, c := range candidates {
+		b := set.byID[c.ID]
+		table := srv.pool.Table(b.ID)
+		blog := log.With("backend", b.ID)
+		if pc, born, ok := table.Get(ctx, cacheKey, digest); ok {
+			up := pc.(*upstream)
+			blog.Info("login", "reused", true)
+			sess.writef("* OK [XPROXYREUSE] IMAP connection reused by imapproxy\r\n%s OK [CAPABILITY %s] Logged in\r\n",
+				tag, postLoginCaps(up.postCaps))
+			return sess.newRelay(up, table, cacheKey, digest, born, blog), nil
+		}
+		if err := srv.pool.Reserve(); err != nil {
+			blog.Warn("login failed: connection limit reached", "error", err)
+			sess.writef("%s NO [UNAVAILABLE] Too many connections, try again later\r\n", tag)
+			return nil, nil
+		}
+		up, err := srv.dialer.dial(ctx, b)
+		if err != nil {
+			srv.pool.Release()
+			blog.Warn("backend dial failed", "error", err)
+			lastErr = err
+			continue
+		}
+		caps := up.preCaps
+		srv.preCaps.Store(&caps)
+		var id []byte
+		if srv.dialer.ForwardID {
+			id = sess.backendID()
+		}
+		res, err := up.login(srv.dialer, cr, id)
+		if err != nil {
+			up.abort()
+			srv.pool.Release()
+			blog.Warn("backend login failed", "error", err)
+			lastErr = err
+			continue
+		}
+		if !res.ok {
+			// The backend's answer stands: a wrong password is the
+			// client's to know, and caches nothing and evicts nothing.
+			table.Discard(up)
+			blog.Info("login refused by backend", "status", res.status)
+			st := res.status
+			if st != "BAD" {
+				st = "NO"
+			}
+			sess.writef("%s %s %s\r\n", tag, st, sanitizeText(res.text))
+			return nil, nil
+		}
+		blog.Info("login", "reused", false)
+		sess.writef("%s OK [CAPABILITY %s] Logged in\r\n", tag, postLoginCaps(up.postCaps))
+		return sess.newRelay(up, table, cacheKey, digest, up.born, blog), nil
+	}
+	log.Warn("login failed: no backend reachable", "error", lastErr)
+	sess.writef("%s NO [UNAVAILABLE] IMAP server unreachable, try again later\r\n", tag)
+	return nil, nil
+}
+
+// sanitizeText makes a backend's response text safe to pass on: one line,
+// printable, bounded.
+func sanitizeText(b []byte) string {
+	if len(b) > 256 {
+		b = b[:256]
+	}
+	out := make([]byte, 0, len(b))
+	for _, c := range b {
+		if c < ' ' || c == 0x7f {
+			continue
+		}
+		out = append(out, c)
+	}
+	if len(out) == 0 {
+		return "Authentication failed"
+	}
+	return string(out)
+}
+
+// drain asks the session to end at its next command boundary.
+func (sess *session) drain() {
+	sess.draining.Store(true)
+	if rl := sess.rl.Load(); rl != nil {
+		rl.drain()
+		return
+	}
+	// Before login: wake the reader; it answers with BYE.
+	sess.conn.SetReadDeadline(time.Now())
+}
+
+// kill ends the session at once: both connections are closed under the
+// session's feet. Shutdown's drain is the polite way.
+func (sess *session) kill() {
+	sess.conn.Close()
+	if rl := sess.rl.Load(); rl != nil {
+		rl.up.abort()
+	}
+}
+
