@@ -1,0 +1,93 @@
+package imapwire
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"testing"
+)
+
+// FuzzReadCommand feeds the pre-login command decoder arbitrary client
+// input. It must never panic, never hand out more than its limits, and
+// always either decode a command or return an error.
+func FuzzReadCommand(f *testing.F) {
+	for _, s := range []string{
+		"a LOGIN bob secret\r\n",
+		"a LOGIN {3}\r\nbob {6+}\r\nsecret\r\n",
+		"a ID (\"name\" \"x\" \"version\" NIL)\r\n",
+		"a AUTHENTICATE PLAIN AGJvYgBzZWNyZXQ=\r\n",
+		"a LOGIN \"x {3+}\r\nb NOOP\r\n",
+		"a LOGIN {999999999999}\r\n",
+		"\x00\r\n\r\n",
+		"a X ~{3}\r\nabc\r\n",
+	} {
+		f.Add([]byte(s))
+	}
+	const maxLine, maxLit = 256, 64
+	f.Fuzz(func(t *testing.T, in []byte) {
+		d := &Decoder{R: NewReader(bytes.NewReader(in), maxLine), MaxLiteral: maxLit, MaxArgs: 32}
+		for i := 0; i < 64; i++ {
+			cmd, err := d.ReadCommand()
+			if err == nil {
+				if cmd.Tag == "" || cmd.Name == "" {
+					t.Fatalf("decoded command without tag or name: %+v", cmd)
+				}
+				if len(cmd.Args) > 32 {
+					t.Fatalf("%d args, limit 32", len(cmd.Args))
+				}
+				for _, a := range cmd.Args {
+					if len(a.Value) > maxLine && len(a.Value) > maxLit {
+						t.Fatalf("token of %d bytes exceeds limits", len(a.Value))
+					}
+				}
+				continue
+			}
+			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, ErrNonSyncTooBig) {
+				return
+			}
+			var se *SyntaxError
+			if !errors.As(err, &se) && !errors.Is(err, ErrLineTooLong) && !errors.Is(err, ErrLiteralTooBig) {
+				t.Fatalf("unexpected error type %T: %v", err, err)
+			}
+		}
+	})
+}
+
+// FuzzReadResponse frames a hostile backend's output the way the relay
+// does: lines and literals. Framing must consume the input exactly or
+// fail, never panic or over-read.
+func FuzzReadResponse(f *testing.F) {
+	for _, s := range []string{
+		"* OK [CAPABILITY IMAP4rev1] ready\r\n",
+		"* 1 FETCH (BODY[] {5}\r\nhello)\r\na OK done\r\n",
+		"* 1 FETCH (BINARY[] ~{3}\r\n\x00\x01\x02)\r\n",
+		"+ idling\r\n",
+		"* 1 FETCH (BODY[] {99999999999}\r\n",
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, in []byte) {
+		r := NewReader(bytes.NewReader(in), 512)
+		var total int64
+		for i := 0; i < 256; i++ {
+			line, lit, err := r.ReadLine()
+			if err != nil {
+				return
+			}
+			total += int64(len(line))
+			if lit != nil {
+				if lit.Size < 0 {
+					t.Fatalf("negative literal size %d", lit.Size)
+				}
+				n, err := r.CopyLiteral(io.Discard, lit.Size, nil)
+				total += n
+				if err != nil {
+					return
+				}
+			}
+			if total > int64(len(in)) {
+				t.Fatalf("read %d bytes from %d of input", total, len(in))
+			}
+		}
+	})
+}

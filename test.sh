@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: vet, unit and integration tests (real Dovecot
+# on 127.0.0.1, started by the tests) under the race detector, and a short
+# run of every fuzz target. Installs Dovecot from Debian if it is missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if ! command -v dovecot >/dev/null 2>&1 && [ ! -x /usr/sbin/dovecot ]; then
+	echo "test.sh: installing dovecot-imapd" >&2
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq dovecot-imapd >/dev/null
+fi
+
+FUZZTIME="${FUZZTIME:-5s}"
+
+go vet ./...
+go test -race -count=1 -timeout 20m ./...
+
+# Each fuzz target for a bounded time; crashers land in testdata/fuzz/ and
+# then run as regressions in every plain `go test`.
+while read -r pkg target; do
+	go test -run '^$' -fuzz "^${target}\$" -fuzztime "$FUZZTIME" "$pkg"
+done <<'TARGETS'
+./imapwire FuzzReadCommand
+./imapwire FuzzReadResponse
+./proxy FuzzPreAuth
+TARGETS
