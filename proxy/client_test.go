@@ -189,3 +189,51 @@ func quote(s string) string {
 	b.WriteByte('"')
 	return b.String()
 }
+
+// readToEOF reads the lines the server sends until it closes the
+// connection.
+func (c *testClient) readToEOF() []string {
+	c.t.Helper()
+	var lines []string
+	for {
+		l, err := c.r.ReadString('\n')
+		if l != "" {
+			lines = append(lines, strings.TrimRight(l, "\r\n"))
+		}
+		if err == io.EOF {
+			return lines
+		}
+		if err != nil {
+			c.t.Fatalf("read until EOF: %v (so far %q)", err, lines)
+		}
+	}
+}
+
+// expectContinuation reads one line and fails unless it is a "+"
+// continuation request; it returns the line.
+func (c *testClient) expectContinuation() string {
+	c.t.Helper()
+	l := c.readLine()
+	if !strings.HasPrefix(l, "+") {
+		c.t.Fatalf("got %q, want a continuation request", l)
+	}
+	return l
+}
+
+// loginLiteral sends LOGIN with user name and password as literals:
+// synchronising ({n}, waiting for each "+") or non-synchronising ({n+},
+// all in one write).
+func (c *testClient) loginLiteral(user, pass string, nonSync bool) response {
+	c.t.Helper()
+	tag := c.nextTag()
+	if nonSync {
+		c.send(fmt.Sprintf("%s LOGIN {%d+}\r\n%s {%d+}\r\n%s\r\n", tag, len(user), user, len(pass), pass))
+		return c.readResponse(tag)
+	}
+	c.send(fmt.Sprintf("%s LOGIN {%d}\r\n", tag, len(user)))
+	c.expectContinuation()
+	c.send(fmt.Sprintf("%s {%d}\r\n", user, len(pass)))
+	c.expectContinuation()
+	c.send(pass + "\r\n")
+	return c.readResponse(tag)
+}

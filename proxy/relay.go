@@ -163,6 +163,14 @@ func (rl *relay) clientLoop() endKind {
 		}
 		kind := kindOther
 		switch cmd {
+		case "LOGOUT", "STARTTLS", "COMPRESS", "UNAUTHENTICATE", "LOGIN", "AUTHENTICATE":
+			// Answered here: what the client pipelined before must
+			// reach the server first.
+			if err := rl.up.w.Flush(); err != nil {
+				return rl.upstreamError(err)
+			}
+		}
+		switch cmd {
 		case "LOGOUT":
 			if lit != nil {
 				if !rl.skipLiterals(lit) {
@@ -440,6 +448,7 @@ func (rl *relay) logout(tag string) endKind {
 // boundary: an IDLE is ended for the client, outstanding commands are
 // answered first.
 func (rl *relay) drainClient() endKind {
+	rl.up.w.Flush()
 	rl.mu.Lock()
 	idling := rl.idling
 	rl.idling = false

@@ -603,4 +603,3 @@ func (sess *session) kill() {
 		rl.up.abort()
 	}
 }
-

@@ -99,6 +99,15 @@ service imap-login {
 service imap {
   process_limit = {{.ProcessLimit}}
 }
+# No auth penalty: Dovecot 2.3 delays every auth from an IP (2 s, doubling
+# up to 15 s) after failures from it, also for logins that then succeed,
+# and login_trusted_networks does not exempt it. Without the listener
+# auth finds no anvil-auth-penalty socket and applies none.
+service anvil {
+  unix_listener anvil-auth-penalty {
+    mode = 0
+  }
+}
 # imap processes run as the mail uid and report to stats-writer.
 service stats {
   unix_listener stats-writer {

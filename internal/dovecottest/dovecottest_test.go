@@ -246,6 +246,8 @@ func TestServer(t *testing.T) {
 		}
 	})
 
+	t.Run("log has no errors or warnings", func(t *testing.T) { checkLogClean(t, s) })
+
 	t.Run("kick", func(t *testing.T) {
 		victim, _ := dial(t, s.Addr)
 		victim.login("user0001", "pw-user0001")
@@ -414,6 +416,21 @@ func TestTLS(t *testing.T) {
 		}
 		c.login("user0001", "pw-user0001")
 	})
+
+	t.Run("log has no errors or warnings", func(t *testing.T) { checkLogClean(t, s) })
+}
+
+// checkLogClean fails t for every warning or error Dovecot logged: the
+// generated config should produce none.
+func checkLogClean(t *testing.T, s *Server) {
+	t.Helper()
+	for _, l := range strings.Split(s.Log(), "\n") {
+		for _, level := range []string{" Warning: ", " Error: ", " Fatal: ", " Panic: "} {
+			if strings.Contains(l, level) {
+				t.Errorf("log line %q", l)
+			}
+		}
+	}
 }
 
 func TestStartFailureShowsLog(t *testing.T) {

@@ -1,0 +1,280 @@
+package proxy
+
+import (
+	"context"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/imapproxy/imapproxy/pool"
+)
+
+// startFakeProxy runs a Server in front of a scripted backend.
+func startFakeProxy(t *testing.T, b *fakeBackend, mod func(*Options)) *testProxy {
+	t.Helper()
+	logs := &syncBuffer{}
+	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Trace, Output: logs})
+	opts := Options{
+		Logger: log,
+		Pool:   pool.New(pool.Options{Logger: log}),
+		Dialer: &Dialer{ForwardID: true, CheckTimeout: 2 * time.Second},
+	}
+	if mod != nil {
+		mod(&opts)
+	}
+	srv := New(opts)
+	srv.SetBackends([]Backend{{ID: "fake", Addr: b.addr(), Weight: 1}})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ln, TLSNone) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(ctx)
+		<-done
+		if t.Failed() {
+			t.Logf("proxy log:\n%s", logs.String())
+		}
+	})
+	if err := srv.ProbeCapabilities(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return &testProxy{srv: srv, addr: ln.Addr().String(), logs: logs}
+}
+
+func TestGreetingCapabilities(t *testing.T) {
+	b := newFakeBackend(t)
+	p := startFakeProxy(t, b, nil)
+	c := dialClient(t, p.addr)
+	g := c.Greeting
+	for _, want := range []string{"[CAPABILITY IMAP4rev1 ", " IDLE", " ENABLE", " AUTH=PLAIN", " AUTH=LOGIN", " SASL-IR", " ID", " LITERAL+"} {
+		if !strings.Contains(g, want) {
+			t.Errorf("greeting %q lacks %q", g, want)
+		}
+	}
+	for _, bad := range []string{"STARTTLS", "LOGIN-REFERRALS", "LOGINDISABLED"} {
+		if strings.Contains(g, bad) {
+			t.Errorf("greeting %q offers %q, which the proxy cannot do here", g, bad)
+		}
+	}
+	res := c.mustLogin("alice", "secret")
+	for _, want := range []string{"SORT", "THREAD=REFERENCES", "UNSELECT", "CONDSTORE"} {
+		if !strings.Contains(res.Tagged, want) {
+			t.Errorf("login OK %q lacks %q", res.Tagged, want)
+		}
+	}
+	if strings.Contains(res.Tagged, "COMPRESS") {
+		t.Errorf("login OK %q offers COMPRESS, which cannot be relayed", res.Tagged)
+	}
+}
+
+// TestPoisonedConnDiscarded: a cached connection on which the server sent
+// something unasked must not be handed out; its bytes must not reach the
+// next session.
+func TestPoisonedConnDiscarded(t *testing.T) {
+	b := newFakeBackend(t)
+	p := startFakeProxy(t, b, nil)
+	c := dialClient(t, p.addr)
+	c.mustLogin("alice", "secret")
+	c.logout()
+	p.waitCached(t, 1)
+
+	b.conn(1).write("* 7 EXISTS\r\n") // conn 0 was the capability probe
+
+	c = dialClient(t, p.addr)
+	res := c.mustLogin("alice", "secret")
+	if res.has("XPROXYREUSE") || res.has("EXISTS") {
+		t.Fatalf("poisoned connection was reused:\n%s", res)
+	}
+	if r := c.cmd("NOOP"); r.has("EXISTS") {
+		t.Fatalf("stale data reached the new session:\n%s", r)
+	}
+	if st := p.srv.Pool().Stats(); st.ClosedDead != 1 {
+		t.Errorf("ClosedDead = %d, want 1", st.ClosedDead)
+	}
+	if n := b.logins.Load(); n != 2 {
+		t.Errorf("backend logins = %d, want 2", n)
+	}
+}
+
+// TestPipelinedLogout: LOGOUT pipelined behind a slow command is answered
+// after it, never before.
+func TestPipelinedLogout(t *testing.T) {
+	b := newFakeBackend(t)
+	release := make(chan struct{})
+	b.hook = func(c *fakeConn, tag, cmd, line string) bool {
+		if cmd != "SEARCH" {
+			return false
+		}
+		go func() {
+			<-release
+			c.write("* SEARCH 1 2\r\n" + tag + " OK search done\r\n")
+		}()
+		return true
+	}
+	p := startFakeProxy(t, b, nil)
+	c := dialClient(t, p.addr)
+	c.mustLogin("alice", "secret")
+	c.send("s1 SEARCH ALL\r\ns2 LOGOUT\r\n")
+	close(release)
+	want := []string{"* SEARCH 1 2", "s1 OK search done", "* BYE Logging out", "s2 OK LOGOUT completed"}
+	for _, w := range want {
+		if got := c.readLine(); got != w {
+			t.Fatalf("got %q, want %q", got, w)
+		}
+	}
+	p.waitCached(t, 1)
+}
+
+// TestRefusedLiteral: the server refuses a synchronising literal with a
+// tagged NO instead of "+"; the client sends no literal, and the relay must
+// read its next line as a command.
+func TestRefusedLiteral(t *testing.T) {
+	b := newFakeBackend(t)
+	b.hook = func(c *fakeConn, tag, cmd, line string) bool {
+		if cmd != "APPEND" {
+			return false
+		}
+		c.write(tag + " NO [TOOBIG] too big\r\n")
+		return true
+	}
+	p := startFakeProxy(t, b, nil)
+	c := dialClient(t, p.addr)
+	c.mustLogin("alice", "secret")
+	c.send("a1 APPEND INBOX {99999}\r\n")
+	if got := c.readLine(); got != "a1 NO [TOOBIG] too big" {
+		t.Fatalf("APPEND: got %q", got)
+	}
+	if r := c.cmd("NOOP"); !r.ok() {
+		t.Fatalf("NOOP after refused literal: %s", r)
+	}
+	c.logout()
+	p.waitCached(t, 1)
+}
+
+func TestLoginRefusalRelayed(t *testing.T) {
+	b := newFakeBackend(t)
+	p := startFakeProxy(t, b, nil)
+	c := dialClient(t, p.addr)
+	res := c.login("alice", "wrong")
+	if want := "t1 NO [AUTHENTICATIONFAILED] Authentication failed."; res.Tagged != want {
+		t.Fatalf("got %q, want %q", res.Tagged, want)
+	}
+	// The session stays in the not-authenticated state.
+	c.mustLogin("alice", "secret")
+	if st := p.srv.Pool().Stats(); st.Open != 1 {
+		t.Errorf("open upstream conns = %d, want 1 (the refused one closed)", st.Open)
+	}
+}
+
+func TestBackendDiesMidSession(t *testing.T) {
+	b := newFakeBackend(t)
+	b.hook = func(c *fakeConn, tag, cmd, line string) bool {
+		if cmd != "STATUS" {
+			return false
+		}
+		c.conn.Close()
+		return true
+	}
+	p := startFakeProxy(t, b, nil)
+	c := dialClient(t, p.addr)
+	c.mustLogin("alice", "secret")
+	c.send("x STATUS INBOX (MESSAGES)\r\n")
+	if got := c.readLine(); !strings.HasPrefix(got, "* BYE") {
+		t.Fatalf("got %q, want * BYE", got)
+	}
+	if _, err := c.r.ReadByte(); err == nil {
+		t.Fatal("connection still open after BYE")
+	}
+	p.waitIdle(t)
+	if st := p.srv.Pool().Stats(); st.Open != 0 || st.Cached != 0 {
+		t.Errorf("stats = %+v, want nothing open", st)
+	}
+}
+
+// TestDirtyStateNotCached lists commands after which the connection must
+// not be reused, and a control that must be.
+func TestDirtyStateNotCached(t *testing.T) {
+	tests := []struct {
+		name   string
+		cmds   []string
+		cached bool
+	}{
+		{"plain", []string{"NOOP"}, true},
+		{"selected then logout", []string{"SELECT INBOX", "FETCH 1 BODY[]"}, true},
+		{"unknown command", []string{"XFOO"}, false},
+		{"enable", []string{"ENABLE CONDSTORE"}, false},
+		{"select condstore", []string{"SELECT INBOX (CONDSTORE)"}, false},
+		{"fetch modseq", []string{"SELECT INBOX", "FETCH 1 (FLAGS MODSEQ)"}, false},
+		{"search save", []string{"SELECT INBOX", "SEARCH RETURN (SAVE) ALL"}, false},
+		{"notify", []string{"NOTIFY NONE"}, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := newFakeBackend(t)
+			p := startFakeProxy(t, b, nil)
+			c := dialClient(t, p.addr)
+			c.mustLogin("alice", "secret")
+			for _, cmd := range tt.cmds {
+				c.cmd("%s", cmd)
+			}
+			c.logout()
+			p.waitIdle(t)
+			if got := p.srv.Pool().Stats().Cached == 1; got != tt.cached {
+				t.Fatalf("after %q: cached = %v, want %v", tt.cmds, got, tt.cached)
+			}
+		})
+	}
+}
+
+func TestCommandsRefusedAfterLogin(t *testing.T) {
+	b := newFakeBackend(t)
+	var forwarded []string
+	b.hook = func(c *fakeConn, tag, cmd, line string) bool {
+		forwarded = append(forwarded, cmd)
+		return false
+	}
+	p := startFakeProxy(t, b, nil)
+	c := dialClient(t, p.addr)
+	c.mustLogin("alice", "secret")
+	for _, cmd := range []string{"COMPRESS DEFLATE", "STARTTLS", "UNAUTHENTICATE", "LOGIN a b", "AUTHENTICATE PLAIN"} {
+		if r := c.cmd("%s", cmd); !strings.Contains(r.Tagged, " BAD ") {
+			t.Errorf("%s after login: %q, want BAD", cmd, r.Tagged)
+		}
+	}
+	c.logout()
+	p.waitCached(t, 1)
+	for _, f := range forwarded {
+		switch f {
+		case "COMPRESS", "STARTTLS", "UNAUTHENTICATE", "LOGIN":
+			t.Errorf("%s was forwarded to the backend", f)
+		}
+	}
+}
+
+// TestShutdownDrains: a logged-in session gets BYE, and the connection it
+// held is logged out on the backend.
+func TestShutdownDrains(t *testing.T) {
+	b := newFakeBackend(t)
+	p := startFakeProxy(t, b, nil)
+	c := dialClient(t, p.addr)
+	c.mustLogin("alice", "secret")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := p.srv.Shutdown(ctx); err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	if got := c.readLine(); got != "* BYE Server shutting down" {
+		t.Fatalf("got %q, want the shutdown BYE", got)
+	}
+	// 1 from the capability probe, 1 from the drained session.
+	if n := b.logouts.Load(); n != 2 {
+		t.Errorf("backend LOGOUTs = %d, want 2", n)
+	}
+}
