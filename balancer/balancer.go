@@ -19,7 +19,10 @@
 // ID. With weights w_i that makes backend i win for w_i/Σw of users.
 //
 // Nothing depends on a random seed, map order or input order, so every
-// process builds the same mapping from the same set.
+// process builds the same mapping from the same set. One caveat for weighted
+// rings only: math.Log is assembly on amd64 and Go elsewhere, and the two may
+// differ in the last bit, so a fleet mixing architectures can disagree on a
+// user whose two best scores are within about 1e-16 of each other.
 package balancer
 
 import (
@@ -73,8 +76,8 @@ type Ring struct {
 	idHash []uint64
 	weight []float64
 	// uniform is set when all weights are equal. Then -w/ln(u) is increasing
-	// in u, so comparing u ranks exactly as the score would and Pick needs
-	// no logarithm.
+	// in u, so comparing u ranks as the score does, without a logarithm and
+	// without the rounding that could give two nearby u the same float score.
 	uniform bool
 	hash    func(string) uint64 // nil: xxhash, fed without allocating
 	key     KeyMode

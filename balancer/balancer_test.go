@@ -165,6 +165,8 @@ func TestTies(t *testing.T) {
 		{"equal weights: by ID", []Backend{{ID: "c"}, {ID: "a"}, {ID: "b"}}, []string{"a", "b", "c"}},
 		{"heavier first, then ID", []Backend{{ID: "a", Weight: 1}, {ID: "b", Weight: 3}, {ID: "c", Weight: 1}, {ID: "d", Weight: 3}},
 			[]string{"b", "d", "a", "c"}},
+		{"past orderStack: heavier first, then ID", reversed(nodes(100, func(i int) int { return 1 + i%3 })),
+			byWeightThenID(nodes(100, func(i int) int { return 1 + i%3 }))},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -193,7 +195,8 @@ func TestScore(t *testing.T) {
 		{0, 1, 1 / (53 * math.Ln2)}, // u == 2^-53, the worst draw
 	}
 	for _, tt := range tests {
-		if got := score(tt.unit, tt.w); math.Abs(got-tt.want) > 1e-12*tt.want && got != tt.want {
+		got := score(tt.unit, tt.w)
+		if got != tt.want && (math.IsInf(tt.want, 0) || math.Abs(got-tt.want) > 1e-12*tt.want) {
 			t.Errorf("score(%#x, %v) = %v, want %v", tt.unit, tt.w, got, tt.want)
 		}
 	}
@@ -206,6 +209,11 @@ func TestNew(t *testing.T) {
 		{ID: "c", Addr: "c2", Weight: 5}, // duplicate: the first "c" wins
 		{ID: "b", Addr: "b1", Weight: -1},
 		{ID: "a", Addr: "a2", Weight: 9},
+	}
+	// Beyond a dozen elements an unstable sort would reorder duplicates, so
+	// pad the input with more of them: "keep the first" must still hold.
+	for i := range 40 {
+		in = append(in, Backend{ID: "a", Addr: fmt.Sprintf("a-dup%d", i)}, Backend{ID: "c", Addr: fmt.Sprintf("c-dup%d", i)})
 	}
 	saved := slices.Clone(in)
 	r := New(in, Options{})
@@ -247,14 +255,12 @@ func TestEmpty(t *testing.T) {
 
 func TestDeterministic(t *testing.T) {
 	set := nodes(12, func(i int) int { return 1 + i%3 })
-	reversed := slices.Clone(set)
-	slices.Reverse(reversed)
 	shuffled := slices.Clone(set)
 	rand.New(rand.NewPCG(1, 2)).Shuffle(len(shuffled), func(i, j int) {
 		shuffled[i], shuffled[j] = shuffled[j], shuffled[i]
 	})
 	a := New(set, Options{})
-	for name, in := range map[string][]Backend{"reversed": reversed, "shuffled": shuffled} {
+	for name, in := range map[string][]Backend{"reversed": reversed(set), "shuffled": shuffled} {
 		b := New(in, Options{})
 		for _, user := range users(10000) {
 			want, _ := a.Pick(user)
@@ -639,6 +645,25 @@ func nodes(n int, weight func(int) int) []Backend {
 		}
 	}
 	return bs
+}
+
+// byWeightThenID is the order a constant hash must give: all u are equal,
+// so scores rank as weights, and equal weights by ID.
+func byWeightThenID(bs []Backend) []string {
+	bs = slices.Clone(bs)
+	slices.SortFunc(bs, func(a, b Backend) int {
+		if c := cmp.Compare(b.Weight, a.Weight); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.ID, b.ID)
+	})
+	return ids(bs)
+}
+
+func reversed(bs []Backend) []Backend {
+	out := slices.Clone(bs)
+	slices.Reverse(out)
+	return out
 }
 
 func users(n int) []string {

@@ -10,7 +10,7 @@ import (
 const utf8Max = utf8.UTFMax
 
 // lowerBuf is sized to hold typical user@domain names whole, so that they
-// hash in one Sum64 call; longer names are streamed through a Digest.
+// hash in one Sum64 call; longer or non-ASCII names stream through a Digest.
 const lowerBuf = 128
 
 // needsLower reports whether lowercasing might change s. Non-ASCII bytes
@@ -26,8 +26,10 @@ func needsLower(s string) bool {
 
 // lowerRune writes the lowercase form of the character at s[i] into dst
 // (len(dst) >= utf8.UTFMax) and returns the bytes written and read. It is
-// the one definition of lowercasing that both Key and sumLower use, so the
-// two cannot drift apart. Invalid UTF-8 bytes are copied unchanged: unlike
+// the definition of lowercasing behind both Key and the allocation-free
+// hashing in Pick, so the two cannot drift apart (sumLower's ASCII loop
+// repeats its ASCII rule, held to it by TestKeyHash). Invalid UTF-8 bytes
+// are copied unchanged: unlike
 // strings.ToLower, which would turn each into U+FFFD, this keeps distinct
 // malformed names distinct.
 func lowerRune(dst []byte, s string, i int) (written, read int) {
@@ -62,8 +64,7 @@ func appendLower(dst []byte, s string) []byte {
 // because Pick must not allocate even for mixed-case names.
 func sumLower(s string) uint64 {
 	// Most names are short ASCII: lowercase them into one buffer and hash
-	// it in one call. This repeats lowerRune's ASCII rule for speed;
-	// TestKeyHash holds the two paths to the same result.
+	// it in one call, without lowerRune's per-byte call or a Digest.
 	if len(s) <= lowerBuf {
 		var buf [lowerBuf]byte
 		i := 0
