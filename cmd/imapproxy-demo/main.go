@@ -135,8 +135,7 @@ func banner(servers []*dovecottest.Server, users int) {
 	fmt.Printf("users %s..%s, password %q; %d messages in INBOX, %d x 1 MiB in \"Big\"\n\n",
 		dovecottest.UserName(1), dovecottest.UserName(users), password, messages, bigMessages)
 	fmt.Printf("a backend directly:  nc -C %s   then   a LOGIN %s %s\n", hostPort(servers[0].Addr), dovecottest.UserName(1), password)
-	fmt.Printf("through the proxy:   nc -C 127.0.0.1 1143\n")
-	fmt.Printf("  or, with TLS:      openssl s_client -quiet -starttls imap -connect 127.0.0.1:1143\n")
+	fmt.Printf("through the proxy:   telnet 127.0.0.1 1143\n")
 	fmt.Printf("Ctrl-C stops everything.\n\n")
 }
 
