@@ -158,3 +158,7 @@ func TestReuseAgainstDovecot(t *testing.T) {
 		t.Errorf("pool hits = %d, want %d", st.Hits, rounds-1)
 	}
 }
+
+func newTestLogger(w *syncBuffer) hclog.Logger {
+	return hclog.New(&hclog.LoggerOptions{Level: hclog.Trace, Output: w})
+}

@@ -171,6 +171,10 @@ func (sess *session) preAuth() (*relay, error) {
 			return nil, errLogout
 		}
 		cmd, err := dec.ReadCommand()
+		if cmd == nil {
+			// The line failed before a tag could be read.
+			cmd = &imapwire.Command{}
+		}
 		var se *imapwire.SyntaxError
 		switch {
 		case err == nil:
