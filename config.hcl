@@ -5,8 +5,9 @@
 # that is set to its default says so; leaving such a key out changes nothing.
 # Unknown keys are errors, so a typo is reported rather than ignored.
 
-# trace | debug | info | warn | error. "debug" shows each session's state
-# changes; "trace" adds a protocol trace with credentials redacted.
+# trace | debug | info | warn | error. "debug" shows why sessions end and
+# why a connection was not cached; "trace" adds one line per client command
+# (tag and command name only, never arguments, so never a password).
 log_level = "info"
 
 # text | json. Use "json" when logs are shipped to a collector.
@@ -65,14 +66,15 @@ upstream {
   # backend advertises it and LOGIN otherwise; pin one if a backend lies.
   login_method = "auto"
 
-  # How long one TCP (and TLS) connect may take, how many more attempts
-  # follow a failed one, and the pause between them.
+  # How long one TCP connect may take, how many more attempts follow a
+  # failed one, and the pause between them. The TLS handshake and greeting
+  # count against timeouts.backend_login.
   dial_timeout = "5s"    # default
   dial_retries = 2       # default
   retry_delay  = "200ms" # default
 
-  # TCP keepalive period for backend connections; "0s" keeps the system
-  # default. Lower it when a firewall drops idle cached connections early.
+  # TCP keepalive period for backend connections; "0s" uses Go's default
+  # (15s). Lower it when a firewall drops idle cached connections early.
   tcp_keepalive = "30s" # default
 
   # Send the client's ID and x-originating-ip to the backend before LOGIN, so
@@ -133,7 +135,7 @@ timeouts {
   preauth       = "60s" # default: from connect until login completes
   auth_idle     = "30m" # default: client silence between commands (RFC 3501 asks for at least 30m)
   idle          = "60m" # default: client silence during IDLE
-  literal       = "60s" # default: to transfer one literal
+  literal       = "60s" # default: to transfer one literal, plus 1s per 64 KiB
   backend_login = "30s" # default: greeting, ID and LOGIN on a new backend connection
   check         = "5s"  # default: the NOOP that proves a cached connection alive
   write         = "60s" # default: one write to a client or backend

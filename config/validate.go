@@ -58,7 +58,7 @@ func (c *Config) check(ck *checker) {
 
 	k = top("limits")
 	ck.atLeast(k.dot("max_line_length"), int64(c.Limits.MaxLineLength), 1024)
-	ck.atLeast(k.dot("max_literal_preauth"), int64(c.Limits.MaxLiteralPreAuth), 0)
+	ck.atLeast(k.dot("max_literal_preauth"), int64(c.Limits.MaxLiteralPreAuth), 1)
 	ck.atLeast(k.dot("max_literal"), c.Limits.MaxLiteral, 1)
 	ck.atLeast(k.dot("max_bad_commands"), int64(c.Limits.MaxBadCommands), 1)
 }

@@ -161,12 +161,16 @@ func (rl *relay) clientLoop() endKind {
 			sub, _ := imapwire.CutAtom(args)
 			cmd = "UID " + string(bytes.ToUpper(sub))
 		}
+		if rl.log.IsTrace() {
+			// Never the arguments: they may hold anything.
+			rl.log.Trace("command", "tag", string(tag), "command", cmd)
+		}
 		kind := kindOther
 		switch cmd {
 		case "LOGOUT", "STARTTLS", "COMPRESS", "UNAUTHENTICATE", "LOGIN", "AUTHENTICATE":
 			// Answered here: what the client pipelined before must
 			// reach the server first.
-			if err := rl.up.w.Flush(); err != nil {
+			if err := rl.flushUp(); err != nil {
 				return rl.upstreamError(err)
 			}
 		}
@@ -222,7 +226,7 @@ func (rl *relay) clientLoop() endKind {
 				rl.mu.Lock()
 				rl.litTag = string(tag)
 				rl.mu.Unlock()
-				if err := rl.up.w.Flush(); err != nil {
+				if err := rl.flushUp(); err != nil {
 					return rl.upstreamError(err)
 				}
 				select {
@@ -236,11 +240,13 @@ func (rl *relay) clientLoop() endKind {
 					return endPump
 				}
 			}
-			if err := rl.up.w.Flush(); err != nil {
+			if err := rl.flushUp(); err != nil {
 				return rl.upstreamError(err)
 			}
-			sess.conn.SetReadDeadline(time.Now().Add(o.literalTimeout()))
-			rl.up.conn.SetWriteDeadline(time.Now().Add(o.literalTimeout()))
+			// A big APPEND over a slow link gets 1s more per 64 KiB.
+			litDeadline := time.Now().Add(o.literalTimeout() + time.Duration(lit.Size>>16)*time.Second)
+			sess.conn.SetReadDeadline(litDeadline)
+			rl.up.conn.SetWriteDeadline(litDeadline)
 			if _, err := r.CopyLiteral(rl.up.conn, lit.Size, sess.conn); err != nil {
 				rl.setDirty("literal interrupted")
 				return rl.clientError(err)
@@ -264,7 +270,7 @@ func (rl *relay) clientLoop() endKind {
 		}
 		// Pipelined commands go out in one write.
 		if r.Buffered() == 0 {
-			if err := rl.up.w.Flush(); err != nil {
+			if err := rl.flushUp(); err != nil {
 				return rl.upstreamError(err)
 			}
 		}
@@ -333,9 +339,19 @@ func (rl *relay) toUpstream(line []byte, flush bool) error {
 		return err
 	}
 	if flush || rl.sess.r.Buffered() == 0 {
-		return rl.up.w.Flush()
+		return rl.flushUp()
 	}
 	return nil
+}
+
+// flushUp sends what is buffered for the backend, bounded by the write
+// timeout so that a backend that stops reading cannot hold the session.
+func (rl *relay) flushUp() error {
+	if rl.up.w.Buffered() == 0 {
+		return nil
+	}
+	rl.up.conn.SetWriteDeadline(time.Now().Add(rl.sess.srv.opts.writeTimeout()))
+	return rl.up.w.Flush()
 }
 
 // skipLiterals consumes the literals of a command the proxy answers
@@ -448,14 +464,14 @@ func (rl *relay) logout(tag string) endKind {
 // boundary: an IDLE is ended for the client, outstanding commands are
 // answered first.
 func (rl *relay) drainClient() endKind {
-	rl.up.w.Flush()
+	rl.flushUp()
 	rl.mu.Lock()
 	idling := rl.idling
 	rl.idling = false
 	rl.mu.Unlock()
 	if idling {
 		rl.up.w.WriteString("DONE\r\n")
-		rl.up.w.Flush()
+		rl.flushUp()
 	}
 	rl.waitQuiet(rl.sess.srv.opts.logoutWait())
 	rl.say("* BYE Server shutting down")
@@ -542,7 +558,7 @@ func (rl *relay) internalCommand(cmd string) (string, error) {
 	rl.mu.Unlock()
 	rl.up.conn.SetDeadline(time.Now().Add(rl.up.checkLimit))
 	rl.up.w.WriteString(tag + " " + cmd + "\r\n")
-	if err := rl.up.w.Flush(); err != nil {
+	if err := rl.flushUp(); err != nil {
 		rl.up.abort()
 		<-rl.pumpDone
 		return "", err

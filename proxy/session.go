@@ -209,6 +209,7 @@ func (sess *session) preAuth() (*relay, error) {
 
 func (sess *session) preAuthCommand(cmd *imapwire.Command) (*relay, error) {
 	o := &sess.srv.opts
+	sess.log.Trace("command", "tag", cmd.Tag, "command", cmd.Name)
 	switch cmd.Name {
 	case "CAPABILITY":
 		if len(cmd.Args) != 0 {

@@ -119,9 +119,6 @@ func (d *Dialer) dial(ctx context.Context, b Backend) (*upstream, error) {
 
 func (d *Dialer) dialOnce(ctx context.Context, b Backend) (*upstream, error) {
 	nd := net.Dialer{Timeout: d.timeout(), KeepAlive: d.KeepAlive}
-	if d.KeepAlive == 0 {
-		nd.KeepAlive = 30 * time.Second
-	}
 	c, err := nd.DialContext(ctx, "tcp", b.Addr)
 	if err != nil {
 		return nil, err
