@@ -149,3 +149,32 @@ limits {
   max_literal         = 67108864 # default (64 MiB): a literal after login (e.g. APPEND)
   max_bad_commands    = 3        # default: BAD responses before login, then BYE
 }
+
+# How users are pinned to backends (rendezvous hashing of the username) and
+# what happens when the backend set changes. Every proxy of a fleet must use
+# the same hash_key to agree on each user's backend.
+cluster {
+  # lowercase (default) | exact | domain. "domain" sends all users of a
+  # domain to one backend.
+  hash_key = "lowercase"
+
+  # A backend that left the set: its cached connections close at once, its
+  # active sessions may finish for this long, then get BYE.
+  backend_drain = "30s" # default
+
+  # A backend that failed a dial or refused a login with UNAVAILABLE is
+  # skipped by this proxy for this long; its users go to their next backend.
+  down_time = "10s" # default
+}
+
+# Cluster mode: take the backend set from the healthy instances of a Consul
+# service instead of the backend blocks above (remove those when enabling
+# this). Weight from meta imap_weight or Weights.Passing, TLS from meta
+# imap_tls. See docs/pinning.md for the service definition.
+# consul {
+#   address    = "127.0.0.1:8500"
+#   service    = "imap"
+#   # tag      = "mailstore"
+#   # token_file = "/etc/imapproxy/consul-token"
+#   wait_time  = "5m"
+# }

@@ -26,6 +26,8 @@ type Config struct {
 	Cache     Cache
 	Timeouts  Timeouts
 	Limits    Limits
+	Cluster   Cluster
+	Consul    *Consul // nil: the static backend blocks are the backend set
 
 	// pos maps keys such as "cache.expiration" or "listener[0].address" to
 	// where they were written; nil for a Config built in code.
@@ -97,6 +99,32 @@ type Limits struct {
 	MaxLiteralPreAuth int
 	MaxLiteral        int64
 	MaxBadCommands    int // pre-auth BAD responses before BYE
+}
+
+// Cluster controls how users are pinned to backends and what happens when
+// a backend leaves.
+type Cluster struct {
+	HashKey      string        // lowercase|exact|domain: what of the username is hashed
+	BackendDrain time.Duration // sessions on a backend that left are ended after this
+	DownTime     time.Duration // a backend that failed a dial or login is skipped this long
+}
+
+// Consul makes a Consul service the backend set.
+type Consul struct {
+	Address            string // host:port or URL; "" = CONSUL_HTTP_ADDR or 127.0.0.1:8500
+	Scheme             string // http|https; "" = from address
+	Token              string // "" = CONSUL_HTTP_TOKEN
+	TokenFile          string
+	Datacenter         string
+	Namespace          string
+	Partition          string
+	CAFile             string
+	CertFile           string
+	KeyFile            string
+	InsecureSkipVerify bool
+	Service            string // required
+	Tag                string
+	WaitTime           time.Duration // blocking query wait
 }
 
 // Load reads the file at path and parses it with Parse.
@@ -171,6 +199,11 @@ func defaults() *Config {
 			MaxLiteralPreAuth: 8192,
 			MaxLiteral:        64 << 20,
 			MaxBadCommands:    3,
+		},
+		Cluster: Cluster{
+			HashKey:      "lowercase",
+			BackendDrain: 30 * time.Second,
+			DownTime:     10 * time.Second,
 		},
 	}
 }

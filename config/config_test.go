@@ -49,7 +49,8 @@ func TestParseDefaults(t *testing.T) {
 			PreAuth: time.Minute, AuthIdle: 30 * time.Minute, Idle: time.Hour, Literal: time.Minute,
 			BackendLogin: 30 * time.Second, Check: 5 * time.Second, Write: time.Minute, Drain: 30 * time.Second,
 		},
-		Limits: Limits{MaxLineLength: 65536, MaxLiteralPreAuth: 8192, MaxLiteral: 64 << 20, MaxBadCommands: 3},
+		Limits:  Limits{MaxLineLength: 65536, MaxLiteralPreAuth: 8192, MaxLiteral: 64 << 20, MaxBadCommands: 3},
+		Cluster: Cluster{HashKey: "lowercase", BackendDrain: 30 * time.Second, DownTime: 10 * time.Second},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("Parse(minimal) =\n%+v\nwant\n%+v", got, want)
@@ -205,7 +206,7 @@ func TestParseErrors(t *testing.T) {
 		{"no listener", "backend \"b1\" { address = \"127.0.0.1:10143\" }\n",
 			`test.hcl:1: listener: at least one listener block is required`},
 		{"no backend", "listener \"imap\" { address = \"127.0.0.1:1143\" }\n",
-			`test.hcl:1: backend: at least one backend block is required`},
+			`test.hcl:1: backend: at least one backend block (or a consul block) is required`},
 	}
 	positioned := regexp.MustCompile(`^test\.hcl:\d+: `)
 	for _, tt := range tests {
@@ -335,4 +336,48 @@ func writeKeyPair(t *testing.T) (certFile, keyFile string) {
 		t.Fatal(err)
 	}
 	return certFile, keyFile
+}
+
+func TestConsulBlock(t *testing.T) {
+	tests := []struct {
+		name string
+		src  string
+		err  string // "" = valid
+	}{
+		{"consul only", `listener "imap" { address = "127.0.0.1:1143" }
+consul { service = "imap" }`, ""},
+		{"consul without service", `listener "imap" { address = "127.0.0.1:1143" }
+consul { tag = "x" }`, "test.hcl:2: consul: service is required"},
+		{"consul and backends", `listener "imap" { address = "127.0.0.1:1143" }
+backend "b" { address = "127.0.0.1:143" }
+consul { service = "imap" }`, "test.hcl:2: backend: backend blocks and a consul block exclude each other"},
+		{"bad hash key", `listener "imap" { address = "127.0.0.1:1143" }
+backend "b" { address = "127.0.0.1:143" }
+cluster { hash_key = "upper" }`, "test.hcl:3: cluster.hash_key"},
+		{"bad scheme", `listener "imap" { address = "127.0.0.1:1143" }
+consul {
+  service = "imap"
+  scheme = "ftp"
+}`, "test.hcl:4: consul.scheme"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := Parse([]byte(tt.src), "test.hcl")
+			if tt.err == "" {
+				if err != nil {
+					t.Fatalf("Parse: %v", err)
+				}
+				if c.Consul == nil || c.Consul.Service != "imap" || c.Consul.WaitTime != 5*time.Minute {
+					t.Fatalf("Consul = %+v, want service imap with the default wait", c.Consul)
+				}
+				if c.Cluster.HashKey != "lowercase" || c.Cluster.BackendDrain != 30*time.Second {
+					t.Fatalf("Cluster defaults = %+v", c.Cluster)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.err) {
+				t.Fatalf("Parse error = %v, want it to contain %q", err, tt.err)
+			}
+		})
+	}
 }

@@ -22,6 +22,31 @@ type hclFile struct {
 	Cache     *hclCache     `hcl:"cache,block"`
 	Timeouts  *hclTimeouts  `hcl:"timeouts,block"`
 	Limits    *hclLimits    `hcl:"limits,block"`
+	Cluster   *hclCluster   `hcl:"cluster,block"`
+	Consul    *hclConsul    `hcl:"consul,block"`
+}
+
+type hclCluster struct {
+	HashKey      *string `hcl:"hash_key,optional"`
+	BackendDrain *string `hcl:"backend_drain,optional"`
+	DownTime     *string `hcl:"down_time,optional"`
+}
+
+type hclConsul struct {
+	Address            *string `hcl:"address,optional"`
+	Scheme             *string `hcl:"scheme,optional"`
+	Token              *string `hcl:"token,optional"`
+	TokenFile          *string `hcl:"token_file,optional"`
+	Datacenter         *string `hcl:"datacenter,optional"`
+	Namespace          *string `hcl:"namespace,optional"`
+	Partition          *string `hcl:"partition,optional"`
+	CAFile             *string `hcl:"ca_file,optional"`
+	CertFile           *string `hcl:"cert_file,optional"`
+	KeyFile            *string `hcl:"key_file,optional"`
+	InsecureSkipVerify *bool   `hcl:"insecure_skip_verify,optional"`
+	Service            *string `hcl:"service,optional"`
+	Tag                *string `hcl:"tag,optional"`
+	WaitTime           *string `hcl:"wait_time,optional"`
 }
 
 type hclListener struct {
@@ -156,6 +181,32 @@ func (c *Config) apply(f *hclFile, ck *checker) {
 		set(&l.MaxLiteralPreAuth, h.MaxLiteralPreAuth)
 		set(&l.MaxLiteral, h.MaxLiteral)
 		set(&l.MaxBadCommands, h.MaxBadCommands)
+	}
+
+	if h := f.Cluster; h != nil {
+		cl, k := &c.Cluster, top("cluster")
+		set(&cl.HashKey, h.HashKey)
+		ck.duration(k.dot("backend_drain"), &cl.BackendDrain, h.BackendDrain)
+		ck.duration(k.dot("down_time"), &cl.DownTime, h.DownTime)
+	}
+
+	if h := f.Consul; h != nil {
+		cs, k := &Consul{WaitTime: 5 * time.Minute}, top("consul")
+		set(&cs.Address, h.Address)
+		set(&cs.Scheme, h.Scheme)
+		set(&cs.Token, h.Token)
+		set(&cs.TokenFile, h.TokenFile)
+		set(&cs.Datacenter, h.Datacenter)
+		set(&cs.Namespace, h.Namespace)
+		set(&cs.Partition, h.Partition)
+		set(&cs.CAFile, h.CAFile)
+		set(&cs.CertFile, h.CertFile)
+		set(&cs.KeyFile, h.KeyFile)
+		set(&cs.InsecureSkipVerify, h.InsecureSkipVerify)
+		set(&cs.Service, h.Service)
+		set(&cs.Tag, h.Tag)
+		ck.duration(k.dot("wait_time"), &cs.WaitTime, h.WaitTime)
+		c.Consul = cs
 	}
 }
 

@@ -56,6 +56,12 @@ func (c *Config) check(ck *checker) {
 	ck.positive(k.dot("write"), t.Write)
 	ck.positive(k.dot("drain"), t.Drain)
 
+	k = top("cluster")
+	ck.oneOf(k.dot("hash_key"), c.Cluster.HashKey, "lowercase", "exact", "domain")
+	ck.positive(k.dot("backend_drain"), c.Cluster.BackendDrain)
+	ck.positive(k.dot("down_time"), c.Cluster.DownTime)
+	c.checkConsul(ck)
+
 	k = top("limits")
 	ck.atLeast(k.dot("max_line_length"), int64(c.Limits.MaxLineLength), 1024)
 	ck.atLeast(k.dot("max_literal_preauth"), int64(c.Limits.MaxLiteralPreAuth), 1)
@@ -136,9 +142,12 @@ func (c *Config) checkUpstream(ck *checker) {
 }
 
 func (c *Config) checkBackends(ck *checker, addrs map[string]string) {
-	// The one place that demands a static backend; discovery will relax it.
-	if len(c.Backends) == 0 {
-		ck.addf(key{"", "backend"}, "at least one backend block is required")
+	// The one place that decides where the backend set comes from.
+	switch {
+	case c.Consul != nil && len(c.Backends) > 0:
+		ck.addf(key{"backend[0]", "backend"}, "backend blocks and a consul block exclude each other: the backend set comes from one source")
+	case c.Consul == nil && len(c.Backends) == 0:
+		ck.addf(key{"", "backend"}, "at least one backend block (or a consul block) is required")
 	}
 	names := map[string]bool{}
 	for i, b := range c.Backends {
@@ -152,6 +161,32 @@ func (c *Config) checkBackends(ck *checker, addrs map[string]string) {
 		if b.TLS != "" {
 			ck.oneOf(k.dot("tls"), b.TLS, tlsModes...)
 		}
+	}
+}
+
+func (c *Config) checkConsul(ck *checker) {
+	cs := c.Consul
+	if cs == nil {
+		return
+	}
+	k := top("consul")
+	if cs.Service == "" {
+		ck.addf(k, "service is required")
+	}
+	if cs.Scheme != "" {
+		ck.oneOf(k.dot("scheme"), cs.Scheme, "http", "https")
+	}
+	ck.positive(k.dot("wait_time"), cs.WaitTime)
+	for _, f := range []struct{ attr, path string }{{"ca_file", cs.CAFile}, {"cert_file", cs.CertFile}, {"key_file", cs.KeyFile}, {"token_file", cs.TokenFile}} {
+		if f.path == "" {
+			continue
+		}
+		if _, err := os.Stat(f.path); err != nil {
+			ck.addf(k.dot(f.attr), "%v", err)
+		}
+	}
+	if (cs.CertFile == "") != (cs.KeyFile == "") {
+		ck.addf(k.dot("cert_file"), "cert_file and key_file must be set together")
 	}
 }
 

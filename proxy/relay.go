@@ -34,13 +34,14 @@ type pending struct {
 // responses back. Both keep just enough state to know, at logout, whether
 // the backend connection is back where a fresh login would leave it.
 type relay struct {
-	sess   *session
-	up     *upstream
-	table  *pool.Table
-	user   string
-	digest pool.Digest
-	born   time.Time
-	log    hclog.Logger
+	sess    *session
+	up      *upstream
+	backend Backend
+	table   *pool.Table
+	user    string
+	digest  pool.Digest
+	born    time.Time
+	log     hclog.Logger
 
 	mu       sync.Mutex // guards the fields below
 	inflight []pending
@@ -57,9 +58,9 @@ type relay struct {
 	pumpErr  error
 }
 
-func (sess *session) newRelay(up *upstream, t *pool.Table, user string, d pool.Digest, born time.Time, log hclog.Logger) *relay {
+func (sess *session) newRelay(up *upstream, b Backend, t *pool.Table, user string, d pool.Digest, born time.Time, log hclog.Logger) *relay {
 	return &relay{
-		sess: sess, up: up, table: t, user: user, digest: d, born: born,
+		sess: sess, up: up, backend: b, table: t, user: user, digest: d, born: born,
 		log:      log,
 		litCh:    make(chan bool, 1),
 		quiet:    make(chan struct{}, 1),
@@ -611,7 +612,10 @@ func (rl *relay) pump() {
 	rl.pumpErr = err
 	stopping := rl.stopping
 	rl.mu.Unlock()
-	if err != nil && !stopping {
+	rl.mu.Lock()
+	evicted := rl.dirty == "evicted"
+	rl.mu.Unlock()
+	if err != nil && !stopping && !evicted {
 		if errors.Is(err, errClientGone) {
 			rl.log.Debug("client connection lost", "error", err)
 		} else {

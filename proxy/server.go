@@ -47,6 +47,15 @@ type Options struct {
 	WriteTimeout    time.Duration // one write to the client (60s)
 	LogoutWait      time.Duration // wait for outstanding commands at LOGOUT (30s)
 
+	// HashKey says what of the username is hashed onto a backend.
+	HashKey balancer.KeyMode
+	// BackendDrain is how long sessions on a backend that left the set may
+	// go on before they get BYE (30s).
+	BackendDrain time.Duration
+	// DownTime is how long a backend that failed a dial or refused a
+	// login as unavailable is skipped (10s).
+	DownTime time.Duration
+
 	MaxLineLength     int   // 64 KiB
 	MaxLiteralPreAuth int   // 8 KiB
 	MaxLiteral        int64 // 64 MiB, after login
@@ -66,6 +75,8 @@ func (o *Options) literalTimeout() time.Duration  { return orDur(o.LiteralTimeou
 func (o *Options) writeTimeout() time.Duration    { return orDur(o.WriteTimeout, 60*time.Second) }
 func (o *Options) logoutWait() time.Duration      { return orDur(o.LogoutWait, 30*time.Second) }
 func (o *Options) maxLine() int                   { return orInt(o.MaxLineLength, 64*1024) }
+func (o *Options) backendDrain() time.Duration    { return orDur(o.BackendDrain, 30*time.Second) }
+func (o *Options) downTime() time.Duration        { return orDur(o.DownTime, 10*time.Second) }
 func (o *Options) maxLiteralPreAuth() int         { return orInt(o.MaxLiteralPreAuth, 8*1024) }
 func (o *Options) maxBad() int                    { return orInt(o.MaxBadCommands, 3) }
 func (o *Options) maxLiteral() int64 {
@@ -84,9 +95,19 @@ func orInt(n, def int) int {
 
 // backendSet is the current set of backends and its ring, swapped as one.
 type backendSet struct {
-	ring *balancer.Ring
-	byID map[string]Backend
+	ring   *balancer.Ring
+	byID   map[string]Backend
+	health map[string]*health
 }
+
+// health is this proxy's own view of a backend, from failed dials and
+// logins. Consul (or the file) decides the set; this only reorders
+// failover for a short while. Read and written without a lock.
+type health struct {
+	downUntil atomic.Int64 // unix nanoseconds
+}
+
+func (h *health) down(now time.Time) bool { return now.UnixNano() < h.downUntil.Load() }
 
 // Server accepts IMAP clients and proxies them.
 type Server struct {
@@ -101,7 +122,10 @@ type Server struct {
 
 	nextID atomic.Uint64
 
+	setMu sync.Mutex // serialises SetBackends
+
 	mu        sync.Mutex
+	drains    map[*time.Timer]struct{}
 	listeners map[net.Listener]struct{}
 	sessions  map[*session]struct{}
 	shutdown  bool
@@ -110,7 +134,12 @@ type Server struct {
 
 // New returns a Server.
 func New(opts Options) *Server {
-	s := &Server{opts: opts, listeners: map[net.Listener]struct{}{}, sessions: map[*session]struct{}{}}
+	s := &Server{
+		opts:      opts,
+		listeners: map[net.Listener]struct{}{},
+		sessions:  map[*session]struct{}{},
+		drains:    map[*time.Timer]struct{}{},
+	}
 	s.log = opts.Logger
 	if s.log == nil {
 		s.log = hclog.NewNullLogger()
@@ -126,27 +155,91 @@ func New(opts Options) *Server {
 	if _, err := rand.Read(s.key[:]); err != nil {
 		panic("proxy: no randomness for the credential key: " + err.Error())
 	}
-	s.backends.Store(&backendSet{ring: balancer.New(nil, balancer.Options{}), byID: map[string]Backend{}})
+	s.backends.Store(&backendSet{
+		ring:   balancer.New(nil, balancer.Options{Key: opts.HashKey}),
+		byID:   map[string]Backend{},
+		health: map[string]*health{},
+	})
 	return s
 }
 
 // SetBackends replaces the backend set. Cached connections of backends
-// that left it are closed at once.
+// that left it (or whose address or TLS mode changed) are closed at once;
+// sessions still using them get BackendDrain to finish, then BYE.
 func (s *Server) SetBackends(bs []Backend) {
-	byID := make(map[string]Backend, len(bs))
+	s.setMu.Lock()
+	defer s.setMu.Unlock()
+	old := s.backends.Load()
+	next := &backendSet{byID: make(map[string]Backend, len(bs)), health: make(map[string]*health, len(bs))}
 	rb := make([]balancer.Backend, 0, len(bs))
 	for _, b := range bs {
-		if _, dup := byID[b.ID]; dup {
+		if _, dup := next.byID[b.ID]; dup {
 			continue
 		}
-		byID[b.ID] = b
+		next.byID[b.ID] = b
+		if ob, ok := old.byID[b.ID]; ok && ob == b {
+			next.health[b.ID] = old.health[b.ID]
+		} else {
+			next.health[b.ID] = &health{}
+		}
 		rb = append(rb, balancer.Backend{ID: b.ID, Addr: b.Addr, Weight: b.Weight})
 	}
-	old := s.backends.Swap(&backendSet{ring: balancer.New(rb, balancer.Options{}), byID: byID})
+	next.ring = balancer.New(rb, balancer.Options{Key: s.opts.HashKey})
+	s.backends.Store(next)
+	var gone []string
 	for id, ob := range old.byID {
-		if nb, ok := byID[id]; !ok || nb != ob {
-			s.pool.RemoveTable(id)
+		if nb, ok := next.byID[id]; !ok || nb != ob {
+			gone = append(gone, id)
 		}
+	}
+	for _, id := range gone {
+		s.log.Info("backend left the set; closing its cached connections", "backend", id, "drain", s.opts.backendDrain())
+		s.pool.RemoveTable(id)
+		s.scheduleDrain(old.byID[id])
+	}
+	if len(gone) > 0 || len(next.byID) != len(old.byID) {
+		s.log.Info("backend set changed", "backends", len(next.byID), "removed", len(gone))
+	}
+}
+
+// scheduleDrain ends, after BackendDrain, the sessions still relaying to
+// a backend that left the set, unless it is back by then.
+func (s *Server) scheduleDrain(b Backend) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.shutdown {
+		return
+	}
+	var t *time.Timer
+	t = time.AfterFunc(s.opts.backendDrain(), func() {
+		s.mu.Lock()
+		delete(s.drains, t)
+		if cur, ok := s.backends.Load().byID[b.ID]; ok && cur == b {
+			s.mu.Unlock()
+			return
+		}
+		var victims []*session
+		for sess := range s.sessions {
+			if rl := sess.rl.Load(); rl != nil && rl.backend == b {
+				victims = append(victims, sess)
+			}
+		}
+		s.mu.Unlock()
+		if len(victims) > 0 {
+			s.log.Info("ending sessions on a drained backend", "backend", b.ID, "sessions", len(victims))
+		}
+		for _, sess := range victims {
+			sess.evict("* BYE [UNAVAILABLE] IMAP server taken out of service, please reconnect")
+		}
+	})
+	s.drains[t] = struct{}{}
+}
+
+// markDown makes this proxy skip a backend for DownTime.
+func (s *Server) markDown(id string, why error) {
+	if h := s.backends.Load().health[id]; h != nil {
+		h.downUntil.Store(time.Now().Add(s.opts.downTime()).UnixNano())
+		s.log.Warn("backend marked down", "backend", id, "for", s.opts.downTime(), "error", why)
 	}
 }
 
@@ -283,6 +376,7 @@ func (s *Server) endSession(sess *session) {
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	s.shutdown = true
+	s.stopDrainsLocked()
 	for l := range s.listeners {
 		l.Close()
 	}
@@ -312,6 +406,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 func (s *Server) Close() {
 	s.mu.Lock()
 	s.shutdown = true
+	s.stopDrainsLocked()
 	for l := range s.listeners {
 		l.Close()
 	}
@@ -319,4 +414,11 @@ func (s *Server) Close() {
 		sess.kill()
 	}
 	s.mu.Unlock()
+}
+
+func (s *Server) stopDrainsLocked() {
+	for t := range s.drains {
+		t.Stop()
+		delete(s.drains, t)
+	}
 }

@@ -511,17 +511,33 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	if len(cr.authzid) > 0 {
 		cacheKey = string(cr.authzid) + "\x00" + user
 	}
-	var lastErr error
+	// Backends this proxy saw fail lately go last; if all did, all are
+	// tried anyway, in the user's order.
+	now := time.Now()
+	usable := make([]balancer.Backend, 0, len(candidates))
 	for _, c := range candidates {
+		if h := set.health[c.ID]; h == nil || !h.down(now) {
+			usable = append(usable, c)
+		}
+	}
+	if len(usable) == 0 {
+		usable = candidates
+	}
+	var lastErr error
+	var refusal *loginResult
+	for i, c := range usable {
 		b := set.byID[c.ID]
 		table := srv.pool.Table(b.ID)
 		blog := log.With("backend", b.ID)
+		if i > 0 {
+			blog.Info("failing over to the next backend", "preferred", usable[0].ID)
+		}
 		if pc, born, ok := table.Get(ctx, cacheKey, digest); ok {
 			up := pc.(*upstream)
 			blog.Info("login", "reused", true)
 			sess.writef("* OK [XPROXYREUSE] IMAP connection reused by imapproxy\r\n%s OK [CAPABILITY %s] Logged in\r\n",
 				tag, postLoginCaps(up.postCaps))
-			return sess.newRelay(up, table, cacheKey, digest, born, blog), nil
+			return sess.newRelay(up, b, table, cacheKey, digest, born, blog), nil
 		}
 		if err := srv.pool.Reserve(); err != nil {
 			blog.Warn("login failed: connection limit reached", "error", err)
@@ -531,7 +547,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 		up, err := srv.dialer.dial(ctx, b)
 		if err != nil {
 			srv.pool.Release()
-			blog.Warn("backend dial failed", "error", err)
+			srv.markDown(b.ID, fmt.Errorf("dial: %w", err))
 			lastErr = err
 			continue
 		}
@@ -545,29 +561,43 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 		if err != nil {
 			up.abort()
 			srv.pool.Release()
-			blog.Warn("backend login failed", "error", err)
+			srv.markDown(b.ID, fmt.Errorf("login: %w", err))
 			lastErr = err
 			continue
 		}
 		if !res.ok {
+			table.Discard(up)
+			if bytes.Contains(bytes.ToUpper(res.text), []byte("[UNAVAILABLE]")) {
+				// The server, not the user, is in trouble.
+				srv.markDown(b.ID, fmt.Errorf("login refused: %s", sanitizeText(res.text)))
+				refusal = &res
+				continue
+			}
 			// The backend's answer stands: a wrong password is the
 			// client's to know, and caches nothing and evicts nothing.
-			table.Discard(up)
 			blog.Info("login refused by backend", "status", res.status)
-			st := res.status
-			if st != "BAD" {
-				st = "NO"
-			}
-			sess.writef("%s %s %s\r\n", tag, st, sanitizeText(res.text))
+			sess.writef("%s %s %s\r\n", tag, clientStatus(res.status), sanitizeText(res.text))
 			return nil, nil
 		}
 		blog.Info("login", "reused", false)
 		sess.writef("%s OK [CAPABILITY %s] Logged in\r\n", tag, postLoginCaps(up.postCaps))
-		return sess.newRelay(up, table, cacheKey, digest, up.born, blog), nil
+		return sess.newRelay(up, b, table, cacheKey, digest, up.born, blog), nil
+	}
+	if refusal != nil {
+		log.Warn("login failed: every backend refused as unavailable")
+		sess.writef("%s %s %s\r\n", tag, clientStatus(refusal.status), sanitizeText(refusal.text))
+		return nil, nil
 	}
 	log.Warn("login failed: no backend reachable", "error", lastErr)
 	sess.writef("%s NO [UNAVAILABLE] IMAP server unreachable, try again later\r\n", tag)
 	return nil, nil
+}
+
+func clientStatus(st string) string {
+	if st == "BAD" {
+		return "BAD"
+	}
+	return "NO"
 }
 
 // sanitizeText makes a backend's response text safe to pass on: one line,
@@ -598,6 +628,19 @@ func (sess *session) drain() {
 	}
 	// Before login: wake the reader; it answers with BYE.
 	sess.conn.SetReadDeadline(time.Now())
+}
+
+// evict ends a logged-in session now with a BYE of the proxy's own: its
+// backend left the set, or an operator asked.
+func (sess *session) evict(msg string) {
+	rl := sess.rl.Load()
+	if rl == nil {
+		return
+	}
+	rl.setDirty("evicted")
+	rl.say(msg)
+	sess.conn.Close()
+	rl.up.abort()
 }
 
 // kill ends the session at once: both connections are closed under the
