@@ -1,0 +1,182 @@
+package proxy
+
+import (
+	"context"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/imapproxy/imapproxy/pool"
+)
+
+// startClusterProxy runs a Server in front of several scripted backends,
+// named b0, b1, ... in order. It does not probe capabilities, so that a
+// dead backend in the set does not matter.
+func startClusterProxy(t *testing.T, addrs []string, mod func(*Options)) *testProxy {
+	t.Helper()
+	logs := &syncBuffer{}
+	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Trace, Output: logs})
+	opts := Options{
+		Logger: log,
+		Pool:   pool.New(pool.Options{Logger: log}),
+		Dialer: &Dialer{CheckTimeout: 2 * time.Second, Timeout: time.Second},
+	}
+	if mod != nil {
+		mod(&opts)
+	}
+	srv := New(opts)
+	var bs []Backend
+	for i, a := range addrs {
+		bs = append(bs, Backend{ID: "b" + string(rune('0'+i)), Addr: a, Weight: 1})
+	}
+	srv.SetBackends(bs)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ln, TLSNone) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(ctx)
+		<-done
+		if t.Failed() {
+			t.Logf("proxy log:\n%s", logs.String())
+		}
+	})
+	return &testProxy{srv: srv, addr: ln.Addr().String(), logs: logs}
+}
+
+// userOn returns a user name whose preferred backend is id.
+func (p *testProxy) userOn(t *testing.T, id string) string {
+	t.Helper()
+	ring := p.srv.backends.Load().ring
+	for i := 0; i < 1000; i++ {
+		u := "user" + string(rune('a'+i%26)) + strings.Repeat("x", i/26)
+		if b, ok := ring.Pick(u); ok && b.ID == id {
+			return u
+		}
+	}
+	t.Fatalf("no user maps to %s", id)
+	return ""
+}
+
+// deadAddr is a 127.0.0.1 address that refuses connections.
+func deadAddr(t *testing.T) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := ln.Addr().String()
+	ln.Close()
+	return a
+}
+
+func TestFailoverOnDialFailure(t *testing.T) {
+	live := newFakeBackend(t)
+	p := startClusterProxy(t, []string{deadAddr(t), live.addr()}, nil)
+	user := p.userOn(t, "b0")
+
+	for i := 0; i < 3; i++ {
+		c := dialClient(t, p.addr)
+		c.mustLogin(user, "secret")
+		c.logout()
+		p.waitCached(t, 1)
+	}
+	if n := live.logins.Load(); n != 1 {
+		t.Errorf("logins on the fallback = %d, want 1 (then reuse)", n)
+	}
+	// Marked down once: later logins go straight to the fallback.
+	if n := strings.Count(p.logs.String(), "backend marked down"); n != 1 {
+		t.Errorf("backend marked down %d times, want 1", n)
+	}
+	if !strings.Contains(p.logs.String(), "failing over to the next backend") {
+		t.Error("no failover logged")
+	}
+}
+
+func TestFailoverOnUnavailable(t *testing.T) {
+	sick, healthy := newFakeBackend(t), newFakeBackend(t)
+	sick.hook = func(c *fakeConn, tag, cmd, line string) bool {
+		if cmd != "AUTHENTICATE" {
+			return false
+		}
+		c.write(tag + " NO [UNAVAILABLE] Temporary authentication failure.\r\n")
+		return true
+	}
+	p := startClusterProxy(t, []string{sick.addr(), healthy.addr()}, nil)
+	c := dialClient(t, p.addr)
+	c.mustLogin(p.userOn(t, "b0"), "secret")
+	if healthy.logins.Load() != 1 {
+		t.Fatalf("the login did not fail over")
+	}
+}
+
+func TestWrongPasswordDoesNotFailOver(t *testing.T) {
+	a, b := newFakeBackend(t), newFakeBackend(t)
+	p := startClusterProxy(t, []string{a.addr(), b.addr()}, nil)
+	c := dialClient(t, p.addr)
+	res := c.login(p.userOn(t, "b0"), "wrong")
+	if !strings.Contains(res.Tagged, "[AUTHENTICATIONFAILED]") {
+		t.Fatalf("got %q", res.Tagged)
+	}
+	if strings.Contains(p.logs.String(), "marked down") {
+		t.Error("a wrong password marked the backend down")
+	}
+	b.mu.Lock()
+	n := len(b.conns)
+	b.mu.Unlock()
+	if n != 0 {
+		t.Errorf("the other backend got %d connections for a wrong password", n)
+	}
+}
+
+// TestBackendLeavesSet: its cached connections are logged out at once;
+// a session on it gets BYE after the drain time; its users' next logins go
+// to their next backend; when it comes back they return to it.
+func TestBackendLeavesSet(t *testing.T) {
+	a, b := newFakeBackend(t), newFakeBackend(t)
+	p := startClusterProxy(t, []string{a.addr(), b.addr()}, func(o *Options) { o.BackendDrain = 50 * time.Millisecond })
+	set := []Backend{{ID: "b0", Addr: a.addr(), Weight: 1}, {ID: "b1", Addr: b.addr(), Weight: 1}}
+	cachedUser := p.userOn(t, "b0")
+
+	// One session stays logged in; a second one of the same user leaves
+	// its connection cached.
+	active := dialClient(t, p.addr)
+	active.mustLogin(cachedUser, "secret")
+	c := dialClient(t, p.addr)
+	c.mustLogin(cachedUser, "secret")
+	c.logout()
+	p.waitCached(t, 1)
+
+	p.srv.SetBackends(set[1:])
+	if a.logouts.Load() != 1 {
+		t.Errorf("cached connection not logged out when its backend left (logouts %d)", a.logouts.Load())
+	}
+	if got := active.readLine(); !strings.HasPrefix(got, "* BYE [UNAVAILABLE]") {
+		t.Fatalf("active session got %q, want a BYE after the drain", got)
+	}
+
+	c = dialClient(t, p.addr)
+	if res := c.mustLogin(cachedUser, "secret"); res.has("XPROXYREUSE") {
+		t.Fatal("reused a connection of a backend that left")
+	}
+	c.logout()
+	if b.logins.Load() != 1 {
+		t.Fatalf("logins on the next backend = %d, want 1", b.logins.Load())
+	}
+
+	p.srv.SetBackends(set)
+	before := a.logins.Load()
+	c = dialClient(t, p.addr)
+	if res := c.mustLogin(cachedUser, "secret"); res.has("XPROXYREUSE") {
+		t.Fatal("reused the fallback's connection after the preferred backend came back")
+	}
+	if a.logins.Load() != before+1 {
+		t.Fatalf("user did not move back to its backend")
+	}
+}
