@@ -28,6 +28,7 @@ type Config struct {
 	Limits    Limits
 	Cluster   Cluster
 	Consul    *Consul // nil: the static backend blocks are the backend set
+	Admin     Admin
 
 	// pos maps keys such as "cache.expiration" or "listener[0].address" to
 	// where they were written; nil for a Config built in code.
@@ -107,6 +108,11 @@ type Cluster struct {
 	HashKey      string        // lowercase|exact|domain: what of the username is hashed
 	BackendDrain time.Duration // sessions on a backend that left are ended after this
 	DownTime     time.Duration // a backend that failed a dial or login is skipped this long
+}
+
+// Admin is the HTTP listener for metrics, health and the admin API.
+type Admin struct {
+	Address string // host:port; "" disables it
 }
 
 // Consul makes a Consul service the backend set.
@@ -200,6 +206,7 @@ func defaults() *Config {
 			MaxLiteral:        64 << 20,
 			MaxBadCommands:    3,
 		},
+		Admin: Admin{Address: "127.0.0.1:9143"},
 		Cluster: Cluster{
 			HashKey:      "lowercase",
 			BackendDrain: 30 * time.Second,

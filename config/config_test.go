@@ -51,6 +51,7 @@ func TestParseDefaults(t *testing.T) {
 		},
 		Limits:  Limits{MaxLineLength: 65536, MaxLiteralPreAuth: 8192, MaxLiteral: 64 << 20, MaxBadCommands: 3},
 		Cluster: Cluster{HashKey: "lowercase", BackendDrain: 30 * time.Second, DownTime: 10 * time.Second},
+		Admin:   Admin{Address: "127.0.0.1:9143"},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("Parse(minimal) =\n%+v\nwant\n%+v", got, want)

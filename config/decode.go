@@ -24,6 +24,11 @@ type hclFile struct {
 	Limits    *hclLimits    `hcl:"limits,block"`
 	Cluster   *hclCluster   `hcl:"cluster,block"`
 	Consul    *hclConsul    `hcl:"consul,block"`
+	Admin     *hclAdmin     `hcl:"admin,block"`
+}
+
+type hclAdmin struct {
+	Address *string `hcl:"address,optional"`
 }
 
 type hclCluster struct {
@@ -188,6 +193,10 @@ func (c *Config) apply(f *hclFile, ck *checker) {
 		set(&cl.HashKey, h.HashKey)
 		ck.duration(k.dot("backend_drain"), &cl.BackendDrain, h.BackendDrain)
 		ck.duration(k.dot("down_time"), &cl.DownTime, h.DownTime)
+	}
+
+	if h := f.Admin; h != nil {
+		set(&c.Admin.Address, h.Address)
 	}
 
 	if h := f.Consul; h != nil {

@@ -61,6 +61,9 @@ func (c *Config) check(ck *checker) {
 	ck.positive(k.dot("backend_drain"), c.Cluster.BackendDrain)
 	ck.positive(k.dot("down_time"), c.Cluster.DownTime)
 	c.checkConsul(ck)
+	if c.Admin.Address != "" {
+		ck.address(top("admin").dot("address"), c.Admin.Address, addrs, false)
+	}
 
 	k = top("limits")
 	ck.atLeast(k.dot("max_line_length"), int64(c.Limits.MaxLineLength), 1024)

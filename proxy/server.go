@@ -121,6 +121,7 @@ type Server struct {
 	preCaps  atomic.Pointer[[]string] // latest backend pre-login capabilities
 
 	nextID atomic.Uint64
+	stats  counters
 
 	setMu sync.Mutex // serialises SetBackends
 
@@ -228,6 +229,7 @@ func (s *Server) scheduleDrain(b Backend) {
 		if len(victims) > 0 {
 			s.log.Info("ending sessions on a drained backend", "backend", b.ID, "sessions", len(victims))
 		}
+		s.stats.drained.Add(uint64(len(victims)))
 		for _, sess := range victims {
 			sess.evict("* BYE [UNAVAILABLE] IMAP server taken out of service, please reconnect")
 		}
@@ -239,8 +241,52 @@ func (s *Server) scheduleDrain(b Backend) {
 func (s *Server) markDown(id string, why error) {
 	if h := s.backends.Load().health[id]; h != nil {
 		h.downUntil.Store(time.Now().Add(s.opts.downTime()).UnixNano())
+		s.stats.down.Add(1)
 		s.log.Warn("backend marked down", "backend", id, "for", s.opts.downTime(), "error", why)
 	}
+}
+
+// Stats are the server's cumulative counters and gauges.
+type Stats struct {
+	Sessions        int    // client connections open now
+	LoginsFresh     uint64 // client logins on a new backend connection
+	LoginsReused    uint64 // client logins on a cached connection
+	LoginsRefused   uint64 // refused by the backend (wrong password and the like)
+	LoginsFailed    uint64 // no backend could take the login
+	Failovers       uint64 // logins that went past the user's first backend
+	BackendsDown    uint64 // times a backend was marked down by this proxy
+	BackendsDrained uint64 // sessions ended because their backend left
+}
+
+type counters struct {
+	fresh, reused, refused, failed, failovers, down, drained atomic.Uint64
+}
+
+// Stats returns the server's counters.
+func (s *Server) Stats() Stats {
+	s.mu.Lock()
+	n := len(s.sessions)
+	s.mu.Unlock()
+	return Stats{
+		Sessions:        n,
+		LoginsFresh:     s.stats.fresh.Load(),
+		LoginsReused:    s.stats.reused.Load(),
+		LoginsRefused:   s.stats.refused.Load(),
+		LoginsFailed:    s.stats.failed.Load(),
+		Failovers:       s.stats.failovers.Load(),
+		BackendsDown:    s.stats.down.Load(),
+		BackendsDrained: s.stats.drained.Load(),
+	}
+}
+
+// Backends returns the current backend set, sorted by ID.
+func (s *Server) Backends() []Backend {
+	set := s.backends.Load()
+	out := make([]Backend, 0, len(set.byID))
+	for _, b := range set.ring.Backends() {
+		out = append(out, set.byID[b.ID])
+	}
+	return out
 }
 
 // Pool returns the server's connection pool.

@@ -501,6 +501,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	var order [8]balancer.Backend
 	candidates := set.ring.Order(pinUser, order[:0])
 	if len(candidates) == 0 {
+		srv.stats.failed.Add(1)
 		log.Warn("login failed: no backend available")
 		sess.writef("%s NO [UNAVAILABLE] No IMAP server available, try again later\r\n", tag)
 		return nil, nil
@@ -525,15 +526,17 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	}
 	var lastErr error
 	var refusal *loginResult
-	for i, c := range usable {
+	for _, c := range usable {
 		b := set.byID[c.ID]
 		table := srv.pool.Table(b.ID)
 		blog := log.With("backend", b.ID)
-		if i > 0 {
-			blog.Info("failing over to the next backend", "preferred", usable[0].ID)
+		if c.ID != candidates[0].ID {
+			srv.stats.failovers.Add(1)
+			blog.Info("failing over to the next backend", "preferred", candidates[0].ID)
 		}
 		if pc, born, ok := table.Get(ctx, cacheKey, digest); ok {
 			up := pc.(*upstream)
+			srv.stats.reused.Add(1)
 			blog.Info("login", "reused", true)
 			sess.writef("* OK [XPROXYREUSE] IMAP connection reused by imapproxy\r\n%s OK [CAPABILITY %s] Logged in\r\n",
 				tag, postLoginCaps(up.postCaps))
@@ -575,14 +578,17 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			}
 			// The backend's answer stands: a wrong password is the
 			// client's to know, and caches nothing and evicts nothing.
+			srv.stats.refused.Add(1)
 			blog.Info("login refused by backend", "status", res.status)
 			sess.writef("%s %s %s\r\n", tag, clientStatus(res.status), sanitizeText(res.text))
 			return nil, nil
 		}
+		srv.stats.fresh.Add(1)
 		blog.Info("login", "reused", false)
 		sess.writef("%s OK [CAPABILITY %s] Logged in\r\n", tag, postLoginCaps(up.postCaps))
 		return sess.newRelay(up, b, table, cacheKey, digest, up.born, blog), nil
 	}
+	srv.stats.failed.Add(1)
 	if refusal != nil {
 		log.Warn("login failed: every backend refused as unavailable")
 		sess.writef("%s %s %s\r\n", tag, clientStatus(refusal.status), sanitizeText(refusal.text))

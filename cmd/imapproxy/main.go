@@ -12,15 +12,20 @@ import (
 	"flag"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/imapproxy/imapproxy/config"
+	"github.com/imapproxy/imapproxy/discovery"
 	"github.com/imapproxy/imapproxy/pool"
 	"github.com/imapproxy/imapproxy/proxy"
 )
@@ -82,7 +87,6 @@ func run(cfg *config.Config) error {
 		return err
 	}
 	srv := proxy.New(opts)
-	srv.SetBackends(staticBackends(cfg))
 
 	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
@@ -90,8 +94,56 @@ func run(cfg *config.Config) error {
 	wg.Add(1)
 	go func() { defer wg.Done(); srv.Pool().Run(ctx) }()
 
+	src, status, err := newSource(cfg, log)
+	if err != nil {
+		return err
+	}
+	first := make(chan struct{})
+	var once sync.Once
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		err := src.Run(ctx, func(bs []discovery.Backend) {
+			srv.SetBackends(toProxy(bs))
+			once.Do(func() { close(first) })
+		})
+		if err != nil {
+			log.Error("backend discovery stopped", "error", err)
+		}
+	}()
+	// Wait a little for the first backend set, so that the first logins
+	// after a restart do not fail for want of one; without it the proxy
+	// still starts and answers NO [UNAVAILABLE] until a set arrives.
+	waitFirst := time.NewTimer(10 * time.Second)
+	select {
+	case <-first:
+	case <-waitFirst.C:
+		log.Warn("no backend set yet; logins fail with UNAVAILABLE until discovery delivers one")
+	}
+	waitFirst.Stop()
+
 	if err := srv.ProbeCapabilities(ctx); err != nil {
 		log.Warn("could not read backend capabilities; greeting uses defaults until a login succeeds", "error", err)
+	}
+
+	reg := prometheus.NewRegistry()
+	registerMetrics(reg, srv, status)
+	var listening atomic.Bool
+	var admin *http.Server
+	if cfg.Admin.Address != "" {
+		ln, err := net.Listen("tcp", cfg.Admin.Address)
+		if err != nil {
+			return fmt.Errorf("admin listener: %w", err)
+		}
+		admin = &http.Server{Handler: adminHandler(reg, srv, &listening), ReadHeaderTimeout: 10 * time.Second}
+		log.Info("admin listening", "address", ln.Addr().String())
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := admin.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("admin listener failed", "error", err)
+			}
+		}()
 	}
 
 	errc := make(chan error, len(cfg.Listeners))
@@ -111,6 +163,7 @@ func run(cfg *config.Config) error {
 		}(l)
 	}
 
+	listening.Store(true)
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	var runErr error
@@ -129,10 +182,14 @@ loop:
 			break loop
 		}
 	}
+	listening.Store(false)
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.Timeouts.Drain)
 	defer cancel()
 	if err := srv.Shutdown(sctx); err != nil {
 		log.Warn("drain deadline passed; remaining sessions were closed", "error", err)
+	}
+	if admin != nil {
+		admin.Shutdown(sctx)
 	}
 	stop()
 	wg.Wait()
@@ -145,14 +202,6 @@ loop:
 // bursts of webmail logins.
 func listen(addr string) (net.Listener, error) {
 	return net.Listen("tcp", addr)
-}
-
-func staticBackends(cfg *config.Config) []proxy.Backend {
-	bs := make([]proxy.Backend, 0, len(cfg.Backends))
-	for _, b := range cfg.Backends {
-		bs = append(bs, proxy.Backend{ID: b.Name, Addr: b.Address, Weight: b.Weight, TLS: b.TLS})
-	}
-	return bs
 }
 
 func serverOptions(cfg *config.Config, log hclog.Logger) (proxy.Options, error) {
@@ -197,6 +246,9 @@ func serverOptions(cfg *config.Config, log hclog.Logger) (proxy.Options, error) 
 			CheckTimeout: t.Check,
 		},
 		TLSConfig:          clientTLS,
+		HashKey:            hashKey(cfg.Cluster.HashKey),
+		BackendDrain:       cfg.Cluster.BackendDrain,
+		DownTime:           cfg.Cluster.DownTime,
 		RequireTLSForLogin: cfg.ClientTLS.RequireTLSForLogin,
 		PreAuthTimeout:     t.PreAuth,
 		AuthIdleTimeout:    t.AuthIdle,

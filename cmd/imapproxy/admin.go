@@ -1,0 +1,92 @@
+package main
+
+import (
+	"net/http"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/imapproxy/imapproxy/proxy"
+)
+
+// registerMetrics exposes the proxy's, the pool's and discovery's state.
+// Everything is read at scrape time from counters the packages keep anyway;
+// no metric has a user label.
+func registerMetrics(reg *prometheus.Registry, srv *proxy.Server, status func() sourceStatus) {
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	counter := func(name, help string, f func() uint64) {
+		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "imapproxy", Name: name, Help: help},
+			func() float64 { return float64(f()) }))
+	}
+	gauge := func(name, help string, f func() float64) {
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "imapproxy", Name: name, Help: help}, f))
+	}
+	st := srv.Stats
+	ps := srv.Pool().Stats
+
+	gauge("sessions", "Client connections open.", func() float64 { return float64(st().Sessions) })
+	counter("client_logins_fresh_total", "Client logins served by a new backend connection.", func() uint64 { return st().LoginsFresh })
+	counter("client_logins_reused_total", "Client logins served by a cached backend connection.", func() uint64 { return st().LoginsReused })
+	counter("client_logins_refused_total", "Client logins refused by the backend (wrong password and the like).", func() uint64 { return st().LoginsRefused })
+	counter("client_logins_failed_total", "Client logins no backend could take.", func() uint64 { return st().LoginsFailed })
+	counter("failovers_total", "Logins served by a backend other than the user's first.", func() uint64 { return st().Failovers })
+	counter("backends_marked_down_total", "Times this proxy marked a backend down after a failed dial or login.", func() uint64 { return st().BackendsDown })
+	counter("sessions_drained_total", "Sessions ended because their backend left the set.", func() uint64 { return st().BackendsDrained })
+
+	gauge("upstream_connections", "Backend connections open, active and cached.", func() float64 { return float64(ps().Open) })
+	gauge("cached_connections", "Backend connections cached for reuse.", func() float64 { return float64(ps().Cached) })
+	counter("cache_hits_total", "Cached connections handed to a login.", func() uint64 { return ps().Hits })
+	counter("cache_misses_total", "Logins that found no reusable cached connection.", func() uint64 { return ps().Misses })
+	closed := prometheus.NewDesc("imapproxy_cache_closed_total", "Cached connections closed, by cause.", []string{"cause"}, nil)
+	reg.MustRegister(collectorFunc{desc: closed, collect: func(ch chan<- prometheus.Metric) {
+		s := ps()
+		for cause, n := range map[string]uint64{
+			"expired": s.ClosedExpired, "max_age": s.ClosedMaxAge, "dead": s.ClosedDead,
+			"user_limit": s.ClosedUserLimit, "full": s.ClosedFull, "backend_gone": s.ClosedBackendGone,
+		} {
+			ch <- prometheus.MustNewConstMetric(closed, prometheus.CounterValue, float64(n), cause)
+		}
+	}})
+
+	gauge("discovery_up", "1 if the last backend discovery query succeeded.", func() float64 {
+		if status().Healthy {
+			return 1
+		}
+		return 0
+	})
+	gauge("discovery_last_success_age_seconds", "Seconds since backend discovery last succeeded.", func() float64 {
+		return time.Since(status().LastSuccess).Seconds()
+	})
+	gauge("backends", "Backends in the current set.", func() float64 { return float64(len(srv.Backends())) })
+}
+
+type collectorFunc struct {
+	desc    *prometheus.Desc
+	collect func(chan<- prometheus.Metric)
+}
+
+func (c collectorFunc) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+func (c collectorFunc) Collect(ch chan<- prometheus.Metric) { c.collect(ch) }
+
+// adminHandler serves /metrics, /healthz and /readyz.
+func adminHandler(reg *prometheus.Registry, srv *proxy.Server, listening *atomic.Bool) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case !listening.Load():
+			http.Error(w, "listeners not open", http.StatusServiceUnavailable)
+		case len(srv.Backends()) == 0:
+			http.Error(w, "no backends", http.StatusServiceUnavailable)
+		default:
+			w.Write([]byte("ready\n"))
+		}
+	})
+	return mux
+}

@@ -1,0 +1,86 @@
+package main
+
+import (
+	"context"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/imapproxy/imapproxy/balancer"
+	"github.com/imapproxy/imapproxy/config"
+	"github.com/imapproxy/imapproxy/discovery"
+	"github.com/imapproxy/imapproxy/proxy"
+)
+
+// source is where the backend set comes from: the file or Consul.
+type source interface {
+	Run(ctx context.Context, update func([]discovery.Backend)) error
+}
+
+// sourceStatus is what the admin view and metrics show of a source.
+type sourceStatus struct {
+	Kind        string // "static" or "consul"
+	Healthy     bool
+	LastSuccess time.Time
+	Backends    int
+}
+
+func newSource(cfg *config.Config, log hclog.Logger) (source, func() sourceStatus, error) {
+	if cfg.Consul == nil {
+		bs := make([]discovery.Backend, 0, len(cfg.Backends))
+		for _, b := range cfg.Backends {
+			bs = append(bs, discovery.Backend{ID: b.Name, Addr: b.Address, Weight: b.Weight, TLS: b.TLS})
+		}
+		start := time.Now()
+		n := len(discovery.Normalize(bs))
+		st := func() sourceStatus {
+			return sourceStatus{Kind: "static", Healthy: true, LastSuccess: start, Backends: n}
+		}
+		return &discovery.Static{Backends: bs}, st, nil
+	}
+	c := cfg.Consul
+	w, err := discovery.NewWatcher(discovery.ConsulOptions{
+		Address:            c.Address,
+		Scheme:             c.Scheme,
+		Token:              c.Token,
+		TokenFile:          c.TokenFile,
+		Datacenter:         c.Datacenter,
+		Namespace:          c.Namespace,
+		Partition:          c.Partition,
+		CAFile:             c.CAFile,
+		CertFile:           c.CertFile,
+		KeyFile:            c.KeyFile,
+		InsecureSkipVerify: c.InsecureSkipVerify,
+		Service:            c.Service,
+		Tag:                c.Tag,
+		WaitTime:           c.WaitTime,
+		Logger:             log.Named("consul"),
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	st := func() sourceStatus {
+		s := w.Status()
+		return sourceStatus{Kind: "consul", Healthy: s.Healthy, LastSuccess: s.LastSuccess, Backends: s.Backends}
+	}
+	return w, st, nil
+}
+
+// toProxy converts a discovered set for the proxy.
+func toProxy(bs []discovery.Backend) []proxy.Backend {
+	out := make([]proxy.Backend, 0, len(bs))
+	for _, b := range bs {
+		out = append(out, proxy.Backend{ID: b.ID, Addr: b.Addr, Weight: b.Weight, TLS: b.TLS})
+	}
+	return out
+}
+
+func hashKey(s string) balancer.KeyMode {
+	switch s {
+	case "exact":
+		return balancer.KeyExact
+	case "domain":
+		return balancer.KeyDomain
+	}
+	return balancer.KeyLowercase
+}

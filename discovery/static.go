@@ -1,0 +1,17 @@
+package discovery
+
+import "context"
+
+// Static is a fixed backend set, for configs without Consul. The zero
+// value is an empty set.
+type Static struct {
+	Backends []Backend
+}
+
+// Run calls update once with the normalized set, then blocks until ctx is
+// done and returns nil.
+func (s *Static) Run(ctx context.Context, update func([]Backend)) error {
+	update(Normalize(s.Backends))
+	<-ctx.Done()
+	return nil
+}
