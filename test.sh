@@ -12,6 +12,13 @@ if ! command -v dovecot >/dev/null 2>&1 && [ ! -x /usr/sbin/dovecot ]; then
 	apt-get install -y -qq dovecot-imapd >/dev/null
 fi
 
+# Consul-backed tests use the agent tools/consul/build.sh builds (about
+# five minutes, once per machine); without it they skip, unless
+# IMAPPROXY_REQUIRE_CONSUL=1 (as in CI).
+if [ -z "${IMAPPROXY_CONSUL:-}" ] && [ "${IMAPPROXY_BUILD_CONSUL:-1}" = 1 ]; then
+	IMAPPROXY_CONSUL="$(tools/consul/build.sh)" && export IMAPPROXY_CONSUL
+fi
+
 FUZZTIME="${FUZZTIME:-5s}"
 
 go vet ./...
