@@ -21,11 +21,14 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"regexp"
 	"runtime"
+	"strconv"
 	"sync"
 	"syscall"
 	"time"
 
+	"github.com/imapproxy/imapproxy/internal/consultest"
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
 )
 
@@ -48,6 +51,7 @@ func run() int {
 	backends := flag.Int("backends", 3, "number of Dovecot backends")
 	users := flag.Int("users", 50, "users per backend: user0001..")
 	basePort := flag.Int("base-port", 10143, "port of backend-1; backend-N listens on base-port+N-1")
+	useConsul := flag.Bool("consul", false, "cluster mode: register the backends in a local Consul dev agent and point the proxy at it (needs the agent from tools/consul/build.sh)")
 	flag.Parse()
 	if *backends < 1 || *users < 1 || *basePort < 1 || *basePort+*backends-1 > 65535 {
 		log.Print("-backends, -users and -base-port must be positive and the ports valid")
@@ -77,6 +81,16 @@ func run() int {
 	}
 	banner(servers, *users)
 
+	if *useConsul {
+		agent, cfgPath, err := startConsul(base, servers, *config)
+		if err != nil {
+			log.Print(err)
+			return 1
+		}
+		defer agent.Stop()
+		*config = cfgPath
+	}
+
 	if *proxyBin == "" {
 		<-ctx.Done()
 		log.Print("stopping")
@@ -84,6 +98,42 @@ func run() int {
 	}
 	return runProxy(ctx, *proxyBin, *config)
 }
+
+// startConsul starts a Consul dev agent, registers every backend as an
+// instance of service "imap" with a TCP check, and writes a proxy config
+// that takes its backends from there: the demo's config.hcl with the
+// backend blocks replaced by a consul block.
+func startConsul(base string, servers []*dovecottest.Server, config string) (*consultest.Agent, string, error) {
+	agent, err := consultest.Start()
+	if err != nil {
+		return nil, "", fmt.Errorf("consul: %w", err)
+	}
+	for _, s := range servers {
+		host, port, _ := net.SplitHostPort(s.Addr)
+		p, _ := strconv.Atoi(port)
+		if err := agent.Register(consultest.Service{Name: "imap", ID: s.Name, Address: host, Port: p, Weight: 1}); err != nil {
+			agent.Stop()
+			return nil, "", err
+		}
+	}
+	src, err := os.ReadFile(config)
+	if err != nil {
+		agent.Stop()
+		return nil, "", err
+	}
+	cfg := backendBlock.ReplaceAllString(string(src), "")
+	cfg += fmt.Sprintf("\nconsul {\n  address = %q\n  service = \"imap\"\n}\n", agent.Addr)
+	path := filepath.Join(base, "config-consul.hcl")
+	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+		agent.Stop()
+		return nil, "", err
+	}
+	fmt.Printf("Consul agent on http://%s, service \"imap\" with %d instances; proxy config %s\n\n", agent.Addr, len(servers), path)
+	return agent, path, nil
+}
+
+// backendBlock matches an uncommented backend "NAME" { ... } block.
+var backendBlock = regexp.MustCompile(`(?m)^backend "[^"]*" \{[^}]*\}\n?`)
 
 // startBackends starts the backends in parallel (seeding big messages
 // takes a moment) and returns those that started.

@@ -103,9 +103,20 @@ func run(cfg *config.Config) error {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
+		probed := false
 		err := src.Run(ctx, func(bs []discovery.Backend) {
 			srv.SetBackends(toProxy(bs))
 			once.Do(func() { close(first) })
+			// The greeting shows the backends' capabilities: read them
+			// as soon as there is a backend to ask (later logins keep
+			// them fresh).
+			if !probed && len(bs) > 0 {
+				if err := srv.ProbeCapabilities(ctx); err != nil {
+					log.Warn("could not read backend capabilities; greeting uses defaults until a login succeeds", "error", err)
+				} else {
+					probed = true
+				}
+			}
 		})
 		if err != nil {
 			log.Error("backend discovery stopped", "error", err)
@@ -121,10 +132,6 @@ func run(cfg *config.Config) error {
 		log.Warn("no backend set yet; logins fail with UNAVAILABLE until discovery delivers one")
 	}
 	waitFirst.Stop()
-
-	if err := srv.ProbeCapabilities(ctx); err != nil {
-		log.Warn("could not read backend capabilities; greeting uses defaults until a login succeeds", "error", err)
-	}
 
 	reg := prometheus.NewRegistry()
 	registerMetrics(reg, srv, status)
