@@ -1,0 +1,266 @@
+package proxy
+
+// Integration tests of literals relayed after login, in both directions:
+// APPEND with synchronising and non-synchronising literals, and large
+// FETCH responses, byte for byte.
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/imapproxy/imapproxy/internal/dovecottest"
+)
+
+// literalOf returns the literal that follows item (e.g. "BODY[]") in a
+// response line read by readFull.
+func literalOf(t testing.TB, line, item string) []byte {
+	t.Helper()
+	i := strings.Index(line, item+" {")
+	if i < 0 {
+		t.Fatalf("no %s literal in %.200q", item, line)
+	}
+	rest := line[i+len(item)+2:]
+	j := strings.IndexByte(rest, '}')
+	if j < 0 {
+		t.Fatalf("unterminated literal size in %.200q", line)
+	}
+	n, err := strconv.Atoi(rest[:j])
+	if err != nil || j+1+n > len(rest) {
+		t.Fatalf("bad literal size %q in %.200q", rest[:j], line)
+	}
+	return []byte(rest[j+1 : j+1+n])
+}
+
+// testMessage is a message with CRLF line endings, so Dovecot stores and
+// returns it unchanged. It is larger than one socket read.
+func testMessage(subject string, lines int) []byte {
+	var b bytes.Buffer
+	fmt.Fprintf(&b, "From: a@example.org\r\nTo: b@example.org\r\nSubject: %s\r\nMessage-ID: <%s@example.org>\r\n\r\n", subject, strings.ReplaceAll(subject, " ", "."))
+	for i := 0; i < lines; i++ {
+		fmt.Fprintf(&b, "line %05d of %s, with a quote \" and braces {3}\r\n", i, subject)
+	}
+	return b.Bytes()
+}
+
+var appendUIDRE = regexp.MustCompile(`\[APPENDUID \d+ ([0-9:,]+)\]`)
+
+func TestAppendLiterals(t *testing.T) {
+	t.Parallel()
+	dc := dovecottest.StartT(t, dovecottest.Options{Users: 1, Messages: 2})
+	user := dovecottest.UserName(1)
+	pass := dc.PasswordOf(user)
+	p := startProxy(t, []*dovecottest.Server{dc}, nil)
+
+	cases := []struct {
+		name string
+		// send appends msg and returns the tagged reply.
+		send func(c *testClient, msg []byte) response
+		n    int // messages appended
+	}{
+		{"synchronising", func(c *testClient, msg []byte) response {
+			tag := c.nextTag()
+			c.send(fmt.Sprintf("%s APPEND INBOX (\\Seen) {%d}\r\n", tag, len(msg)))
+			c.expectContinuation()
+			c.send(string(msg) + "\r\n")
+			return c.readResponse(tag)
+		}, 1},
+		{"non-synchronising", func(c *testClient, msg []byte) response {
+			tag := c.nextTag()
+			c.send(fmt.Sprintf("%s APPEND INBOX {%d+}\r\n%s\r\n", tag, len(msg), msg))
+			return c.readResponse(tag)
+		}, 1},
+		{"non-synchronising, pipelined with NOOP", func(c *testClient, msg []byte) response {
+			tag := c.nextTag()
+			noop := c.nextTag()
+			c.send(fmt.Sprintf("%s APPEND INBOX {%d+}\r\n%s\r\n%s NOOP\r\n", tag, len(msg), msg, noop))
+			res := c.readResponse(tag)
+			if n := c.readResponse(noop); !n.ok() {
+				c.t.Fatalf("NOOP after APPEND: %s", n)
+			}
+			return res
+		}, 1},
+		{"MULTIAPPEND, mixed literals", func(c *testClient, msg []byte) response {
+			tag := c.nextTag()
+			c.send(fmt.Sprintf("%s APPEND INBOX {%d+}\r\n%s {%d}\r\n", tag, len(msg), msg, len(msg)))
+			c.expectContinuation()
+			c.send(string(msg) + "\r\n")
+			return c.readResponse(tag)
+		}, 2},
+	}
+	for i, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c := dialClient(t, p.addr)
+			c.mustLogin(user, pass)
+			msg := testMessage(fmt.Sprintf("append %d", i), 2000)
+			res := tc.send(c, msg)
+			m := appendUIDRE.FindStringSubmatch(res.Tagged)
+			if !res.ok() || m == nil {
+				t.Fatalf("APPEND: got %q, want OK [APPENDUID ...]", res)
+			}
+			if res := c.cmd("SELECT INBOX"); !res.ok() {
+				t.Fatalf("SELECT: %s", res)
+			}
+			f := c.cmd("UID FETCH %s (RFC822.SIZE BODY.PEEK[])", m[1])
+			if !f.ok() || len(f.Untagged) != tc.n {
+				t.Fatalf("UID FETCH %s: %d messages, want %d: %.300q", m[1], len(f.Untagged), tc.n, f)
+			}
+			for _, l := range f.Untagged {
+				got := literalOf(t, l, "BODY[]")
+				if !bytes.Equal(got, msg) {
+					t.Fatalf("message read back differs: got %d bytes, want %d\n got %.200q\nwant %.200q", len(got), len(msg), got, msg)
+				}
+				if !strings.Contains(l, fmt.Sprintf("RFC822.SIZE %d ", len(msg))) {
+					t.Errorf("FETCH %.100q: RFC822.SIZE is not %d", l, len(msg))
+				}
+			}
+			c.logout()
+			p.waitCached(t, 1)
+		})
+	}
+}
+
+// TestBigMessageIntact fetches a 1 MiB message through a fresh and through a
+// reused connection and compares it with the file Dovecot stores.
+func TestBigMessageIntact(t *testing.T) {
+	t.Parallel()
+	dc := dovecottest.StartT(t, dovecottest.Options{Users: 1, Messages: 1, BigMessages: 2})
+	user := dovecottest.UserName(1)
+	pass := dc.PasswordOf(user)
+	p := startProxy(t, []*dovecottest.Server{dc}, nil)
+
+	files, err := filepath.Glob(filepath.Join(dc.Dir, "mail", user, "Maildir", ".Big", "cur", "*.M000002P1.*"))
+	if err != nil || len(files) != 1 {
+		t.Fatalf("stored message 2 of Big: %v %v", files, err)
+	}
+	stored, err := os.ReadFile(files[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := bytes.ReplaceAll(stored, []byte("\n"), []byte("\r\n"))
+	if len(want) < 1<<20 {
+		t.Fatalf("stored message is %d bytes, want at least 1 MiB", len(want))
+	}
+
+	for _, round := range []string{"fresh", "reused"} {
+		t.Run(round, func(t *testing.T) {
+			c := dialClient(t, p.addr)
+			res := c.mustLogin(user, pass)
+			if reused := res.has("[XPROXYREUSE]"); reused != (round == "reused") {
+				t.Fatalf("XPROXYREUSE = %v", reused)
+			}
+			if res := c.cmd("EXAMINE Big"); !res.ok() || !res.has("* 2 EXISTS") {
+				t.Fatalf("EXAMINE Big: %s", res)
+			}
+			f := c.cmd("FETCH 2 (RFC822.SIZE BODY.PEEK[])")
+			if !f.ok() || len(f.Untagged) != 1 {
+				t.Fatalf("FETCH: %d untagged, %q", len(f.Untagged), f.Tagged)
+			}
+			line := f.Untagged[0]
+			m := regexp.MustCompile(`RFC822\.SIZE (\d+)`).FindStringSubmatch(line)
+			if m == nil {
+				t.Fatalf("no RFC822.SIZE in %.200q", line)
+			}
+			size, _ := strconv.Atoi(m[1])
+			got := literalOf(t, line, "BODY[]")
+			if len(got) != size {
+				t.Fatalf("BODY[] is %d bytes, RFC822.SIZE says %d", len(got), size)
+			}
+			if !bytes.Equal(got, want) {
+				t.Fatalf("BODY[] (%d bytes) differs from the stored message (%d bytes, CRLF)", len(got), len(want))
+			}
+			if !strings.HasSuffix(line, ")") {
+				t.Fatalf("FETCH response does not end after the literal: %q", line[len(line)-min(len(line), 40):])
+			}
+			c.logout()
+			p.waitCached(t, 1)
+		})
+	}
+}
+
+// TestAppendRefused appends to a mailbox that does not exist: whether
+// Dovecot refuses before or after the literal, the client gets its NO and
+// the session, and then the cached connection, stay usable.
+func TestAppendRefused(t *testing.T) {
+	t.Parallel()
+	dc := dovecottest.StartT(t, dovecottest.Options{Users: 1, Messages: 1})
+	user := dovecottest.UserName(1)
+	pass := dc.PasswordOf(user)
+	p := startProxy(t, []*dovecottest.Server{dc}, nil)
+
+	c := dialClient(t, p.addr)
+	c.mustLogin(user, pass)
+	msg := testMessage("refused", 10)
+	c.send(fmt.Sprintf("a1 APPEND NoSuchBox {%d}\r\n", len(msg)))
+	l := c.readFull()
+	if strings.HasPrefix(l, "+") {
+		c.send(string(msg) + "\r\n")
+		l = c.readResponse("a1").Tagged
+	}
+	if !strings.HasPrefix(l, "a1 NO [TRYCREATE]") {
+		t.Fatalf("APPEND to a missing mailbox: got %q, want a1 NO [TRYCREATE]", l)
+	}
+	if res := c.cmd("STATUS INBOX (MESSAGES)"); !res.ok() || !res.has("MESSAGES 1") {
+		t.Fatalf("STATUS after the refused APPEND: %s", res)
+	}
+	c.logout()
+	p.waitCached(t, 1)
+	c = dialClient(t, p.addr)
+	if res := c.mustLogin(user, pass); !res.has("[XPROXYREUSE]") {
+		t.Fatalf("login after the refused APPEND was not reused:\n%s", res)
+	}
+	if res := c.cmd("NOOP"); !res.ok() || len(res.Untagged) != 0 {
+		t.Fatalf("NOOP on the reused connection: %s", res)
+	}
+	c.logout()
+}
+
+// TestLiteralLimits: a client literal over MaxLiteral never reaches
+// Dovecot; a synchronising one is refused with NO and the session goes on.
+func TestLiteralLimits(t *testing.T) {
+	t.Parallel()
+	dc := dovecottest.StartT(t, dovecottest.Options{Users: 2, Messages: 1})
+	p := startProxy(t, []*dovecottest.Server{dc}, func(o *Options) { o.MaxLiteral = 1000 })
+
+	t.Run("synchronising", func(t *testing.T) {
+		user := dovecottest.UserName(1)
+		c := dialClient(t, p.addr)
+		c.mustLogin(user, dc.PasswordOf(user))
+		c.send("a1 APPEND INBOX {1001}\r\n")
+		if l := c.readLine(); !strings.HasPrefix(l, "a1 NO [TOOBIG]") {
+			t.Fatalf("APPEND of 1001 bytes: got %q, want a1 NO [TOOBIG] and no continuation", l)
+		}
+		msg := testMessage("small", 5)
+		res := c.cmd("APPEND INBOX {%d+}\r\n%s", len(msg), msg)
+		if !res.ok() {
+			t.Fatalf("APPEND of %d bytes: %s", len(msg), res)
+		}
+		if res := c.cmd("STATUS INBOX (MESSAGES)"); !res.ok() || !res.has("MESSAGES 2") {
+			t.Fatalf("STATUS: got %q, want 2 messages (1 seeded, 1 appended)", res)
+		}
+		c.logout()
+		p.waitCached(t, 1)
+	})
+	t.Run("non-synchronising", func(t *testing.T) {
+		user := dovecottest.UserName(2)
+		c := dialClient(t, p.addr)
+		c.mustLogin(user, dc.PasswordOf(user))
+		c.send("a1 APPEND INBOX {1001+}\r\n")
+		lines := c.readToEOF()
+		if len(lines) != 1 || !strings.HasPrefix(lines[0], "* BYE [TOOBIG]") {
+			t.Fatalf("APPEND of a 1001-byte {n+} literal: got %q, want * BYE [TOOBIG] and close", lines)
+		}
+		p.waitIdle(t)
+		c = dialClient(t, p.addr)
+		c.mustLogin(user, dc.PasswordOf(user))
+		if res := c.cmd("STATUS INBOX (MESSAGES)"); !res.ok() || !res.has("MESSAGES 1") {
+			t.Fatalf("STATUS: got %q, want the 1 seeded message only", res)
+		}
+		c.logout()
+	})
+}
