@@ -1,15 +1,11 @@
 package proxy
 
 import (
-	"context"
 	"net"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/hashicorp/go-hclog"
-
-	"github.com/imapproxy/imapproxy/pool"
 )
 
 // startClusterProxy runs a Server in front of several scripted backends,
@@ -17,38 +13,17 @@ import (
 // dead backend in the set does not matter.
 func startClusterProxy(t *testing.T, addrs []string, mod func(*Options)) *testProxy {
 	t.Helper()
-	logs := &syncBuffer{}
-	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Trace, Output: logs})
-	opts := Options{
-		Logger: log,
-		Pool:   pool.New(pool.Options{Logger: log}),
-		Dialer: &Dialer{CheckTimeout: 2 * time.Second, Timeout: time.Second},
-	}
-	if mod != nil {
-		mod(&opts)
-	}
-	srv := New(opts)
 	var bs []Backend
 	for i, a := range addrs {
-		bs = append(bs, Backend{ID: "b" + string(rune('0'+i)), Addr: a, Weight: 1})
+		bs = append(bs, Backend{ID: "b" + strconv.Itoa(i), Addr: a, Weight: 1})
 	}
-	srv.SetBackends(bs)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ln, TLSNone) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		srv.Shutdown(ctx)
-		<-done
-		if t.Failed() {
-			t.Logf("proxy log:\n%s", logs.String())
+	return startServer(t, bs, false, func(o *Options) {
+		o.Dialer.Timeout = time.Second
+		o.Dialer.ForwardID = false
+		if mod != nil {
+			mod(o)
 		}
 	})
-	return &testProxy{srv: srv, addr: ln.Addr().String(), logs: logs}
 }
 
 // userOn returns a user name whose preferred backend is id.

@@ -40,25 +40,33 @@ type testProxy struct {
 	logs *syncBuffer
 }
 
-// startProxy runs a Server on 127.0.0.1 in front of the given backends, at
-// trace level so that tests see every log line.
+// startProxy runs a Server on 127.0.0.1 in front of the given Dovecot
+// backends.
 func startProxy(t testing.TB, backends []*dovecottest.Server, mod func(*Options)) *testProxy {
 	t.Helper()
+	var bs []Backend
+	for _, b := range backends {
+		bs = append(bs, Backend{ID: b.Name, Addr: b.Addr, Weight: 1})
+	}
+	return startServer(t, bs, len(bs) > 0, mod)
+}
+
+// startServer runs a Server on 127.0.0.1 in front of bs, logging at trace
+// level so that tests see every line, and shuts it down at cleanup. With
+// probe, it reads the backends' capabilities first, as the daemon does.
+func startServer(t testing.TB, bs []Backend, probe bool, mod func(*Options)) *testProxy {
+	t.Helper()
 	logs := &syncBuffer{}
-	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Trace, Output: logs})
+	log := newTestLogger(logs)
 	opts := Options{
 		Logger: log,
 		Pool:   pool.New(pool.Options{Logger: log.Named("pool")}),
-		Dialer: &Dialer{ForwardID: true, Timeout: 2 * time.Second, Retries: 0},
+		Dialer: &Dialer{ForwardID: true, Timeout: 2 * time.Second, CheckTimeout: 2 * time.Second},
 	}
 	if mod != nil {
 		mod(&opts)
 	}
 	srv := New(opts)
-	var bs []Backend
-	for _, b := range backends {
-		bs = append(bs, Backend{ID: b.Name, Addr: b.Addr, Weight: 1})
-	}
 	srv.SetBackends(bs)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -79,7 +87,7 @@ func startProxy(t testing.TB, backends []*dovecottest.Server, mod func(*Options)
 			t.Logf("proxy log:\n%s", logs.String())
 		}
 	})
-	if len(backends) > 0 {
+	if probe {
 		if err := srv.ProbeCapabilities(context.Background()); err != nil {
 			t.Fatalf("ProbeCapabilities: %v", err)
 		}

@@ -218,15 +218,13 @@ func (rl *relay) clientLoop() endKind {
 		if kind == kindIdle {
 			rl.idling = true
 		}
+		rl.expectLiteralLocked(string(tag), lit)
 		rl.mu.Unlock()
 		if err := rl.toUpstream(line, false); err != nil {
 			return rl.upstreamError(err)
 		}
 		for lit != nil {
 			if !lit.NonSync {
-				rl.mu.Lock()
-				rl.litTag = string(tag)
-				rl.mu.Unlock()
 				if err := rl.flushUp(); err != nil {
 					return rl.upstreamError(err)
 				}
@@ -265,6 +263,9 @@ func (rl *relay) clientLoop() endKind {
 				return endClient
 			}
 			rl.scan(cmd, line)
+			rl.mu.Lock()
+			rl.expectLiteralLocked(string(tag), lit)
+			rl.mu.Unlock()
 			if _, err := rl.up.w.Write(line); err != nil {
 				return rl.upstreamError(err)
 			}
@@ -275,6 +276,15 @@ func (rl *relay) clientLoop() endKind {
 				return rl.upstreamError(err)
 			}
 		}
+	}
+}
+
+// expectLiteralLocked notes, before a line announcing a synchronising
+// literal goes out, that the server's "+" or refusal must be passed to the
+// client loop: the server may answer before the loop starts waiting.
+func (rl *relay) expectLiteralLocked(tag string, lit *imapwire.Literal) {
+	if lit != nil && !lit.NonSync {
+		rl.litTag = tag
 	}
 }
 

@@ -370,79 +370,56 @@ func (sess *session) authenticate(cmd *imapwire.Command) (*relay, error) {
 		sess.writef("%s NO [PRIVACYREQUIRED] Use STARTTLS or implicit TLS before authentication\r\n", cmd.Tag)
 		return nil, nil
 	}
-	var ir []byte
-	hasIR := len(cmd.Args) == 2
-	if hasIR {
-		ir = cmd.Args[1].Value
-	}
-	cancelled := func() (*relay, error) {
-		sess.writef("%s BAD AUTHENTICATE cancelled\r\n", cmd.Tag)
-		return nil, nil
-	}
-	badB64 := func() (*relay, error) {
-		return nil, sess.bad(cmd.Tag, "Invalid base64 data in AUTHENTICATE")
-	}
-	switch mech {
-	case "PLAIN":
-		var data []byte
-		var err error
-		if hasIR {
-			data, err = decodeSASL(ir)
-		} else {
-			var cancel bool
-			data, cancel, err = sess.saslStep("")
-			if cancel {
-				return cancelled()
-			}
+	// step reads one client response: the initial response on the
+	// command line for the first step when the client sent one (SASL-IR),
+	// else after a continuation request with challenge.
+	first := true
+	step := func(challenge string) ([]byte, bool, error) {
+		if first && len(cmd.Args) == 2 {
+			first = false
+			d, err := decodeSASL(cmd.Args[1].Value)
+			return d, false, err
 		}
-		if err != nil {
-			if errors.Is(err, errBadBase64) {
-				return badB64()
-			}
-			return nil, err
+		first = false
+		return sess.saslStep(challenge)
+	}
+	// fail answers a cancelled or broken exchange; other errors end the
+	// session.
+	fail := func(cancel bool, err error) (*relay, error) {
+		switch {
+		case cancel:
+			sess.writef("%s BAD AUTHENTICATE cancelled\r\n", cmd.Tag)
+			return nil, nil
+		case errors.Is(err, errBadBase64):
+			return nil, sess.bad(cmd.Tag, "Invalid base64 data in AUTHENTICATE")
 		}
+		return nil, err
+	}
+	if mech == "PLAIN" {
+		data, cancel, err := step("")
+		if cancel || err != nil {
+			return fail(cancel, err)
+		}
+		defer clear(data)
 		parts := bytes.SplitN(data, []byte{0}, 3)
 		if len(parts) != 3 || len(parts[1]) == 0 {
-			clear(data)
 			return nil, sess.bad(cmd.Tag, "Invalid PLAIN credentials")
 		}
 		cr := &credentials{authzid: parts[0], user: parts[1], pass: parts[2]}
 		if bytes.Equal(cr.authzid, cr.user) {
 			cr.authzid = nil
 		}
-		rl, err := sess.login(cmd.Tag, cr)
-		clear(data)
-		return rl, err
-	default: // LOGIN
-		var user []byte
-		var err error
-		if hasIR {
-			user, err = decodeSASL(ir)
-		} else {
-			var cancel bool
-			user, cancel, err = sess.saslStep("VXNlcm5hbWU6") // "Username:"
-			if cancel {
-				return cancelled()
-			}
-		}
-		if err != nil {
-			if errors.Is(err, errBadBase64) {
-				return badB64()
-			}
-			return nil, err
-		}
-		pass, cancel, err := sess.saslStep("UGFzc3dvcmQ6") // "Password:"
-		if cancel {
-			return cancelled()
-		}
-		if err != nil {
-			if errors.Is(err, errBadBase64) {
-				return badB64()
-			}
-			return nil, err
-		}
-		return sess.login(cmd.Tag, &credentials{user: user, pass: pass})
+		return sess.login(cmd.Tag, cr)
 	}
+	user, cancel, err := step("VXNlcm5hbWU6") // "Username:"
+	if cancel || err != nil {
+		return fail(cancel, err)
+	}
+	pass, cancel, err := step("UGFzc3dvcmQ6") // "Password:"
+	if cancel || err != nil {
+		return fail(cancel, err)
+	}
+	return sess.login(cmd.Tag, &credentials{user: user, pass: pass})
 }
 
 var errBadBase64 = errors.New("bad base64")

@@ -2,50 +2,15 @@ package proxy
 
 import (
 	"context"
-	"net"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/hashicorp/go-hclog"
-
-	"github.com/imapproxy/imapproxy/pool"
 )
 
 // startFakeProxy runs a Server in front of a scripted backend.
 func startFakeProxy(t *testing.T, b *fakeBackend, mod func(*Options)) *testProxy {
 	t.Helper()
-	logs := &syncBuffer{}
-	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Trace, Output: logs})
-	opts := Options{
-		Logger: log,
-		Pool:   pool.New(pool.Options{Logger: log}),
-		Dialer: &Dialer{ForwardID: true, CheckTimeout: 2 * time.Second},
-	}
-	if mod != nil {
-		mod(&opts)
-	}
-	srv := New(opts)
-	srv.SetBackends([]Backend{{ID: "fake", Addr: b.addr(), Weight: 1}})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ln, TLSNone) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		srv.Shutdown(ctx)
-		<-done
-		if t.Failed() {
-			t.Logf("proxy log:\n%s", logs.String())
-		}
-	})
-	if err := srv.ProbeCapabilities(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	return &testProxy{srv: srv, addr: ln.Addr().String(), logs: logs}
+	return startServer(t, []Backend{{ID: "fake", Addr: b.addr(), Weight: 1}}, true, mod)
 }
 
 func TestGreetingCapabilities(t *testing.T) {
