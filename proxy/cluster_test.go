@@ -155,3 +155,38 @@ func TestBackendLeavesSet(t *testing.T) {
 		t.Fatalf("user did not move back to its backend")
 	}
 }
+
+// TestBackendLeavesDuringLogin: a login still under way on a backend when
+// it leaves the set must not end up relaying to it (the drain would never
+// see it); it goes to the user's next backend.
+func TestBackendLeavesDuringLogin(t *testing.T) {
+	a, b := newFakeBackend(t), newFakeBackend(t)
+	inLogin, release := make(chan struct{}), make(chan struct{})
+	a.hook = func(c *fakeConn, tag, cmd, line string) bool {
+		if cmd != "AUTHENTICATE" {
+			return false
+		}
+		close(inLogin)
+		<-release
+		a.logins.Add(1)
+		c.write(tag + " OK [CAPABILITY " + a.postCaps + "] Logged in\r\n")
+		return true
+	}
+	p := startClusterProxy(t, []string{a.addr(), b.addr()}, nil)
+	user := p.userOn(t, "b0")
+	done := make(chan response, 1)
+	c := dialClient(t, p.addr)
+	go func() { done <- c.login(user, "secret") }()
+	<-inLogin
+	p.srv.SetBackends([]Backend{{ID: "b1", Addr: b.addr(), Weight: 1}})
+	close(release)
+	if res := <-done; !res.ok() {
+		t.Fatalf("login: %s", res)
+	}
+	if b.logins.Load() != 1 {
+		t.Fatalf("logins on the remaining backend = %d, want 1 (the login should move there)", b.logins.Load())
+	}
+	if rl := p.srv.Pool(); rl.Stats().Open != 1 {
+		t.Errorf("open upstream conns = %d, want 1 (the one on the removed backend closed)", rl.Stats().Open)
+	}
+}

@@ -49,8 +49,11 @@ type relay struct {
 	idling   bool   // IDLE sent and DONE not yet
 	dirty    string // why the connection cannot be cached; "" if it can
 	litTag   string // a synchronising literal of this command awaits "+"
-	stopping bool   // the pump ends after the next internal reply
-	internal string // status of the internal command
+	// logoutTag is the tag of the client's LOGOUT, answered at the end.
+	// Only the session goroutine uses it.
+	logoutTag string
+	stopping  bool   // the pump ends after the next internal reply
+	internal  string // status of the internal command
 
 	litCh    chan bool     // "+" arrived (true) or the command was refused (false)
 	quiet    chan struct{} // nothing in flight any more (edge, cap 1)
@@ -467,7 +470,7 @@ func (rl *relay) logout(tag string) endKind {
 	if !rl.waitQuiet(rl.sess.srv.opts.logoutWait()) {
 		rl.setDirty("commands outstanding at logout")
 	}
-	rl.say("* BYE Logging out", tag+" OK LOGOUT completed")
+	rl.logoutTag = tag
 	return endLogout
 }
 
@@ -497,14 +500,41 @@ func (rl *relay) drain() {
 // finish decides the fate of the upstream connection: back to the pool
 // only if provably clean, else logged out and closed.
 func (rl *relay) finish(end endKind) {
+	reason, selected := rl.uncacheable(end)
+	// A clean session that logged out keeps its client until the backend
+	// connection is back in the pool, so that the same user's next login,
+	// often a moment later, finds it. Otherwise the client goes first.
+	holdClient := end == endLogout && reason == ""
+	if !holdClient {
+		rl.bye()
+	}
+	if reason != "" {
+		rl.log.Debug("not caching backend connection", "reason", reason)
+		rl.close()
+		return
+	}
+	rl.cleanAndPut(selected)
+	if holdClient {
+		rl.bye()
+	}
+}
+
+// bye gives the client its last words, if any are due, and closes it.
+func (rl *relay) bye() {
+	if rl.logoutTag != "" {
+		rl.say("* BYE Logging out", rl.logoutTag+" OK LOGOUT completed")
+	}
 	sess := rl.sess
 	sess.wmu.Lock()
 	sess.silenced = true
 	sess.wmu.Unlock()
 	sess.conn.Close()
+}
 
+// uncacheable says why the backend connection cannot be cached, or "".
+func (rl *relay) uncacheable(end endKind) (reason string, selected bool) {
 	rl.mu.Lock()
-	reason := rl.dirty
+	reason = rl.dirty
 	switch {
 	case end == endPump:
 		reason = "backend connection failed"
@@ -514,9 +544,8 @@ func (rl *relay) finish(end endKind) {
 	case len(rl.inflight) > 0:
 		reason = "command in flight"
 	}
-	selected := rl.selected
+	selected = rl.selected
 	rl.mu.Unlock()
-
 	select {
 	case <-rl.pumpDone:
 		if reason == "" {
@@ -524,11 +553,15 @@ func (rl *relay) finish(end endKind) {
 		}
 	default:
 	}
-	if reason != "" {
-		rl.log.Debug("not caching backend connection", "reason", reason)
-		rl.close()
-		return
+	if cur, ok := rl.sess.srv.backends.Load().byID[rl.backend.ID]; reason == "" && (!ok || cur != rl.backend) {
+		reason = "backend left the set"
 	}
+	return reason, selected
+}
+
+// cleanAndPut brings the backend connection back to the state of a fresh
+// login and caches it, or closes it if that cannot be proven.
+func (rl *relay) cleanAndPut(selected bool) {
 	// Leave the mailbox without expunging (never CLOSE), so the next
 	// session starts unselected as on a fresh login.
 	cmd, want := "NOOP", "OK"

@@ -513,11 +513,17 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 		}
 		if pc, born, ok := table.Get(ctx, cacheKey, digest); ok {
 			up := pc.(*upstream)
+			rl := sess.newRelay(up, b, table, cacheKey, digest, born, blog)
+			if !sess.adopt(rl) {
+				table.Discard(up)
+				lastErr = errBackendLeft
+				continue
+			}
 			srv.stats.reused.Add(1)
 			blog.Info("login", "reused", true)
 			sess.writef("* OK [XPROXYREUSE] IMAP connection reused by imapproxy\r\n%s OK [CAPABILITY %s] Logged in\r\n",
 				tag, postLoginCaps(up.postCaps))
-			return sess.newRelay(up, b, table, cacheKey, digest, born, blog), nil
+			return rl, nil
 		}
 		if err := srv.pool.Reserve(); err != nil {
 			blog.Warn("login failed: connection limit reached", "error", err)
@@ -560,10 +566,16 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			sess.writef("%s %s %s\r\n", tag, clientStatus(res.status), sanitizeText(res.text))
 			return nil, nil
 		}
+		rl := sess.newRelay(up, b, table, cacheKey, digest, up.born, blog)
+		if !sess.adopt(rl) {
+			table.Discard(up)
+			lastErr = errBackendLeft
+			continue
+		}
 		srv.stats.fresh.Add(1)
 		blog.Info("login", "reused", false)
 		sess.writef("%s OK [CAPABILITY %s] Logged in\r\n", tag, postLoginCaps(up.postCaps))
-		return sess.newRelay(up, b, table, cacheKey, digest, up.born, blog), nil
+		return rl, nil
 	}
 	srv.stats.failed.Add(1)
 	if refusal != nil {
@@ -574,6 +586,21 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	log.Warn("login failed: no backend reachable", "error", lastErr)
 	sess.writef("%s NO [UNAVAILABLE] IMAP server unreachable, try again later\r\n", tag)
 	return nil, nil
+}
+
+var errBackendLeft = errors.New("backend left the set during the login")
+
+// adopt makes rl the session's relay, unless its backend left the set while
+// the login was under way. Registering first and checking second means a
+// drain of that backend either finds the session or the session finds the
+// backend gone: no session can slip past both.
+func (sess *session) adopt(rl *relay) bool {
+	sess.rl.Store(rl)
+	if cur, ok := sess.srv.backends.Load().byID[rl.backend.ID]; ok && cur == rl.backend {
+		return true
+	}
+	sess.rl.Store(nil)
+	return false
 }
 
 func clientStatus(st string) string {
