@@ -49,7 +49,7 @@ type Literal struct {
 // bufio buffer is assembled in a scratch buffer that is dropped again when
 // it grew large, so an idle connection does not keep a 64 KiB buffer.
 type Reader struct {
-	br      *bufio.Reader
+	br      *lazyBuf
 	maxLine int
 	scratch []byte
 }
@@ -64,14 +64,18 @@ func NewReader(rd io.Reader, maxLine int) *Reader {
 	if maxLine <= 0 {
 		maxLine = DefaultMaxLine
 	}
-	return &Reader{br: bufio.NewReaderSize(rd, bufSize), maxLine: maxLine}
+	return &Reader{br: newLazyBuf(rd), maxLine: maxLine}
 }
 
 // Buffered reports how many bytes can be read without blocking.
-func (r *Reader) Buffered() int { return r.br.Buffered() }
+func (r *Reader) Buffered() int { return r.br.buffered() }
 
 // Reset discards buffered data and reads from rd from now on.
-func (r *Reader) Reset(rd io.Reader) { r.br.Reset(rd); r.scratch = nil }
+func (r *Reader) Reset(rd io.Reader) {
+	r.br.r, r.br.w = 0, 0
+	r.br.reset(rd)
+	r.scratch = nil
+}
 
 // ReadLine returns the next line, terminator included (CRLF, or a bare LF
 // from lenient peers), and the literal it announces, if any (lit is nil when
@@ -89,7 +93,7 @@ func (r *Reader) ReadLine() (line []byte, lit *Literal, err error) {
 }
 
 func (r *Reader) readRaw() ([]byte, error) {
-	b, err := r.br.ReadSlice('\n')
+	b, err := r.br.readSlice('\n')
 	if err == nil {
 		if len(b) > r.maxLine {
 			return nil, ErrLineTooLong
@@ -104,7 +108,7 @@ func (r *Reader) readRaw() ([]byte, error) {
 	}
 	r.scratch = append(r.scratch[:0], b...)
 	for {
-		b, err = r.br.ReadSlice('\n')
+		b, err = r.br.readSlice('\n')
 		if len(r.scratch)+len(b) > r.maxLine {
 			if err == nil {
 				r.dropScratch()
@@ -138,7 +142,7 @@ func (r *Reader) readRaw() ([]byte, error) {
 
 func (r *Reader) discardLine() error {
 	for {
-		_, err := r.br.ReadSlice('\n')
+		_, err := r.br.readSlice('\n')
 		switch err {
 		case nil:
 			return nil
@@ -190,14 +194,12 @@ func (r *Reader) DiscardLiteral(n int64) error {
 // reader, so that a *net.TCPConn destination can splice from a TCP source.
 func (r *Reader) CopyLiteral(w io.Writer, n int64, src io.Reader) (int64, error) {
 	var done int64
-	if buffered := r.br.Buffered(); buffered > 0 {
+	if buffered := r.br.buffered(); buffered > 0 {
 		k := int64(buffered)
 		if k > n {
 			k = n
 		}
-		b, _ := r.br.Peek(int(k))
-		m, err := w.Write(b)
-		r.br.Discard(m)
+		m, err := w.Write(r.br.take(int(k)))
 		done += int64(m)
 		if err != nil {
 			return done, err

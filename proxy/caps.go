@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"strings"
+	"sync"
 )
 
 // parseCapCode returns the capabilities of a "[CAPABILITY ...]" response
@@ -17,7 +18,7 @@ func parseCapCode(text []byte) []string {
 	if j < 0 {
 		return nil
 	}
-	return strings.Fields(string(rest[:j]))
+	return internCaps(rest[:j])
 }
 
 // parseCapLine returns the capabilities of an untagged "* CAPABILITY ..."
@@ -27,7 +28,31 @@ func parseCapLine(line []byte) []string {
 	if len(line) < len(p) || !strings.EqualFold(string(line[:len(p)]), p) {
 		return nil
 	}
-	return strings.Fields(string(line[len(p):]))
+	return internCaps(line[len(p):])
+}
+
+// Every connection to a backend carries its capability list, and they
+// are nearly always the same few lists: share one copy of each instead of
+// a kilobyte per idle session. Bounded, so a backend sending ever new
+// lists cannot grow it.
+var (
+	capsMu    sync.Mutex
+	capsCache = map[string][]string{}
+)
+
+const maxCapsCache = 64
+
+func internCaps(b []byte) []string {
+	capsMu.Lock()
+	defer capsMu.Unlock()
+	if c, ok := capsCache[string(b)]; ok {
+		return c
+	}
+	c := strings.Fields(string(b))
+	if len(capsCache) < maxCapsCache {
+		capsCache[string(b)] = c
+	}
+	return c
 }
 
 func hasCap(caps []string, name string) bool {

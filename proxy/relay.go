@@ -134,152 +134,166 @@ func (rl *relay) clientLoop() endKind {
 			}
 			return rl.clientError(err)
 		}
-		if idling {
-			// The server waits for DONE and nothing else.
-			if !bytes.EqualFold(imapwire.TrimEOL(line), []byte("DONE")) {
-				rl.setDirty("unexpected line in IDLE")
-			}
-			rl.mu.Lock()
-			rl.idling = false
-			rl.mu.Unlock()
-			if lit != nil {
-				rl.setDirty("literal in IDLE")
-				return endClient
-			}
-			if err := rl.toUpstream(line, true); err != nil {
-				return rl.upstreamError(err)
-			}
-			continue
+		if end, done := rl.command(line, lit, idling); done {
+			return end
 		}
-		tag, rest, ok := imapwire.CutTag(line)
-		if !ok {
+	}
+}
+
+// command handles one client command line (and its literals), the
+// session's whole work between two reads. Kept out of clientLoop so that a
+// session waiting for its client holds only a small stack.
+func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end endKind, done bool) {
+	sess := rl.sess
+	o := &sess.srv.opts
+	r := sess.r
+	var err error
+	if idling {
+		// The server waits for DONE and nothing else.
+		if !bytes.EqualFold(imapwire.TrimEOL(line), []byte("DONE")) {
+			rl.setDirty("unexpected line in IDLE")
+		}
+		rl.mu.Lock()
+		rl.idling = false
+		rl.mu.Unlock()
+		if lit != nil {
+			rl.setDirty("literal in IDLE")
+			return endClient, true
+		}
+		if err := rl.toUpstream(line, true); err != nil {
+			return rl.upstreamError(err), true
+		}
+		return 0, false
+	}
+	tag, rest, ok := imapwire.CutTag(line)
+	if !ok {
+		if !rl.skipLiterals(lit) {
+			return endClient, true
+		}
+		rl.answer("* BAD Invalid tag")
+		return 0, false
+	}
+	name, args := imapwire.CutAtom(rest)
+	cmd := string(bytes.ToUpper(name))
+	if cmd == "UID" {
+		sub, _ := imapwire.CutAtom(args)
+		cmd = "UID " + string(bytes.ToUpper(sub))
+	}
+	if rl.log.IsTrace() {
+		// Never the arguments: they may hold anything.
+		rl.log.Trace("command", "tag", string(tag), "command", cmd)
+	}
+	kind := kindOther
+	switch cmd {
+	case "LOGOUT", "STARTTLS", "COMPRESS", "UNAUTHENTICATE", "LOGIN", "AUTHENTICATE":
+		// Answered here: what the client pipelined before must
+		// reach the server first.
+		if err := rl.flushUp(); err != nil {
+			return rl.upstreamError(err), true
+		}
+	}
+	switch cmd {
+	case "LOGOUT":
+		if lit != nil {
 			if !rl.skipLiterals(lit) {
-				return endClient
+				return endClient, true
 			}
-			rl.answer("* BAD Invalid tag")
-			continue
+			rl.answer(string(tag) + " BAD LOGOUT takes no arguments")
+			return 0, false
 		}
-		name, args := imapwire.CutAtom(rest)
-		cmd := string(bytes.ToUpper(name))
-		if cmd == "UID" {
-			sub, _ := imapwire.CutAtom(args)
-			cmd = "UID " + string(bytes.ToUpper(sub))
+		return rl.logout(string(tag)), true
+	case "STARTTLS", "COMPRESS", "UNAUTHENTICATE", "LOGIN", "AUTHENTICATE":
+		// TLS and authentication are the proxy's; a compressed or
+		// unauthenticated stream cannot be relayed.
+		if !rl.skipLiterals(lit) {
+			return endClient, true
 		}
-		if rl.log.IsTrace() {
-			// Never the arguments: they may hold anything.
-			rl.log.Trace("command", "tag", string(tag), "command", cmd)
+		rl.answer(string(tag) + " BAD Command not available in authenticated state")
+		return 0, false
+	case "IDLE":
+		kind = kindIdle
+	case "SELECT", "EXAMINE":
+		kind = kindSelect
+	case "CLOSE", "UNSELECT":
+		kind = kindDeselect
+	default:
+		if !stateless[cmd] {
+			rl.setDirty(cmd)
 		}
-		kind := kindOther
-		switch cmd {
-		case "LOGOUT", "STARTTLS", "COMPRESS", "UNAUTHENTICATE", "LOGIN", "AUTHENTICATE":
-			// Answered here: what the client pipelined before must
-			// reach the server first.
+	}
+	if lit != nil && lit.Size > o.maxLiteral() {
+		if lit.NonSync {
+			rl.answer("* BYE [TOOBIG] Literal too big")
+			return endClient, true
+		}
+		rl.answer(string(tag) + " NO [TOOBIG] Literal too big")
+		return 0, false
+	}
+	rl.scan(cmd, line)
+	rl.mu.Lock()
+	rl.inflight = append(rl.inflight, pending{tag: string(tag), kind: kind})
+	if kind == kindIdle {
+		rl.idling = true
+	}
+	rl.expectLiteralLocked(string(tag), lit)
+	rl.mu.Unlock()
+	if err := rl.toUpstream(line, false); err != nil {
+		return rl.upstreamError(err), true
+	}
+	for lit != nil {
+		if !lit.NonSync {
 			if err := rl.flushUp(); err != nil {
-				return rl.upstreamError(err)
+				return rl.upstreamError(err), true
+			}
+			select {
+			case ok := <-rl.litCh:
+				if !ok {
+					// Refused: the client sends no literal.
+					lit = nil
+					continue
+				}
+			case <-rl.pumpDone:
+				return endPump, true
 			}
 		}
-		switch cmd {
-		case "LOGOUT":
-			if lit != nil {
-				if !rl.skipLiterals(lit) {
-					return endClient
-				}
-				rl.answer(string(tag) + " BAD LOGOUT takes no arguments")
-				continue
-			}
-			return rl.logout(string(tag))
-		case "STARTTLS", "COMPRESS", "UNAUTHENTICATE", "LOGIN", "AUTHENTICATE":
-			// TLS and authentication are the proxy's; a compressed or
-			// unauthenticated stream cannot be relayed.
-			if !rl.skipLiterals(lit) {
-				return endClient
-			}
-			rl.answer(string(tag) + " BAD Command not available in authenticated state")
-			continue
-		case "IDLE":
-			kind = kindIdle
-		case "SELECT", "EXAMINE":
-			kind = kindSelect
-		case "CLOSE", "UNSELECT":
-			kind = kindDeselect
-		default:
-			if !stateless[cmd] {
-				rl.setDirty(cmd)
-			}
+		if err := rl.flushUp(); err != nil {
+			return rl.upstreamError(err), true
+		}
+		// A big APPEND over a slow link gets 1s more per 64 KiB.
+		litDeadline := time.Now().Add(o.literalTimeout() + time.Duration(lit.Size>>16)*time.Second)
+		sess.conn.SetReadDeadline(litDeadline)
+		rl.up.conn.SetWriteDeadline(litDeadline)
+		if _, err := r.CopyLiteral(rl.up.conn, lit.Size, sess.conn); err != nil {
+			rl.setDirty("literal interrupted")
+			return rl.clientError(err), true
+		}
+		rl.up.conn.SetWriteDeadline(time.Time{})
+		line, lit, err = r.ReadLine()
+		if err != nil {
+			rl.setDirty("command interrupted")
+			return rl.clientError(err), true
 		}
 		if lit != nil && lit.Size > o.maxLiteral() {
-			if lit.NonSync {
-				rl.answer("* BYE [TOOBIG] Literal too big")
-				return endClient
-			}
-			rl.answer(string(tag) + " NO [TOOBIG] Literal too big")
-			continue
+			// Half the command is with the server already.
+			rl.setDirty("oversized literal")
+			rl.answer("* BYE [TOOBIG] Literal too big")
+			return endClient, true
 		}
 		rl.scan(cmd, line)
 		rl.mu.Lock()
-		rl.inflight = append(rl.inflight, pending{tag: string(tag), kind: kind})
-		if kind == kindIdle {
-			rl.idling = true
-		}
 		rl.expectLiteralLocked(string(tag), lit)
 		rl.mu.Unlock()
-		if err := rl.toUpstream(line, false); err != nil {
-			return rl.upstreamError(err)
-		}
-		for lit != nil {
-			if !lit.NonSync {
-				if err := rl.flushUp(); err != nil {
-					return rl.upstreamError(err)
-				}
-				select {
-				case ok := <-rl.litCh:
-					if !ok {
-						// Refused: the client sends no literal.
-						lit = nil
-						continue
-					}
-				case <-rl.pumpDone:
-					return endPump
-				}
-			}
-			if err := rl.flushUp(); err != nil {
-				return rl.upstreamError(err)
-			}
-			// A big APPEND over a slow link gets 1s more per 64 KiB.
-			litDeadline := time.Now().Add(o.literalTimeout() + time.Duration(lit.Size>>16)*time.Second)
-			sess.conn.SetReadDeadline(litDeadline)
-			rl.up.conn.SetWriteDeadline(litDeadline)
-			if _, err := r.CopyLiteral(rl.up.conn, lit.Size, sess.conn); err != nil {
-				rl.setDirty("literal interrupted")
-				return rl.clientError(err)
-			}
-			rl.up.conn.SetWriteDeadline(time.Time{})
-			line, lit, err = r.ReadLine()
-			if err != nil {
-				rl.setDirty("command interrupted")
-				return rl.clientError(err)
-			}
-			if lit != nil && lit.Size > o.maxLiteral() {
-				// Half the command is with the server already.
-				rl.setDirty("oversized literal")
-				rl.answer("* BYE [TOOBIG] Literal too big")
-				return endClient
-			}
-			rl.scan(cmd, line)
-			rl.mu.Lock()
-			rl.expectLiteralLocked(string(tag), lit)
-			rl.mu.Unlock()
-			if _, err := rl.up.w.Write(line); err != nil {
-				return rl.upstreamError(err)
-			}
-		}
-		// Pipelined commands go out in one write.
-		if r.Buffered() == 0 {
-			if err := rl.flushUp(); err != nil {
-				return rl.upstreamError(err)
-			}
+		if _, err := rl.up.w.Write(line); err != nil {
+			return rl.upstreamError(err), true
 		}
 	}
+	// Pipelined commands go out in one write.
+	if r.Buffered() == 0 {
+		if err := rl.flushUp(); err != nil {
+			return rl.upstreamError(err), true
+		}
+	}
+	return 0, false
 }
 
 // expectLiteralLocked notes, before a line announcing a synchronising

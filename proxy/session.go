@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -33,7 +32,7 @@ type session struct {
 
 	r   *imapwire.Reader
 	wmu sync.Mutex // serialises whole responses to the client
-	w   *bufio.Writer
+	w   *imapwire.Writer
 	// silenced is set once the session has said its last word (BYE);
 	// relayed responses after that are dropped. Guarded by wmu.
 	silenced bool
@@ -70,7 +69,7 @@ func (sess *session) serve() {
 		sess.tls = true
 	}
 	sess.r = imapwire.NewReader(sess.conn, sess.srv.opts.maxLine())
-	sess.w = bufio.NewWriterSize(sess.conn, 4096)
+	sess.w = imapwire.NewWriter(sess.conn)
 	sess.conn.SetReadDeadline(time.Now().Add(sess.srv.opts.preAuthTimeout()))
 
 	sess.writef("* OK [CAPABILITY %s] %s\r\n", sess.capabilities(), sess.srv.opts.banner())

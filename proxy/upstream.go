@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -48,7 +47,7 @@ type upstream struct {
 	conn    net.Conn
 	raw     net.Conn // the TCP conn under TLS, or conn
 	r       *imapwire.Reader
-	w       *bufio.Writer
+	w       *imapwire.Writer
 
 	preCaps  []string // from the greeting (or CAPABILITY before login)
 	postCaps []string // after login
@@ -139,7 +138,7 @@ func (d *Dialer) dialOnce(ctx context.Context, b Backend) (*upstream, error) {
 		}
 	}
 	u.r = imapwire.NewReader(u.conn, 0)
-	u.w = bufio.NewWriterSize(u.conn, 4096)
+	u.w = imapwire.NewWriter(u.conn)
 	if err := u.readGreeting(); err != nil {
 		c.Close()
 		return nil, fmt.Errorf("greeting: %w", err)

@@ -1,0 +1,149 @@
+package imapwire
+
+import (
+	"bytes"
+	"io"
+	"math/rand/v2"
+	"net"
+	"strings"
+	"testing"
+	"time"
+)
+
+// chunkReader returns its data in small random pieces, as a socket does.
+type chunkReader struct {
+	data []byte
+	rnd  *rand.Rand
+}
+
+func (c *chunkReader) Read(p []byte) (int, error) {
+	if len(c.data) == 0 {
+		return 0, io.EOF
+	}
+	n := 1 + c.rnd.IntN(min(len(p), 700))
+	n = copy(p, c.data[:min(n, len(c.data))])
+	c.data = c.data[n:]
+	return n, nil
+}
+
+// TestReaderChunked frames lines and literals exactly, however the bytes
+// arrive, across buffer boundaries and lines longer than the buffer.
+func TestReaderChunked(t *testing.T) {
+	var in bytes.Buffer
+	var want []string
+	rnd := rand.New(rand.NewPCG(1, 2))
+	for i := 0; i < 300; i++ {
+		switch i % 3 {
+		case 0:
+			l := "* " + strings.Repeat("x", rnd.IntN(9000)) + "\r\n"
+			in.WriteString(l)
+			want = append(want, l)
+		case 1:
+			body := strings.Repeat("b", rnd.IntN(20000))
+			l := "* 1 FETCH (BODY[] {" + itoa(len(body)) + "}\r\n"
+			in.WriteString(l + body + ")\r\n")
+			want = append(want, l, "="+body, ")\r\n")
+		default:
+			in.WriteString("a OK done\r\n")
+			want = append(want, "a OK done\r\n")
+		}
+	}
+	r := NewReader(&chunkReader{data: in.Bytes(), rnd: rnd}, 1<<20)
+	var got []string
+	for {
+		line, lit, err := r.ReadLine()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("ReadLine after %d lines: %v", len(got), err)
+		}
+		got = append(got, string(line))
+		if lit != nil {
+			var body bytes.Buffer
+			if _, err := r.CopyLiteral(&body, lit.Size, nil); err != nil {
+				t.Fatalf("CopyLiteral: %v", err)
+			}
+			got = append(got, "="+body.String())
+		}
+	}
+	if len(got) != len(want) {
+		t.Fatalf("got %d pieces, want %d", len(got), len(want))
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("piece %d: got %d bytes %.40q, want %d bytes %.40q", i, len(got[i]), got[i], len(want[i]), want[i])
+		}
+	}
+}
+
+func itoa(n int) string {
+	var b [20]byte
+	i := len(b)
+	for {
+		i--
+		b[i] = byte('0' + n%10)
+		n /= 10
+		if n == 0 {
+			return string(b[i:])
+		}
+	}
+}
+
+// TestIdleHoldsNoBuffer: a reader blocked waiting on a quiet socket holds
+// no buffer, and a writer holds none after Flush.
+func TestIdleHoldsNoBuffer(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	client, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	server, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer server.Close()
+
+	r := NewReader(server, 0)
+	w := NewWriter(client)
+	w.WriteString("a NOOP\r\n")
+	if w.Buffered() == 0 || w.buf == nil {
+		t.Fatal("writer buffered nothing")
+	}
+	if err := w.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if w.buf != nil {
+		t.Error("writer kept its buffer after Flush")
+	}
+	line, _, err := r.ReadLine()
+	if err != nil || string(line) != "a NOOP\r\n" {
+		t.Fatalf("ReadLine = %q, %v", line, err)
+	}
+	// The next read blocks on a quiet socket: by then the buffer is back
+	// in the pool. The read deadline ends the wait.
+	server.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	if _, _, err := r.ReadLine(); !isTimeout(err) {
+		t.Fatalf("ReadLine on a quiet socket: %v, want a timeout", err)
+	}
+	if r.br.buf != nil {
+		t.Error("reader kept a buffer while waiting on a quiet socket")
+	}
+	// And it reads again when data comes.
+	server.SetReadDeadline(time.Time{})
+	w.WriteString("b NOOP\r\n")
+	w.Flush()
+	if line, _, err := r.ReadLine(); err != nil || string(line) != "b NOOP\r\n" {
+		t.Fatalf("ReadLine after the wait = %q, %v", line, err)
+	}
+}
+
+func isTimeout(err error) bool {
+	ne, ok := err.(net.Error)
+	return ok && ne.Timeout()
+}
