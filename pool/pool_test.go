@@ -3,6 +3,7 @@ package pool
 import (
 	"context"
 	"errors"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -282,5 +283,39 @@ func TestConcurrentGetPut(t *testing.T) {
 	st := p.Stats()
 	if st.Open != st.Cached {
 		t.Errorf("open %d != cached %d with no session active", st.Open, st.Cached)
+	}
+}
+
+// nopConn is a connection whose liveness check costs nothing, so that the
+// benchmark measures the table alone (the real check is one NOOP round
+// trip on the network).
+type nopConn struct{}
+
+func (nopConn) Check(context.Context) error { return nil }
+func (nopConn) Close() error                { return nil }
+
+// BenchmarkCheckout is a cache hit and the put back, among 1,000 users
+// with a cached connection each.
+func BenchmarkCheckout(b *testing.B) {
+	p := New(Options{MaxConns: 4096})
+	tb := p.Table("b1")
+	users := make([]string, 1000)
+	for i := range users {
+		users[i] = "user" + strconv.Itoa(i)
+		if err := p.Reserve(); err != nil {
+			b.Fatal(err)
+		}
+		tb.Put(users[i], digest("pw"), nopConn{}, time.Now())
+	}
+	ctx := context.Background()
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; b.Loop(); i++ {
+		u := users[i%len(users)]
+		c, born, ok := tb.Get(ctx, u, digest("pw"))
+		if !ok {
+			b.Fatal("miss")
+		}
+		tb.Put(u, digest("pw"), c, born)
 	}
 }
