@@ -148,6 +148,13 @@ limits {
   max_literal_preauth = 8192     # default: a literal before login (e.g. a password)
   max_literal         = 67108864 # default (64 MiB): a literal after login (e.g. APPEND)
   max_bad_commands    = 3        # default: BAD responses before login, then BYE
+
+  # Client limits (0 = none). Over them a connection gets
+  # "* BYE [UNAVAILABLE]" and a login "NO [LIMIT]".
+  max_clients           = 5000 # default: client connections in all
+  max_clients_per_ip    = 0    # default: none, webmail front ends share few addresses
+  max_preauth           = 1000 # default: connections not yet logged in
+  max_sessions_per_user = 50   # default: logged-in sessions of one user
 }
 
 # How users are pinned to backends (rendezvous hashing of the username) and

@@ -100,6 +100,11 @@ type Limits struct {
 	MaxLiteralPreAuth int
 	MaxLiteral        int64
 	MaxBadCommands    int // pre-auth BAD responses before BYE
+
+	MaxClients         int // client connections in all; 0 = no limit
+	MaxClientsPerIP    int // client connections from one address; 0 = no limit
+	MaxPreAuth         int // connections not yet logged in; 0 = no limit
+	MaxSessionsPerUser int // logged-in sessions of one user; 0 = no limit
 }
 
 // Cluster controls how users are pinned to backends and what happens when
@@ -205,6 +210,10 @@ func defaults() *Config {
 			MaxLiteralPreAuth: 8192,
 			MaxLiteral:        64 << 20,
 			MaxBadCommands:    3,
+
+			MaxClients:         5000,
+			MaxPreAuth:         1000,
+			MaxSessionsPerUser: 50,
 		},
 		Admin: Admin{Address: "127.0.0.1:9143"},
 		Cluster: Cluster{

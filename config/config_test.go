@@ -49,7 +49,8 @@ func TestParseDefaults(t *testing.T) {
 			PreAuth: time.Minute, AuthIdle: 30 * time.Minute, Idle: time.Hour, Literal: time.Minute,
 			BackendLogin: 30 * time.Second, Check: 5 * time.Second, Write: time.Minute, Drain: 30 * time.Second,
 		},
-		Limits:  Limits{MaxLineLength: 65536, MaxLiteralPreAuth: 8192, MaxLiteral: 64 << 20, MaxBadCommands: 3},
+		Limits: Limits{MaxLineLength: 65536, MaxLiteralPreAuth: 8192, MaxLiteral: 64 << 20, MaxBadCommands: 3,
+			MaxClients: 5000, MaxPreAuth: 1000, MaxSessionsPerUser: 50},
 		Cluster: Cluster{HashKey: "lowercase", BackendDrain: 30 * time.Second, DownTime: 10 * time.Second},
 		Admin:   Admin{Address: "127.0.0.1:9143"},
 	}

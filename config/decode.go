@@ -112,6 +112,11 @@ type hclLimits struct {
 	MaxLiteralPreAuth *int   `hcl:"max_literal_preauth,optional"`
 	MaxLiteral        *int64 `hcl:"max_literal,optional"`
 	MaxBadCommands    *int   `hcl:"max_bad_commands,optional"`
+
+	MaxClients         *int `hcl:"max_clients,optional"`
+	MaxClientsPerIP    *int `hcl:"max_clients_per_ip,optional"`
+	MaxPreAuth         *int `hcl:"max_preauth,optional"`
+	MaxSessionsPerUser *int `hcl:"max_sessions_per_user,optional"`
 }
 
 // apply copies what the file sets over the defaults in c. A duration that
@@ -186,6 +191,10 @@ func (c *Config) apply(f *hclFile, ck *checker) {
 		set(&l.MaxLiteralPreAuth, h.MaxLiteralPreAuth)
 		set(&l.MaxLiteral, h.MaxLiteral)
 		set(&l.MaxBadCommands, h.MaxBadCommands)
+		set(&l.MaxClients, h.MaxClients)
+		set(&l.MaxClientsPerIP, h.MaxClientsPerIP)
+		set(&l.MaxPreAuth, h.MaxPreAuth)
+		set(&l.MaxSessionsPerUser, h.MaxSessionsPerUser)
 	}
 
 	if h := f.Cluster; h != nil {

@@ -70,6 +70,10 @@ func (c *Config) check(ck *checker) {
 	ck.atLeast(k.dot("max_literal_preauth"), int64(c.Limits.MaxLiteralPreAuth), 1)
 	ck.atLeast(k.dot("max_literal"), c.Limits.MaxLiteral, 1)
 	ck.atLeast(k.dot("max_bad_commands"), int64(c.Limits.MaxBadCommands), 1)
+	ck.atLeast(k.dot("max_clients"), int64(c.Limits.MaxClients), 0)
+	ck.atLeast(k.dot("max_clients_per_ip"), int64(c.Limits.MaxClientsPerIP), 0)
+	ck.atLeast(k.dot("max_preauth"), int64(c.Limits.MaxPreAuth), 0)
+	ck.atLeast(k.dot("max_sessions_per_user"), int64(c.Limits.MaxSessionsPerUser), 0)
 }
 
 func (c *Config) checkListeners(ck *checker, addrs map[string]string) {

@@ -170,3 +170,15 @@ func TestReuseAgainstDovecot(t *testing.T) {
 func newTestLogger(w *syncBuffer) hclog.Logger {
 	return hclog.New(&hclog.LoggerOptions{Level: hclog.Trace, Output: w})
 }
+
+// waitSessions waits until n client sessions are open.
+func (p *testProxy) waitSessions(t testing.TB, n int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for p.srv.Stats().Sessions != n {
+		if time.Now().After(deadline) {
+			t.Fatalf("sessions = %d, want %d", p.srv.Stats().Sessions, n)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}

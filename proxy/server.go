@@ -60,6 +60,14 @@ type Options struct {
 	MaxLiteralPreAuth int   // 8 KiB
 	MaxLiteral        int64 // 64 MiB, after login
 	MaxBadCommands    int   // 3
+
+	// Client limits; 0 means no limit. A connection over a limit gets
+	// "* BYE [UNAVAILABLE]" and is closed at once; a login over the
+	// per-user limit gets "NO [LIMIT]".
+	MaxClients         int // client connections in all
+	MaxClientsPerIP    int // client connections from one address
+	MaxPreAuth         int // connections not yet logged in
+	MaxSessionsPerUser int // logged-in sessions of one user
 }
 
 func (o *Options) banner() string {
@@ -126,6 +134,9 @@ type Server struct {
 	setMu sync.Mutex // serialises SetBackends
 
 	mu        sync.Mutex
+	perIP     map[string]int // client connections by address
+	perUser   map[string]int // logged-in sessions by user
+	preAuth   int            // connections not yet logged in
 	drains    map[*time.Timer]struct{}
 	listeners map[net.Listener]struct{}
 	sessions  map[*session]struct{}
@@ -140,6 +151,8 @@ func New(opts Options) *Server {
 		listeners: map[net.Listener]struct{}{},
 		sessions:  map[*session]struct{}{},
 		drains:    map[*time.Timer]struct{}{},
+		perIP:     map[string]int{},
+		perUser:   map[string]int{},
 	}
 	s.log = opts.Logger
 	if s.log == nil {
@@ -256,10 +269,13 @@ type Stats struct {
 	Failovers       uint64 // logins that went past the user's first backend
 	BackendsDown    uint64 // times a backend was marked down by this proxy
 	BackendsDrained uint64 // sessions ended because their backend left
+	Rejected        uint64 // connections refused by a client limit
+	UserLimited     uint64 // logins refused by the per-user session limit
 }
 
 type counters struct {
 	fresh, reused, refused, failed, failovers, down, drained atomic.Uint64
+	rejected, userLimited                                    atomic.Uint64
 }
 
 // Stats returns the server's counters.
@@ -276,6 +292,8 @@ func (s *Server) Stats() Stats {
 		Failovers:       s.stats.failovers.Load(),
 		BackendsDown:    s.stats.down.Load(),
 		BackendsDrained: s.stats.drained.Load(),
+		Rejected:        s.stats.rejected.Load(),
+		UserLimited:     s.stats.userLimited.Load(),
 	}
 }
 
@@ -392,9 +410,30 @@ func isTemporary(err error) bool {
 }
 
 func (s *Server) newSession(c net.Conn, tlsMode string) *session {
+	ip := remoteIP(c)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.shutdown {
+		c.Close()
+		return nil
+	}
+	o := &s.opts
+	var over string
+	switch {
+	case o.MaxClients > 0 && len(s.sessions) >= o.MaxClients:
+		over = "clients"
+	case o.MaxClientsPerIP > 0 && s.perIP[ip] >= o.MaxClientsPerIP:
+		over = "clients per address"
+	case o.MaxPreAuth > 0 && s.preAuth >= o.MaxPreAuth:
+		over = "connections not logged in"
+	}
+	if over != "" {
+		s.stats.rejected.Add(1)
+		s.log.Warn("connection refused: limit reached", "limit", over, "client", c.RemoteAddr().String())
+		// A fresh socket takes a short line without blocking; the
+		// deadline is for the pathological case.
+		c.SetWriteDeadline(time.Now().Add(time.Second))
+		c.Write([]byte("* BYE [UNAVAILABLE] Too many connections, try again later\r\n"))
 		c.Close()
 		return nil
 	}
@@ -403,15 +442,65 @@ func (s *Server) newSession(c net.Conn, tlsMode string) *session {
 		id:      strconv.FormatUint(s.nextID.Add(1), 36),
 		conn:    c,
 		tlsMode: tlsMode,
+		ip:      ip,
+		unauth:  true,
 	}
 	s.sessions[sess] = struct{}{}
+	s.perIP[ip]++
+	s.preAuth++
 	s.wg.Add(1)
 	return sess
+}
+
+func remoteIP(c net.Conn) string {
+	host, _, err := net.SplitHostPort(c.RemoteAddr().String())
+	if err != nil {
+		return c.RemoteAddr().String()
+	}
+	return host
+}
+
+// loggedIn moves a session out of the pre-auth count and counts it for
+// user; it reports false, counting nothing, when user has
+// MaxSessionsPerUser sessions already.
+func (s *Server) loggedIn(sess *session, user string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if max := s.opts.MaxSessionsPerUser; max > 0 && s.perUser[user] >= max {
+		return false
+	}
+	s.perUser[user]++
+	sess.user = user
+	if sess.unauth {
+		sess.unauth = false
+		s.preAuth--
+	}
+	return true
+}
+
+// userFull reports whether user is at MaxSessionsPerUser, so a login can
+// be refused before it costs a backend anything.
+func (s *Server) userFull(user string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	max := s.opts.MaxSessionsPerUser
+	return max > 0 && s.perUser[user] >= max
 }
 
 func (s *Server) endSession(sess *session) {
 	s.mu.Lock()
 	delete(s.sessions, sess)
+	if s.perIP[sess.ip]--; s.perIP[sess.ip] <= 0 {
+		delete(s.perIP, sess.ip)
+	}
+	if sess.unauth {
+		s.preAuth--
+	}
+	if sess.user != "" {
+		if s.perUser[sess.user]--; s.perUser[sess.user] <= 0 {
+			delete(s.perUser, sess.user)
+		}
+	}
 	s.mu.Unlock()
 	s.wg.Done()
 }

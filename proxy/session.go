@@ -43,6 +43,11 @@ type session struct {
 
 	draining atomic.Bool
 	rl       atomic.Pointer[relay] // set while relaying
+
+	// Guarded by srv.mu: the counts this session is in.
+	ip     string
+	unauth bool // counted as not yet logged in
+	user   string
 }
 
 func (sess *session) serve() {
@@ -468,6 +473,9 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	log := sess.log.With("user", user)
 	digest := srv.digest(cr)
 	set := srv.backends.Load()
+	if srv.userFull(user) {
+		return sess.userLimited(tag, log)
+	}
 	// The mailbox owner picks the backend: the authorization identity
 	// when a SASL client names one.
 	pinUser := user
@@ -513,9 +521,12 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 		if pc, born, ok := table.Get(ctx, cacheKey, digest); ok {
 			up := pc.(*upstream)
 			rl := sess.newRelay(up, b, table, cacheKey, digest, born, blog)
-			if !sess.adopt(rl) {
+			if err := sess.adopt(rl, user); err != nil {
 				table.Discard(up)
-				lastErr = errBackendLeft
+				if err == errUserLimit {
+					return sess.userLimited(tag, log)
+				}
+				lastErr = err
 				continue
 			}
 			srv.stats.reused.Add(1)
@@ -566,9 +577,12 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			return nil, nil
 		}
 		rl := sess.newRelay(up, b, table, cacheKey, digest, up.born, blog)
-		if !sess.adopt(rl) {
+		if err := sess.adopt(rl, user); err != nil {
 			table.Discard(up)
-			lastErr = errBackendLeft
+			if err == errUserLimit {
+				return sess.userLimited(tag, log)
+			}
+			lastErr = err
 			continue
 		}
 		srv.stats.fresh.Add(1)
@@ -587,19 +601,34 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	return nil, nil
 }
 
-var errBackendLeft = errors.New("backend left the set during the login")
+var (
+	errBackendLeft = errors.New("backend left the set during the login")
+	errUserLimit   = errors.New("too many sessions for this user")
+)
 
 // adopt makes rl the session's relay, unless its backend left the set while
 // the login was under way. Registering first and checking second means a
 // drain of that backend either finds the session or the session finds the
 // backend gone: no session can slip past both.
-func (sess *session) adopt(rl *relay) bool {
+func (sess *session) adopt(rl *relay, user string) error {
 	sess.rl.Store(rl)
-	if cur, ok := sess.srv.backends.Load().byID[rl.backend.ID]; ok && cur == rl.backend {
-		return true
+	if cur, ok := sess.srv.backends.Load().byID[rl.backend.ID]; !ok || cur != rl.backend {
+		sess.rl.Store(nil)
+		return errBackendLeft
 	}
-	sess.rl.Store(nil)
-	return false
+	if !sess.srv.loggedIn(sess, user) {
+		// Another login of the user took the last place meanwhile.
+		sess.rl.Store(nil)
+		return errUserLimit
+	}
+	return nil
+}
+
+func (sess *session) userLimited(tag string, log hclog.Logger) (*relay, error) {
+	sess.srv.stats.userLimited.Add(1)
+	log.Warn("login refused: too many sessions for this user")
+	sess.writef("%s NO [LIMIT] Too many sessions for this user\r\n", tag)
+	return nil, nil
 }
 
 func clientStatus(st string) string {

@@ -243,3 +243,64 @@ func TestShutdownDrains(t *testing.T) {
 		t.Errorf("backend LOGOUTs = %d, want 2", n)
 	}
 }
+
+func TestClientLimits(t *testing.T) {
+	tests := []struct {
+		name string
+		mod  func(*Options)
+	}{
+		{"max clients", func(o *Options) { o.MaxClients = 2 }},
+		{"max clients per ip", func(o *Options) { o.MaxClientsPerIP = 2 }},
+		{"max preauth", func(o *Options) { o.MaxPreAuth = 2 }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := newFakeBackend(t)
+			p := startFakeProxy(t, b, tt.mod)
+			c1 := dialClient(t, p.addr)
+			c2 := dialClient(t, p.addr)
+			c3 := dialClient(t, p.addr)
+			if !strings.HasPrefix(c3.Greeting, "* BYE [UNAVAILABLE]") {
+				t.Fatalf("third connection greeted %q, want a BYE", c3.Greeting)
+			}
+			if _, err := c3.r.ReadByte(); err == nil {
+				t.Fatal("refused connection left open")
+			}
+			if p.srv.Stats().Rejected != 1 {
+				t.Errorf("Rejected = %d, want 1", p.srv.Stats().Rejected)
+			}
+			// Room again once a connection ends (or, for max_preauth,
+			// logs in).
+			if tt.name == "max preauth" {
+				c1.mustLogin("alice", "secret")
+			} else {
+				c1.logout()
+				p.waitSessions(t, 1)
+			}
+			c4 := dialClient(t, p.addr)
+			if strings.HasPrefix(c4.Greeting, "* BYE") {
+				t.Fatalf("no room after a connection left: %q", c4.Greeting)
+			}
+			_ = c2
+		})
+	}
+}
+
+func TestSessionsPerUser(t *testing.T) {
+	b := newFakeBackend(t)
+	p := startFakeProxy(t, b, func(o *Options) { o.MaxSessionsPerUser = 1 })
+	c1 := dialClient(t, p.addr)
+	c1.mustLogin("alice", "secret")
+	c2 := dialClient(t, p.addr)
+	if res := c2.login("alice", "secret"); res.Tagged != "t1 NO [LIMIT] Too many sessions for this user" {
+		t.Fatalf("second session: %q", res.Tagged)
+	}
+	if n := b.logins.Load(); n != 1 {
+		t.Errorf("backend logins = %d, want 1: the refused login must not reach it", n)
+	}
+	c2.mustLogin("bob", "secret") // other users are not affected
+	c1.logout()
+	p.waitSessions(t, 1)
+	c3 := dialClient(t, p.addr)
+	c3.mustLogin("alice", "secret")
+}

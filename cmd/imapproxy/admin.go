@@ -35,6 +35,8 @@ func registerMetrics(reg *prometheus.Registry, srv *proxy.Server, status func() 
 	counter("client_logins_failed_total", "Client logins no backend could take.", func() uint64 { return st().LoginsFailed })
 	counter("failovers_total", "Logins served by a backend other than the user's first.", func() uint64 { return st().Failovers })
 	counter("backends_marked_down_total", "Times this proxy marked a backend down after a failed dial or login.", func() uint64 { return st().BackendsDown })
+	counter("connections_rejected_total", "Client connections refused by max_clients, max_clients_per_ip or max_preauth.", func() uint64 { return st().Rejected })
+	counter("logins_user_limited_total", "Logins refused by max_sessions_per_user.", func() uint64 { return st().UserLimited })
 	counter("sessions_drained_total", "Sessions ended because their backend left the set.", func() uint64 { return st().BackendsDrained })
 
 	gauge("upstream_connections", "Backend connections open, active and cached.", func() float64 { return float64(ps().Open) })

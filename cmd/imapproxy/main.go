@@ -267,6 +267,10 @@ func serverOptions(cfg *config.Config, log hclog.Logger) (proxy.Options, error) 
 		MaxLiteralPreAuth:  cfg.Limits.MaxLiteralPreAuth,
 		MaxLiteral:         cfg.Limits.MaxLiteral,
 		MaxBadCommands:     cfg.Limits.MaxBadCommands,
+		MaxClients:         cfg.Limits.MaxClients,
+		MaxClientsPerIP:    cfg.Limits.MaxClientsPerIP,
+		MaxPreAuth:         cfg.Limits.MaxPreAuth,
+		MaxSessionsPerUser: cfg.Limits.MaxSessionsPerUser,
 	}, nil
 }
 
