@@ -804,8 +804,7 @@ func (rl *relay) forward(line []byte, lit *imapwire.Literal, pass bool) error {
 			if err := sess.flush(); err != nil {
 				return clientGone(err)
 			}
-			sess.conn.SetWriteDeadline(time.Now().Add(sess.srv.opts.writeTimeout() + time.Duration(lit.Size>>16)*time.Second))
-			if _, err := up.r.CopyLiteral(sess.conn, lit.Size, up.conn); err != nil {
+			if err := rl.copyToClient(lit.Size); err != nil {
 				return err
 			}
 		} else if err := up.r.DiscardLiteral(lit.Size); err != nil {
@@ -825,6 +824,33 @@ func (rl *relay) forward(line []byte, lit *imapwire.Literal, pass bool) error {
 	if out && up.r.Buffered() == 0 {
 		if err := sess.flush(); err != nil {
 			return clientGone(err)
+		}
+	}
+	return nil
+}
+
+// literalChunk is how much of a literal must reach the client within one
+// write timeout: a client that stops reading is cut off after the timeout,
+// however big the literal, and a slow one only needs to keep moving.
+const literalChunk = 1 << 20
+
+// copyToClient copies n literal bytes from the backend to the client in
+// bulk (splice where the kernel can), chunk by chunk under the write
+// timeout.
+func (rl *relay) copyToClient(n int64) error {
+	sess, up := rl.sess, rl.up
+	for n > 0 {
+		k := min(n, literalChunk)
+		sess.conn.SetWriteDeadline(time.Now().Add(sess.srv.opts.writeTimeout()))
+		m, err := up.r.CopyLiteral(sess.conn, k, up.conn)
+		n -= m
+		if err != nil {
+			// The backend side has no deadline in the relay: a
+			// timeout is the client's.
+			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+				return clientGone(err)
+			}
+			return err
 		}
 	}
 	return nil

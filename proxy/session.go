@@ -490,8 +490,6 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 		sess.writef("%s NO [UNAVAILABLE] No IMAP server available, try again later\r\n", tag)
 		return nil, nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), srv.dialer.loginTimeout())
-	defer cancel()
 	cacheKey := user
 	if len(cr.authzid) > 0 {
 		cacheKey = string(cr.authzid) + "\x00" + user
@@ -511,6 +509,10 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	var lastErr error
 	var refusal *loginResult
 	for _, c := range usable {
+		// Each backend gets the whole login timeout: one that hangs
+		// must not leave none for the user's next backend.
+		ctx, cancel := context.WithTimeout(context.Background(), srv.dialer.loginTimeout())
+		defer cancel()
 		b := set.byID[c.ID]
 		table := srv.pool.Table(b.ID)
 		blog := log.With("backend", b.ID)

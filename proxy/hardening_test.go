@@ -1,0 +1,178 @@
+package proxy
+
+import (
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// silentBackend accepts connections and never says anything: a backend
+// whose IMAP process hangs.
+func silentBackend(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var conns []net.Conn
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+	})
+	return ln.Addr().String()
+}
+
+// TestHungBackends: a backend that never greets, or greets and then never
+// answers the login, costs a login at most timeouts.backend_login, marks
+// it down, and the login goes to the user's next backend.
+func TestHungBackends(t *testing.T) {
+	hangOnLogin := newFakeBackend(t)
+	hangOnLogin.hook = func(c *fakeConn, tag, cmd, line string) bool {
+		return cmd == "AUTHENTICATE" // swallow it, answer nothing
+	}
+	tests := []struct {
+		name string
+		addr string
+	}{
+		{"never greets", silentBackend(t)},
+		{"hangs on login", hangOnLogin.addr()},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			good := newFakeBackend(t)
+			p := startClusterProxy(t, []string{tt.addr, good.addr()}, func(o *Options) {
+				o.Dialer.LoginTimeout = 300 * time.Millisecond
+			})
+			c := dialClient(t, p.addr)
+			c.mustLogin(p.userOn(t, "b0"), "secret")
+			if good.logins.Load() != 1 {
+				t.Fatal("login did not fail over to the next backend")
+			}
+			if p.srv.Stats().BackendsDown != 1 {
+				t.Errorf("BackendsDown = %d, want 1", p.srv.Stats().BackendsDown)
+			}
+			if st := p.srv.Pool().Stats(); st.Open != 1 {
+				t.Errorf("open upstream conns = %d, want 1 (the hung one closed)", st.Open)
+			}
+		})
+	}
+}
+
+// TestByeOnCachedConn: a backend that says BYE to a cached connection
+// (shutdown, autologout) must not hand that BYE to the next session.
+func TestByeOnCachedConn(t *testing.T) {
+	b := newFakeBackend(t)
+	p := startFakeProxy(t, b, nil)
+	c := dialClient(t, p.addr)
+	c.mustLogin("alice", "secret")
+	c.logout()
+	p.waitCached(t, 1)
+	cached := b.conn(1)
+	cached.write("* BYE Server shutting down\r\n")
+	cached.conn.Close()
+
+	c = dialClient(t, p.addr)
+	res := c.mustLogin("alice", "secret")
+	if res.has("BYE") || res.has("XPROXYREUSE") {
+		t.Fatalf("the dead cached connection leaked into the login:\n%s", res)
+	}
+	if r := c.cmd("NOOP"); !r.ok() {
+		t.Fatalf("NOOP after login: %s", r)
+	}
+}
+
+// TestSlowloris: a client that sends a line one byte at a time and never
+// finishes is cut off at the pre-auth timeout, counted from connect, and
+// gives its slot back.
+func TestSlowloris(t *testing.T) {
+	b := newFakeBackend(t)
+	p := startFakeProxy(t, b, func(o *Options) {
+		o.PreAuthTimeout = 300 * time.Millisecond
+		o.MaxPreAuth = 1
+	})
+	c := dialClient(t, p.addr)
+	c.send("a LOG")
+	// Keep trickling until the server hangs up; each write is answered
+	// by nothing, so the loop is bounded by the deadline, not by us.
+	var got string
+	for i := 0; i < 1000; i++ {
+		if _, err := c.conn.Write([]byte("I")); err != nil {
+			break
+		}
+		c.conn.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+		l, err := c.r.ReadString('\n')
+		got += l
+		if err == nil || !isTimeoutErr(err) {
+			break
+		}
+	}
+	if !strings.HasPrefix(got, "* BYE Autologout") {
+		t.Fatalf("slow client got %q, want the autologout BYE", got)
+	}
+	p.waitSessions(t, 0)
+	// Its pre-auth slot is free again.
+	c2 := dialClient(t, p.addr)
+	if strings.HasPrefix(c2.Greeting, "* BYE") {
+		t.Fatalf("slot not given back: %q", c2.Greeting)
+	}
+}
+
+func isTimeoutErr(err error) bool {
+	ne, ok := err.(net.Error)
+	return ok && ne.Timeout()
+}
+
+// TestClientStopsReading: a client that stops reading a large FETCH is
+// disconnected at the write timeout; the proxy does not buffer the rest,
+// and the backend connection is dropped, not cached.
+func TestClientStopsReading(t *testing.T) {
+	b := newFakeBackend(t)
+	const size = 64 << 20
+	b.hook = func(c *fakeConn, tag, cmd, line string) bool {
+		if cmd != "FETCH" {
+			return false
+		}
+		go func() {
+			c.write("* 1 FETCH (BODY[] {67108864}\r\n")
+			chunk := strings.Repeat("x", 1<<20)
+			for i := 0; i < size>>20; i++ {
+				c.mu.Lock()
+				_, err := c.conn.Write([]byte(chunk))
+				c.mu.Unlock()
+				if err != nil {
+					return
+				}
+			}
+			c.write(")\r\n" + tag + " OK done\r\n")
+		}()
+		return true
+	}
+	p := startFakeProxy(t, b, func(o *Options) { o.WriteTimeout = 200 * time.Millisecond })
+	c := dialClient(t, p.addr)
+	c.mustLogin("alice", "secret")
+	// A small receive window, and then nothing is read.
+	c.conn.(*net.TCPConn).SetReadBuffer(4096)
+	c.send("f FETCH 1 BODY[]\r\n")
+	p.waitSessions(t, 0)
+	if st := p.srv.Pool().Stats(); st.Open != 0 || st.Cached != 0 {
+		t.Errorf("upstream conns open %d cached %d, want none", st.Open, st.Cached)
+	}
+}
