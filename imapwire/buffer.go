@@ -3,6 +3,8 @@ package imapwire
 import (
 	"bufio"
 	"io"
+	"net"
+	"os"
 	"sync"
 	"syscall"
 )
@@ -21,9 +23,10 @@ func putBuf(b []byte) {
 }
 
 // lazyBuf is a buffered reader in the manner of bufio.Reader, whose buffer
-// is borrowed only while it holds data. Before a read that may block it
-// waits for the socket to become readable without any buffer (through
-// syscall.RawConn), so an idle connection owns none.
+// is borrowed only while it holds data. On a socket it reads through
+// syscall.RawConn: one read(2) when data is there, and when the read would
+// block it hands the buffer back and waits for readability without one,
+// so an idle connection owns none.
 type lazyBuf struct {
 	src  io.Reader
 	raw  syscall.RawConn // nil: src cannot be waited on; keep the buffer
@@ -64,19 +67,16 @@ func (b *lazyBuf) buffered() int { return b.w - b.r }
 // fill reads more data into the buffer; it is called only when the
 // buffer has room.
 func (b *lazyBuf) fill() error {
-	if b.r == b.w && b.raw != nil {
-		b.release()
-		if err := b.waitReadable(); err != nil {
-			return err
-		}
-	}
-	if b.buf == nil {
-		b.buf = getBuf()
-	}
-	if b.r > 0 {
+	if b.buf != nil && b.r > 0 {
 		copy(b.buf, b.buf[b.r:b.w])
 		b.w -= b.r
 		b.r = 0
+	}
+	if b.raw != nil {
+		return b.rawFill()
+	}
+	if b.buf == nil {
+		b.buf = getBuf()
 	}
 	for i := 0; i < 100; i++ {
 		n, err := b.src.Read(b.buf[b.w:])
@@ -91,17 +91,42 @@ func (b *lazyBuf) fill() error {
 	return io.ErrNoProgress
 }
 
-// waitReadable blocks until the socket has data or an EOF, honouring its
-// read deadline, without a buffer: a one-byte MSG_PEEK asks the kernel
-// without taking anything.
-func (b *lazyBuf) waitReadable() error {
-	var peek [1]byte
-	return b.raw.Read(func(fd uintptr) bool {
-		_, _, err := syscall.Recvfrom(int(fd), peek[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
-		// Data, EOF or a socket error: the real read reports the
-		// last two in the form the net package gives them.
-		return err != syscall.EAGAIN && err != syscall.EINTR
+// rawFill reads from the socket with one read(2) when data is there. Only
+// when the read would block does it hand the buffer back (if it holds
+// nothing) and wait for readability without one, honouring the read
+// deadline.
+func (b *lazyBuf) rawFill() error {
+	var n int
+	var rerr error
+	err := b.raw.Read(func(fd uintptr) bool {
+		if b.buf == nil {
+			b.buf = getBuf()
+		}
+		for {
+			n, rerr = syscall.Read(int(fd), b.buf[b.w:])
+			if rerr != syscall.EINTR {
+				break
+			}
+		}
+		if rerr == syscall.EAGAIN {
+			b.release()
+			return false
+		}
+		return true
 	})
+	switch {
+	case err != nil:
+		b.release()
+		return err
+	case rerr != nil:
+		b.release()
+		return &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", rerr)}
+	case n == 0:
+		b.release()
+		return io.EOF
+	}
+	b.w += n
+	return nil
 }
 
 // readSlice works as bufio.Reader.ReadSlice.
