@@ -32,4 +32,5 @@ done <<'TARGETS'
 ./imapwire FuzzReadCommand
 ./imapwire FuzzReadResponse
 ./proxy FuzzPreAuth
+./proxy FuzzSASLPlain
 TARGETS

@@ -75,3 +75,33 @@ func isTagLine(l string) bool {
 	tag, _, ok := strings.Cut(l, " ")
 	return ok && tag != ""
 }
+
+// FuzzSASLPlain feeds the AUTHENTICATE PLAIN decoder hostile base64: it
+// must never panic, and whatever it accepts must encode back to the same
+// credentials.
+func FuzzSASLPlain(f *testing.F) {
+	for _, s := range []string{"AGJvYgBzZWNyZXQ=", "=", "", "*", "YWRtaW4AYm9iAHB3", "AAAA", "!!!!", "AGJvYgBzZWNyZXQ"} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, in []byte) {
+		data, err := decodeSASL(in)
+		if err != nil {
+			return
+		}
+		cr, ok := parsePlain(data)
+		if !ok {
+			return
+		}
+		if len(cr.user) == 0 {
+			t.Fatal("accepted an empty user name")
+		}
+		again, err := decodeSASL(plainResponse(cr))
+		if err != nil {
+			t.Fatalf("re-encoding failed: %v", err)
+		}
+		cr2, ok := parsePlain(again)
+		if !ok || string(cr2.user) != string(cr.user) || string(cr2.pass) != string(cr.pass) || string(cr2.authzid) != string(cr.authzid) {
+			t.Fatalf("round trip changed the credentials")
+		}
+	})
+}

@@ -1,11 +1,15 @@
 package proxy
 
 import (
+	"crypto/tls"
 	"net"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/pool"
 )
 
 // silentBackend accepts connections and never says anything: a backend
@@ -175,4 +179,79 @@ func TestClientStopsReading(t *testing.T) {
 	if st := p.srv.Pool().Stats(); st.Open != 0 || st.Cached != 0 {
 		t.Errorf("upstream conns open %d cached %d, want none", st.Open, st.Cached)
 	}
+}
+
+// TestClientTLSVersions: the implicit TLS listener speaks TLS 1.2 and 1.3
+// only; an old client is refused in the handshake.
+func TestClientTLSVersions(t *testing.T) {
+	b := newFakeBackend(t)
+	cert, roots := selfSignedCert(t)
+	_, addrs := startProxyListeners(t, []Backend{{ID: "fake", Addr: b.addr(), Weight: 1}}, func(o *Options) {
+		o.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}, TLSImplicit)
+	tests := []struct {
+		name    string
+		max     uint16
+		wantErr bool
+	}{
+		{"TLS 1.1 refused", tls.VersionTLS11, true},
+		{"TLS 1.2", tls.VersionTLS12, false},
+		{"TLS 1.3", tls.VersionTLS13, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", addrs[TLSImplicit],
+				&tls.Config{RootCAs: roots, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS10, MaxVersion: tt.max})
+			if tt.wantErr {
+				if err == nil {
+					c.Close()
+					t.Fatal("handshake succeeded, want it refused")
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("handshake: %v", err)
+			}
+			defer c.Close()
+			if v := c.ConnectionState().Version; v != tt.max {
+				t.Errorf("negotiated %x, want %x", v, tt.max)
+			}
+		})
+	}
+}
+
+// TestPasswordChangeTakesEffect: after a password change on the backend,
+// the old password keeps working through a cached connection at most until
+// reuse_max_age, then the backend's own check refuses it.
+func TestPasswordChangeTakesEffect(t *testing.T) {
+	dc := dovecottest.StartT(t, dovecottest.Options{Users: 1, Messages: 1})
+	p := startProxy(t, []*dovecottest.Server{dc}, func(o *Options) {
+		o.Pool = pool.New(pool.Options{MaxAge: 10 * time.Minute})
+	})
+	user, old := dovecottest.UserName(1), dc.PasswordOf(dovecottest.UserName(1))
+	c := dialClient(t, p.addr)
+	c.mustLogin(user, old)
+	c.logout()
+	p.waitCached(t, 1)
+
+	if err := dc.SetPassword(user, "a-new-secret"); err != nil {
+		t.Fatal(err)
+	}
+	// Within reuse_max_age the cached connection still serves the old
+	// password: that is the documented window.
+	c = dialClient(t, p.addr)
+	if res := c.mustLogin(user, old); !res.has("XPROXYREUSE") {
+		t.Fatalf("want the cached connection within reuse_max_age:\n%s", res)
+	}
+	c.logout()
+	p.waitCached(t, 1)
+
+	// Past reuse_max_age the sweeper closes it, and the old password
+	// meets the backend.
+	p.srv.Pool().Sweep(time.Now().Add(11 * time.Minute))
+	c = dialClient(t, p.addr)
+	if res := c.login(user, old); !strings.Contains(res.Tagged, "NO [AUTHENTICATIONFAILED]") {
+		t.Fatalf("old password after reuse_max_age: %q, want the backend's refusal", res.Tagged)
+	}
+	c.mustLogin(user, "a-new-secret")
 }

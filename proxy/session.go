@@ -405,13 +405,9 @@ func (sess *session) authenticate(cmd *imapwire.Command) (*relay, error) {
 			return fail(cancel, err)
 		}
 		defer clear(data)
-		parts := bytes.SplitN(data, []byte{0}, 3)
-		if len(parts) != 3 || len(parts[1]) == 0 {
+		cr, ok := parsePlain(data)
+		if !ok {
 			return nil, sess.bad(cmd.Tag, "Invalid PLAIN credentials")
-		}
-		cr := &credentials{authzid: parts[0], user: parts[1], pass: parts[2]}
-		if bytes.Equal(cr.authzid, cr.user) {
-			cr.authzid = nil
 		}
 		return sess.login(cmd.Tag, cr)
 	}
@@ -427,6 +423,21 @@ func (sess *session) authenticate(cmd *imapwire.Command) (*relay, error) {
 }
 
 var errBadBase64 = errors.New("bad base64")
+
+// parsePlain splits a SASL PLAIN message (RFC 4616): authzid NUL authcid
+// NUL passwd. The slices alias data. An authzid equal to the user is the
+// user logging in as themself, not an authorization request.
+func parsePlain(data []byte) (*credentials, bool) {
+	parts := bytes.SplitN(data, []byte{0}, 3)
+	if len(parts) != 3 || len(parts[1]) == 0 || bytes.IndexByte(parts[2], 0) >= 0 {
+		return nil, false
+	}
+	cr := &credentials{authzid: parts[0], user: parts[1], pass: parts[2]}
+	if bytes.Equal(cr.authzid, cr.user) {
+		cr.authzid = nil
+	}
+	return cr, true
+}
 
 // saslStep sends a continuation request with challenge and reads the
 // client's base64 answer; "*" cancels.
