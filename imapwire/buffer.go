@@ -17,8 +17,12 @@ var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b 
 
 func getBuf() []byte { return (*bufPool.Get().(*[]byte))[:bufSize] }
 
+// putBuf clears a buffer before it goes back: it may have held another
+// user's password or mail, and must not show it to the next borrower
+// through any mistake.
 func putBuf(b []byte) {
 	b = b[:cap(b)]
+	clear(b)
 	bufPool.Put(&b)
 }
 

@@ -3,8 +3,11 @@ package proxy
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"net"
+	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -55,6 +58,10 @@ type relay struct {
 	stopping  bool   // the pump ends after the next internal reply
 	internal  string // status of the internal command
 
+	// running is set, under the session's wmu, once the relay owns the
+	// client writer; before that only the session goroutine writes.
+	running atomic.Bool
+
 	litCh    chan bool     // "+" arrived (true) or the command was refused (false)
 	quiet    chan struct{} // nothing in flight any more (edge, cap 1)
 	pumpDone chan struct{}
@@ -83,13 +90,16 @@ func (rl *relay) setDirty(why string) {
 // back in the pool or closes it.
 func (rl *relay) run() {
 	sess := rl.sess
-	if err := sess.flush(); err != nil {
+	sess.wmu.Lock()
+	err := sess.flush()
+	rl.running.Store(true)
+	sess.wmu.Unlock()
+	defer sess.rl.Store(nil)
+	if err != nil {
 		rl.up.abort()
 		rl.release()
 		return
 	}
-	sess.rl.Store(rl)
-	defer sess.rl.Store(nil)
 	go rl.pump()
 	end := rl.clientLoop()
 	rl.finish(end)
@@ -165,7 +175,10 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 		}
 		return 0, false
 	}
-	tag, rest, ok := imapwire.CutTag(line)
+	tagB, rest, ok := imapwire.CutTag(line)
+	// A copy now: line lives in a pooled buffer that the next read may
+	// hand back or reuse, and the tag is needed after that.
+	tag := string(tagB)
 	if !ok {
 		if !rl.skipLiterals(lit) {
 			return endClient, true
@@ -181,7 +194,7 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 	}
 	if rl.log.IsTrace() {
 		// Never the arguments: they may hold anything.
-		rl.log.Trace("command", "tag", string(tag), "command", cmd)
+		rl.log.Trace("command", "tag", tag, "command", cmd)
 	}
 	kind := kindOther
 	switch cmd {
@@ -198,17 +211,17 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 			if !rl.skipLiterals(lit) {
 				return endClient, true
 			}
-			rl.answer(string(tag) + " BAD LOGOUT takes no arguments")
+			rl.answer(tag + " BAD LOGOUT takes no arguments")
 			return 0, false
 		}
-		return rl.logout(string(tag)), true
+		return rl.logout(tag), true
 	case "STARTTLS", "COMPRESS", "UNAUTHENTICATE", "LOGIN", "AUTHENTICATE":
 		// TLS and authentication are the proxy's; a compressed or
 		// unauthenticated stream cannot be relayed.
 		if !rl.skipLiterals(lit) {
 			return endClient, true
 		}
-		rl.answer(string(tag) + " BAD Command not available in authenticated state")
+		rl.answer(tag + " BAD Command not available in authenticated state")
 		return 0, false
 	case "IDLE":
 		kind = kindIdle
@@ -226,16 +239,16 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 			rl.answer("* BYE [TOOBIG] Literal too big")
 			return endClient, true
 		}
-		rl.answer(string(tag) + " NO [TOOBIG] Literal too big")
+		rl.answer(tag + " NO [TOOBIG] Literal too big")
 		return 0, false
 	}
 	rl.scan(cmd, line)
 	rl.mu.Lock()
-	rl.inflight = append(rl.inflight, pending{tag: string(tag), kind: kind})
+	rl.inflight = append(rl.inflight, pending{tag: tag, kind: kind})
 	if kind == kindIdle {
 		rl.idling = true
 	}
-	rl.expectLiteralLocked(string(tag), lit)
+	rl.expectLiteralLocked(tag, lit)
 	rl.mu.Unlock()
 	if err := rl.toUpstream(line, false); err != nil {
 		return rl.upstreamError(err), true
@@ -245,15 +258,22 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 			if err := rl.flushUp(); err != nil {
 				return rl.upstreamError(err), true
 			}
+			wait := time.NewTimer(o.literalTimeout())
 			select {
 			case ok := <-rl.litCh:
+				wait.Stop()
 				if !ok {
 					// Refused: the client sends no literal.
 					lit = nil
 					continue
 				}
 			case <-rl.pumpDone:
+				wait.Stop()
 				return endPump, true
+			case <-wait.C:
+				// Neither accepted nor refused: the stream cannot be
+				// trusted any more.
+				return rl.upstreamError(errors.New("no continuation for a literal")), true
 			}
 		}
 		if err := rl.flushUp(); err != nil {
@@ -281,7 +301,7 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 		}
 		rl.scan(cmd, line)
 		rl.mu.Lock()
-		rl.expectLiteralLocked(string(tag), lit)
+		rl.expectLiteralLocked(tag, lit)
 		rl.mu.Unlock()
 		if _, err := rl.up.w.Write(line); err != nil {
 			return rl.upstreamError(err), true
@@ -508,7 +528,7 @@ func (rl *relay) drainClient() endKind {
 
 func (rl *relay) drain() {
 	// Wake the client reader; it sees draining and ends at a boundary.
-	rl.sess.conn.SetReadDeadline(time.Now())
+	rl.sess.raw.SetReadDeadline(time.Now())
 }
 
 // finish decides the fate of the upstream connection: back to the pool
@@ -588,7 +608,14 @@ func (rl *relay) cleanAndPut(selected bool) {
 		}
 	}
 	status, err := rl.internalCommand(cmd)
+	rl.mu.Lock()
+	dirty := rl.dirty
+	rl.mu.Unlock()
 	switch {
+	case dirty != "":
+		rl.log.Debug("not caching backend connection", "reason", dirty)
+		rl.up.Close()
+		rl.release()
 	case err != nil:
 		rl.log.Debug("not caching backend connection", "reason", "cleanup failed", "error", err)
 		rl.up.abort()
@@ -602,6 +629,9 @@ func (rl *relay) cleanAndPut(selected bool) {
 		rl.up.abort()
 		rl.release()
 	default:
+		// Once cached the connection is the pool's: an eviction of
+		// this session must no longer find it.
+		rl.sess.rl.Store(nil)
 		rl.table.Put(rl.user, rl.digest, rl.up, rl.born)
 	}
 }
@@ -664,7 +694,17 @@ func (rl *relay) close() {
 
 // pump copies backend responses to the client.
 func (rl *relay) pump() {
-	err := rl.pumpLoop()
+	var err error
+	func() {
+		defer func() {
+			if p := recover(); p != nil {
+				rl.log.Error("relay panic", "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
+				err = fmt.Errorf("panic: %v", p)
+				rl.setDirty("panic")
+			}
+		}()
+		err = rl.pumpLoop()
+	}()
 	rl.mu.Lock()
 	rl.pumpErr = err
 	stopping := rl.stopping
@@ -758,7 +798,14 @@ func (rl *relay) tagged(line []byte) (forward, stop bool) {
 	}
 	switch p.kind {
 	case kindSelect:
-		rl.selected = status == "OK"
+		// OK selects; NO deselects (RFC 3501 6.3.1); BAD was not
+		// executed and changes nothing.
+		switch status {
+		case "OK":
+			rl.selected = true
+		case "NO":
+			rl.selected = false
+		}
 	case kindDeselect:
 		if status == "OK" {
 			rl.selected = false

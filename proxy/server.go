@@ -441,6 +441,7 @@ func (s *Server) newSession(c net.Conn, tlsMode string) *session {
 		srv:     s,
 		id:      strconv.FormatUint(s.nextID.Add(1), 36),
 		conn:    c,
+		raw:     c,
 		tlsMode: tlsMode,
 		ip:      ip,
 		unauth:  true,

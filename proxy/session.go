@@ -26,7 +26,8 @@ import (
 type session struct {
 	srv     *Server
 	id      string
-	conn    net.Conn
+	conn    net.Conn // the client; replaced by its TLS conn at STARTTLS
+	raw     net.Conn // the accepted socket, for other goroutines to wake or close
 	tlsMode string
 	log     hclog.Logger
 
@@ -678,7 +679,7 @@ func (sess *session) drain() {
 		return
 	}
 	// Before login: wake the reader; it answers with BYE.
-	sess.conn.SetReadDeadline(time.Now())
+	sess.raw.SetReadDeadline(time.Now())
 }
 
 // evict ends a logged-in session now with a BYE of the proxy's own: its
@@ -689,15 +690,24 @@ func (sess *session) evict(msg string) {
 		return
 	}
 	rl.setDirty("evicted")
-	rl.say(msg)
-	sess.conn.Close()
+	// The backend first: a pump stuck reading a stalled backend holds
+	// the client writer, and must let go of it.
 	rl.up.abort()
+	sess.wmu.Lock()
+	if rl.running.Load() && !sess.silenced {
+		sess.silenced = true
+		sess.raw.SetWriteDeadline(time.Now().Add(time.Second))
+		sess.w.WriteString(msg + "\r\n")
+		sess.w.Flush()
+	}
+	sess.wmu.Unlock()
+	sess.raw.Close()
 }
 
 // kill ends the session at once: both connections are closed under the
 // session's feet. Shutdown's drain is the polite way.
 func (sess *session) kill() {
-	sess.conn.Close()
+	sess.raw.Close()
 	if rl := sess.rl.Load(); rl != nil {
 		rl.up.abort()
 	}
