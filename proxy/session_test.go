@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -303,4 +304,37 @@ func TestSessionsPerUser(t *testing.T) {
 	p.waitSessions(t, 1)
 	c3 := dialClient(t, p.addr)
 	c3.mustLogin("alice", "secret")
+}
+
+// TestBadSelectKeepsSelection: a SELECT refused with BAD was not executed,
+// so the mailbox selected before is still selected and must be left with
+// UNSELECT before the connection is cached.
+func TestBadSelectKeepsSelection(t *testing.T) {
+	b := newFakeBackend(t)
+	var mu sync.Mutex
+	var seen []string
+	b.hook = func(c *fakeConn, tag, cmd, line string) bool {
+		mu.Lock()
+		seen = append(seen, cmd)
+		mu.Unlock()
+		if cmd == "SELECT" && !strings.Contains(line, "INBOX") {
+			c.write(tag + " BAD Missing argument\r\n")
+			return true
+		}
+		return false
+	}
+	p := startFakeProxy(t, b, nil)
+	c := dialClient(t, p.addr)
+	c.mustLogin("alice", "secret")
+	c.cmd("SELECT INBOX")
+	if r := c.cmd("SELECT"); !strings.Contains(r.Tagged, " BAD ") {
+		t.Fatalf("SELECT without a mailbox: %q", r.Tagged)
+	}
+	c.logout()
+	p.waitCached(t, 1)
+	mu.Lock()
+	defer mu.Unlock()
+	if seen[len(seen)-1] != "UNSELECT" {
+		t.Fatalf("backend saw %q last, want the UNSELECT cleanup", seen)
+	}
 }
