@@ -59,10 +59,14 @@ func startChild(name, logPath string, argv ...string) (*child, error) {
 
 // run starts and reaps the child. Its OS thread stays locked for the
 // child's lifetime: Pdeathsig fires when the thread that forked exits.
+// It is unlocked again at the end rather than left to exit with the
+// goroutine: the thread may have forked other children with Pdeathsig
+// before it was locked here (the Consul agent does not lock its thread),
+// and they must not die with it.
 func (c *child) run(started chan<- error) {
 	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
 	if err := c.cmd.Start(); err != nil {
-		runtime.UnlockOSThread()
 		started <- err
 		return
 	}
@@ -129,12 +133,7 @@ func groupAlive(pgid int) bool {
 // logTail is the end of the child's output, for error messages.
 func (c *child) logTail() string {
 	b, _ := os.ReadFile(c.logPath)
-	s := strings.TrimSpace(string(b))
-	lines := strings.Split(s, "\n")
-	if len(lines) > 20 {
-		lines = lines[len(lines)-20:]
-	}
-	return strings.Join(lines, "\n")
+	return lastLines(string(b), 20)
 }
 
 // waitGreeting polls addr until it answers "* OK", c (if any) exits, or

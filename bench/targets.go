@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -208,7 +209,10 @@ func (b *bench) startImapproxy(ctx context.Context, label string, bes []*backend
 		}
 		if err := waitBackends(in.admin, c, len(bes), readyTimeout); err != nil {
 			_ = c.stop()
-			return nil, err
+			if agent != nil {
+				err = fmt.Errorf("%w\nConsul's checks: %s\nConsul log tail:\n%s", err, consulChecks(agent), lastLines(agent.Log(), 15))
+			}
+			return nil, fmt.Errorf("%w\nimapproxy log tail:\n%s", err, c.logTail())
 		}
 		return in, nil
 	})
@@ -263,6 +267,33 @@ func scrapeGauge(hc *http.Client, admin, name string) (float64, error) {
 		return 0, err
 	}
 	return 0, fmt.Errorf("/metrics: no %s", name)
+}
+
+// consulChecks summarises the agent's health checks of consulService.
+func consulChecks(agent *consultest.Agent) string {
+	hc := &http.Client{Timeout: 2 * time.Second}
+	resp, err := hc.Get("http://" + agent.Addr + "/v1/health/checks/" + consulService)
+	if err != nil {
+		return err.Error()
+	}
+	defer resp.Body.Close()
+	var checks []struct{ ServiceID, Status, Output string }
+	if err := json.NewDecoder(resp.Body).Decode(&checks); err != nil {
+		return err.Error()
+	}
+	var parts []string
+	for _, c := range checks {
+		parts = append(parts, fmt.Sprintf("%s %s (%s)", c.ServiceID, c.Status, strings.TrimSpace(c.Output)))
+	}
+	return strings.Join(parts, "; ")
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
 }
 
 // startConsul starts a dev agent and registers every backend as an
