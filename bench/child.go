@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"net"
@@ -9,10 +8,11 @@ import (
 	"os/exec"
 	"runtime"
 	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/imapproxy/imapproxy/internal/dovecottest"
 )
 
 const (
@@ -145,7 +145,7 @@ func waitGreeting(addr string, c *child, timeout time.Duration) error {
 		if c != nil && c.exited() {
 			return fmt.Errorf("%s exited (%v):\n%s", c.name, c.waitErr, c.logTail())
 		}
-		if last = greet(addr); last == nil {
+		if last = dovecottest.Greet(addr); last == nil {
 			return nil
 		}
 		if time.Now().After(deadline) {
@@ -153,26 +153,6 @@ func waitGreeting(addr string, c *child, timeout time.Duration) error {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-}
-
-func greet(addr string) error {
-	conn, err := net.DialTimeout("tcp", addr, time.Second)
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	if err := conn.SetDeadline(time.Now().Add(3 * time.Second)); err != nil {
-		return err
-	}
-	line, err := bufio.NewReader(conn).ReadString('\n')
-	if err != nil {
-		return err
-	}
-	if !strings.HasPrefix(line, "* OK") {
-		return fmt.Errorf("greeting %q", strings.TrimSpace(line))
-	}
-	_, _ = conn.Write([]byte("a LOGOUT\r\n"))
-	return nil
 }
 
 // freePort picks a port on 127.0.0.1 that is free now. Someone may take

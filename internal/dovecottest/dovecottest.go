@@ -418,7 +418,7 @@ func (s *Server) waitReady() error {
 		if time.Now().After(deadline) {
 			return fmt.Errorf("no greeting after %v: %w", startTimeout, last)
 		}
-		last = greet(s.Addr)
+		last = Greet(s.Addr)
 		if last == nil {
 			return nil
 		}
@@ -426,7 +426,9 @@ func (s *Server) waitReady() error {
 	}
 }
 
-func greet(addr string) error {
+// Greet connects to addr and reports whether an IMAP server greets with
+// "* OK"; it then logs out. Used to wait for a server to come up.
+func Greet(addr string) error {
 	c, err := net.DialTimeout("tcp", addr, time.Second)
 	if err != nil {
 		return err
