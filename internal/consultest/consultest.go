@@ -21,6 +21,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"sync"
 	"syscall"
@@ -189,16 +190,26 @@ func (a *Agent) start() error {
 	// If the test binary dies without Stop, the agent dies with it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	fmt.Fprintf(logf, "==> consultest: starting %s %q\n", a.bin, cmd.Args[1:])
-	if err := cmd.Start(); err != nil {
-		logf.Close()
-		return fmt.Errorf("consultest: start %s: %w", a.bin, err)
-	}
 	p := &process{cmd: cmd, log: logf, done: make(chan struct{})}
+	started := make(chan error, 1)
 	go func() {
+		// Pdeathsig fires when the thread that forked exits, not the
+		// process: keep this thread for the agent's whole life, or a
+		// goroutine elsewhere that exits locked could kill the agent.
+		runtime.LockOSThread()
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
 		p.err = cmd.Wait()
 		logf.Close()
 		close(p.done)
 	}()
+	if err := <-started; err != nil {
+		logf.Close()
+		return fmt.Errorf("consultest: start %s: %w", a.bin, err)
+	}
 	a.mu.Lock()
 	a.proc = p
 	a.mu.Unlock()
