@@ -2,6 +2,7 @@ package imapwire
 
 import (
 	"bufio"
+	"bytes"
 	"io"
 	"net"
 	"os"
@@ -138,7 +139,7 @@ func (b *lazyBuf) readSlice(delim byte) ([]byte, error) {
 	scanned := 0
 	for {
 		if b.buf != nil {
-			if i := indexByte(b.buf[b.r+scanned:b.w], delim); i >= 0 {
+			if i := bytes.IndexByte(b.buf[b.r+scanned:b.w], delim); i >= 0 {
 				line := b.buf[b.r : b.r+scanned+i+1]
 				b.r += scanned + i + 1
 				return line, nil
@@ -159,15 +160,6 @@ func (b *lazyBuf) readSlice(delim byte) ([]byte, error) {
 			return line, err
 		}
 	}
-}
-
-func indexByte(s []byte, c byte) int {
-	for i, x := range s {
-		if x == c {
-			return i
-		}
-	}
-	return -1
 }
 
 // Read reads buffered data first, then straight from the source.

@@ -412,8 +412,8 @@ func (t *Table) Discard(c Conn) {
 	t.pool.Release()
 }
 
-// Users returns how many connections each user has cached (for the admin
-// view; no secrets).
+// Users returns how many connections each user has cached (for tests and
+// the admin view; no secrets).
 func (t *Table) Users() map[string]int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -422,24 +422,6 @@ func (t *Table) Users() map[string]int {
 		m[u] = len(els)
 	}
 	return m
-}
-
-// CloseUser closes every cached connection of user; it returns how many.
-func (t *Table) CloseUser(user string) int {
-	t.mu.Lock()
-	els := t.byUser[user]
-	var conns []Conn
-	for len(els) > 0 {
-		conns = append(conns, els[0].Value.(*entry).conn)
-		t.unlinkLocked(els[0], 0)
-		els = t.byUser[user]
-	}
-	t.mu.Unlock()
-	for _, c := range conns {
-		closeConn(c)
-		t.pool.Release()
-	}
-	return len(conns)
 }
 
 func (t *Table) remove(e *entry) bool {

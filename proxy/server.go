@@ -444,7 +444,6 @@ func (s *Server) newSession(c net.Conn, tlsMode string) *session {
 		raw:     c,
 		tlsMode: tlsMode,
 		ip:      ip,
-		unauth:  true,
 	}
 	s.sessions[sess] = struct{}{}
 	s.perIP[ip]++
@@ -471,11 +470,10 @@ func (s *Server) loggedIn(sess *session, user string) bool {
 		return false
 	}
 	s.perUser[user]++
-	sess.user = user
-	if sess.unauth {
-		sess.unauth = false
+	if sess.user == "" {
 		s.preAuth--
 	}
+	sess.user = user
 	return true
 }
 
@@ -494,13 +492,10 @@ func (s *Server) endSession(sess *session) {
 	if s.perIP[sess.ip]--; s.perIP[sess.ip] <= 0 {
 		delete(s.perIP, sess.ip)
 	}
-	if sess.unauth {
+	if sess.user == "" {
 		s.preAuth--
-	}
-	if sess.user != "" {
-		if s.perUser[sess.user]--; s.perUser[sess.user] <= 0 {
-			delete(s.perUser, sess.user)
-		}
+	} else if s.perUser[sess.user]--; s.perUser[sess.user] <= 0 {
+		delete(s.perUser, sess.user)
 	}
 	s.mu.Unlock()
 	s.wg.Done()

@@ -46,9 +46,8 @@ type session struct {
 	rl       atomic.Pointer[relay] // set while relaying
 
 	// Guarded by srv.mu: the counts this session is in.
-	ip     string
-	unauth bool // counted as not yet logged in
-	user   string
+	ip   string
+	user string // set when logged in; until then the session counts as pre-auth
 }
 
 func (sess *session) serve() {

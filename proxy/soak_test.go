@@ -196,15 +196,25 @@ func soakLogin(addr, user, pass string) (*soakClient, error) {
 	return s, nil
 }
 
-func soakWebmail(addr, user, pass string) error {
+// soakSelect logs in and selects mailbox; the caller closes the client.
+func soakSelect(addr, user, pass, mailbox string) (*soakClient, error) {
 	s, err := soakLogin(addr, user, pass)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := s.cmd("SELECT %s", mailbox); err != nil {
+		s.c.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+func soakWebmail(addr, user, pass string) error {
+	s, err := soakSelect(addr, user, pass, "INBOX")
 	if err != nil {
 		return err
 	}
 	defer s.c.Close()
-	if _, err := s.cmd("SELECT INBOX"); err != nil {
-		return err
-	}
 	out, err := s.cmd("UID FETCH 1:20 (FLAGS RFC822.SIZE ENVELOPE BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
 	if err != nil {
 		return err
@@ -225,14 +235,11 @@ func soakWebmail(addr, user, pass string) error {
 var subjectRe = regexp.MustCompile(`Subject: msg \d+ for (user\d+)`)
 
 func soakIdle(addr, user, pass string) error {
-	s, err := soakLogin(addr, user, pass)
+	s, err := soakSelect(addr, user, pass, "INBOX")
 	if err != nil {
 		return err
 	}
 	defer s.c.Close()
-	if _, err := s.cmd("SELECT INBOX"); err != nil {
-		return err
-	}
 	fmt.Fprintf(s.c, "i IDLE\r\n")
 	l, err := s.line()
 	if err != nil || !strings.HasPrefix(l, "+") {
@@ -255,14 +262,11 @@ func soakIdle(addr, user, pass string) error {
 // soakAbort vanishes mid-FETCH of a big message or in IDLE: the fault the
 // proxy must absorb without caching the connection.
 func soakAbort(addr, user, pass string) error {
-	s, err := soakLogin(addr, user, pass)
+	s, err := soakSelect(addr, user, pass, "Big")
 	if err != nil {
 		return err
 	}
 	defer s.c.Close()
-	if _, err := s.cmd("SELECT Big"); err != nil {
-		return err
-	}
 	fmt.Fprintf(s.c, "f FETCH 1 BODY[]\r\n")
 	b := make([]byte, 100)
 	s.c.Read(b)
