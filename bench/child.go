@@ -17,7 +17,7 @@ import (
 
 const (
 	childStopWait = 10 * time.Second // SIGTERM to exit, then SIGKILL
-	childKillWait = 5 * time.Second
+	childKillWait = 30 * time.Second
 	readyTimeout  = 20 * time.Second // a target's first greeting
 )
 

@@ -244,12 +244,13 @@ func (b *bench) startBackends(bigN int) error {
 		name := fmt.Sprintf("backend-%d", i+1)
 		wg.Go(func() {
 			servers[i], errs[i] = dovecottest.Start(dovecottest.Options{
-				Name:        name,
-				Users:       numUsers,
-				Password:    func(string) string { return password },
-				Messages:    messages,
-				BigMessages: bigN,
-				Dir:         filepath.Join(b.work, name),
+				Name:         name,
+				Users:        numUsers,
+				Password:     func(string) string { return password },
+				Messages:     messages,
+				BigMessages:  bigN,
+				Dir:          filepath.Join(b.work, name),
+				ProcessLimit: dovecotProcessLimit,
 			})
 		})
 	}
@@ -373,6 +374,9 @@ func (b *bench) runAll(ctx context.Context, rep *report) error {
 			agent = a
 		}
 		err := b.runPlan(ctx, rep, p.t, p.rows, p.idleN)
+		if err == nil && agent != nil {
+			err = b.compareCluster(ctx, rep, proxy1, consul)
+		}
 		if agent != nil {
 			if serr := agent.Stop(); serr != nil {
 				err = errors.Join(err, serr)

@@ -61,6 +61,18 @@ type Options struct {
 	// must be searchable by others (mode o+x): Dovecot's unprivileged
 	// processes read the passwd-file and the maildirs in it.
 	Dir string
+	// ProcessLimit is `service imap { process_limit }`: Dovecot runs one
+	// process per IMAP session, so it caps the sessions the instance
+	// holds at once. Default 2000. The client limit of the shared
+	// services (auth, anvil) follows it.
+	ProcessLimit int
+}
+
+func (o Options) processLimit() int {
+	if o.ProcessLimit <= 0 {
+		return 2000
+	}
+	return o.ProcessLimit
 }
 
 func (o Options) name() string {
@@ -342,8 +354,9 @@ func (s *Server) launch(bin string, opts Options) error {
 		CertPath:     filepath.Join(s.Dir, "cert.pem"),
 		KeyPath:      filepath.Join(s.Dir, "key.pem"),
 		UID:          mailUID,
-		ProcessLimit: 2000,
-		ClientLimit:  5000,
+		ProcessLimit: opts.processLimit(),
+		// auth and anvil each serve every login and IMAP process.
+		ClientLimit: max(5000, 2*opts.processLimit()+1000),
 	})
 	if err != nil {
 		return fmt.Errorf("dovecottest: render config: %w", err)
