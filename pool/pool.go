@@ -17,6 +17,8 @@ import (
 	"context"
 	"crypto/subtle"
 	"errors"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -89,16 +91,18 @@ type Stats struct {
 	ClosedUserLimit   uint64 // pushed out by MaxPerUser
 	ClosedFull        uint64 // pushed out to make room under MaxConns
 	ClosedBackendGone uint64 // table removed or pool closed
+	ClosedAdmin       uint64 // by an operator (Flush, CloseUser)
 }
 
 type counters struct {
 	hits, misses                                 atomic.Uint64
 	expired, maxAge, dead, userLimit, full, gone atomic.Uint64
+	admin                                        atomic.Uint64
 }
 
 // Pool is the set of per-backend tables and their shared budget.
 type Pool struct {
-	opts Options
+	opts atomic.Pointer[Options] // replaced whole by SetOptions
 	log  hclog.Logger
 
 	open atomic.Int64 // active + cached
@@ -116,7 +120,9 @@ func New(opts Options) *Pool {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
-	return &Pool{opts: opts, log: log, tables: make(map[string]*Table)}
+	p := &Pool{log: log, tables: make(map[string]*Table)}
+	p.opts.Store(&opts)
+	return p
 }
 
 // Table returns the table of a backend, creating it on first use.
@@ -157,6 +163,27 @@ func (p *Pool) Close() {
 	}
 }
 
+// Tables returns the backends' tables, sorted by name, for the admin
+// view. Unlike Table it creates none.
+func (p *Pool) Tables() []*Table {
+	p.mu.Lock()
+	ts := p.snapshotLocked()
+	p.mu.Unlock()
+	slices.SortFunc(ts, func(a, b *Table) int { return strings.Compare(a.name, b.name) })
+	return ts
+}
+
+// Flush closes every cached connection of every table, for an operator.
+// Unlike Close and RemoveTable it leaves the tables open: later logouts
+// cache again. It returns how many connections it closed.
+func (p *Pool) Flush() int {
+	n := 0
+	for _, t := range p.Tables() {
+		n += t.closeConns(t.takeAll(false), &p.c.admin)
+	}
+	return n
+}
+
 func (p *Pool) snapshotLocked() []*Table {
 	ts := make([]*Table, 0, len(p.tables))
 	for _, t := range p.tables {
@@ -173,7 +200,7 @@ func (p *Pool) snapshotLocked() []*Table {
 func (p *Pool) Reserve() error {
 	for {
 		n := p.open.Load()
-		if n < int64(p.opts.maxConns()) {
+		if n < int64(p.options().maxConns()) {
 			if p.open.CompareAndSwap(n, n+1) {
 				return nil
 			}
@@ -230,6 +257,7 @@ func (p *Pool) Stats() Stats {
 		ClosedUserLimit:   p.c.userLimit.Load(),
 		ClosedFull:        p.c.full.Load(),
 		ClosedBackendGone: p.c.gone.Load(),
+		ClosedAdmin:       p.c.admin.Load(),
 	}
 	p.mu.Lock()
 	tables := p.snapshotLocked()
@@ -246,7 +274,8 @@ func (p *Pool) Stats() Stats {
 // connection lives at most Expiration + SweepInterval after its logout.
 // Run returns when ctx is done.
 func (p *Pool) Run(ctx context.Context) {
-	tick := time.NewTicker(p.opts.sweepInterval())
+	every := p.options().sweepInterval()
+	tick := time.NewTicker(every)
 	defer tick.Stop()
 	for {
 		select {
@@ -255,7 +284,24 @@ func (p *Pool) Run(ctx context.Context) {
 		case <-tick.C:
 			p.Sweep(time.Now())
 		}
+		if d := p.options().sweepInterval(); d != every {
+			every = d
+			tick.Reset(every)
+		}
 	}
+}
+
+func (p *Pool) options() *Options { return p.opts.Load() }
+
+// SetOptions replaces the options of a running pool, as a configuration
+// reload does; the Logger cannot change. Cached connections stay: a
+// shorter Expiration or MaxAge closes them at the next sweep, a smaller
+// MaxPerUser or MaxConns as connections come back, and Disabled caches
+// nothing more from then on (those cached are swept as usual). A new
+// SweepInterval applies after the next sweep.
+func (p *Pool) SetOptions(opts Options) {
+	opts.Logger = p.options().Logger
+	p.opts.Store(&opts)
 }
 
 // Sweep does one sweeper pass as of now.
@@ -326,7 +372,7 @@ func (t *Table) Get(ctx context.Context, user string, d Digest) (Conn, time.Time
 			t.pool.c.misses.Add(1)
 			return nil, time.Time{}, false
 		}
-		if time.Since(e.born) > t.pool.opts.maxAge() {
+		if time.Since(e.born) > t.pool.options().maxAge() {
 			t.pool.c.maxAge.Add(1)
 			closeConn(e.conn)
 			t.pool.Release()
@@ -373,8 +419,8 @@ func (t *Table) take(user string, d Digest) *entry {
 // connection is closed when MaxPerUser is reached.
 func (t *Table) Put(user string, d Digest, c Conn, born time.Time) {
 	now := time.Now()
-	if t.pool.opts.Disabled || now.Sub(born) > t.pool.opts.maxAge() {
-		if !t.pool.opts.Disabled {
+	if t.pool.options().Disabled || now.Sub(born) > t.pool.options().maxAge() {
+		if !t.pool.options().Disabled {
 			t.pool.c.maxAge.Add(1)
 		}
 		closeConn(c)
@@ -391,7 +437,7 @@ func (t *Table) Put(user string, d Digest, c Conn, born time.Time) {
 		t.pool.Release()
 		return
 	}
-	if els := t.byUser[user]; len(els) >= t.pool.opts.maxPerUser() {
+	if els := t.byUser[user]; len(els) >= t.pool.options().maxPerUser() {
 		evicted = els[0].Value.(*entry)
 		t.unlinkLocked(els[0], 0)
 	}
@@ -424,6 +470,40 @@ func (t *Table) Users() map[string]int {
 	return m
 }
 
+// ConnInfo describes one cached connection, without its credential.
+type ConnInfo struct {
+	User  string    // the key it is cached under
+	Born  time.Time // first authenticated
+	Since time.Time // cached at
+}
+
+// Conns describes the table's cached connections, oldest cached first.
+func (t *Table) Conns() []ConnInfo {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := make([]ConnInfo, 0, t.lru.Len())
+	for el := t.lru.Front(); el != nil; el = el.Next() {
+		e := el.Value.(*entry)
+		out = append(out, ConnInfo{User: e.user, Born: e.born, Since: e.since})
+	}
+	return out
+}
+
+// CloseUser closes the connections cached for user, for an operator, and
+// returns how many there were. The table stays open.
+func (t *Table) CloseUser(user string) int {
+	t.mu.Lock()
+	els := t.byUser[user]
+	conns := make([]Conn, 0, len(els))
+	for len(els) > 0 {
+		conns = append(conns, els[0].Value.(*entry).conn)
+		t.unlinkLocked(els[0], 0)
+		els = t.byUser[user]
+	}
+	t.mu.Unlock()
+	return t.closeConns(conns, &t.pool.c.admin)
+}
+
 func (t *Table) remove(e *entry) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -449,7 +529,7 @@ func (t *Table) unlinkLocked(el *list.Element, i int) {
 }
 
 func (t *Table) collectExpired(now time.Time, expired, aged []Conn) ([]Conn, []Conn) {
-	exp, maxAge := t.pool.opts.expiration(), t.pool.opts.maxAge()
+	exp, maxAge := t.pool.options().expiration(), t.pool.options().maxAge()
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for el := t.lru.Front(); el != nil; {
@@ -480,15 +560,35 @@ func indexOf(els []*list.Element, el *list.Element) int {
 }
 
 func (t *Table) closeAll() int {
+	conns := t.takeAll(true)
+	for _, c := range conns {
+		closeConn(c)
+		t.pool.Release()
+	}
+	return len(conns)
+}
+
+// takeAll empties the table and returns its connections for the caller to
+// close; with closed, the table caches nothing more.
+func (t *Table) takeAll(closed bool) []Conn {
 	t.mu.Lock()
-	t.closed = true
+	defer t.mu.Unlock()
+	if closed {
+		t.closed = true
+	}
 	var conns []Conn
 	for el := t.lru.Front(); el != nil; el = el.Next() {
 		conns = append(conns, el.Value.(*entry).conn)
 	}
 	t.lru.Init()
 	t.byUser = make(map[string][]*list.Element)
-	t.mu.Unlock()
+	return conns
+}
+
+// closeConns closes conns, taken out of the table, counting them under
+// cause.
+func (t *Table) closeConns(conns []Conn, cause *atomic.Uint64) int {
+	cause.Add(uint64(len(conns)))
 	for _, c := range conns {
 		closeConn(c)
 		t.pool.Release()

@@ -3,6 +3,7 @@ package pool
 import (
 	"context"
 	"errors"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -177,6 +178,90 @@ func TestRemoveTableAndClose(t *testing.T) {
 	}
 	if st := p.Stats(); st.Open != 0 || st.ClosedBackendGone != 3 {
 		t.Errorf("stats = %+v, want 0 open, 3 closed as gone", st)
+	}
+}
+
+// TestFlush: an operator's flush closes every cached connection of every
+// table but, unlike RemoveTable, leaves the tables caching.
+func TestFlush(t *testing.T) {
+	p := New(Options{})
+	t1, t2 := p.Table("b1"), p.Table("b2")
+	cs := []*fakeConn{{}, {}, {}}
+	put(t, p, t1, "a", "pw", cs[0])
+	put(t, p, t1, "b", "pw", cs[1])
+	put(t, p, t2, "a", "pw", cs[2])
+	if n := p.Flush(); n != 3 {
+		t.Fatalf("Flush() = %d, want 3", n)
+	}
+	for i, c := range cs {
+		if !c.isClosed() {
+			t.Errorf("conn %d left open by Flush", i)
+		}
+	}
+	if st := p.Stats(); st.Open != 0 || st.Cached != 0 || st.ClosedAdmin != 3 || st.ClosedBackendGone != 0 {
+		t.Errorf("stats = %+v, want 0 open, 0 cached, 3 closed by admin", st)
+	}
+	later := &fakeConn{}
+	put(t, p, t1, "a", "pw", later)
+	if later.isClosed() || t1.Len() != 1 {
+		t.Fatal("a table no longer caches after Flush")
+	}
+}
+
+// TestCloseUser closes the user's connections in one table, by exact key,
+// and nobody else's; Conns describes what is left.
+func TestCloseUser(t *testing.T) {
+	p := New(Options{})
+	t1, t2 := p.Table("b1"), p.Table("b2")
+	a1, a2, a3, bob, other := &fakeConn{}, &fakeConn{}, &fakeConn{}, &fakeConn{}, &fakeConn{}
+	put(t, p, t1, "alice", "pw", a1)
+	put(t, p, t1, "alice", "pw2", a2)
+	put(t, p, t1, "Alice", "pw", a3)
+	put(t, p, t1, "bob", "pw", bob)
+	put(t, p, t2, "alice", "pw", other)
+
+	if n := t1.CloseUser("alice"); n != 2 {
+		t.Fatalf("CloseUser(alice) = %d, want 2", n)
+	}
+	if !a1.isClosed() || !a2.isClosed() {
+		t.Error("alice's connections left open")
+	}
+	if a3.isClosed() || bob.isClosed() || other.isClosed() {
+		t.Error("CloseUser closed a connection of another key or table")
+	}
+	var users []string
+	for _, ci := range t1.Conns() {
+		users = append(users, ci.User)
+		if ci.Born.IsZero() || ci.Since.IsZero() {
+			t.Errorf("Conns: %+v lacks times", ci)
+		}
+	}
+	if want := []string{"Alice", "bob"}; !slices.Equal(users, want) {
+		t.Errorf("Conns users = %q, want %q", users, want)
+	}
+	if n := t1.CloseUser("alice"); n != 0 {
+		t.Errorf("second CloseUser(alice) = %d, want 0", n)
+	}
+	if st := p.Stats(); st.Open != 3 || st.ClosedAdmin != 2 {
+		t.Errorf("stats = %+v, want 3 open, 2 closed by admin", st)
+	}
+}
+
+// TestTables lists the tables in name order and, unlike Table, makes none.
+func TestTables(t *testing.T) {
+	p := New(Options{})
+	p.Table("b2")
+	p.Table("b1")
+	var names []string
+	for _, tb := range p.Tables() {
+		names = append(names, tb.Name())
+	}
+	if want := []string{"b1", "b2"}; !slices.Equal(names, want) {
+		t.Errorf("Tables = %q, want %q", names, want)
+	}
+	p.RemoveTable("b1")
+	if n := len(p.Tables()); n != 1 {
+		t.Errorf("Tables after RemoveTable: %d, want 1", n)
 	}
 }
 
