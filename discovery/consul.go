@@ -46,8 +46,8 @@ var (
 	// ErrNoService is returned by NewWatcher without ConsulOptions.Service.
 	ErrNoService = errors.New("discovery: consul service name required")
 	// ErrRunning is returned by Run while another Run of the same Watcher
-	// is under way.
-	ErrRunning = errors.New("discovery: watcher already running")
+	// or Registrar is under way.
+	ErrRunning = errors.New("discovery: already running")
 )
 
 // ConsulOptions configures a Watcher. Only Service is required: every
@@ -115,13 +115,21 @@ func (o ConsulOptions) validate() error {
 	if o.Service == "" {
 		errs = append(errs, ErrNoService)
 	}
+	if !validTLS(o.DefaultTLS) {
+		errs = append(errs, fmt.Errorf("discovery: default tls %q: want none, starttls or implicit", o.DefaultTLS))
+	}
+	errs = append(errs, o.validateClient())
+	return errors.Join(errs...)
+}
+
+// validateClient reports the problems with the options that a Registrar
+// uses too: how to reach the agent and how to back off.
+func (o ConsulOptions) validateClient() error {
+	var errs []error
 	switch o.Scheme {
 	case "", "http", "https":
 	default:
 		errs = append(errs, fmt.Errorf("discovery: consul scheme %q: want http or https", o.Scheme))
-	}
-	if !validTLS(o.DefaultTLS) {
-		errs = append(errs, fmt.Errorf("discovery: default tls %q: want none, starttls or implicit", o.DefaultTLS))
 	}
 	if o.WaitTime < 0 || o.MinBackoff < 0 || o.MaxBackoff < 0 {
 		errs = append(errs, errors.New("discovery: negative wait time or backoff"))
@@ -198,9 +206,9 @@ func NewWatcher(opts ConsulOptions) (*Watcher, error) {
 
 // newWatcher builds a Watcher on cfg (tests replace its transport).
 func newWatcher(opts ConsulOptions, cfg *api.Config) (*Watcher, error) {
-	client, err := api.NewClient(cfg)
+	client, err := newClient(cfg)
 	if err != nil {
-		return nil, fmt.Errorf("discovery: consul client: %w", err)
+		return nil, err
 	}
 	return &Watcher{
 		opts:        opts,
@@ -208,6 +216,16 @@ func newWatcher(opts ConsulOptions, cfg *api.Config) (*Watcher, error) {
 		log:         opts.logger().With("service", opts.Service),
 		minInterval: minQueryInterval,
 	}, nil
+}
+
+// newClient builds a Consul client on cfg, normally from apiConfig. It
+// reads TokenFile, if set, once.
+func newClient(cfg *api.Config) (*api.Client, error) {
+	client, err := api.NewClient(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("discovery: consul client: %w", err)
+	}
+	return client, nil
 }
 
 // Status returns a snapshot of the watcher's health. It is safe to call

@@ -167,22 +167,7 @@ func startWatch(t testing.TB, tr transport, opts ConsulOptions) *watchTest {
 		cfg.Scheme = "http"
 		wt.bound = 10 * time.Second
 	case pipe:
-		l := newPipeListener()
-		srv := &http.Server{Handler: wt.fake}
-		served := make(chan struct{})
-		go func() {
-			defer close(served)
-			srv.Serve(l)
-		}()
-		tr := &http.Transport{DialContext: l.dial}
-		t.Cleanup(func() {
-			srv.Close()
-			tr.CloseIdleConnections()
-			<-served
-		})
-		cfg.Address = "consul.test:8500"
-		cfg.Scheme = "http"
-		cfg.Transport = tr
+		servePipe(t, wt.fake, cfg)
 		wt.bound = time.Hour // of fake time: only passes if all else is stuck
 	}
 	w, err := newWatcher(opts, cfg)
@@ -307,6 +292,27 @@ func (l *pipeListener) dial(ctx context.Context, _, _ string) (net.Conn, error) 
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
+}
+
+// servePipe serves h on a pipeListener until the test ends and points
+// cfg at it.
+func servePipe(t testing.TB, h http.Handler, cfg *api.Config) {
+	l := newPipeListener()
+	srv := &http.Server{Handler: h}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		srv.Serve(l)
+	}()
+	tr := &http.Transport{DialContext: l.dial}
+	t.Cleanup(func() {
+		srv.Close()
+		tr.CloseIdleConnections()
+		<-served
+	})
+	cfg.Address = "consul.test:8500"
+	cfg.Scheme = "http"
+	cfg.Transport = tr
 }
 
 type pipeAddr struct{}
