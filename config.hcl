@@ -23,6 +23,11 @@ listener "imap" {
   # cleartext port (143); "implicit" starts TLS at once (IMAPS, 993). Both
   # need the client_tls block.
   tls = "none"
+
+  # Load balancers (HAProxy send-proxy / send-proxy-v2) whose connections
+  # start with a PROXY protocol header carrying the real client address.
+  # Only these addresses may send one; default none.
+  # proxy_protocol_from = ["10.0.0.0/8"]
 }
 
 # IMAPS on the standard port; uncomment together with client_tls below.
@@ -172,6 +177,11 @@ cluster {
   # A backend that failed a dial or refused a login with UNAVAILABLE is
   # skipped by this proxy for this long; its users go to their next backend.
   down_time = "10s" # default
+
+  # A backend that comes back within this long of leaving (a flapping
+  # health check) is held out until it has stayed this long, so its users
+  # move once, not back and forth. "0s" disables it.
+  rejoin_hold = "30s" # default
 }
 
 # Cluster mode: take the backend set from the healthy instances of a Consul
@@ -184,4 +194,23 @@ cluster {
 #   # tag      = "mailstore"
 #   # token_file = "/etc/imapproxy/consul-token"
 #   wait_time  = "5m"
+# }
+
+# The operator's HTTP listener: /metrics, /healthz, /readyz, the admin API
+# (docs/admin.md) and `imapproxy status`. Keep it on loopback.
+admin {
+  address = "127.0.0.1:9143" # default
+  # Require "Authorization: Bearer TOKEN" on /api/ (chmod 600 the file).
+  # token_file = "/etc/imapproxy/admin-token"
+  # Where per-user protocol traces go (POST /api/v1/users/USER/trace);
+  # unset, tracing is off.
+  # trace_dir = "/var/lib/imapproxy"
+}
+
+# Register this proxy in Consul, so a fleet of proxies is discoverable.
+# register {
+#   service        = "imapproxy"
+#   address        = "192.0.2.10:143" # required if the listener is on all interfaces
+#   check          = "tcp"            # or "http": /readyz on the admin listener
+#   check_interval = "10s"
 # }

@@ -29,6 +29,7 @@ type Config struct {
 	Cluster   Cluster
 	Consul    *Consul // nil: the static backend blocks are the backend set
 	Admin     Admin
+	Register  *Register // nil: the proxy does not register itself
 
 	// pos maps keys such as "cache.expiration" or "listener[0].address" to
 	// where they were written; nil for a Config built in code.
@@ -40,6 +41,9 @@ type Listener struct {
 	Name    string
 	Address string // host:port
 	TLS     string // none|starttls|implicit
+	// ProxyProtocolFrom lists the addresses and prefixes whose
+	// connections start with a PROXY protocol header; empty: none do.
+	ProxyProtocolFrom []string
 }
 
 // ClientTLS is the certificate that listeners present to clients.
@@ -113,11 +117,32 @@ type Cluster struct {
 	HashKey      string        // lowercase|exact|domain: what of the username is hashed
 	BackendDrain time.Duration // sessions on a backend that left are ended after this
 	DownTime     time.Duration // a backend that failed a dial or login is skipped this long
+	RejoinHold   time.Duration // a backend back within this of leaving waits this long; 0 disables
 }
 
 // Admin is the HTTP listener for metrics, health and the admin API.
 type Admin struct {
 	Address string // host:port; "" disables it
+	// TokenFile holds the bearer token the admin API requires; "" leaves
+	// the API open to whoever reaches the listener.
+	TokenFile string
+	// TraceDir is where per-user protocol traces started through the
+	// admin API are written; "" disables tracing.
+	TraceDir string
+}
+
+// Register makes the proxy register itself as a Consul service, so that
+// a fleet of proxies is discoverable (by a load balancer, by DNS).
+type Register struct {
+	Service         string        // service name
+	ID              string        // "" = SERVICE-HOSTNAME-PORT
+	Listener        string        // the listener whose address is registered; "" = the first
+	Address         string        // host:port advertised; "" = the listener's
+	Tags            []string      // service tags
+	Check           string        // tcp|http: Consul connects to the address, or GETs /readyz on the admin listener
+	CheckInterval   time.Duration // how often Consul checks
+	DeregisterAfter time.Duration // a proxy critical this long is removed by Consul
+	ConsulAddress   string        // the agent, when there is no consul block
 }
 
 // Consul makes a Consul service the backend set.
@@ -220,6 +245,7 @@ func defaults() *Config {
 			HashKey:      "lowercase",
 			BackendDrain: 30 * time.Second,
 			DownTime:     10 * time.Second,
+			RejoinHold:   30 * time.Second,
 		},
 	}
 }

@@ -51,7 +51,7 @@ func TestParseDefaults(t *testing.T) {
 		},
 		Limits: Limits{MaxLineLength: 65536, MaxLiteralPreAuth: 8192, MaxLiteral: 64 << 20, MaxBadCommands: 3,
 			MaxClients: 5000, MaxPreAuth: 1000, MaxSessionsPerUser: 50},
-		Cluster: Cluster{HashKey: "lowercase", BackendDrain: 30 * time.Second, DownTime: 10 * time.Second},
+		Cluster: Cluster{HashKey: "lowercase", BackendDrain: 30 * time.Second, DownTime: 10 * time.Second, RejoinHold: 30 * time.Second},
 		Admin:   Admin{Address: "127.0.0.1:9143"},
 	}
 	if !reflect.DeepEqual(got, want) {

@@ -25,16 +25,32 @@ type hclFile struct {
 	Cluster   *hclCluster   `hcl:"cluster,block"`
 	Consul    *hclConsul    `hcl:"consul,block"`
 	Admin     *hclAdmin     `hcl:"admin,block"`
+	Register  *hclRegister  `hcl:"register,block"`
+}
+
+type hclRegister struct {
+	Service         *string  `hcl:"service,optional"`
+	ID              *string  `hcl:"id,optional"`
+	Listener        *string  `hcl:"listener,optional"`
+	Address         *string  `hcl:"address,optional"`
+	Tags            []string `hcl:"tags,optional"`
+	Check           *string  `hcl:"check,optional"`
+	CheckInterval   *string  `hcl:"check_interval,optional"`
+	DeregisterAfter *string  `hcl:"deregister_after,optional"`
+	ConsulAddress   *string  `hcl:"consul_address,optional"`
 }
 
 type hclAdmin struct {
-	Address *string `hcl:"address,optional"`
+	Address   *string `hcl:"address,optional"`
+	TokenFile *string `hcl:"token_file,optional"`
+	TraceDir  *string `hcl:"trace_dir,optional"`
 }
 
 type hclCluster struct {
 	HashKey      *string `hcl:"hash_key,optional"`
 	BackendDrain *string `hcl:"backend_drain,optional"`
 	DownTime     *string `hcl:"down_time,optional"`
+	RejoinHold   *string `hcl:"rejoin_hold,optional"`
 }
 
 type hclConsul struct {
@@ -58,6 +74,8 @@ type hclListener struct {
 	Name    string  `hcl:"name,label"`
 	Address *string `hcl:"address,optional"` // required, but checked by Validate to report it once
 	TLS     *string `hcl:"tls,optional"`
+	// A list: pointer-free, nil when absent.
+	ProxyProtocolFrom []string `hcl:"proxy_protocol_from,optional"`
 }
 
 type hclClientTLS struct {
@@ -130,6 +148,7 @@ func (c *Config) apply(f *hclFile, ck *checker) {
 		l := Listener{Name: h.Name, TLS: "none"}
 		set(&l.Address, h.Address)
 		set(&l.TLS, h.TLS)
+		l.ProxyProtocolFrom = h.ProxyProtocolFrom
 		c.Listeners = append(c.Listeners, l)
 	}
 
@@ -202,10 +221,13 @@ func (c *Config) apply(f *hclFile, ck *checker) {
 		set(&cl.HashKey, h.HashKey)
 		ck.duration(k.dot("backend_drain"), &cl.BackendDrain, h.BackendDrain)
 		ck.duration(k.dot("down_time"), &cl.DownTime, h.DownTime)
+		ck.duration(k.dot("rejoin_hold"), &cl.RejoinHold, h.RejoinHold)
 	}
 
 	if h := f.Admin; h != nil {
 		set(&c.Admin.Address, h.Address)
+		set(&c.Admin.TokenFile, h.TokenFile)
+		set(&c.Admin.TraceDir, h.TraceDir)
 	}
 
 	if h := f.Consul; h != nil {
@@ -225,6 +247,26 @@ func (c *Config) apply(f *hclFile, ck *checker) {
 		set(&cs.Tag, h.Tag)
 		ck.duration(k.dot("wait_time"), &cs.WaitTime, h.WaitTime)
 		c.Consul = cs
+	}
+
+	if h := f.Register; h != nil {
+		r, k := &Register{
+			Service:         "imapproxy",
+			Check:           "tcp",
+			CheckInterval:   10 * time.Second,
+			DeregisterAfter: time.Minute,
+			ConsulAddress:   "127.0.0.1:8500",
+		}, top("register")
+		set(&r.Service, h.Service)
+		set(&r.ID, h.ID)
+		set(&r.Listener, h.Listener)
+		set(&r.Address, h.Address)
+		r.Tags = h.Tags
+		set(&r.Check, h.Check)
+		ck.duration(k.dot("check_interval"), &r.CheckInterval, h.CheckInterval)
+		ck.duration(k.dot("deregister_after"), &r.DeregisterAfter, h.DeregisterAfter)
+		set(&r.ConsulAddress, h.ConsulAddress)
+		c.Register = r
 	}
 }
 

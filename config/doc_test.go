@@ -29,7 +29,7 @@ import (
 //     cell is its full name in backticks: "| `cache.expiration` | ...",
 //     "| `listener "NAME".address` | ...". The columns are
 //     Key | Type | Default | Allowed | Meaning.
-//   - Type is "bool", "integer", "string" or "duration"; a duration is a
+//   - Type is "bool", "integer", "string", "list of strings" or "duration"; a duration is a
 //     string that must parse as one, which the test proves by setting it to
 //     an invalid value.
 //   - A Default cell that starts with a backticked HCL literal is proved:
@@ -100,11 +100,15 @@ func schema(t *testing.T) ([]docBlock, []docAttr) {
 			case "label":
 				// Part of the block's name, handled by the parent.
 			case "", "optional":
+				k := ft.Kind()
+				if f.Type.Kind() == reflect.Slice {
+					k = reflect.Slice // an attribute that is a list
+				}
 				attrs = append(attrs, docAttr{
 					path: path,
 					attr: name,
 					name: strings.TrimPrefix(joinSteps(path)+"."+name, "."),
-					kind: ft.Kind(),
+					kind: k,
 				})
 			case "block":
 				if ft.Kind() != reflect.Struct {
@@ -460,6 +464,7 @@ var typeOfKind = map[reflect.Kind][]string{
 	reflect.Int:    {"integer"},
 	reflect.Int64:  {"integer"},
 	reflect.String: {"string", "duration"},
+	reflect.Slice:  {"list of strings"},
 }
 
 func checkTypeAndDefault(t *testing.T, a docAttr, r docRow) {

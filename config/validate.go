@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/hcl/v2"
+
+	"github.com/imapproxy/imapproxy/internal/proxyproto"
 )
 
 var tlsModes = []string{"none", "starttls", "implicit"}
@@ -60,9 +62,25 @@ func (c *Config) check(ck *checker) {
 	ck.oneOf(k.dot("hash_key"), c.Cluster.HashKey, "lowercase", "exact", "domain")
 	ck.positive(k.dot("backend_drain"), c.Cluster.BackendDrain)
 	ck.positive(k.dot("down_time"), c.Cluster.DownTime)
+	if c.Cluster.RejoinHold < 0 {
+		ck.addf(k.dot("rejoin_hold"), "must not be negative (\"0s\" disables it), got %s", c.Cluster.RejoinHold)
+	}
 	c.checkConsul(ck)
+	c.checkRegister(ck)
 	if c.Admin.Address != "" {
-		ck.address(top("admin").dot("address"), c.Admin.Address, addrs, false)
+		ck.address(top("admin"), c.Admin.Address, addrs, false)
+	}
+	if f := c.Admin.TokenFile; f != "" {
+		if _, err := ReadToken(f); err != nil {
+			ck.addf(top("admin").dot("token_file"), "%v", err)
+		}
+	}
+	if d := c.Admin.TraceDir; d != "" {
+		if st, err := os.Stat(d); err != nil {
+			ck.addf(top("admin").dot("trace_dir"), "%v", err)
+		} else if !st.IsDir() {
+			ck.addf(top("admin").dot("trace_dir"), "%s is not a directory", d)
+		}
 	}
 
 	k = top("limits")
@@ -89,6 +107,9 @@ func (c *Config) checkListeners(ck *checker, addrs map[string]string) {
 		names[l.Name] = true
 		ck.address(k, l.Address, addrs, false)
 		ck.oneOf(k.dot("tls"), l.TLS, tlsModes...)
+		if _, err := proxyproto.ParseTrusted(l.ProxyProtocolFrom); err != nil {
+			ck.addf(k.dot("proxy_protocol_from"), "%s", strings.ReplaceAll(err.Error(), "\n", "; "))
+		}
 	}
 }
 
@@ -194,6 +215,53 @@ func (c *Config) checkConsul(ck *checker) {
 	}
 	if (cs.CertFile == "") != (cs.KeyFile == "") {
 		ck.addf(k.dot("cert_file"), "cert_file and key_file must be set together")
+	}
+}
+
+func (c *Config) checkRegister(ck *checker) {
+	r := c.Register
+	if r == nil {
+		return
+	}
+	k := top("register")
+	if r.Service == "" {
+		ck.addf(k.dot("service"), "must not be empty")
+	}
+	ck.oneOf(k.dot("check"), r.Check, "tcp", "http")
+	if r.Check == "http" && c.Admin.Address == "" {
+		ck.addf(k.dot("check"), `"http" checks the admin listener's /readyz, but admin.address is empty`)
+	}
+	// Consul raises shorter values silently; say so instead.
+	if r.CheckInterval < time.Second {
+		ck.addf(k.dot("check_interval"), "must be at least 1s, got %s", r.CheckInterval)
+	}
+	if r.DeregisterAfter < time.Minute {
+		ck.addf(k.dot("deregister_after"), "must be at least 1m, got %s", r.DeregisterAfter)
+	}
+	if len(c.Listeners) == 0 {
+		return
+	}
+	l := c.Listeners[0]
+	if r.Listener != "" {
+		i := slices.IndexFunc(c.Listeners, func(l Listener) bool { return l.Name == r.Listener })
+		if i < 0 {
+			ck.addf(k.dot("listener"), "no listener %q", r.Listener)
+			return
+		}
+		l = c.Listeners[i]
+	}
+	if r.Address == "" {
+		host, _, err := net.SplitHostPort(l.Address)
+		if ip := net.ParseIP(host); err == nil && (host == "" || ip != nil && ip.IsUnspecified()) {
+			ck.addf(k.dot("address"), "required: listener.%s listens on all interfaces (%q), so say which address others reach it at", l.Name, l.Address)
+		}
+		return
+	}
+	host, port, err := net.SplitHostPort(r.Address)
+	if ip := net.ParseIP(host); err != nil || host == "" || ip != nil && ip.IsUnspecified() {
+		ck.addf(k.dot("address"), "want host:port with a host others can reach, got %q", r.Address)
+	} else if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+		ck.addf(k.dot("address"), "invalid port %q (want 1-65535)", port)
 	}
 }
 
