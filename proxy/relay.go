@@ -58,6 +58,9 @@ type relay struct {
 	stopping  bool   // the pump ends after the next internal reply
 	internal  string // status of the internal command
 
+	// trace, when an operator traces the user, records the protocol.
+	trace atomic.Pointer[tracer]
+
 	// running is set, under the session's wmu, once the relay owns the
 	// client writer; before that only the session goroutine writes.
 	running atomic.Bool
@@ -117,7 +120,7 @@ const (
 
 func (rl *relay) clientLoop() endKind {
 	sess := rl.sess
-	o := &sess.srv.opts
+	o := sess.srv.options()
 	r := sess.r
 	for {
 		if sess.draining.Load() {
@@ -132,6 +135,9 @@ func (rl *relay) clientLoop() endKind {
 		}
 		sess.conn.SetReadDeadline(time.Now().Add(timeout))
 		line, lit, err := r.ReadLine()
+		if tr := rl.trace.Load(); tr != nil && err == nil {
+			tr.line(sess.id, rl.backend.ID, "C", line, lit)
+		}
 		if err != nil {
 			var se *imapwire.SyntaxError
 			switch {
@@ -155,7 +161,7 @@ func (rl *relay) clientLoop() endKind {
 // session waiting for its client holds only a small stack.
 func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end endKind, done bool) {
 	sess := rl.sess
-	o := &sess.srv.opts
+	o := sess.srv.options()
 	r := sess.r
 	var err error
 	if idling {
@@ -283,7 +289,10 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 		litDeadline := time.Now().Add(o.literalTimeout() + time.Duration(lit.Size>>16)*time.Second)
 		sess.conn.SetReadDeadline(litDeadline)
 		rl.up.conn.SetWriteDeadline(litDeadline)
-		if _, err := r.CopyLiteral(rl.up.conn, lit.Size, sess.conn); err != nil {
+		var n int64
+		n, err = r.CopyLiteral(rl.up.conn, lit.Size, sess.conn)
+		sess.srv.stats.bytesUp.Add(uint64(n))
+		if err != nil {
 			rl.setDirty("literal interrupted")
 			return rl.clientError(err), true
 		}
@@ -292,6 +301,9 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 		if err != nil {
 			rl.setDirty("command interrupted")
 			return rl.clientError(err), true
+		}
+		if tr := rl.trace.Load(); tr != nil {
+			tr.line(sess.id, rl.backend.ID, "C", line, lit)
 		}
 		if lit != nil && lit.Size > o.maxLiteral() {
 			// Half the command is with the server already.
@@ -386,6 +398,7 @@ func (rl *relay) toUpstream(line []byte, flush bool) error {
 	if _, err := rl.up.w.Write(line); err != nil {
 		return err
 	}
+	rl.sess.srv.stats.bytesUp.Add(uint64(len(line)))
 	if flush || rl.sess.r.Buffered() == 0 {
 		return rl.flushUp()
 	}
@@ -398,7 +411,7 @@ func (rl *relay) flushUp() error {
 	if rl.up.w.Buffered() == 0 {
 		return nil
 	}
-	rl.up.conn.SetWriteDeadline(time.Now().Add(rl.sess.srv.opts.writeTimeout()))
+	rl.up.conn.SetWriteDeadline(time.Now().Add(rl.sess.srv.options().writeTimeout()))
 	return rl.up.w.Flush()
 }
 
@@ -410,7 +423,7 @@ func (rl *relay) skipLiterals(lit *imapwire.Literal) bool {
 		if !lit.NonSync {
 			return true
 		}
-		if lit.Size > rl.sess.srv.opts.maxLiteral() {
+		if lit.Size > rl.sess.srv.options().maxLiteral() {
 			rl.answer("* BYE [TOOBIG] Literal too big")
 			return false
 		}
@@ -501,7 +514,7 @@ func (rl *relay) waitQuiet(timeout time.Duration) bool {
 // logout answers the client's LOGOUT once everything it asked before has
 // been answered.
 func (rl *relay) logout(tag string) endKind {
-	if !rl.waitQuiet(rl.sess.srv.opts.logoutWait()) {
+	if !rl.waitQuiet(rl.sess.srv.options().logoutWait()) {
 		rl.setDirty("commands outstanding at logout")
 	}
 	rl.logoutTag = tag
@@ -521,7 +534,7 @@ func (rl *relay) drainClient() endKind {
 		rl.up.w.WriteString("DONE\r\n")
 		rl.flushUp()
 	}
-	rl.waitQuiet(rl.sess.srv.opts.logoutWait())
+	rl.waitQuiet(rl.sess.srv.options().logoutWait())
 	rl.say("* BYE Server shutting down")
 	return endDraining
 }
@@ -732,6 +745,9 @@ func (rl *relay) pumpLoop() error {
 		if err != nil {
 			return err
 		}
+		if tr := rl.trace.Load(); tr != nil {
+			tr.line(rl.sess.id, rl.backend.ID, "S", line, lit)
+		}
 		forward := true
 		stop := false
 		switch {
@@ -841,17 +857,22 @@ func (rl *relay) forward(line []byte, lit *imapwire.Literal, pass bool) error {
 	sess.wmu.Lock()
 	defer sess.wmu.Unlock()
 	out := pass && !sess.silenced
+	var sent int
+	defer func() { sess.srv.stats.bytesDown.Add(uint64(sent)) }()
 	if out {
 		if _, err := sess.w.Write(line); err != nil {
 			return clientGone(err)
 		}
+		sent += len(line)
 	}
 	for lit != nil {
 		if out {
 			if err := sess.flush(); err != nil {
 				return clientGone(err)
 			}
-			if err := rl.copyToClient(lit.Size); err != nil {
+			err := rl.copyToClient(lit.Size)
+			sent += int(lit.Size) // or near it, if the copy failed
+			if err != nil {
 				return err
 			}
 		} else if err := up.r.DiscardLiteral(lit.Size); err != nil {
@@ -862,10 +883,14 @@ func (rl *relay) forward(line []byte, lit *imapwire.Literal, pass bool) error {
 		if err != nil {
 			return err
 		}
+		if tr := rl.trace.Load(); tr != nil {
+			tr.line(sess.id, rl.backend.ID, "S", line, lit)
+		}
 		if out {
 			if _, err := sess.w.Write(line); err != nil {
 				return clientGone(err)
 			}
+			sent += len(line)
 		}
 	}
 	if out && up.r.Buffered() == 0 {
@@ -888,7 +913,7 @@ func (rl *relay) copyToClient(n int64) error {
 	sess, up := rl.sess, rl.up
 	for n > 0 {
 		k := min(n, literalChunk)
-		sess.conn.SetWriteDeadline(time.Now().Add(sess.srv.opts.writeTimeout()))
+		sess.conn.SetWriteDeadline(time.Now().Add(sess.srv.options().writeTimeout()))
 		m, err := up.r.CopyLiteral(sess.conn, k, up.conn)
 		n -= m
 		if err != nil {

@@ -12,14 +12,17 @@ import (
 	"crypto/tls"
 	"errors"
 	"net"
+	"os"
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/imapproxy/imapproxy/balancer"
+	"github.com/imapproxy/imapproxy/internal/proxyproto"
 	"github.com/imapproxy/imapproxy/pool"
 )
 
@@ -68,6 +71,9 @@ type Options struct {
 	MaxClientsPerIP    int // client connections from one address
 	MaxPreAuth         int // connections not yet logged in
 	MaxSessionsPerUser int // logged-in sessions of one user
+
+	// Metrics, if not nil, receive latencies and backend login results.
+	Metrics *Metrics
 }
 
 func (o *Options) banner() string {
@@ -103,9 +109,14 @@ func orInt(n, def int) int {
 
 // backendSet is the current set of backends and its ring, swapped as one.
 type backendSet struct {
-	ring   *balancer.Ring
+	ring *balancer.Ring
+	// byID holds the backends in service: the set less those an operator
+	// drained. Sessions check their backend against it, so that a login
+	// under way to a drained backend moves on and a session on one does
+	// not cache its connection.
 	byID   map[string]Backend
-	health map[string]*health
+	all    map[string]Backend // the whole set, drained backends included
+	health map[string]*health // of all
 }
 
 // health is this proxy's own view of a backend, from failed dials and
@@ -119,11 +130,12 @@ func (h *health) down(now time.Time) bool { return now.UnixNano() < h.downUntil.
 
 // Server accepts IMAP clients and proxies them.
 type Server struct {
-	opts   Options
-	log    hclog.Logger
-	pool   *pool.Pool
-	dialer *Dialer
-	key    [32]byte // HMAC key for credential digests, drawn at start
+	// opts is replaced whole by SetOptions: a session reads it when it
+	// needs a value, so a reload reaches sessions already running.
+	opts atomic.Pointer[Options]
+	log  hclog.Logger
+	pool *pool.Pool
+	key  [32]byte // HMAC key for credential digests, drawn at start
 
 	backends atomic.Pointer[backendSet]
 	preCaps  atomic.Pointer[[]string] // latest backend pre-login capabilities
@@ -131,7 +143,13 @@ type Server struct {
 	nextID atomic.Uint64
 	stats  counters
 
-	setMu sync.Mutex // serialises SetBackends
+	setMu   sync.Mutex      // serialises SetBackends
+	drained map[string]bool // backend IDs drained by an operator; guarded by setMu
+
+	// reserve is a descriptor held to be closed when accept runs out of
+	// them, so that one waiting client can be told so (see shed).
+	reserveMu sync.Mutex
+	reserve   *os.File
 
 	mu        sync.Mutex
 	perIP     map[string]int // client connections by address
@@ -140,6 +158,7 @@ type Server struct {
 	drains    map[*time.Timer]struct{}
 	listeners map[net.Listener]struct{}
 	sessions  map[*session]struct{}
+	traces    map[string]*tracer // by traceKey(user)
 	shutdown  bool
 	wg        sync.WaitGroup // sessions
 }
@@ -147,7 +166,6 @@ type Server struct {
 // New returns a Server.
 func New(opts Options) *Server {
 	s := &Server{
-		opts:      opts,
 		listeners: map[net.Listener]struct{}{},
 		sessions:  map[*session]struct{}{},
 		drains:    map[*time.Timer]struct{}{},
@@ -162,13 +180,15 @@ func New(opts Options) *Server {
 	if s.pool == nil {
 		s.pool = pool.New(pool.Options{})
 	}
-	s.dialer = opts.Dialer
-	if s.dialer == nil {
-		s.dialer = &Dialer{}
+	opts.Pool = s.pool
+	if opts.Dialer == nil {
+		opts.Dialer = &Dialer{}
 	}
+	s.opts.Store(&opts)
 	if _, err := rand.Read(s.key[:]); err != nil {
 		panic("proxy: no randomness for the credential key: " + err.Error())
 	}
+	s.reserve, _ = os.Open(os.DevNull)
 	s.backends.Store(&backendSet{
 		ring:   balancer.New(nil, balancer.Options{Key: opts.HashKey}),
 		byID:   map[string]Backend{},
@@ -177,28 +197,70 @@ func New(opts Options) *Server {
 	return s
 }
 
+func (s *Server) options() *Options { return s.opts.Load() }
+
+func (s *Server) dialer() *Dialer { return s.options().Dialer }
+
+// SetOptions replaces the options of a running server, as a
+// configuration reload does. Timeouts, limits, TLS and dialer settings
+// apply to new connections and to each session's next use of them;
+// sessions and cached connections are kept. Logger and Pool cannot
+// change and are ignored. A new HashKey re-maps users at once.
+func (s *Server) SetOptions(opts Options) {
+	s.setMu.Lock()
+	defer s.setMu.Unlock()
+	old := s.options()
+	opts.Logger, opts.Pool = old.Logger, old.Pool
+	if opts.Dialer == nil {
+		opts.Dialer = &Dialer{}
+	}
+	s.opts.Store(&opts)
+	if opts.HashKey != old.HashKey {
+		set := s.backends.Load()
+		next := *set
+		next.ring = balancer.New(set.ring.Backends(), balancer.Options{Key: opts.HashKey})
+		s.backends.Store(&next)
+		s.log.Warn("hash_key changed: users are mapped anew", "from", old.HashKey, "to", opts.HashKey)
+	}
+}
+
 // SetBackends replaces the backend set. Cached connections of backends
 // that left it (or whose address or TLS mode changed) are closed at once;
-// sessions still using them get BackendDrain to finish, then BYE.
+// sessions still using them get BackendDrain to finish, then BYE. A
+// backend drained by an operator stays drained while it is in the set.
 func (s *Server) SetBackends(bs []Backend) {
 	s.setMu.Lock()
 	defer s.setMu.Unlock()
+	s.setBackendsLocked(bs)
+}
+
+// setBackendsLocked installs bs less the drained backends; the caller
+// holds setMu.
+func (s *Server) setBackendsLocked(bs []Backend) {
 	old := s.backends.Load()
-	next := &backendSet{byID: make(map[string]Backend, len(bs)), health: make(map[string]*health, len(bs))}
+	next := &backendSet{
+		byID:   make(map[string]Backend, len(bs)),
+		all:    make(map[string]Backend, len(bs)),
+		health: make(map[string]*health, len(bs)),
+	}
 	rb := make([]balancer.Backend, 0, len(bs))
 	for _, b := range bs {
-		if _, dup := next.byID[b.ID]; dup {
+		if _, dup := next.all[b.ID]; dup {
 			continue
 		}
-		next.byID[b.ID] = b
-		if ob, ok := old.byID[b.ID]; ok && ob == b {
+		next.all[b.ID] = b
+		if ob, ok := old.all[b.ID]; ok && ob == b {
 			next.health[b.ID] = old.health[b.ID]
 		} else {
 			next.health[b.ID] = &health{}
 		}
+		if s.drained[b.ID] {
+			continue
+		}
+		next.byID[b.ID] = b
 		rb = append(rb, balancer.Backend{ID: b.ID, Addr: b.Addr, Weight: b.Weight})
 	}
-	next.ring = balancer.New(rb, balancer.Options{Key: s.opts.HashKey})
+	next.ring = balancer.New(rb, balancer.Options{Key: s.options().HashKey})
 	s.backends.Store(next)
 	var gone []string
 	for id, ob := range old.byID {
@@ -206,8 +268,9 @@ func (s *Server) SetBackends(bs []Backend) {
 			gone = append(gone, id)
 		}
 	}
+	gone = s.drainedLocked(old, next, gone)
 	for _, id := range gone {
-		s.log.Info("backend left the set; closing its cached connections", "backend", id, "drain", s.opts.backendDrain())
+		s.log.Info("backend left the set; closing its cached connections", "backend", id, "drain", s.options().backendDrain())
 		s.pool.RemoveTable(id)
 		s.scheduleDrain(old.byID[id])
 	}
@@ -225,7 +288,7 @@ func (s *Server) scheduleDrain(b Backend) {
 		return
 	}
 	var t *time.Timer
-	t = time.AfterFunc(s.opts.backendDrain(), func() {
+	t = time.AfterFunc(s.options().backendDrain(), func() {
 		s.mu.Lock()
 		delete(s.drains, t)
 		if cur, ok := s.backends.Load().byID[b.ID]; ok && cur == b {
@@ -253,9 +316,9 @@ func (s *Server) scheduleDrain(b Backend) {
 // markDown makes this proxy skip a backend for DownTime.
 func (s *Server) markDown(id string, why error) {
 	if h := s.backends.Load().health[id]; h != nil {
-		h.downUntil.Store(time.Now().Add(s.opts.downTime()).UnixNano())
+		h.downUntil.Store(time.Now().Add(s.options().downTime()).UnixNano())
 		s.stats.down.Add(1)
-		s.log.Warn("backend marked down", "backend", id, "for", s.opts.downTime(), "error", why)
+		s.log.Warn("backend marked down", "backend", id, "for", s.options().downTime(), "error", why)
 	}
 }
 
@@ -271,11 +334,14 @@ type Stats struct {
 	BackendsDrained uint64 // sessions ended because their backend left
 	Rejected        uint64 // connections refused by a client limit
 	UserLimited     uint64 // logins refused by the per-user session limit
+	BytesToServer   uint64 // relayed from clients to backends after login
+	BytesToClient   uint64 // relayed from backends to clients after login
 }
 
 type counters struct {
 	fresh, reused, refused, failed, failovers, down, drained atomic.Uint64
 	rejected, userLimited                                    atomic.Uint64
+	bytesUp, bytesDown                                       atomic.Uint64
 }
 
 // Stats returns the server's counters.
@@ -294,10 +360,13 @@ func (s *Server) Stats() Stats {
 		BackendsDrained: s.stats.drained.Load(),
 		Rejected:        s.stats.rejected.Load(),
 		UserLimited:     s.stats.userLimited.Load(),
+		BytesToServer:   s.stats.bytesUp.Load(),
+		BytesToClient:   s.stats.bytesDown.Load(),
 	}
 }
 
-// Backends returns the current backend set, sorted by ID.
+// Backends returns the backends in service, sorted by ID: the current
+// set less those drained by an operator.
 func (s *Server) Backends() []Backend {
 	set := s.backends.Load()
 	out := make([]Backend, 0, len(set.byID))
@@ -317,7 +386,7 @@ func (s *Server) ProbeCapabilities(ctx context.Context) error {
 	var err error
 	for _, b := range set.ring.Backends() {
 		var u *upstream
-		u, err = s.dialer.dial(ctx, set.byID[b.ID])
+		u, err = s.dialer().dial(ctx, set.byID[b.ID])
 		if err != nil {
 			continue
 		}
@@ -357,6 +426,23 @@ func (s *Server) digest(cr *credentials) pool.Digest {
 // tlsMode is the listener's client TLS: TLSNone, TLSStartTLS or
 // TLSImplicit.
 func (s *Server) Serve(l net.Listener, tlsMode string) error {
+	return s.ServeListener(l, ListenerOptions{TLS: tlsMode})
+}
+
+// ListenerOptions say how the connections of one listener begin.
+type ListenerOptions struct {
+	TLS string // TLSNone, TLSStartTLS or TLSImplicit
+	// ProxyProtocolFrom are the load balancers whose connections start
+	// with a PROXY protocol header (v1 or v2): the address in it is the
+	// client's from then on, for limits, logs and the ID sent to the
+	// backend. A connection from them without a valid header is closed.
+	// Other peers are served as they are.
+	ProxyProtocolFrom proxyproto.Trusted
+}
+
+// ServeListener is Serve with more to say about the listener.
+func (s *Server) ServeListener(l net.Listener, lo ListenerOptions) error {
+	tlsMode := lo.TLS
 	s.mu.Lock()
 	if s.shutdown {
 		s.mu.Unlock()
@@ -380,6 +466,11 @@ func (s *Server) Serve(l net.Listener, tlsMode string) error {
 			if down {
 				return ErrServerClosed
 			}
+			if outOfFiles(err) && s.shed(l) {
+				// A client waiting in the queue was told to come
+				// back later; go on at once with the next.
+				continue
+			}
 			// Out of file descriptors and the like: back off as
 			// net/http does, instead of spinning.
 			var ne net.Error
@@ -396,12 +487,81 @@ func (s *Server) Serve(l net.Listener, tlsMode string) error {
 		if tc, ok := c.(*net.TCPConn); ok {
 			tc.SetNoDelay(true)
 		}
+		if lo.ProxyProtocolFrom.Contains(c.RemoteAddr()) {
+			// The header may be slow to come: read it off the
+			// accept loop.
+			go s.acceptProxied(c, tlsMode)
+			continue
+		}
 		sess := s.newSession(c, tlsMode)
 		if sess == nil {
 			continue
 		}
 		go sess.serve()
 	}
+}
+
+// acceptProxied reads the PROXY protocol header of a connection from a
+// trusted load balancer, then serves it as coming from the client the
+// header names.
+func (s *Server) acceptProxied(c net.Conn, tlsMode string) {
+	pc, err := proxyproto.Accept(c, s.options().preAuthTimeout())
+	if err != nil {
+		s.log.Warn("connection closed: no valid PROXY protocol header from a load balancer", "peer", c.RemoteAddr().String(), "error", err)
+		c.Close()
+		return
+	}
+	if sess := s.newSession(pc, tlsMode); sess != nil {
+		sess.serve()
+	}
+}
+
+// outOfFiles reports whether err is the process or the system running out
+// of file descriptors.
+func outOfFiles(err error) bool {
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE)
+}
+
+// shed turns away one client waiting in l's accept queue when the process
+// is out of descriptors: it closes the descriptor held in reserve for
+// this, accepts, writes a BYE and closes, then takes the reserve back
+// (the trick of nginx and libev). Without it the client would sit in the
+// queue, greeted by nobody, until it gave up. It reports whether a client
+// was turned away.
+func (s *Server) shed(l net.Listener) bool {
+	dl, ok := l.(interface{ SetDeadline(time.Time) error })
+	if !ok {
+		return false
+	}
+	s.reserveMu.Lock()
+	defer s.reserveMu.Unlock()
+	if s.reserve == nil {
+		return false
+	}
+	s.reserve.Close()
+	s.reserve = nil
+	defer func() {
+		// The descriptor just closed is the lowest free one again,
+		// unless another goroutine took it; then there is no reserve
+		// until the next shed finds one.
+		if f, err := os.Open(os.DevNull); err == nil {
+			s.reserve = f
+		}
+	}()
+	// Linux fails accept for want of a descriptor before it looks at the
+	// queue, so the queue may be empty: do not wait for a client.
+	dl.SetDeadline(time.Now().Add(10 * time.Millisecond))
+	c, err := l.Accept()
+	dl.SetDeadline(time.Time{})
+	if err != nil {
+		return false
+	}
+	s.stats.rejected.Add(1)
+	s.log.Warn("connection refused: out of file descriptors", "client", c.RemoteAddr().String())
+	c.SetWriteDeadline(time.Now().Add(time.Second))
+	c.Write([]byte("* BYE [UNAVAILABLE] Server out of resources, try again later\r\n"))
+	c.Close()
+	return true
 }
 
 func isTemporary(err error) bool {
@@ -417,7 +577,7 @@ func (s *Server) newSession(c net.Conn, tlsMode string) *session {
 		c.Close()
 		return nil
 	}
-	o := &s.opts
+	o := s.options()
 	var over string
 	switch {
 	case o.MaxClients > 0 && len(s.sessions) >= o.MaxClients:
@@ -466,7 +626,7 @@ func remoteIP(c net.Conn) string {
 func (s *Server) loggedIn(sess *session, user string) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if max := s.opts.MaxSessionsPerUser; max > 0 && s.perUser[user] >= max {
+	if max := s.options().MaxSessionsPerUser; max > 0 && s.perUser[user] >= max {
 		return false
 	}
 	s.perUser[user]++
@@ -482,7 +642,7 @@ func (s *Server) loggedIn(sess *session, user string) bool {
 func (s *Server) userFull(user string) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	max := s.opts.MaxSessionsPerUser
+	max := s.options().MaxSessionsPerUser
 	return max > 0 && s.perUser[user] >= max
 }
 
@@ -530,7 +690,18 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		<-done
 	}
 	s.pool.Close()
+	s.dropReserve()
+	s.stopTraces()
 	return err
+}
+
+func (s *Server) dropReserve() {
+	s.reserveMu.Lock()
+	defer s.reserveMu.Unlock()
+	if s.reserve != nil {
+		s.reserve.Close()
+		s.reserve = nil
+	}
 }
 
 // Close ends every session at once.
@@ -545,6 +716,8 @@ func (s *Server) Close() {
 		sess.kill()
 	}
 	s.mu.Unlock()
+	s.dropReserve()
+	s.stopTraces()
 }
 
 func (s *Server) stopDrainsLocked() {

@@ -19,6 +19,7 @@ import (
 
 	"github.com/imapproxy/imapproxy/balancer"
 	"github.com/imapproxy/imapproxy/imapwire"
+	"github.com/imapproxy/imapproxy/internal/proxyproto"
 )
 
 // session is one client connection. It owns conn, and the upstream
@@ -44,6 +45,7 @@ type session struct {
 
 	draining atomic.Bool
 	rl       atomic.Pointer[relay] // set while relaying
+	loginAt  atomic.Int64          // unix nanoseconds of the login, for the admin view
 
 	// Guarded by srv.mu: the counts this session is in.
 	ip   string
@@ -60,12 +62,12 @@ func (sess *session) serve() {
 		}
 	}()
 	if sess.tlsMode == TLSImplicit {
-		if sess.srv.opts.TLSConfig == nil {
+		if sess.srv.options().TLSConfig == nil {
 			sess.log.Error("implicit TLS listener without a certificate")
 			return
 		}
-		tc := tls.Server(sess.conn, sess.srv.opts.TLSConfig)
-		tc.SetDeadline(time.Now().Add(sess.srv.opts.preAuthTimeout()))
+		tc := tls.Server(sess.conn, sess.srv.options().TLSConfig)
+		tc.SetDeadline(time.Now().Add(sess.srv.options().preAuthTimeout()))
 		if err := tc.Handshake(); err != nil {
 			sess.log.Debug("client tls handshake failed", "error", err)
 			return
@@ -73,11 +75,11 @@ func (sess *session) serve() {
 		sess.conn = tc
 		sess.tls = true
 	}
-	sess.r = imapwire.NewReader(sess.conn, sess.srv.opts.maxLine())
+	sess.r = imapwire.NewReader(sess.conn, sess.srv.options().maxLine())
 	sess.w = imapwire.NewWriter(sess.conn)
-	sess.conn.SetReadDeadline(time.Now().Add(sess.srv.opts.preAuthTimeout()))
+	sess.conn.SetReadDeadline(time.Now().Add(sess.srv.options().preAuthTimeout()))
 
-	sess.writef("* OK [CAPABILITY %s] %s\r\n", sess.capabilities(), sess.srv.opts.banner())
+	sess.writef("* OK [CAPABILITY %s] %s\r\n", sess.capabilities(), sess.srv.options().banner())
 	if err := sess.flush(); err != nil {
 		return
 	}
@@ -92,7 +94,7 @@ func (sess *session) serve() {
 }
 
 func (sess *session) capabilities() string {
-	o := &sess.srv.opts
+	o := sess.srv.options()
 	startTLS := sess.tlsMode == TLSStartTLS && !sess.tls && o.TLSConfig != nil
 	loginDisabled := o.RequireTLSForLogin && !sess.tls
 	return preLoginCaps(sess.srv.backendCaps(), startTLS, loginDisabled)
@@ -105,7 +107,7 @@ func (sess *session) writef(format string, a ...any) {
 }
 
 func (sess *session) flush() error {
-	sess.conn.SetWriteDeadline(time.Now().Add(sess.srv.opts.writeTimeout()))
+	sess.conn.SetWriteDeadline(time.Now().Add(sess.srv.options().writeTimeout()))
 	return sess.w.Flush()
 }
 
@@ -150,7 +152,7 @@ func (sess *session) bad(tag, text string) error {
 	}
 	sess.writef("%s BAD %s\r\n", tag, text)
 	sess.nbad++
-	if sess.nbad >= sess.srv.opts.maxBad() {
+	if sess.nbad >= sess.srv.options().maxBad() {
 		return errTooManyBad
 	}
 	return sess.flush()
@@ -159,7 +161,7 @@ func (sess *session) bad(tag, text string) error {
 // preAuth runs the not-authenticated state until a login succeeds
 // (returning the relay to run), the client logs out, or an error.
 func (sess *session) preAuth() (*relay, error) {
-	o := &sess.srv.opts
+	o := sess.srv.options()
 	dec := &imapwire.Decoder{
 		R:          sess.r,
 		MaxLiteral: o.maxLiteralPreAuth(),
@@ -212,7 +214,7 @@ func (sess *session) preAuth() (*relay, error) {
 }
 
 func (sess *session) preAuthCommand(cmd *imapwire.Command) (*relay, error) {
-	o := &sess.srv.opts
+	o := sess.srv.options()
 	sess.log.Trace("command", "tag", cmd.Tag, "command", cmd.Name)
 	switch cmd.Name {
 	case "CAPABILITY":
@@ -252,7 +254,7 @@ func (sess *session) preAuthCommand(cmd *imapwire.Command) (*relay, error) {
 func isString(t imapwire.Token) bool { return t.Kind == imapwire.String || t.Kind == imapwire.Atom }
 
 func (sess *session) startTLS(cmd *imapwire.Command) error {
-	if sess.tlsMode != TLSStartTLS || sess.tls || sess.srv.opts.TLSConfig == nil {
+	if sess.tlsMode != TLSStartTLS || sess.tls || sess.srv.options().TLSConfig == nil {
 		return sess.bad(cmd.Tag, "STARTTLS not available")
 	}
 	if sess.r.Buffered() > 0 {
@@ -266,7 +268,7 @@ func (sess *session) startTLS(cmd *imapwire.Command) error {
 	if err := sess.flush(); err != nil {
 		return err
 	}
-	tc := tls.Server(sess.conn, sess.srv.opts.TLSConfig)
+	tc := tls.Server(sess.conn, sess.srv.options().TLSConfig)
 	if err := tc.Handshake(); err != nil {
 		sess.log.Debug("client starttls handshake failed", "error", err)
 		return errLogout
@@ -351,7 +353,13 @@ func (sess *session) backendID() []byte {
 		add([]byte("x-originating-ip"), []byte(host))
 		add([]byte("x-originating-port"), []byte(port))
 	}
-	if host, port, err := net.SplitHostPort(sess.conn.LocalAddr().String()); err == nil {
+	// Behind a load balancer, the address the client connected to is
+	// the one its PROXY header gives.
+	local := sess.raw.LocalAddr().String()
+	if pc, ok := sess.raw.(*proxyproto.Conn); ok && !pc.Header().Local {
+		local = pc.Header().Dest.String()
+	}
+	if host, port, err := net.SplitHostPort(local); err == nil {
 		add([]byte("x-connected-ip"), []byte(host))
 		add([]byte("x-connected-port"), []byte(port))
 	}
@@ -370,7 +378,7 @@ func (sess *session) authenticate(cmd *imapwire.Command) (*relay, error) {
 		sess.writef("%s NO [CANNOT] Unsupported authentication mechanism\r\n", cmd.Tag)
 		return nil, nil
 	}
-	if sess.srv.opts.RequireTLSForLogin && !sess.tls {
+	if sess.srv.options().RequireTLSForLogin && !sess.tls {
 		sess.writef("%s NO [PRIVACYREQUIRED] Use STARTTLS or implicit TLS before authentication\r\n", cmd.Tag)
 		return nil, nil
 	}
@@ -519,10 +527,12 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	}
 	var lastErr error
 	var refusal *loginResult
+	m := srv.options().Metrics
+	start := time.Now()
 	for _, c := range usable {
 		// Each backend gets the whole login timeout: one that hangs
 		// must not leave none for the user's next backend.
-		ctx, cancel := context.WithTimeout(context.Background(), srv.dialer.loginTimeout())
+		ctx, cancel := context.WithTimeout(context.Background(), srv.dialer().loginTimeout())
 		defer cancel()
 		b := set.byID[c.ID]
 		table := srv.pool.Table(b.ID)
@@ -543,6 +553,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 				continue
 			}
 			srv.stats.reused.Add(1)
+			m.login("reused", start)
 			blog.Info("login", "reused", true)
 			sess.writef("* OK [XPROXYREUSE] IMAP connection reused by imapproxy\r\n%s OK [CAPABILITY %s] Logged in\r\n",
 				tag, postLoginCaps(up.postCaps))
@@ -553,9 +564,18 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			sess.writef("%s NO [UNAVAILABLE] Too many connections, try again later\r\n", tag)
 			return nil, nil
 		}
-		up, err := srv.dialer.dial(ctx, b)
+		dialStart := time.Now()
+		up, err := srv.dialer().dial(ctx, b)
+		m.dial(b.ID, dialStart, err)
 		if err != nil {
 			srv.pool.Release()
+			if outOfFiles(err) {
+				// Our trouble, not the backend's: marking it down
+				// would move its users for nothing.
+				blog.Error("login failed: out of file descriptors", "error", err)
+				sess.writef("%s NO [UNAVAILABLE] Server out of resources, try again later\r\n", tag)
+				return nil, nil
+			}
 			srv.markDown(b.ID, fmt.Errorf("dial: %w", err))
 			lastErr = err
 			continue
@@ -563,11 +583,12 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 		caps := up.preCaps
 		srv.preCaps.Store(&caps)
 		var id []byte
-		if srv.dialer.ForwardID {
+		if srv.dialer().ForwardID {
 			id = sess.backendID()
 		}
-		res, err := up.login(srv.dialer, cr, id)
+		res, err := up.login(srv.dialer(), cr, id)
 		if err != nil {
+			m.backendLogin(b.ID, "error")
 			up.abort()
 			srv.pool.Release()
 			srv.markDown(b.ID, fmt.Errorf("login: %w", err))
@@ -578,6 +599,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			table.Discard(up)
 			if bytes.Contains(bytes.ToUpper(res.text), []byte("[UNAVAILABLE]")) {
 				// The server, not the user, is in trouble.
+				m.backendLogin(b.ID, "unavailable")
 				srv.markDown(b.ID, fmt.Errorf("login refused: %s", sanitizeText(res.text)))
 				refusal = &res
 				continue
@@ -585,10 +607,13 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			// The backend's answer stands: a wrong password is the
 			// client's to know, and caches nothing and evicts nothing.
 			srv.stats.refused.Add(1)
+			m.backendLogin(b.ID, "refused")
+			m.login("refused", start)
 			blog.Info("login refused by backend", "status", res.status)
 			sess.writef("%s %s %s\r\n", tag, clientStatus(res.status), sanitizeText(res.text))
 			return nil, nil
 		}
+		m.backendLogin(b.ID, "ok")
 		rl := sess.newRelay(up, b, table, cacheKey, digest, up.born, blog)
 		if err := sess.adopt(rl, user); err != nil {
 			table.Discard(up)
@@ -599,11 +624,13 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			continue
 		}
 		srv.stats.fresh.Add(1)
+		m.login("fresh", start)
 		blog.Info("login", "reused", false)
 		sess.writef("%s OK [CAPABILITY %s] Logged in\r\n", tag, postLoginCaps(up.postCaps))
 		return rl, nil
 	}
 	srv.stats.failed.Add(1)
+	m.login("failed", start)
 	if refusal != nil {
 		log.Warn("login failed: every backend refused as unavailable")
 		sess.writef("%s %s %s\r\n", tag, clientStatus(refusal.status), sanitizeText(refusal.text))
@@ -624,6 +651,11 @@ var (
 // drain of that backend either finds the session or the session finds the
 // backend gone: no session can slip past both.
 func (sess *session) adopt(rl *relay, user string) error {
+	sess.loginAt.Store(time.Now().UnixNano())
+	if tr := sess.srv.traceFor(user); tr != nil {
+		rl.trace.Store(tr)
+		tr.event(fmt.Sprintf("session %s of %s from %s logged in on %s", sess.id, user, sess.conn.RemoteAddr(), rl.backend.ID))
+	}
 	sess.rl.Store(rl)
 	if cur, ok := sess.srv.backends.Load().byID[rl.backend.ID]; !ok || cur != rl.backend {
 		sess.rl.Store(nil)
