@@ -39,6 +39,41 @@ func registerMetrics(reg *prometheus.Registry, srv *proxy.Server, status func() 
 	counter("logins_user_limited_total", "Logins refused by max_sessions_per_user.", func() uint64 { return st().UserLimited })
 	counter("sessions_drained_total", "Sessions ended because their backend left the set.", func() uint64 { return st().BackendsDrained })
 
+	relayed := prometheus.NewDesc("imapproxy_relayed_bytes_total", "Bytes relayed after login, by direction (to_client, to_server).", []string{"direction"}, nil)
+	reg.MustRegister(collectorFunc{desc: relayed, collect: func(ch chan<- prometheus.Metric) {
+		s := st()
+		ch <- prometheus.MustNewConstMetric(relayed, prometheus.CounterValue, float64(s.BytesToClient), "to_client")
+		ch <- prometheus.MustNewConstMetric(relayed, prometheus.CounterValue, float64(s.BytesToServer), "to_server")
+	}})
+	// up-imapproxy's pimpstat headline: how many client logins one
+	// backend login served.
+	gauge("reuse_ratio", "Client logins served per backend login since start (1 without reuse; 0 before the first login).", func() float64 {
+		s := st()
+		if s.LoginsFresh == 0 {
+			return float64(s.LoginsReused)
+		}
+		return float64(s.LoginsFresh+s.LoginsReused) / float64(s.LoginsFresh)
+	})
+
+	// Per backend, from the proxy's own view at scrape time. The label
+	// is the backend ID from the operator's set, never a user.
+	perBackend := prometheus.NewDesc("imapproxy_backend_connections", "Backend connections by backend and state (cached, active).", []string{"backend", "state"}, nil)
+	backendUp := prometheus.NewDesc("imapproxy_backend_in_service", "1 if the backend takes new logins (in the set, not drained by an operator, not marked down by this proxy).", []string{"backend"}, nil)
+	reg.MustRegister(collectorFunc{desc: perBackend, collect: func(ch chan<- prometheus.Metric) {
+		for _, b := range srv.BackendStatus() {
+			ch <- prometheus.MustNewConstMetric(perBackend, prometheus.GaugeValue, float64(b.Cached), b.ID, "cached")
+			ch <- prometheus.MustNewConstMetric(perBackend, prometheus.GaugeValue, float64(b.Active), b.ID, "active")
+		}
+	}}, collectorFunc{desc: backendUp, collect: func(ch chan<- prometheus.Metric) {
+		for _, b := range srv.BackendStatus() {
+			v := 1.0
+			if b.Down || b.Drained {
+				v = 0
+			}
+			ch <- prometheus.MustNewConstMetric(backendUp, prometheus.GaugeValue, v, b.ID)
+		}
+	}})
+
 	gauge("upstream_connections", "Backend connections open, active and cached.", func() float64 { return float64(ps().Open) })
 	gauge("cached_connections", "Backend connections cached for reuse.", func() float64 { return float64(ps().Cached) })
 	counter("cache_hits_total", "Cached connections handed to a login.", func() uint64 { return ps().Hits })
@@ -49,6 +84,7 @@ func registerMetrics(reg *prometheus.Registry, srv *proxy.Server, status func() 
 		for cause, n := range map[string]uint64{
 			"expired": s.ClosedExpired, "max_age": s.ClosedMaxAge, "dead": s.ClosedDead,
 			"user_limit": s.ClosedUserLimit, "full": s.ClosedFull, "backend_gone": s.ClosedBackendGone,
+			"admin": s.ClosedAdmin,
 		} {
 			ch <- prometheus.MustNewConstMetric(closed, prometheus.CounterValue, float64(n), cause)
 		}
@@ -74,9 +110,11 @@ type collectorFunc struct {
 func (c collectorFunc) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
 func (c collectorFunc) Collect(ch chan<- prometheus.Metric) { c.collect(ch) }
 
-// adminHandler serves /metrics, /healthz and /readyz.
-func adminHandler(reg *prometheus.Registry, srv *proxy.Server, listening *atomic.Bool) http.Handler {
+// adminHandler serves /metrics, /healthz, /readyz and, under /api/, the
+// admin API (adminapi.go), which alone needs admin.token_file's token.
+func adminHandler(reg *prometheus.Registry, srv *proxy.Server, listening *atomic.Bool, api *adminAPI) http.Handler {
 	mux := http.NewServeMux()
+	mux.Handle("/api/", api.handler())
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	// Profiles, for the operator on the admin network (never user data).
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
@@ -96,4 +134,31 @@ func adminHandler(reg *prometheus.Registry, srv *proxy.Server, listening *atomic
 		}
 	})
 	return mux
+}
+
+// registerReloadMetrics exposes the outcome of SIGHUP reloads, and the
+// proxy's own Consul registration.
+func registerReloadMetrics(reg *prometheus.Registry, d *daemon) {
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "imapproxy", Name: "consul_registered",
+		Help: "1 while Consul has this proxy's own registration (register block); 0 while it has not, and without the block."},
+		func() float64 {
+			if on, ok := d.registered(); on && ok {
+				return 1
+			}
+			return 0
+		}))
+	reloads := prometheus.NewDesc("imapproxy_config_reloads_total", "Configuration reloads (SIGHUP), by result.", []string{"result"}, nil)
+	reg.MustRegister(collectorFunc{desc: reloads, collect: func(ch chan<- prometheus.Metric) {
+		ok, failed, _ := d.reloadCounts()
+		ch <- prometheus.MustNewConstMetric(reloads, prometheus.CounterValue, float64(ok), "success")
+		ch <- prometheus.MustNewConstMetric(reloads, prometheus.CounterValue, float64(failed), "failure")
+	}})
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "imapproxy", Name: "config_last_reload_successful",
+		Help: "0 if the last configuration reload failed (the previous configuration is still running), else 1."},
+		func() float64 {
+			if _, _, failed := d.reloadCounts(); failed {
+				return 0
+			}
+			return 1
+		}))
 }

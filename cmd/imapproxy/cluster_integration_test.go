@@ -14,6 +14,7 @@ package main
 
 import (
 	"bufio"
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -103,6 +104,12 @@ func TestCluster(t *testing.T) {
 	t.Run("TwoProxiesAgree", c.testTwoProxiesAgree)
 	t.Run("ConsulDown", c.testConsulDown)
 	t.Run("GracefulSIGTERM", c.testGracefulSIGTERM)
+	t.Run("SIGTERMUnderLoad", c.testSIGTERMUnderLoad)
+	t.Run("OutOfFileDescriptors", c.testOutOfFileDescriptors)
+	t.Run("Reload", c.testReload)
+	t.Run("FlappingCheck", c.testFlappingCheck)
+	t.Run("ConsulFaults", c.testConsulFaults)
+	t.Run("SelfRegistration", c.testSelfRegistration)
 }
 
 // requireDovecot skips t without Dovecot or root, or fails it with
@@ -772,7 +779,7 @@ type sessionResult struct {
 
 // round runs one session per user through d, workers at a time, and fails
 // t on any error.
-func (c *cluster) round(t *testing.T, d *daemon, us []string) map[string]sessionResult {
+func (c *cluster) round(t *testing.T, d *daemonProc, us []string) map[string]sessionResult {
 	t.Helper()
 	res, err := c.roundErr(d, us)
 	if err != nil {
@@ -781,7 +788,7 @@ func (c *cluster) round(t *testing.T, d *daemon, us []string) map[string]session
 	return res
 }
 
-func (c *cluster) roundErr(d *daemon, us []string) (map[string]sessionResult, error) {
+func (c *cluster) roundErr(d *daemonProc, us []string) (map[string]sessionResult, error) {
 	var (
 		mu   sync.Mutex
 		res  = make(map[string]sessionResult, len(us))
@@ -894,14 +901,20 @@ func (c *cluster) userLogins(t *testing.T, us []string) map[string]map[string]in
 // The daemon as a child process
 
 type daemonOptions struct {
-	cache bool
+	cache      bool
+	nofile     int    // RLIMIT_NOFILE for the daemon; 0 inherits the test's
+	rejoinHold string // cluster.rejoin_hold; "" is "1s", short for the tests that restore a backend
+	consulAddr string // where the daemon finds Consul; "" is the agent's own address
+	extra      string // appended to the config file
 }
 
-type daemon struct {
-	cmd     *exec.Cmd
-	addr    string // client listener
-	admin   string // admin listener
-	logPath string
+type daemonProc struct {
+	cmd      *exec.Cmd
+	addr     string // client listener
+	admin    string // admin listener
+	logPath  string
+	confPath string
+	conf     string // the config file as written at start
 
 	done    chan struct{} // closed once the process has been reaped
 	waitErr error         // from cmd.Wait, readable after done
@@ -910,7 +923,7 @@ type daemon struct {
 // startDaemon writes a config for agent and starts the binary, waiting
 // until /readyz answers and the whole set is in. It is stopped with
 // SIGTERM, and must then exit 0, when t ends.
-func (c *cluster) startDaemon(t *testing.T, agent *consultest.Agent, o daemonOptions) *daemon {
+func (c *cluster) startDaemon(t *testing.T, agent *consultest.Agent, o daemonOptions) *daemonProc {
 	t.Helper()
 	dir := t.TempDir()
 	var lastErr error
@@ -930,12 +943,12 @@ func (c *cluster) startDaemon(t *testing.T, agent *consultest.Agent, o daemonOpt
 	return nil
 }
 
-func (c *cluster) launch(t *testing.T, dir string, attempt int, agent *consultest.Agent, o daemonOptions) (*daemon, error) {
+func (c *cluster) launch(t *testing.T, dir string, attempt int, agent *consultest.Agent, o daemonOptions) (*daemonProc, error) {
 	ports, err := freePorts(2)
 	if err != nil {
 		return nil, err
 	}
-	d := &daemon{
+	d := &daemonProc{
 		addr:    net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[0])),
 		admin:   net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[1])),
 		logPath: filepath.Join(dir, fmt.Sprintf("imapproxy-%d.log", attempt)),
@@ -961,6 +974,7 @@ timeouts {
 cluster {
   down_time     = "2s"
   backend_drain = "1s"
+  rejoin_hold   = %q
 }
 consul {
   address   = %q
@@ -970,8 +984,9 @@ consul {
 admin {
   address = %q
 }
-`, d.addr, o.cache, agent.Addr, serviceName, d.admin)
+`, d.addr, o.cache, cmp.Or(o.rejoinHold, "1s"), cmp.Or(o.consulAddr, agent.Addr), serviceName, d.admin) + o.extra
 	confPath := filepath.Join(dir, fmt.Sprintf("imapproxy-%d.hcl", attempt))
+	d.confPath, d.conf = confPath, conf
 	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
 		return nil, err
 	}
@@ -980,6 +995,11 @@ admin {
 		return nil, err
 	}
 	d.cmd = exec.Command(c.bin, "-config", confPath)
+	if o.nofile > 0 {
+		// The shell sets soft and hard limit, then becomes the daemon
+		// (same pid), so the Go runtime cannot raise it again.
+		d.cmd = exec.Command("/bin/sh", "-c", fmt.Sprintf(`ulimit -n %d && exec "$0" -config "$1"`, o.nofile), c.bin, confPath)
+	}
 	d.cmd.Stdout = logf
 	d.cmd.Stderr = logf
 	// If the test binary dies, so does the daemon.
@@ -1042,7 +1062,7 @@ admin {
 
 // wait waits, bounded, for the process to exit and returns its exit code
 // (-1 when killed by a signal). After the bound it is killed.
-func (d *daemon) wait(limit time.Duration) (int, error) {
+func (d *daemonProc) wait(limit time.Duration) (int, error) {
 	timer := time.NewTimer(limit)
 	defer timer.Stop()
 	select {
@@ -1054,18 +1074,18 @@ func (d *daemon) wait(limit time.Duration) (int, error) {
 	return d.cmd.ProcessState.ExitCode(), nil
 }
 
-func (d *daemon) kill() {
+func (d *daemonProc) kill() {
 	_ = d.cmd.Process.Kill()
 	<-d.done
 }
 
-func (d *daemon) log() string {
+func (d *daemonProc) log() string {
 	b, _ := os.ReadFile(d.logPath)
 	return string(b)
 }
 
 // get returns the status code of an admin GET, 0 if it failed.
-func (d *daemon) get(path string) int {
+func (d *daemonProc) get(path string) int {
 	hc := &http.Client{Timeout: 5 * time.Second}
 	resp, err := hc.Get("http://" + d.admin + path)
 	if err != nil {
@@ -1101,7 +1121,7 @@ func (m metrics) summary() string {
 	return strings.TrimSpace(b.String())
 }
 
-func (d *daemon) scrape() (metrics, error) {
+func (d *daemonProc) scrape() (metrics, error) {
 	hc := &http.Client{Timeout: 5 * time.Second}
 	resp, err := hc.Get("http://" + d.admin + "/metrics")
 	if err != nil {
@@ -1132,7 +1152,7 @@ func (d *daemon) scrape() (metrics, error) {
 	return m, sc.Err()
 }
 
-func (d *daemon) metrics(t *testing.T) metrics {
+func (d *daemonProc) metrics(t *testing.T) metrics {
 	t.Helper()
 	m, err := d.scrape()
 	if err != nil {
@@ -1142,7 +1162,7 @@ func (d *daemon) metrics(t *testing.T) metrics {
 }
 
 // waitMetric polls until series has the value want.
-func (d *daemon) waitMetric(t *testing.T, series string, want float64) {
+func (d *daemonProc) waitMetric(t *testing.T, series string, want float64) {
 	t.Helper()
 	waitFor(t, fmt.Sprintf("%s == %v", series, want), func() (bool, string) {
 		m := d.metrics(t)

@@ -1,7 +1,9 @@
 package main
 
 import (
+	"cmp"
 	"context"
+	"net"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -38,8 +40,20 @@ func newSource(cfg *config.Config, log hclog.Logger) (source, func() sourceStatu
 		}
 		return &discovery.Static{Backends: bs}, st, nil
 	}
-	c := cfg.Consul
-	w, err := discovery.NewWatcher(discovery.ConsulOptions{
+	w, err := discovery.NewWatcher(consulOptions(cfg.Consul, log))
+	if err != nil {
+		return nil, nil, err
+	}
+	st := func() sourceStatus {
+		s := w.Status()
+		return sourceStatus{Kind: "consul", Healthy: s.Healthy, LastSuccess: s.LastSuccess, Backends: s.Backends}
+	}
+	return w, st, nil
+}
+
+// consulOptions are the agent settings of the consul block.
+func consulOptions(c *config.Consul, log hclog.Logger) discovery.ConsulOptions {
+	return discovery.ConsulOptions{
 		Address:            c.Address,
 		Scheme:             c.Scheme,
 		Token:              c.Token,
@@ -55,15 +69,46 @@ func newSource(cfg *config.Config, log hclog.Logger) (source, func() sourceStatu
 		Tag:                c.Tag,
 		WaitTime:           c.WaitTime,
 		Logger:             log.Named("consul"),
-	})
-	if err != nil {
-		return nil, nil, err
 	}
-	st := func() sourceStatus {
-		s := w.Status()
-		return sourceStatus{Kind: "consul", Healthy: s.Healthy, LastSuccess: s.LastSuccess, Backends: s.Backends}
+}
+
+// registerOptions describe the proxy's own Consul service, if the
+// register block asks for one.
+func registerOptions(cfg *config.Config, log hclog.Logger) (discovery.RegisterOptions, bool) {
+	r := cfg.Register
+	if r == nil || len(cfg.Listeners) == 0 {
+		return discovery.RegisterOptions{}, false
 	}
-	return w, st, nil
+	l := cfg.Listeners[0]
+	for _, c := range cfg.Listeners {
+		if c.Name == r.Listener {
+			l = c
+		}
+	}
+	o := discovery.RegisterOptions{
+		Consul:          discovery.ConsulOptions{Address: r.ConsulAddress},
+		Service:         r.Service,
+		ID:              r.ID,
+		Address:         cmp.Or(r.Address, l.Address),
+		Tags:            r.Tags,
+		Meta:            map[string]string{"listener": l.Name, "tls": l.TLS},
+		Check:           r.Check,
+		CheckInterval:   r.CheckInterval,
+		DeregisterAfter: r.DeregisterAfter,
+		Logger:          log.Named("register"),
+	}
+	if cfg.Consul != nil {
+		o.Consul = consulOptions(cfg.Consul, log)
+	}
+	o.Consul.Logger = nil // the registrar logs as "register"
+	if r.Check == "http" {
+		host, port, _ := net.SplitHostPort(cfg.Admin.Address)
+		if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
+			host = "127.0.0.1"
+		}
+		o.CheckHTTP = "http://" + net.JoinHostPort(host, port) + "/readyz"
+	}
+	return o, true
 }
 
 // toProxy converts a discovered set for the proxy.

@@ -2,6 +2,8 @@
 //
 //	imapproxy -config config.hcl
 //	imapproxy -check-config -config config.hcl
+//	imapproxy status [-admin 127.0.0.1:9143] [-once]   (or top: a live view)
+//	imapproxy map [-admin 127.0.0.1:9143] USER
 package main
 
 import (
@@ -16,7 +18,6 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -25,12 +26,17 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/imapproxy/imapproxy/config"
-	"github.com/imapproxy/imapproxy/discovery"
 	"github.com/imapproxy/imapproxy/pool"
 	"github.com/imapproxy/imapproxy/proxy"
 )
 
 func main() {
+	if len(os.Args) > 1 {
+		switch os.Args[1] {
+		case "status", "top", "map":
+			os.Exit(runCLI(os.Args[1], os.Args[2:]))
+		}
+	}
 	var (
 		cfgPath     = flag.String("config", "config.hcl", "configuration file")
 		checkConfig = flag.Bool("check-config", false, "check the configuration file, print every problem and exit")
@@ -50,7 +56,7 @@ func main() {
 		fmt.Printf("%s: ok\n", *cfgPath)
 		return
 	}
-	if err := run(cfg); err != nil {
+	if err := run(*cfgPath, cfg); err != nil {
 		fmt.Fprintln(os.Stderr, "imapproxy:", err)
 		os.Exit(1)
 	}
@@ -80,48 +86,20 @@ func newLogger(cfg *config.Config) hclog.Logger {
 	})
 }
 
-func run(cfg *config.Config) error {
+func run(path string, cfg *config.Config) error {
 	log := newLogger(cfg)
-	opts, err := serverOptions(cfg, log)
-	if err != nil {
-		return err
-	}
-	srv := proxy.New(opts)
-
 	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() { defer wg.Done(); srv.Pool().Run(ctx) }()
-
-	src, status, err := newSource(cfg, log)
+	d, err := newDaemon(ctx, path, cfg, log)
 	if err != nil {
 		return err
 	}
+	srv := d.srv
+
 	first := make(chan struct{})
-	var once sync.Once
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		probed := false
-		err := src.Run(ctx, func(bs []discovery.Backend) {
-			srv.SetBackends(toProxy(bs))
-			once.Do(func() { close(first) })
-			// The greeting shows the backends' capabilities: read them
-			// as soon as there is a backend to ask (later logins keep
-			// them fresh).
-			if !probed && len(bs) > 0 {
-				if err := srv.ProbeCapabilities(ctx); err != nil {
-					log.Warn("could not read backend capabilities; greeting uses defaults until a login succeeds", "error", err)
-				} else {
-					probed = true
-				}
-			}
-		})
-		if err != nil {
-			log.Error("backend discovery stopped", "error", err)
-		}
-	}()
+	if err := d.startDiscovery(cfg, first); err != nil {
+		return err
+	}
 	// Wait a little for the first backend set, so that the first logins
 	// after a restart do not fail for want of one; without it the proxy
 	// still starts and answers NO [UNAVAILABLE] until a set arrives.
@@ -134,7 +112,9 @@ func run(cfg *config.Config) error {
 	waitFirst.Stop()
 
 	reg := prometheus.NewRegistry()
-	registerMetrics(reg, srv, status)
+	registerMetrics(reg, srv, d.sourceStatus)
+	registerReloadMetrics(reg, d)
+	reg.MustRegister(d.metrics.Collectors()...)
 	var listening atomic.Bool
 	var admin *http.Server
 	if cfg.Admin.Address != "" {
@@ -142,32 +122,23 @@ func run(cfg *config.Config) error {
 		if err != nil {
 			return fmt.Errorf("admin listener: %w", err)
 		}
-		admin = &http.Server{Handler: adminHandler(reg, srv, &listening), ReadHeaderTimeout: 10 * time.Second}
+		api, err := newAdminAPI(srv, d.sourceStatus, cfg.Admin.TokenFile, cfg.Admin.TraceDir, log.Named("admin"))
+		if err != nil {
+			ln.Close()
+			return err
+		}
+		admin = &http.Server{Handler: adminHandler(reg, srv, &listening, api), ReadHeaderTimeout: 10 * time.Second}
 		log.Info("admin listening", "address", ln.Addr().String())
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		d.wg.Go(func() {
 			if err := admin.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				log.Error("admin listener failed", "error", err)
 			}
-		}()
+		})
 	}
 
-	errc := make(chan error, len(cfg.Listeners))
-	for _, l := range cfg.Listeners {
-		ln, err := listen(l.Address)
-		if err != nil {
-			srv.Close()
-			return fmt.Errorf("listener %s: %w", l.Name, err)
-		}
-		log.Info("listening", "listener", l.Name, "address", ln.Addr().String(), "tls", l.TLS)
-		wg.Add(1)
-		go func(l config.Listener) {
-			defer wg.Done()
-			if err := srv.Serve(ln, l.TLS); err != nil && !errors.Is(err, proxy.ErrServerClosed) {
-				errc <- fmt.Errorf("listener %s: %w", l.Name, err)
-			}
-		}(l)
+	if err := d.start(); err != nil {
+		srv.Close()
+		return err
 	}
 
 	listening.Store(true)
@@ -179,27 +150,28 @@ loop:
 		select {
 		case s := <-sigs:
 			if s == syscall.SIGHUP {
-				log.Warn("SIGHUP: configuration reload is not supported yet; restart to apply changes")
+				log.Info("SIGHUP: reloading the configuration", "file", path)
+				d.reload() // logs its outcome
 				continue
 			}
-			log.Info("shutting down", "signal", s.String(), "drain", cfg.Timeouts.Drain)
+			log.Info("shutting down", "signal", s.String(), "drain", d.cfg.Timeouts.Drain)
 			break loop
-		case runErr = <-errc:
+		case runErr = <-d.errc:
 			log.Error("listener failed", "error", runErr)
 			break loop
 		}
 	}
 	listening.Store(false)
-	sctx, cancel := context.WithTimeout(context.Background(), cfg.Timeouts.Drain)
+	sctx, cancel := context.WithTimeout(context.Background(), d.cfg.Timeouts.Drain)
 	defer cancel()
-	if err := srv.Shutdown(sctx); err != nil {
+	if err := d.shutdown(sctx); err != nil {
 		log.Warn("drain deadline passed; remaining sessions were closed", "error", err)
 	}
 	if admin != nil {
 		admin.Shutdown(sctx)
 	}
 	stop()
-	wg.Wait()
+	d.wg.Wait()
 	log.Info("stopped")
 	return runErr
 }
@@ -211,7 +183,21 @@ func listen(addr string) (net.Listener, error) {
 	return net.Listen("tcp", addr)
 }
 
-func serverOptions(cfg *config.Config, log hclog.Logger) (proxy.Options, error) {
+func poolOptions(cfg *config.Config, log hclog.Logger) pool.Options {
+	return pool.Options{
+		Expiration:    cfg.Cache.Expiration,
+		SweepInterval: cfg.Cache.SweepInterval,
+		MaxAge:        cfg.Cache.ReuseMaxAge,
+		MaxPerUser:    cfg.Cache.MaxCachedPerUser,
+		MaxConns:      cfg.Cache.MaxConnections,
+		Disabled:      !cfg.Cache.Enabled,
+		Logger:        log.Named("pool"),
+	}
+}
+
+// serverOptions builds the server's options from cfg, reading the
+// certificate and CA files, so that a reload picks up renewed ones.
+func serverOptions(cfg *config.Config, log hclog.Logger, p *pool.Pool) (proxy.Options, error) {
 	upTLS, err := upstreamTLS(cfg)
 	if err != nil {
 		return proxy.Options{}, err
@@ -227,15 +213,6 @@ func serverOptions(cfg *config.Config, log hclog.Logger) (proxy.Options, error) 
 			clientTLS.MinVersion = tls.VersionTLS13
 		}
 	}
-	p := pool.New(pool.Options{
-		Expiration:    cfg.Cache.Expiration,
-		SweepInterval: cfg.Cache.SweepInterval,
-		MaxAge:        cfg.Cache.ReuseMaxAge,
-		MaxPerUser:    cfg.Cache.MaxCachedPerUser,
-		MaxConns:      cfg.Cache.MaxConnections,
-		Disabled:      !cfg.Cache.Enabled,
-		Logger:        log.Named("pool"),
-	})
 	t := cfg.Timeouts
 	return proxy.Options{
 		Logger: log.Named("proxy"),

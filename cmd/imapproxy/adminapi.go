@@ -1,0 +1,454 @@
+package main
+
+import (
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/imapproxy/imapproxy/config"
+	"github.com/imapproxy/imapproxy/proxy"
+)
+
+// The admin API: JSON under /api/v1/ on the admin listener, for the
+// operator and for the status and map subcommands (cli.go), which decode
+// the same api* types. Reads are GET; changes are POST or DELETE, so that
+// no link or prefetch can change anything, and cross-origin browser
+// requests that would are refused. With admin.token_file set, every /api/
+// request needs the token as a bearer token.
+
+// apiStatus is GET /api/v1/status.
+type apiStatus struct {
+	UptimeSeconds float64   `json:"uptime_seconds"`
+	Sessions      int       `json:"sessions"` // client connections open
+	Logins        apiLogins `json:"logins"`
+	// ReuseRatio is client logins per backend login: how many logins the
+	// cache turned into one. 0 before the first backend login.
+	ReuseRatio          float64      `json:"reuse_ratio"`
+	ConnectionsRejected uint64       `json:"connections_rejected"`
+	BackendsMarkedDown  uint64       `json:"backends_marked_down"`
+	SessionsDrained     uint64       `json:"sessions_drained"`
+	Cache               apiCache     `json:"cache"`
+	Discovery           apiDiscovery `json:"discovery"`
+	Backends            []apiBackend `json:"backends"`
+}
+
+// apiLogins are cumulative counts since the start.
+type apiLogins struct {
+	Client      uint64 `json:"client"`  // logged in through the proxy: backend + reused
+	Backend     uint64 `json:"backend"` // served by a new backend login
+	Reused      uint64 `json:"reused"`  // served by a cached connection
+	Refused     uint64 `json:"refused"` // refused by the backend (wrong password and the like)
+	Failed      uint64 `json:"failed"`  // no backend could take them
+	Failovers   uint64 `json:"failovers"`
+	UserLimited uint64 `json:"user_limited"`
+}
+
+type apiCache struct {
+	Open     int               `json:"open"` // backend connections, active and cached
+	Cached   int               `json:"cached"`
+	Hits     uint64            `json:"hits"`
+	Misses   uint64            `json:"misses"`
+	HitRatio float64           `json:"hit_ratio"` // hits / (hits + misses); 0 before the first login
+	Closed   map[string]uint64 `json:"closed"`    // cached connections closed, by cause
+}
+
+type apiDiscovery struct {
+	Kind                  string    `json:"kind"` // static or consul
+	Healthy               bool      `json:"healthy"`
+	LastSuccess           time.Time `json:"last_success"`
+	LastSuccessAgeSeconds float64   `json:"last_success_age_seconds"`
+	Backends              int       `json:"backends"`
+}
+
+type apiBackend struct {
+	ID        string     `json:"id"`
+	Address   string     `json:"address"`
+	Weight    int        `json:"weight"`
+	TLS       string     `json:"tls"`
+	State     string     `json:"state"` // up, down or drained
+	Down      bool       `json:"down"`
+	DownUntil *time.Time `json:"down_until,omitempty"`
+	Drained   bool       `json:"drained"`
+	Active    int        `json:"active"`
+	Cached    int        `json:"cached"`
+}
+
+// apiUser is GET /api/v1/users/{user}.
+type apiUser struct {
+	User     string       `json:"user"`
+	HashKey  string       `json:"hash_key"`
+	Backend  string       `json:"backend"` // where a login goes now; "" if none is in service
+	Order    []apiChoice  `json:"order"`
+	Active   int          `json:"active"`
+	Sessions []apiSession `json:"sessions"`
+	Cached   []apiCached  `json:"cached"`
+}
+
+type apiChoice struct {
+	ID    string `json:"id"`
+	State string `json:"state"`
+}
+
+type apiSession struct {
+	ID      string    `json:"id"`
+	User    string    `json:"user"`
+	AuthzID string    `json:"authzid,omitempty"`
+	Backend string    `json:"backend"`
+	Client  string    `json:"client"`
+	Since   time.Time `json:"since"`
+}
+
+type apiCached struct {
+	Backend     string  `json:"backend"`
+	AgeSeconds  float64 `json:"age_seconds"`
+	IdleSeconds float64 `json:"idle_seconds"`
+}
+
+// apiDrain, apiKick and apiFlush answer the POST and DELETE endpoints.
+type apiDrain struct {
+	Backend string `json:"backend"`
+	Drained bool   `json:"drained"`
+}
+
+type apiKick struct {
+	User     string `json:"user"`
+	Sessions int    `json:"sessions"`
+	Cached   int    `json:"cached"`
+}
+
+type apiFlush struct {
+	Closed int `json:"closed"`
+}
+
+type apiError struct {
+	Error string `json:"error"`
+}
+
+type adminAPI struct {
+	srv    *proxy.Server
+	status func() sourceStatus
+	log    hclog.Logger
+	start  time.Time
+	// tokenSum is the SHA-256 of the token, so that the compare takes
+	// the same time whatever the length of what a client sends; nil
+	// when no token is required.
+	tokenSum *[sha256.Size]byte
+	traceDir string // "" disables tracing
+}
+
+// newAdminAPI reads tokenFile, if not "", once: a changed token needs a
+// restart, as the rest of the admin block does.
+func newAdminAPI(srv *proxy.Server, status func() sourceStatus, tokenFile, traceDir string, log hclog.Logger) (*adminAPI, error) {
+	a := &adminAPI{srv: srv, status: status, log: log, start: time.Now(), traceDir: traceDir}
+	if tokenFile != "" {
+		tok, err := config.ReadToken(tokenFile)
+		if err != nil {
+			return nil, fmt.Errorf("admin token_file: %w", err)
+		}
+		sum := sha256.Sum256(tok)
+		clear(tok)
+		a.tokenSum = &sum
+	}
+	return a, nil
+}
+
+// handler serves /api/.
+func (a *adminAPI) handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /api/v1/status", a.getStatus)
+	mux.HandleFunc("GET /api/v1/backends", a.getBackends)
+	mux.HandleFunc("GET /api/v1/users/{user}", a.getUser)
+	mux.HandleFunc("POST /api/v1/backends/{id}/drain", a.drain)
+	mux.HandleFunc("DELETE /api/v1/backends/{id}/drain", a.undrain)
+	mux.HandleFunc("POST /api/v1/users/{user}/kick", a.kick)
+	mux.HandleFunc("POST /api/v1/cache/flush", a.flush)
+	mux.HandleFunc("GET /api/v1/traces", a.getTraces)
+	mux.HandleFunc("POST /api/v1/users/{user}/trace", a.startTrace)
+	mux.HandleFunc("DELETE /api/v1/users/{user}/trace", a.stopTrace)
+	// ServeMux answers a wrong method with a text 405 of its own; these
+	// less specific patterns catch it first and answer in JSON.
+	for path, allow := range map[string]string{
+		"/api/v1/status":              "GET, HEAD",
+		"/api/v1/backends":            "GET, HEAD",
+		"/api/v1/users/{user}":        "GET, HEAD",
+		"/api/v1/backends/{id}/drain": "POST, DELETE",
+		"/api/v1/users/{user}/kick":   "POST",
+		"/api/v1/cache/flush":         "POST",
+		"/api/v1/traces":              "GET, HEAD",
+		"/api/v1/users/{user}/trace":  "POST, DELETE",
+	} {
+		mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Allow", allow)
+			writeError(w, http.StatusMethodNotAllowed, r.Method+" not allowed; use "+allow)
+		})
+	}
+	mux.HandleFunc("/api/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, "no such endpoint")
+	})
+	// A page in the operator's browser must not be able to make it POST
+	// here: no token stops that when none is configured.
+	csrf := http.NewCrossOriginProtection()
+	csrf.SetDenyHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusForbidden, "cross-origin request refused")
+	}))
+	return a.authorize(csrf.Handler(mux))
+}
+
+// authorize requires the bearer token, when there is one.
+func (a *adminAPI) authorize(next http.Handler) http.Handler {
+	if a.tokenSum == nil {
+		return next
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		tok, ok := bearerToken(r)
+		sum := sha256.Sum256([]byte(tok))
+		if !ok || subtle.ConstantTimeCompare(sum[:], a.tokenSum[:]) != 1 {
+			a.log.Warn("admin request refused: missing or wrong token", "remote", r.RemoteAddr, "method", r.Method, "path", r.URL.Path)
+			w.Header().Set("WWW-Authenticate", `Bearer realm="imapproxy admin"`)
+			writeError(w, http.StatusUnauthorized, "missing or wrong bearer token")
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// bearerToken returns the token of an "Authorization: Bearer" header; the
+// scheme is case-insensitive (RFC 9110 11.1).
+func bearerToken(r *http.Request) (string, bool) {
+	scheme, tok, ok := strings.Cut(r.Header.Get("Authorization"), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return "", false
+	}
+	return strings.TrimSpace(tok), true
+}
+
+func (a *adminAPI) getStatus(w http.ResponseWriter, r *http.Request) {
+	st, ps, ds := a.srv.Stats(), a.srv.Pool().Stats(), a.status()
+	out := apiStatus{
+		UptimeSeconds: time.Since(a.start).Seconds(),
+		Sessions:      st.Sessions,
+		Logins: apiLogins{
+			Client:      st.LoginsFresh + st.LoginsReused,
+			Backend:     st.LoginsFresh,
+			Reused:      st.LoginsReused,
+			Refused:     st.LoginsRefused,
+			Failed:      st.LoginsFailed,
+			Failovers:   st.Failovers,
+			UserLimited: st.UserLimited,
+		},
+		ConnectionsRejected: st.Rejected,
+		BackendsMarkedDown:  st.BackendsDown,
+		SessionsDrained:     st.BackendsDrained,
+		Cache: apiCache{
+			Open:   ps.Open,
+			Cached: ps.Cached,
+			Hits:   ps.Hits,
+			Misses: ps.Misses,
+			Closed: map[string]uint64{
+				"expired": ps.ClosedExpired, "max_age": ps.ClosedMaxAge, "dead": ps.ClosedDead,
+				"user_limit": ps.ClosedUserLimit, "full": ps.ClosedFull, "backend_gone": ps.ClosedBackendGone,
+				"admin": ps.ClosedAdmin,
+			},
+		},
+		Discovery: apiDiscovery{
+			Kind:                  ds.Kind,
+			Healthy:               ds.Healthy,
+			LastSuccess:           ds.LastSuccess,
+			LastSuccessAgeSeconds: time.Since(ds.LastSuccess).Seconds(),
+			Backends:              ds.Backends,
+		},
+		Backends: a.backends(),
+	}
+	if out.Logins.Backend > 0 {
+		out.ReuseRatio = float64(out.Logins.Client) / float64(out.Logins.Backend)
+	}
+	if n := ps.Hits + ps.Misses; n > 0 {
+		out.Cache.HitRatio = float64(ps.Hits) / float64(n)
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (a *adminAPI) getBackends(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, struct {
+		Backends []apiBackend `json:"backends"`
+	}{a.backends()})
+}
+
+func (a *adminAPI) backends() []apiBackend {
+	bs := a.srv.BackendStatus()
+	out := make([]apiBackend, 0, len(bs))
+	for _, b := range bs {
+		ab := apiBackend{
+			ID: b.ID, Address: b.Address, Weight: b.Weight, TLS: b.TLS,
+			State: backendState(b.Down, b.Drained), Down: b.Down, Drained: b.Drained,
+			Active: b.Active, Cached: b.Cached,
+		}
+		if b.Down {
+			ab.DownUntil = &b.DownUntil
+		}
+		out = append(out, ab)
+	}
+	return out
+}
+
+// backendState is the one word the status view shows: a drain is the
+// operator's and outlasts a down mark, so it wins.
+func backendState(down, drained bool) string {
+	switch {
+	case drained:
+		return "drained"
+	case down:
+		return "down"
+	}
+	return "up"
+}
+
+func (a *adminAPI) getUser(w http.ResponseWriter, r *http.Request) {
+	ui := a.srv.UserInfo(r.PathValue("user"))
+	out := apiUser{
+		User: ui.User, HashKey: ui.Key, Backend: ui.Backend,
+		Order: []apiChoice{}, Sessions: []apiSession{}, Cached: []apiCached{},
+		Active: len(ui.Sessions),
+	}
+	for _, c := range ui.Order {
+		out.Order = append(out.Order, apiChoice{ID: c.ID, State: backendState(c.Down, c.Drained)})
+	}
+	for _, s := range ui.Sessions {
+		out.Sessions = append(out.Sessions, apiSession{
+			ID: s.ID, User: s.User, AuthzID: s.AuthzID, Backend: s.Backend, Client: s.Client, Since: s.Since,
+		})
+	}
+	for _, c := range ui.Cached {
+		out.Cached = append(out.Cached, apiCached{Backend: c.Backend, AgeSeconds: c.Age.Seconds(), IdleSeconds: c.Idle.Seconds()})
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (a *adminAPI) drain(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	if err := a.srv.DrainBackend(id); err != nil {
+		writeError(w, errorStatus(err), err.Error())
+		return
+	}
+	a.log.Info("admin: backend drained", "backend", id, "remote", r.RemoteAddr)
+	writeJSON(w, http.StatusOK, apiDrain{Backend: id, Drained: true})
+}
+
+func (a *adminAPI) undrain(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	if err := a.srv.UndrainBackend(id); err != nil {
+		writeError(w, errorStatus(err), err.Error())
+		return
+	}
+	a.log.Info("admin: backend undrained", "backend", id, "remote", r.RemoteAddr)
+	writeJSON(w, http.StatusOK, apiDrain{Backend: id, Drained: false})
+}
+
+func (a *adminAPI) kick(w http.ResponseWriter, r *http.Request) {
+	user := r.PathValue("user")
+	sessions, cached := a.srv.KickUser(user)
+	a.log.Info("admin: user kicked", "user", user, "sessions", sessions, "cached", cached, "remote", r.RemoteAddr)
+	writeJSON(w, http.StatusOK, apiKick{User: user, Sessions: sessions, Cached: cached})
+}
+
+func (a *adminAPI) flush(w http.ResponseWriter, r *http.Request) {
+	n := a.srv.FlushCache()
+	a.log.Info("admin: cache flushed", "closed", n, "remote", r.RemoteAddr)
+	writeJSON(w, http.StatusOK, apiFlush{Closed: n})
+}
+
+// apiTrace is a running or just stopped trace.
+type apiTrace struct {
+	User    string    `json:"user"`
+	Path    string    `json:"path"`
+	Started time.Time `json:"started"`
+	Bytes   int64     `json:"bytes"`
+}
+
+func toAPITrace(t proxy.TraceInfo) apiTrace {
+	return apiTrace{User: t.User, Path: t.Path, Started: t.Started.UTC(), Bytes: t.Bytes}
+}
+
+func (a *adminAPI) getTraces(w http.ResponseWriter, r *http.Request) {
+	out := []apiTrace{}
+	for _, t := range a.srv.Traces() {
+		out = append(out, toAPITrace(t))
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// startTrace traces a user into a new file in admin.trace_dir. The file
+// name is made here, from the user name with anything unusual replaced:
+// an API caller never chooses a path.
+func (a *adminAPI) startTrace(w http.ResponseWriter, r *http.Request) {
+	user := r.PathValue("user")
+	if a.traceDir == "" {
+		writeError(w, http.StatusConflict, "tracing is disabled: set admin.trace_dir")
+		return
+	}
+	name := strings.Map(func(c rune) rune {
+		if c < 0x80 && (c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.ContainsRune("@.+_-", c)) {
+			return c
+		}
+		return '_'
+	}, user)
+	path := filepath.Join(a.traceDir, name+"-"+time.Now().UTC().Format("20060102T150405.000Z")+".trace")
+	if err := a.srv.StartTrace(user, path); err != nil {
+		code := http.StatusInternalServerError
+		if errors.Is(err, proxy.ErrTraceActive) {
+			code = http.StatusConflict
+		}
+		writeError(w, code, err.Error())
+		return
+	}
+	a.log.Info("admin: trace started", "user", user, "path", path, "remote", r.RemoteAddr)
+	writeJSON(w, http.StatusOK, apiTrace{User: user, Path: path, Started: time.Now().UTC()})
+}
+
+func (a *adminAPI) stopTrace(w http.ResponseWriter, r *http.Request) {
+	user := r.PathValue("user")
+	info, err := a.srv.StopTrace(user)
+	if err != nil {
+		code := http.StatusInternalServerError
+		if errors.Is(err, proxy.ErrNoTrace) {
+			code = http.StatusNotFound
+		}
+		writeError(w, code, err.Error())
+		return
+	}
+	a.log.Info("admin: trace stopped", "user", user, "path", info.Path, "bytes", info.Bytes, "remote", r.RemoteAddr)
+	writeJSON(w, http.StatusOK, toAPITrace(info))
+}
+
+func errorStatus(err error) int {
+	switch {
+	case errors.Is(err, proxy.ErrUnknownBackend):
+		return http.StatusNotFound
+	case errors.Is(err, proxy.ErrLastBackend):
+		return http.StatusConflict
+	}
+	return http.StatusInternalServerError
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Cache-Control", "no-store")
+	h.Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v) // the client went away if this fails
+}
+
+func writeError(w http.ResponseWriter, code int, msg string) {
+	writeJSON(w, code, apiError{Error: msg})
+}

@@ -1,0 +1,370 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"reflect"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/imapproxy/imapproxy/config"
+	"github.com/imapproxy/imapproxy/discovery"
+	"github.com/imapproxy/imapproxy/internal/proxyproto"
+	"github.com/imapproxy/imapproxy/pool"
+	"github.com/imapproxy/imapproxy/proxy"
+)
+
+// daemon is the running process: the proxy server and the parts around it
+// that a reload (SIGHUP) may replace one by one. The server itself, its
+// sessions and its pool live for the whole process, so a reload never
+// drops a session or a cached connection.
+type daemon struct {
+	path    string
+	log     hclog.Logger // the root logger; its level follows log_level
+	srv     *proxy.Server
+	pool    *pool.Pool
+	metrics *proxy.Metrics  // kept across reloads
+	ctx     context.Context // the process's: ends at shutdown
+	wg      sync.WaitGroup
+	errc    chan error // a listener that failed for good
+
+	mu        sync.Mutex // serialises start and reloads
+	cfg       *config.Config
+	listeners map[string]*runningListener
+	disc      *discoveryRun
+	reg       *registration // nil: not registered in Consul
+
+	discGen atomic.Uint64 // the discovery run whose updates count
+	status  atomic.Pointer[func() sourceStatus]
+
+	reloadsOK, reloadsFailed atomic.Uint64
+	lastReloadFailed         atomic.Bool
+}
+
+type runningListener struct {
+	cfg  config.Listener
+	opts proxy.ListenerOptions
+	ln   net.Listener
+}
+
+// registration keeps the proxy registered in Consul until stopped.
+type registration struct {
+	opts   discovery.RegisterOptions
+	r      *discovery.Registrar
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// stop deregisters (bounded by the registrar) and waits for it.
+func (r *registration) stop() {
+	r.cancel()
+	<-r.done
+}
+
+// startRegistration registers the proxy as cfg says, if it says so,
+// replacing a registration that differs. Called with listeners open.
+func (d *daemon) startRegistration(cfg *config.Config) error {
+	o, on := registerOptions(cfg, d.log)
+	if cur := d.reg; cur != nil {
+		cmpOpts := func(o discovery.RegisterOptions) discovery.RegisterOptions {
+			o.Logger = nil
+			return o
+		}
+		if on && reflect.DeepEqual(cmpOpts(cur.opts), cmpOpts(o)) {
+			return nil
+		}
+		cur.stop()
+		d.reg = nil
+	}
+	if !on {
+		return nil
+	}
+	r, err := discovery.NewRegistrar(o)
+	if err != nil {
+		return fmt.Errorf("register: %w", err)
+	}
+	ctx, cancel := context.WithCancel(d.ctx)
+	reg := &registration{opts: o, r: r, cancel: cancel, done: make(chan struct{})}
+	d.wg.Go(func() {
+		defer close(reg.done)
+		r.Run(ctx) // logs its own failures and never gives up
+	})
+	d.reg = reg
+	d.log.Info("registering in Consul", "service", o.Service, "id", r.ID(), "address", o.Address, "check", o.Check)
+	return nil
+}
+
+// registered reports whether Consul has the proxy's registration (false
+// when the proxy does not register).
+func (d *daemon) registered() (on, ok bool) {
+	d.mu.Lock()
+	reg := d.reg
+	d.mu.Unlock()
+	if reg == nil {
+		return false, false
+	}
+	return true, reg.r.Status().Registered
+}
+
+// discoveryRun is one source feeding the server, stopped by cancel.
+type discoveryRun struct {
+	gen    uint64
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+func newDaemon(ctx context.Context, path string, cfg *config.Config, log hclog.Logger) (*daemon, error) {
+	p := pool.New(poolOptions(cfg, log))
+	opts, err := serverOptions(cfg, log, p)
+	if err != nil {
+		return nil, err
+	}
+	opts.Metrics = proxy.NewMetrics()
+	d := &daemon{
+		metrics:   opts.Metrics,
+		path:      path,
+		log:       log,
+		srv:       proxy.New(opts),
+		pool:      p,
+		ctx:       ctx,
+		errc:      make(chan error, 16),
+		cfg:       cfg,
+		listeners: map[string]*runningListener{},
+	}
+	d.wg.Go(func() { p.Run(ctx) })
+	return d, nil
+}
+
+func (d *daemon) sourceStatus() sourceStatus {
+	if f := d.status.Load(); f != nil {
+		return (*f)()
+	}
+	return sourceStatus{}
+}
+
+// startDiscovery starts a source for cfg and makes it the one whose sets
+// count; the previous run, if any, is stopped once the new one runs, and
+// the server keeps the set it had until the new source delivers one.
+// first is closed at the new source's first set.
+func (d *daemon) startDiscovery(cfg *config.Config, first chan<- struct{}) error {
+	src, status, err := newSource(cfg, d.log)
+	if err != nil {
+		return err
+	}
+	gen := d.discGen.Add(1)
+	d.status.Store(&status)
+	ctx, cancel := context.WithCancel(d.ctx)
+	run := &discoveryRun{gen: gen, cancel: cancel, done: make(chan struct{})}
+	var once sync.Once
+	probed := false
+	// A flapping backend returns only once it has stayed: see
+	// cluster.rejoin_hold.
+	damper := discovery.NewDamper(cfg.Cluster.RejoinHold, func(bs []discovery.Backend) {
+		// The damper calls this one set at a time.
+		if d.discGen.Load() != gen {
+			return // a reload replaced this source
+		}
+		d.srv.SetBackends(toProxy(bs))
+		if first != nil {
+			once.Do(func() { close(first) })
+		}
+		// The greeting shows the backends' capabilities: read
+		// them as soon as there is a backend to ask (later
+		// logins keep them fresh).
+		if !probed && len(bs) > 0 {
+			if err := d.srv.ProbeCapabilities(ctx); err != nil {
+				d.log.Warn("could not read backend capabilities; greeting uses defaults until a login succeeds", "error", err)
+			} else {
+				probed = true
+			}
+		}
+	})
+	damper.Log = d.log.Named("discovery")
+	d.wg.Go(func() {
+		defer close(run.done)
+		defer damper.Stop()
+		err := src.Run(ctx, damper.Update)
+		if err != nil && ctx.Err() == nil {
+			d.log.Error("backend discovery stopped", "error", err)
+		}
+	})
+	if old := d.disc; old != nil {
+		old.cancel()
+	}
+	d.disc = run
+	return nil
+}
+
+// openListeners opens every listener of cfg that is not open already with
+// the same settings. Nothing is served yet: serve does that, so that a
+// reload that fails half-way can close what it opened and change nothing.
+func (d *daemon) openListeners(cfg *config.Config) (map[string]*runningListener, error) {
+	opened := map[string]*runningListener{}
+	for _, l := range cfg.Listeners {
+		if cur, ok := d.listeners[l.Name]; ok && reflect.DeepEqual(cur.cfg, l) {
+			continue
+		}
+		from, err := proxyproto.ParseTrusted(l.ProxyProtocolFrom) // checked by config already
+		var ln net.Listener
+		if err == nil {
+			ln, err = listen(l.Address)
+		}
+		if err != nil {
+			for _, o := range opened {
+				o.ln.Close()
+			}
+			return nil, fmt.Errorf("listener %s: %w", l.Name, err)
+		}
+		opened[l.Name] = &runningListener{cfg: l, ln: ln,
+			opts: proxy.ListenerOptions{TLS: l.TLS, ProxyProtocolFrom: from}}
+	}
+	return opened, nil
+}
+
+func (d *daemon) serve(rl *runningListener) {
+	d.log.Info("listening", "listener", rl.cfg.Name, "address", rl.ln.Addr().String(), "tls", rl.cfg.TLS,
+		"proxy_protocol_from", rl.cfg.ProxyProtocolFrom)
+	d.wg.Go(func() {
+		err := d.srv.ServeListener(rl.ln, rl.opts)
+		if err == nil || errors.Is(err, proxy.ErrServerClosed) || errors.Is(err, net.ErrClosed) {
+			return
+		}
+		d.errc <- fmt.Errorf("listener %s: %w", rl.cfg.Name, err)
+	})
+}
+
+// start opens the listeners of the first configuration and serves them.
+func (d *daemon) start() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	opened, err := d.openListeners(d.cfg)
+	if err != nil {
+		return err
+	}
+	for name, rl := range opened {
+		d.listeners[name] = rl
+		d.serve(rl)
+	}
+	return d.startRegistration(d.cfg)
+}
+
+// reload reads the configuration file again and applies it: an invalid
+// file, or one whose listeners or certificates cannot be opened, changes
+// nothing and logs every problem. Sessions and the cache are kept; what
+// cannot change without a restart is named in a warning.
+func (d *daemon) reload() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	err := d.reloadLocked()
+	if err != nil {
+		d.reloadsFailed.Add(1)
+		d.lastReloadFailed.Store(true)
+		for _, line := range strings.Split(err.Error(), "\n") {
+			d.log.Error("configuration reload failed; the running configuration stays", "problem", line)
+		}
+		return err
+	}
+	d.reloadsOK.Add(1)
+	d.lastReloadFailed.Store(false)
+	return nil
+}
+
+func (d *daemon) reloadLocked() error {
+	cfg, err := config.Load(d.path)
+	if err != nil {
+		return err
+	}
+	old := d.cfg
+	opts, err := serverOptions(cfg, d.log, d.pool)
+	if err != nil {
+		return err
+	}
+	opts.Metrics = d.metrics
+	opened, err := d.openListeners(cfg)
+	if err != nil {
+		return err
+	}
+	// From here on nothing fails but discovery, whose failure keeps the
+	// old source running.
+	discChanged := !reflect.DeepEqual(old.Consul, cfg.Consul) || !reflect.DeepEqual(old.Backends, cfg.Backends) ||
+		old.Cluster.RejoinHold != cfg.Cluster.RejoinHold
+	if discChanged {
+		if err := d.startDiscovery(cfg, nil); err != nil {
+			for _, o := range opened {
+				o.ln.Close()
+			}
+			return fmt.Errorf("discovery: %w", err)
+		}
+	}
+
+	d.log.SetLevel(hclog.LevelFromString(cfg.LogLevel))
+	d.srv.SetOptions(opts)
+	d.pool.SetOptions(poolOptions(cfg, d.log))
+
+	keep := map[string]bool{}
+	for _, l := range cfg.Listeners {
+		keep[l.Name] = true
+	}
+	for name, rl := range d.listeners {
+		if _, replaced := opened[name]; replaced || !keep[name] {
+			// Closing a listener ends no session it accepted.
+			d.log.Info("closing listener", "listener", name, "address", rl.ln.Addr().String())
+			rl.ln.Close()
+			delete(d.listeners, name)
+		}
+	}
+	for name, rl := range opened {
+		d.listeners[name] = rl
+		d.serve(rl)
+	}
+
+	var restart []string
+	if old.LogFormat != cfg.LogFormat {
+		restart = append(restart, "log_format")
+	}
+	if old.Admin != cfg.Admin {
+		restart = append(restart, "admin")
+	}
+	if old.Cache.Enabled != cfg.Cache.Enabled {
+		// The pool applies it, but a cache turned off keeps what it
+		// holds until the sweeper: say so rather than surprise.
+		d.log.Info("cache.enabled changed; connections already cached are swept as usual", "enabled", cfg.Cache.Enabled)
+	}
+	if len(restart) > 0 {
+		d.log.Warn("configuration reloaded, but these settings apply only after a restart", "settings", strings.Join(restart, ", "))
+	}
+	if err := d.startRegistration(cfg); err != nil {
+		// The rest applied; the registration is what it was, or none.
+		d.log.Error("configuration reloaded, but the Consul registration could not change", "error", err)
+	}
+	d.cfg = cfg
+	d.log.Info("configuration reloaded", "file", d.path, "listeners", len(d.listeners), "discovery_restarted", discChanged)
+	return nil
+}
+
+// shutdown stops the listeners and discovery, drains the sessions until
+// ctx ends (then closes them), and logs out the cached connections.
+func (d *daemon) shutdown(ctx context.Context) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	// Out of Consul first, so that nothing sends new clients here while
+	// the sessions drain.
+	if d.reg != nil {
+		d.reg.stop()
+		d.reg = nil
+	}
+	if d.disc != nil {
+		d.disc.cancel()
+	}
+	return d.srv.Shutdown(ctx)
+}
+
+// reloadStatus is what the metrics show of reloads.
+func (d *daemon) reloadCounts() (ok, failed uint64, lastFailed bool) {
+	return d.reloadsOK.Load(), d.reloadsFailed.Load(), d.lastReloadFailed.Load()
+}

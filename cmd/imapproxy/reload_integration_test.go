@@ -1,0 +1,124 @@
+package main
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/imapproxy/imapproxy/internal/dovecottest"
+)
+
+// testReload changes the configuration under a running daemon with
+// SIGHUP: a second listener appears, a limit tightens, and neither the
+// cache nor a session in IDLE is lost; then an invalid file is refused
+// with its problems logged, and everything goes on as before.
+func (c *cluster) testReload(t *testing.T) {
+	agent := c.newAgent(t)
+	d := c.startDaemon(t, agent, daemonOptions{cache: true})
+	u, idleUser := dovecottest.UserName(901), dovecottest.UserName(902)
+
+	if _, err := c.session(d.addr, u); err != nil {
+		t.Fatal(err)
+	}
+	d.waitMetric(t, "imapproxy_cached_connections", 1)
+
+	idler, err := dialIMAP(d.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer idler.close()
+	if res, err := idler.login(idleUser, c.password(idleUser)); err != nil || !res.ok() {
+		t.Fatalf("LOGIN: %v %v", res, err)
+	}
+	if res, err := idler.cmd("SELECT INBOX"); err != nil || !res.ok() {
+		t.Fatalf("SELECT: %v %v", res, err)
+	}
+	idleTag := idler.nextTag()
+	if err := idler.send(idleTag + " IDLE\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := idler.readLine(); err != nil || !strings.HasPrefix(l, "+") {
+		t.Fatalf("IDLE: %q %v", l, err)
+	}
+
+	// A valid change: a second listener and one session per user.
+	ports, err := freePorts(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr2 := net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[0]))
+	conf := d.conf + fmt.Sprintf("listener \"second\" {\n  address = %q\n}\nlimits {\n  max_sessions_per_user = 1\n}\n", addr2)
+	d.rewrite(t, conf)
+	d.waitMetric(t, `imapproxy_config_reloads_total{result="success"}`, 1)
+
+	r, err := c.session(addr2, u)
+	if err != nil {
+		t.Fatalf("session on the new listener: %v", err)
+	}
+	if !r.reused {
+		t.Errorf("the login after the reload was not served from the cache")
+	}
+	if _, err := c.session(d.addr, u); err != nil {
+		t.Errorf("the first listener stopped working: %v", err)
+	}
+	second, err := dialIMAP(addr2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer second.close()
+	if res, err := second.login(idleUser, c.password(idleUser)); err != nil || !strings.Contains(res.tagged, "NO [LIMIT]") {
+		t.Errorf("second session of %s after max_sessions_per_user = 1: %v %v, want NO [LIMIT]", idleUser, res, err)
+	}
+
+	// An invalid file changes nothing, and says why.
+	bad := strings.Replace(conf, `drain = "5s"`, `drain = "1d"`, 1)
+	if bad == conf {
+		t.Fatal("the daemon's config has no drain line to break")
+	}
+	d.rewrite(t, bad)
+	d.waitMetric(t, `imapproxy_config_reloads_total{result="failure"}`, 1)
+	if m := d.metrics(t); m.get("imapproxy_config_last_reload_successful") != 0 {
+		t.Errorf("config_last_reload_successful = %v after a failed reload, want 0", m.get("imapproxy_config_last_reload_successful"))
+	}
+	log := d.log()
+	if !strings.Contains(log, "configuration reload failed; the running configuration stays") ||
+		!strings.Contains(log, `timeouts.drain: invalid duration \"1d\"`) {
+		t.Errorf("the refused reload did not log its problem:\n%s", tailLines(log, 20))
+	}
+	r, err = c.session(addr2, u)
+	if err != nil || !r.reused {
+		t.Errorf("after the refused reload: %+v %v, want a reused login on the second listener", r, err)
+	}
+
+	// The IDLE session lived through both.
+	if err := idler.send("DONE\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		l, err := idler.readLine()
+		if err != nil {
+			t.Fatalf("IDLE session after the reloads: %v", err)
+		}
+		if strings.HasPrefix(l, idleTag+" ") {
+			if !strings.HasPrefix(l, idleTag+" OK") {
+				t.Errorf("IDLE ended with %q", l)
+			}
+			break
+		}
+	}
+}
+
+// rewrite replaces the daemon's config file and sends SIGHUP.
+func (d *daemonProc) rewrite(t *testing.T, conf string) {
+	t.Helper()
+	if err := os.WriteFile(d.confPath, []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+}
