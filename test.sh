@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: vet, unit and integration tests (real Dovecot
 # on 127.0.0.1, started by the tests) under the race detector, and a short
-# run of every fuzz target. Installs Dovecot from Debian if it is missing.
+# run of every fuzz target. Installs Dovecot and HAProxy (for the PROXY
+# protocol test) from Debian if they are missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-if ! command -v dovecot >/dev/null 2>&1 && [ ! -x /usr/sbin/dovecot ]; then
-	echo "test.sh: installing dovecot-imapd" >&2
+missing=()
+[ -x /usr/sbin/dovecot ] || command -v dovecot >/dev/null 2>&1 || missing+=(dovecot-imapd)
+[ -x /usr/sbin/haproxy ] || command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+if [ ${#missing[@]} -gt 0 ]; then
+	echo "test.sh: installing ${missing[*]}" >&2
 	export DEBIAN_FRONTEND=noninteractive
 	apt-get update -qq
-	apt-get install -y -qq dovecot-imapd >/dev/null
+	apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 # Consul-backed tests use the agent tools/consul/build.sh builds (about
@@ -33,4 +37,5 @@ done <<'TARGETS'
 ./imapwire FuzzReadResponse
 ./proxy FuzzPreAuth
 ./proxy FuzzSASLPlain
+./internal/proxyproto FuzzRead
 TARGETS
