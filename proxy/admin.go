@@ -204,6 +204,19 @@ func (s *Server) activeSessions(match func(*relay) bool) []SessionInfo {
 // ownsKey reports whether a cache key, which is the login name or, for a
 // SASL login on behalf of another user, authzid NUL name, belongs to user
 // under either name.
+// kickedSince reports whether an operator kicked the owner of cache key
+// after born, the first login of a connection.
+func (s *Server) kickedSince(key string, born time.Time) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for u, at := range s.kicked {
+		if at.After(born) && ownsKey(u, key) {
+			return true
+		}
+	}
+	return false
+}
+
 func ownsKey(user, key string) bool {
 	if key == user {
 		return true
@@ -293,6 +306,19 @@ func (s *Server) drainedLocked(old, next *backendSet, gone []string) []string {
 func (s *Server) KickUser(user string) (sessions, cached int) {
 	var victims []*session
 	s.mu.Lock()
+	// A session between its LOGOUT and caching its connection is no
+	// longer found below: remember the kick, so that such a connection
+	// (authenticated before it) is closed instead of cached.
+	now := time.Now()
+	if s.kicked == nil {
+		s.kicked = map[string]time.Time{}
+	}
+	for u, at := range s.kicked {
+		if now.Sub(at) > 24*time.Hour {
+			delete(s.kicked, u)
+		}
+	}
+	s.kicked[user] = now
 	for sess := range s.sessions {
 		if rl := sess.rl.Load(); rl != nil && ownsKey(user, rl.user) {
 			victims = append(victims, sess)

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"time"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
@@ -206,6 +207,24 @@ func TestKickUser(t *testing.T) {
 	if res := c.mustLogin(user, dc.PasswordOf(user)); res.has("XPROXYREUSE") {
 		t.Error("the kicked user's next login reused a connection")
 	}
+
+	// A session the kick could not see (it was between its LOGOUT and
+	// caching its connection) must not cache a connection authenticated
+	// before the kick. Kick while c is logged in but pretend the kick
+	// missed it: c's connection, born before, is then closed at LOGOUT.
+	p.srv.mu.Lock()
+	p.srv.kicked[user] = time.Now()
+	p.srv.mu.Unlock()
+	before := p.srv.Pool().Stats().Cached
+	c.logout()
+	p.waitSessions(t, 0)
+	if n := p.srv.Pool().Stats().Cached; n != before {
+		t.Errorf("a connection authenticated before a kick was cached (%d cached, %d before)", n, before)
+	}
+	c = dialClient(t, p.addr)
+	c.mustLogin(user, dc.PasswordOf(user))
+	c.logout()
+	p.waitCached(t, before+1) // one authenticated after the kick is cached again
 }
 
 // TestFlushCache closes every cached connection and leaves the cache

@@ -52,6 +52,17 @@ func (m *Metrics) Collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.Dial, m.Login, m.BackendLogins}
 }
 
+// forget drops the series of a backend that left the set, so that a
+// cluster whose instance IDs change does not grow them for ever.
+func (m *Metrics) forget(backend string) {
+	if m == nil {
+		return
+	}
+	l := prometheus.Labels{"backend": backend}
+	m.Dial.DeletePartialMatch(l)
+	m.BackendLogins.DeletePartialMatch(l)
+}
+
 func (m *Metrics) dial(backend string, since time.Time, err error) {
 	if m == nil {
 		return

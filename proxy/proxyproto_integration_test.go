@@ -290,3 +290,55 @@ backend proxy_v2
 		c.logout()
 	}
 }
+
+// TestSetListenerOptions turns PROXY protocol on for a listener that is
+// serving, as a reload does: the socket stays, and connections accepted
+// from then on must start with a header.
+func TestSetListenerOptions(t *testing.T) {
+	dc := dovecottest.StartT(t, dovecottest.Options{Name: "backend-1", Users: 1, Messages: 1})
+	p := startProxy(t, []*dovecottest.Server{dc}, nil)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- p.srv.ServeListener(ln, ListenerOptions{TLS: TLSNone}) }()
+	t.Cleanup(func() {
+		p.srv.Close()
+		if err := <-done; !errors.Is(err, ErrServerClosed) {
+			t.Errorf("ServeListener: %v", err)
+		}
+	})
+	if c := dialClient(t, ln.Addr().String()); !strings.HasPrefix(c.Greeting, "* OK") {
+		t.Fatalf("before: %q", c.Greeting)
+	}
+	from, _ := proxyproto.ParseTrusted([]string{"127.0.0.1"})
+	// Serve registers the listener in its own goroutine: bounded retry.
+	for i := 0; ; i++ {
+		err := p.srv.SetListenerOptions(ln, ListenerOptions{TLS: TLSNone, ProxyProtocolFrom: from})
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, ErrNotServing) || i == 500 {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	c := dialProxied(t, ln.Addr().String(), v1Header("203.0.113.44:4444", "192.0.2.1:143"))
+	if !strings.HasPrefix(c.Greeting, "* OK") {
+		t.Fatalf("with a header after the change: %q", c.Greeting)
+	}
+	u := dc.Users()[0]
+	c.mustLogin(u, dc.PasswordOf(u))
+	if !strings.Contains(p.logs.String(), "client=203.0.113.44:4444") {
+		t.Errorf("the header's address was not used after the change")
+	}
+	other, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if err := p.srv.SetListenerOptions(other, ListenerOptions{}); !errors.Is(err, ErrNotServing) {
+		t.Errorf("SetListenerOptions on a listener not served: %v, want ErrNotServing", err)
+	}
+}

@@ -60,6 +60,7 @@ type relay struct {
 
 	// trace, when an operator traces the user, records the protocol.
 	trace atomic.Pointer[tracer]
+	login string // the name the client logged in with, for traces
 
 	// running is set, under the session's wmu, once the relay owns the
 	// client writer; before that only the session goroutine writes.
@@ -640,6 +641,10 @@ func (rl *relay) cleanAndPut(selected bool) {
 	case rl.up.r.Buffered() > 0:
 		rl.log.Debug("not caching backend connection", "reason", "unread data")
 		rl.up.abort()
+		rl.release()
+	case rl.sess.srv.kickedSince(rl.user, rl.born):
+		rl.log.Debug("not caching backend connection", "reason", "user kicked by an operator")
+		rl.up.Close()
 		rl.release()
 	default:
 		// Once cached the connection is the pool's: an eviction of

@@ -148,17 +148,20 @@ type Server struct {
 
 	// reserve is a descriptor held to be closed when accept runs out of
 	// them, so that one waiting client can be told so (see shed).
-	reserveMu sync.Mutex
-	reserve   *os.File
+	reserveMu     sync.Mutex
+	reserve       *os.File
+	closedReserve bool // the server is shut down: no more reserve
 
 	mu        sync.Mutex
 	perIP     map[string]int // client connections by address
 	perUser   map[string]int // logged-in sessions by user
 	preAuth   int            // connections not yet logged in
 	drains    map[*time.Timer]struct{}
-	listeners map[net.Listener]struct{}
+	listeners map[net.Listener]*atomic.Pointer[ListenerOptions]
 	sessions  map[*session]struct{}
-	traces    map[string]*tracer // by traceKey(user)
+	traces    map[string]*tracer    // by traceKey(user)
+	kicked    map[string]time.Time  // users an operator kicked, and when
+	pending   map[net.Conn]struct{} // from load balancers, header not read yet
 	shutdown  bool
 	wg        sync.WaitGroup // sessions
 }
@@ -166,7 +169,7 @@ type Server struct {
 // New returns a Server.
 func New(opts Options) *Server {
 	s := &Server{
-		listeners: map[net.Listener]struct{}{},
+		listeners: map[net.Listener]*atomic.Pointer[ListenerOptions]{},
 		sessions:  map[*session]struct{}{},
 		drains:    map[*time.Timer]struct{}{},
 		perIP:     map[string]int{},
@@ -266,6 +269,11 @@ func (s *Server) setBackendsLocked(bs []Backend) {
 	for id, ob := range old.byID {
 		if nb, ok := next.byID[id]; !ok || nb != ob {
 			gone = append(gone, id)
+		}
+	}
+	for id := range old.all {
+		if _, ok := next.all[id]; !ok {
+			s.options().Metrics.forget(id)
 		}
 	}
 	gone = s.drainedLocked(old, next, gone)
@@ -442,14 +450,15 @@ type ListenerOptions struct {
 
 // ServeListener is Serve with more to say about the listener.
 func (s *Server) ServeListener(l net.Listener, lo ListenerOptions) error {
-	tlsMode := lo.TLS
+	opts := new(atomic.Pointer[ListenerOptions])
+	opts.Store(&lo)
 	s.mu.Lock()
 	if s.shutdown {
 		s.mu.Unlock()
 		l.Close()
 		return ErrServerClosed
 	}
-	s.listeners[l] = struct{}{}
+	s.listeners[l] = opts
 	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
@@ -487,6 +496,8 @@ func (s *Server) ServeListener(l net.Listener, lo ListenerOptions) error {
 		if tc, ok := c.(*net.TCPConn); ok {
 			tc.SetNoDelay(true)
 		}
+		lo := opts.Load()
+		tlsMode := lo.TLS
 		if lo.ProxyProtocolFrom.Contains(c.RemoteAddr()) {
 			// The header may be slow to come: read it off the
 			// accept loop.
@@ -505,7 +516,22 @@ func (s *Server) ServeListener(l net.Listener, lo ListenerOptions) error {
 // trusted load balancer, then serves it as coming from the client the
 // header names.
 func (s *Server) acceptProxied(c net.Conn, tlsMode string) {
+	// Shutdown closes connections still waiting for their header.
+	s.mu.Lock()
+	if s.shutdown {
+		s.mu.Unlock()
+		c.Close()
+		return
+	}
+	if s.pending == nil {
+		s.pending = map[net.Conn]struct{}{}
+	}
+	s.pending[c] = struct{}{}
+	s.mu.Unlock()
 	pc, err := proxyproto.Accept(c, s.options().preAuthTimeout())
+	s.mu.Lock()
+	delete(s.pending, c)
+	s.mu.Unlock()
 	if err != nil {
 		s.log.Warn("connection closed: no valid PROXY protocol header from a load balancer", "peer", c.RemoteAddr().String(), "error", err)
 		c.Close()
@@ -514,6 +540,25 @@ func (s *Server) acceptProxied(c net.Conn, tlsMode string) {
 	if sess := s.newSession(pc, tlsMode); sess != nil {
 		sess.serve()
 	}
+}
+
+// ErrNotServing is returned by SetListenerOptions for a listener that
+// the server does not serve.
+var ErrNotServing = errors.New("proxy: listener not served")
+
+// SetListenerOptions changes how the connections a served listener
+// accepts from now on begin (TLS mode, PROXY protocol sources), without
+// closing the listener: a reload keeps its socket, so no client is
+// refused in between. Connections already accepted keep their options.
+func (s *Server) SetListenerOptions(l net.Listener, lo ListenerOptions) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	opts, ok := s.listeners[l]
+	if !ok {
+		return ErrNotServing
+	}
+	opts.Store(&lo)
+	return nil
 }
 
 // outOfFiles reports whether err is the process or the system running out
@@ -535,15 +580,23 @@ func (s *Server) shed(l net.Listener) bool {
 	}
 	s.reserveMu.Lock()
 	defer s.reserveMu.Unlock()
-	if s.reserve == nil {
+	if s.closedReserve {
 		return false
+	}
+	if s.reserve == nil {
+		// A dial or another listener took the descriptor the last
+		// shed freed: try to hold one again, for this time or next.
+		f, err := os.Open(os.DevNull)
+		if err != nil {
+			return false
+		}
+		s.reserve = f
 	}
 	s.reserve.Close()
 	s.reserve = nil
 	defer func() {
 		// The descriptor just closed is the lowest free one again,
-		// unless another goroutine took it; then there is no reserve
-		// until the next shed finds one.
+		// unless another goroutine took it; then the next shed tries.
 		if f, err := os.Open(os.DevNull); err == nil {
 			s.reserve = f
 		}
@@ -671,6 +724,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	for l := range s.listeners {
 		l.Close()
 	}
+	for c := range s.pending {
+		c.Close()
+	}
 	sessions := make([]*session, 0, len(s.sessions))
 	for sess := range s.sessions {
 		sessions = append(sessions, sess)
@@ -698,6 +754,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 func (s *Server) dropReserve() {
 	s.reserveMu.Lock()
 	defer s.reserveMu.Unlock()
+	s.closedReserve = true
 	if s.reserve != nil {
 		s.reserve.Close()
 		s.reserve = nil
@@ -711,6 +768,9 @@ func (s *Server) Close() {
 	s.stopDrainsLocked()
 	for l := range s.listeners {
 		l.Close()
+	}
+	for c := range s.pending {
+		c.Close()
 	}
 	for sess := range s.sessions {
 		sess.kill()

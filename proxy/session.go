@@ -566,7 +566,9 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 		}
 		dialStart := time.Now()
 		up, err := srv.dialer().dial(ctx, b)
-		m.dial(b.ID, dialStart, err)
+		if !outOfFiles(err) {
+			m.dial(b.ID, dialStart, err)
+		}
 		if err != nil {
 			srv.pool.Release()
 			if outOfFiles(err) {
@@ -652,11 +654,14 @@ var (
 // backend gone: no session can slip past both.
 func (sess *session) adopt(rl *relay, user string) error {
 	sess.loginAt.Store(time.Now().UnixNano())
+	rl.login = user
+	sess.rl.Store(rl)
+	// After the Store: a StartTrace either finds rl in the session or
+	// is seen here.
 	if tr := sess.srv.traceFor(user); tr != nil {
 		rl.trace.Store(tr)
 		tr.event(fmt.Sprintf("session %s of %s from %s logged in on %s", sess.id, user, sess.conn.RemoteAddr(), rl.backend.ID))
 	}
-	sess.rl.Store(rl)
 	if cur, ok := sess.srv.backends.Load().byID[rl.backend.ID]; !ok || cur != rl.backend {
 		sess.rl.Store(nil)
 		return errBackendLeft

@@ -17,14 +17,20 @@ import (
 // operator chasing a client bug. Literal contents (message bodies, APPEND
 // data) are left out and only their size written, and a LOGIN or
 // AUTHENTICATE line, which the relay refuses anyway, loses its arguments:
-// the trace holds no credentials and no mail.
+// the trace holds no credentials and no message contents. It does hold
+// what servers send as quoted strings (ENVELOPE subjects and addresses).
 
 var (
 	// ErrTraceActive is returned when the user is traced already.
 	ErrTraceActive = errors.New("proxy: user is traced already")
 	// ErrNoTrace is returned when the user is not traced.
 	ErrNoTrace = errors.New("proxy: user is not traced")
+	// ErrTooManyTraces is returned when maxTraces traces run already.
+	ErrTooManyTraces = errors.New("proxy: too many traces running")
 )
+
+// maxTraces bounds the open trace files: each holds a descriptor.
+const maxTraces = 16
 
 // traceMaxBytes ends a trace that an operator forgot: a busy IMAP user
 // can write a lot of FETCH responses.
@@ -59,27 +65,45 @@ func (s *Server) StartTrace(user, path string) error {
 	if user == "" {
 		return errors.New("proxy: empty user")
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	k := traceKey(user)
-	if _, ok := s.traces[k]; ok {
+	s.mu.Lock()
+	_, dup := s.traces[k]
+	n := len(s.traces)
+	s.mu.Unlock()
+	switch {
+	case dup:
 		return ErrTraceActive
+	case n >= maxTraces:
+		return ErrTooManyTraces
 	}
+	// The file is made outside s.mu, which every accept and login takes:
+	// a slow trace_dir must not stall them.
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return err
 	}
 	tr := &tracer{user: user, path: path, started: time.Now(), f: f}
+	tr.event("trace started")
+	s.mu.Lock()
+	if _, dup := s.traces[k]; dup || len(s.traces) >= maxTraces {
+		s.mu.Unlock()
+		tr.close()
+		os.Remove(path)
+		if dup {
+			return ErrTraceActive
+		}
+		return ErrTooManyTraces
+	}
 	if s.traces == nil {
 		s.traces = map[string]*tracer{}
 	}
 	s.traces[k] = tr
 	for sess := range s.sessions {
-		if rl := sess.rl.Load(); rl != nil && traceKey(sess.user) == k {
+		if rl := sess.rl.Load(); rl != nil && traceKey(rl.login) == k {
 			rl.trace.Store(tr)
 		}
 	}
-	tr.event("trace started")
+	s.mu.Unlock()
 	s.log.Info("protocol trace started", "user", user, "path", path)
 	return nil
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"path/filepath"
 	"strings"
@@ -202,10 +203,31 @@ func (a *adminAPI) handler() http.Handler {
 	return a.authorize(csrf.Handler(mux))
 }
 
+// hostAllowed guards a token-less API against DNS rebinding: a page whose
+// name an attacker re-points at 127.0.0.1 is same-origin to the browser,
+// but it still sends its own name as Host. An IP address or localhost is
+// what an operator's curl or `imapproxy status` sends. With a token the
+// check is not needed (the browser has no token) and a name may be used.
+func hostAllowed(r *http.Request) bool {
+	host := r.Host
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
+	return net.ParseIP(host) != nil || strings.EqualFold(host, "localhost")
+}
+
 // authorize requires the bearer token, when there is one.
 func (a *adminAPI) authorize(next http.Handler) http.Handler {
 	if a.tokenSum == nil {
-		return next
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if !hostAllowed(r) {
+				a.log.Warn("admin request refused: Host is a name and no token is set", "remote", r.RemoteAddr, "host", r.Host)
+				writeError(w, http.StatusForbidden, "Host must be an IP address or localhost (or set admin.token_file)")
+				return
+			}
+			next.ServeHTTP(w, r)
+		})
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		tok, ok := bearerToken(r)
@@ -403,8 +425,11 @@ func (a *adminAPI) startTrace(w http.ResponseWriter, r *http.Request) {
 	path := filepath.Join(a.traceDir, name+"-"+time.Now().UTC().Format("20060102T150405.000Z")+".trace")
 	if err := a.srv.StartTrace(user, path); err != nil {
 		code := http.StatusInternalServerError
-		if errors.Is(err, proxy.ErrTraceActive) {
+		switch {
+		case errors.Is(err, proxy.ErrTraceActive):
 			code = http.StatusConflict
+		case errors.Is(err, proxy.ErrTooManyTraces):
+			code = http.StatusTooManyRequests
 		}
 		writeError(w, code, err.Error())
 		return

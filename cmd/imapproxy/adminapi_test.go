@@ -54,12 +54,44 @@ func newTestAdmin(t *testing.T, withToken bool) (http.Handler, *proxy.Server) {
 // call serves one request and returns the status and body.
 func call(h http.Handler, method, path string, hdr ...string) (int, http.Header, string) {
 	req := httptest.NewRequest(method, path, nil)
+	req.Host = "127.0.0.1:9143" // as curl or `imapproxy status` would send
 	for i := 0; i+1 < len(hdr); i += 2 {
+		if hdr[i] == "Host" {
+			req.Host = hdr[i+1]
+			continue
+		}
 		req.Header.Set(hdr[i], hdr[i+1])
 	}
 	rec := httptest.NewRecorder()
 	h.ServeHTTP(rec, req)
 	return rec.Code, rec.Header(), rec.Body.String()
+}
+
+// TestAdminAPIHost: without a token, only requests naming the listener
+// by IP address or as localhost are served, so that a web page re-pointed
+// at 127.0.0.1 by DNS rebinding cannot use the API; with a token, names
+// are fine.
+func TestAdminAPIHost(t *testing.T) {
+	open, _ := newTestAdmin(t, false)
+	for host, want := range map[string]int{
+		"127.0.0.1:9143":     http.StatusOK,
+		"[::1]:9143":         http.StatusOK,
+		"localhost:9143":     http.StatusOK,
+		"evil.example:9143":  http.StatusForbidden,
+		"evil.example":       http.StatusForbidden,
+		"127.0.0.1.nip.io:1": http.StatusForbidden,
+	} {
+		if code, _, body := call(open, "GET", "/api/v1/status", "Host", host); code != want {
+			t.Errorf("no token, Host %s: %d %s, want %d", host, code, body, want)
+		}
+	}
+	if code, _, _ := call(open, "POST", "/api/v1/cache/flush", "Host", "evil.example:9143"); code != http.StatusForbidden {
+		t.Errorf("no token, POST with a name as Host: %d, want 403", code)
+	}
+	locked, _ := newTestAdmin(t, true)
+	if code, _, body := call(locked, "GET", "/api/v1/status", "Host", "admin.example:9143", "Authorization", "Bearer "+testToken); code != http.StatusOK {
+		t.Errorf("token, Host a name: %d %s, want 200", code, body)
+	}
 }
 
 func TestAdminAPIToken(t *testing.T) {

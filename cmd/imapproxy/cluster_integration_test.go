@@ -110,6 +110,7 @@ func TestCluster(t *testing.T) {
 	t.Run("FlappingCheck", c.testFlappingCheck)
 	t.Run("ConsulFaults", c.testConsulFaults)
 	t.Run("SelfRegistration", c.testSelfRegistration)
+	t.Run("AdminDrain", c.testAdminDrain)
 }
 
 // requireDovecot skips t without Dovecot or root, or fails it with

@@ -35,12 +35,17 @@ type daemon struct {
 
 	mu        sync.Mutex // serialises start and reloads
 	cfg       *config.Config
-	listeners map[string]*runningListener
+	listeners map[string]*runningListener // by address: a reload keeps the socket of an address it keeps
 	disc      *discoveryRun
-	reg       *registration // nil: not registered in Consul
+	// reg is read by metrics without mu, which a drain holds for long.
+	reg atomic.Pointer[registration] // nil: not registered in Consul
 
 	discGen atomic.Uint64 // the discovery run whose updates count
 	status  atomic.Pointer[func() sourceStatus]
+
+	// adminAddr is the admin listener's address as bound at start (it
+	// changes only with a restart); "" without one.
+	adminAddr string
 
 	reloadsOK, reloadsFailed atomic.Uint64
 	lastReloadFailed         atomic.Bool
@@ -69,8 +74,8 @@ func (r *registration) stop() {
 // startRegistration registers the proxy as cfg says, if it says so,
 // replacing a registration that differs. Called with listeners open.
 func (d *daemon) startRegistration(cfg *config.Config) error {
-	o, on := registerOptions(cfg, d.log)
-	if cur := d.reg; cur != nil {
+	o, on := registerOptions(cfg, d.log, d.adminAddr)
+	if cur := d.reg.Load(); cur != nil {
 		cmpOpts := func(o discovery.RegisterOptions) discovery.RegisterOptions {
 			o.Logger = nil
 			return o
@@ -79,7 +84,7 @@ func (d *daemon) startRegistration(cfg *config.Config) error {
 			return nil
 		}
 		cur.stop()
-		d.reg = nil
+		d.reg.Store(nil)
 	}
 	if !on {
 		return nil
@@ -94,7 +99,7 @@ func (d *daemon) startRegistration(cfg *config.Config) error {
 		defer close(reg.done)
 		r.Run(ctx) // logs its own failures and never gives up
 	})
-	d.reg = reg
+	d.reg.Store(reg)
 	d.log.Info("registering in Consul", "service", o.Service, "id", r.ID(), "address", o.Address, "check", o.Check)
 	return nil
 }
@@ -102,9 +107,7 @@ func (d *daemon) startRegistration(cfg *config.Config) error {
 // registered reports whether Consul has the proxy's registration (false
 // when the proxy does not register).
 func (d *daemon) registered() (on, ok bool) {
-	d.mu.Lock()
-	reg := d.reg
-	d.mu.Unlock()
+	reg := d.reg.Load()
 	if reg == nil {
 		return false, false
 	}
@@ -148,13 +151,20 @@ func (d *daemon) sourceStatus() sourceStatus {
 }
 
 // startDiscovery starts a source for cfg and makes it the one whose sets
-// count; the previous run, if any, is stopped once the new one runs, and
-// the server keeps the set it had until the new source delivers one.
+// count; the previous run, if any, is stopped first, and the server keeps
+// the set it had until the new source delivers one.
 // first is closed at the new source's first set.
 func (d *daemon) startDiscovery(cfg *config.Config, first chan<- struct{}) error {
 	src, status, err := newSource(cfg, d.log)
 	if err != nil {
 		return err
+	}
+	// The old source stops before the new one runs: a set it was still
+	// delivering must not land after the new source's first.
+	if old := d.disc; old != nil {
+		old.cancel()
+		<-old.done
+		d.disc = nil
 	}
 	gen := d.discGen.Add(1)
 	d.status.Store(&status)
@@ -193,37 +203,35 @@ func (d *daemon) startDiscovery(cfg *config.Config, first chan<- struct{}) error
 			d.log.Error("backend discovery stopped", "error", err)
 		}
 	})
-	if old := d.disc; old != nil {
-		old.cancel()
-	}
 	d.disc = run
 	return nil
 }
 
-// openListeners opens every listener of cfg that is not open already with
-// the same settings. Nothing is served yet: serve does that, so that a
-// reload that fails half-way can close what it opened and change nothing.
+// openListeners opens a listener for every address of cfg that has none
+// yet. Nothing is served yet: serve does that, so that a reload that fails
+// half-way can close what it opened and change nothing. Addresses open
+// already keep their socket, whatever else changed (see reloadLocked).
 func (d *daemon) openListeners(cfg *config.Config) (map[string]*runningListener, error) {
 	opened := map[string]*runningListener{}
 	for _, l := range cfg.Listeners {
-		if cur, ok := d.listeners[l.Name]; ok && reflect.DeepEqual(cur.cfg, l) {
+		if _, ok := d.listeners[l.Address]; ok {
 			continue
 		}
-		from, err := proxyproto.ParseTrusted(l.ProxyProtocolFrom) // checked by config already
-		var ln net.Listener
-		if err == nil {
-			ln, err = listen(l.Address)
-		}
+		ln, err := listen(l.Address)
 		if err != nil {
 			for _, o := range opened {
 				o.ln.Close()
 			}
 			return nil, fmt.Errorf("listener %s: %w", l.Name, err)
 		}
-		opened[l.Name] = &runningListener{cfg: l, ln: ln,
-			opts: proxy.ListenerOptions{TLS: l.TLS, ProxyProtocolFrom: from}}
+		opened[l.Address] = &runningListener{cfg: l, ln: ln, opts: listenerOptions(l)}
 	}
 	return opened, nil
+}
+
+func listenerOptions(l config.Listener) proxy.ListenerOptions {
+	from, _ := proxyproto.ParseTrusted(l.ProxyProtocolFrom) // checked by config already
+	return proxy.ListenerOptions{TLS: l.TLS, ProxyProtocolFrom: from}
 }
 
 func (d *daemon) serve(rl *runningListener) {
@@ -246,8 +254,8 @@ func (d *daemon) start() error {
 	if err != nil {
 		return err
 	}
-	for name, rl := range opened {
-		d.listeners[name] = rl
+	for addr, rl := range opened {
+		d.listeners[addr] = rl
 		d.serve(rl)
 	}
 	return d.startRegistration(d.cfg)
@@ -289,17 +297,50 @@ func (d *daemon) reloadLocked() error {
 	if err != nil {
 		return err
 	}
+	closeOpened := func() {
+		for _, o := range opened {
+			o.ln.Close()
+		}
+	}
+	// An address kept keeps its socket; a new name, TLS mode or PROXY
+	// protocol sources apply to the connections it accepts from now on.
+	type change struct {
+		rl       *runningListener
+		cfg      config.Listener
+		old, new proxy.ListenerOptions
+	}
+	var changes []change
+	for _, l := range cfg.Listeners {
+		if rl, ok := d.listeners[l.Address]; ok && !reflect.DeepEqual(rl.cfg, l) {
+			changes = append(changes, change{rl, l, rl.opts, listenerOptions(l)})
+		}
+	}
+	for i, c := range changes {
+		if err := d.srv.SetListenerOptions(c.rl.ln, c.new); err != nil {
+			for _, u := range changes[:i] {
+				d.srv.SetListenerOptions(u.rl.ln, u.old)
+			}
+			closeOpened()
+			return fmt.Errorf("listener %s: %w; try again", c.cfg.Name, err)
+		}
+	}
 	// From here on nothing fails but discovery, whose failure keeps the
 	// old source running.
 	discChanged := !reflect.DeepEqual(old.Consul, cfg.Consul) || !reflect.DeepEqual(old.Backends, cfg.Backends) ||
 		old.Cluster.RejoinHold != cfg.Cluster.RejoinHold
 	if discChanged {
 		if err := d.startDiscovery(cfg, nil); err != nil {
-			for _, o := range opened {
-				o.ln.Close()
+			for _, c := range changes {
+				d.srv.SetListenerOptions(c.rl.ln, c.old)
 			}
+			closeOpened()
 			return fmt.Errorf("discovery: %w", err)
 		}
+	}
+	for _, c := range changes {
+		d.log.Info("listener settings changed; its socket is kept", "listener", c.cfg.Name, "address", c.cfg.Address,
+			"tls", c.cfg.TLS, "proxy_protocol_from", c.cfg.ProxyProtocolFrom)
+		c.rl.cfg, c.rl.opts = c.cfg, c.new
 	}
 
 	d.log.SetLevel(hclog.LevelFromString(cfg.LogLevel))
@@ -308,18 +349,18 @@ func (d *daemon) reloadLocked() error {
 
 	keep := map[string]bool{}
 	for _, l := range cfg.Listeners {
-		keep[l.Name] = true
+		keep[l.Address] = true
 	}
-	for name, rl := range d.listeners {
-		if _, replaced := opened[name]; replaced || !keep[name] {
+	for addr, rl := range d.listeners {
+		if !keep[addr] {
 			// Closing a listener ends no session it accepted.
-			d.log.Info("closing listener", "listener", name, "address", rl.ln.Addr().String())
+			d.log.Info("closing listener", "listener", rl.cfg.Name, "address", addr)
 			rl.ln.Close()
-			delete(d.listeners, name)
+			delete(d.listeners, addr)
 		}
 	}
-	for name, rl := range opened {
-		d.listeners[name] = rl
+	for addr, rl := range opened {
+		d.listeners[addr] = rl
 		d.serve(rl)
 	}
 
@@ -354,9 +395,8 @@ func (d *daemon) shutdown(ctx context.Context) error {
 	defer d.mu.Unlock()
 	// Out of Consul first, so that nothing sends new clients here while
 	// the sessions drain.
-	if d.reg != nil {
-		d.reg.stop()
-		d.reg = nil
+	if reg := d.reg.Swap(nil); reg != nil {
+		reg.stop()
 	}
 	if d.disc != nil {
 		d.disc.cancel()

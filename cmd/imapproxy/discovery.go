@@ -74,7 +74,7 @@ func consulOptions(c *config.Consul, log hclog.Logger) discovery.ConsulOptions {
 
 // registerOptions describe the proxy's own Consul service, if the
 // register block asks for one.
-func registerOptions(cfg *config.Config, log hclog.Logger) (discovery.RegisterOptions, bool) {
+func registerOptions(cfg *config.Config, log hclog.Logger, adminAddr string) (discovery.RegisterOptions, bool) {
 	r := cfg.Register
 	if r == nil || len(cfg.Listeners) == 0 {
 		return discovery.RegisterOptions{}, false
@@ -102,7 +102,8 @@ func registerOptions(cfg *config.Config, log hclog.Logger) (discovery.RegisterOp
 	}
 	o.Consul.Logger = nil // the registrar logs as "register"
 	if r.Check == "http" {
-		host, port, _ := net.SplitHostPort(cfg.Admin.Address)
+		// The admin listener bound at start: a reload does not move it.
+		host, port, _ := net.SplitHostPort(adminAddr)
 		if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
 			host = "127.0.0.1"
 		}

@@ -128,6 +128,7 @@ func run(path string, cfg *config.Config) error {
 			return err
 		}
 		admin = &http.Server{Handler: adminHandler(reg, srv, &listening, api), ReadHeaderTimeout: 10 * time.Second}
+		d.adminAddr = ln.Addr().String()
 		log.Info("admin listening", "address", ln.Addr().String())
 		d.wg.Go(func() {
 			if err := admin.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {

@@ -1,13 +1,17 @@
 package main
 
 import (
+	"bufio"
+	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
 )
@@ -74,9 +78,53 @@ func (c *cluster) testReload(t *testing.T) {
 		t.Errorf("second session of %s after max_sessions_per_user = 1: %v %v, want NO [LIMIT]", idleUser, res, err)
 	}
 
+	// The first listener now takes PROXY headers from 127.0.0.1: its
+	// socket is kept (a new bind of the same address would fail), and
+	// from now on a connection without a header is closed while one with
+	// a header logs in as the client it names.
+	proxied := strings.Replace(conf, fmt.Sprintf("address = %q\n}", d.addr),
+		fmt.Sprintf("address = %q\n  proxy_protocol_from = [\"127.0.0.1\"]\n}", d.addr), 1)
+	if proxied == conf {
+		t.Fatal("no listener block to change")
+	}
+	d.rewrite(t, proxied)
+	d.waitMetric(t, `imapproxy_config_reloads_total{result="success"}`, 2)
+	if !strings.Contains(d.log(), "listener settings changed; its socket is kept") {
+		t.Errorf("the listener change was not logged")
+	}
+	raw, err := net.DialTimeout("tcp", d.addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw.SetDeadline(time.Now().Add(bound))
+	raw.Write([]byte("PROXY TCP4 203.0.113.9 127.0.0.1 5555 143\r\n"))
+	pc := &imapConn{conn: raw, r: bufio.NewReader(raw)}
+	if pc.greeting, err = pc.readLine(); err != nil || !strings.HasPrefix(pc.greeting, "* OK") {
+		t.Fatalf("greeting after a PROXY header: %q %v", pc.greeting, err)
+	}
+	if res, err := pc.login(u, c.password(u)); err != nil || !res.has("* OK [XPROXYREUSE]") {
+		t.Errorf("login through the PROXY header: %v %v, want a reused connection", res, err)
+	}
+	pc.close()
+	if !strings.Contains(d.log(), "client=203.0.113.9:5555") {
+		t.Errorf("the daemon did not log the client address from the PROXY header")
+	}
+	// A client that speaks IMAP at once is not a PROXY header: closed.
+	plain, err := net.DialTimeout("tcp", d.addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain.SetDeadline(time.Now().Add(bound))
+	plain.Write([]byte("a1 CAPABILITY\r\n"))
+	// Closed with our line unread, so the kernel may answer with a reset.
+	if b, err := io.ReadAll(plain); err != nil && !errors.Is(err, syscall.ECONNRESET) || len(b) != 0 {
+		t.Errorf("a connection without a PROXY header from a listed source got %q (%v), want it closed unanswered", b, err)
+	}
+	plain.Close()
+
 	// An invalid file changes nothing, and says why.
-	bad := strings.Replace(conf, `drain = "5s"`, `drain = "1d"`, 1)
-	if bad == conf {
+	bad := strings.Replace(proxied, `drain = "5s"`, `drain = "1d"`, 1)
+	if bad == proxied {
 		t.Fatal("the daemon's config has no drain line to break")
 	}
 	d.rewrite(t, bad)
