@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"time"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
@@ -9,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
 )
