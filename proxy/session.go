@@ -404,6 +404,9 @@ func (sess *session) authenticate(cmd *imapwire.Command) (*relay, error) {
 			return nil, nil
 		case errors.Is(err, errBadBase64):
 			return nil, sess.bad(cmd.Tag, "Invalid base64 data in AUTHENTICATE")
+		case errors.Is(err, imapwire.ErrLineTooLong):
+			// The reader skips the rest of the line; the exchange is over.
+			return nil, sess.bad(cmd.Tag, "AUTHENTICATE response too long")
 		}
 		return nil, err
 	}

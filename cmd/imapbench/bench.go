@@ -185,12 +185,21 @@ func (w *worker) open(u *user) error {
 	return nil
 }
 
-// cycles runs cycle over the users round-robin, worker i starting at
-// user i, timing each cycle from connect to close.
+// cycles runs cycle round-robin over the worker's own users, timing each
+// cycle from connect to close. With at least as many users as workers,
+// worker i takes users i, i+W, i+2W, ... (W workers), so no user has two
+// sessions at once, as a person with one webmail tab has not. Users
+// shared by all workers drifted into convoys: workers that met on one
+// user stayed together, and each user had up to W sessions at once.
 func (w *worker) cycles(cycle func(*worker, *user) error) {
 	users := w.b.users
-	for k := w.id; w.b.take(); k++ {
-		u := &users[k%len(users)]
+	stride := w.b.cfg.conc
+	if len(users) < stride {
+		stride = 1 // fewer users than workers: they must be shared
+	}
+	mine := (len(users) - w.id%len(users) + stride - 1) / stride // users i, i+stride, ... below len
+	for k := 0; w.b.take(); k++ {
+		u := &users[(w.id%len(users)+(k%mine)*stride)%len(users)]
 		t0 := time.Now()
 		err := cycle(w, u)
 		w.c.close()

@@ -61,6 +61,21 @@ func (c *cluster) testAdminDrain(t *testing.T) {
 		t.Fatalf("drain: %d %s", code, body)
 	}
 	m := d.metrics(t)
+	// The issue's metrics, as an operator's dashboard reads them.
+	for _, series := range []string{
+		`imapproxy_client_login_seconds_count{served="fresh"}`,
+		`imapproxy_client_login_seconds_count{served="reused"}`,
+		fmt.Sprintf(`imapproxy_backend_logins_total{backend=%q,result="ok"}`, drained.id),
+		fmt.Sprintf(`imapproxy_backend_dial_seconds_count{backend=%q,result="ok"}`, drained.id),
+		`imapproxy_relayed_bytes_total{direction="to_client"}`,
+		`imapproxy_relayed_bytes_total{direction="to_server"}`,
+		`imapproxy_reuse_ratio`,
+		fmt.Sprintf(`imapproxy_backend_connections{backend=%q,state="active"}`, drained.id),
+	} {
+		if m.get(series) <= 0 {
+			t.Errorf("%s = %v, want > 0", series, m.get(series))
+		}
+	}
 	if got := m.get(fmt.Sprintf(`imapproxy_backend_connections{backend=%q,state="cached"}`, drained.id)); got != 0 {
 		t.Errorf("cached connections on the drained backend = %v, want 0", got)
 	}
