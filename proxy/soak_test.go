@@ -13,7 +13,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
+
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/pool"
 )
 
 // TestSoak runs mixed traffic through the proxy against real Dovecot:
@@ -31,7 +34,18 @@ func TestSoak(t *testing.T) {
 		}
 	}
 	dc := dovecottest.StartT(t, dovecottest.Options{Name: "soak", Users: 8, Messages: 20, BigMessages: 1})
-	p := startProxy(t, []*dovecottest.Server{dc}, nil)
+	// Warnings only: a trace-level log of minutes of traffic, kept in
+	// memory by the test harness, would be most of the heap measured.
+	logs := &syncBuffer{}
+	p := startProxy(t, []*dovecottest.Server{dc}, func(o *Options) {
+		o.Logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: logs})
+		o.Pool = pool.New(pool.Options{Logger: o.Logger.Named("pool")})
+	})
+	defer func() {
+		if t.Failed() {
+			t.Logf("proxy warnings:\n%s", logs.String())
+		}
+	}()
 
 	runtime.GC()
 	baseGoroutines := runtime.NumGoroutine()
