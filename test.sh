@@ -32,7 +32,7 @@ FUZZTIME="${FUZZTIME:-}"
 go vet ./...
 go test -race -count=1 -timeout 20m ./...
 
-# Each fuzz target for a bounded time; crashers land in testdata/fuzz/ and
+# Each fuzz target for a bounded number of runs; crashers land in testdata/fuzz/ and
 # then run as regressions in every plain `go test`.
 while read -r pkg target budget; do
 	go test -run '^$' -fuzz "^${target}\$" -fuzztime "${FUZZTIME:-$budget}" "$pkg"
