@@ -684,14 +684,7 @@ func (c *cluster) testConsulDown(t *testing.T) {
 
 	// The watch is live again, not just one lucky query: a change in
 	// Consul shows up in the proxy.
-	if err := agent.Maintenance(c.backends[0].id, true); err != nil {
-		t.Fatal(err)
-	}
-	d.waitMetric(t, "imapproxy_backends", 2)
-	if err := agent.Maintenance(c.backends[0].id, false); err != nil {
-		t.Fatal(err)
-	}
-	d.waitMetric(t, "imapproxy_backends", 3)
+	c.flipMaintenance(t, agent, d, c.backends[0].id)
 }
 
 // ---------------------------------------------------------------------
@@ -714,24 +707,7 @@ func (c *cluster) testGracefulSIGTERM(t *testing.T) {
 		t.Fatalf("SELECT: %v %v", res, err)
 	}
 	// A second client sits in IDLE: the proxy ends it with DONE first.
-	idler, err := dialIMAP(d.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer idler.close()
-	if res, err := idler.login(u2, c.password(u2)); err != nil || !res.ok() {
-		t.Fatalf("LOGIN %s: %v %v", u2, res, err)
-	}
-	if res, err := idler.cmd("SELECT INBOX"); err != nil || !res.ok() {
-		t.Fatalf("SELECT: %v %v", res, err)
-	}
-	idleTag := idler.nextTag()
-	if err := idler.send(idleTag + " IDLE\r\n"); err != nil {
-		t.Fatal(err)
-	}
-	if l, err := idler.readLine(); err != nil || !strings.HasPrefix(l, "+") {
-		t.Fatalf("IDLE: got %q %v, want a continuation", l, err)
-	}
+	idler, idleTag := c.startIdle(t, d.addr, u2)
 	d.waitMetric(t, "imapproxy_sessions", 2)
 
 	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
@@ -1241,6 +1217,45 @@ func dialIMAP(addr string) (*imapConn, error) {
 }
 
 func (c *imapConn) close() { c.conn.Close() }
+
+// startIdle logs user in on a new connection to addr, selects INBOX and
+// enters IDLE; it returns the connection and the IDLE command's tag.
+func (c *cluster) startIdle(t *testing.T, addr, user string) (*imapConn, string) {
+	t.Helper()
+	ic, err := dialIMAP(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ic.close)
+	if res, err := ic.login(user, c.password(user)); err != nil || !res.ok() {
+		t.Fatalf("LOGIN %s: %v %v", user, res, err)
+	}
+	if res, err := ic.cmd("SELECT INBOX"); err != nil || !res.ok() {
+		t.Fatalf("SELECT: %v %v", res, err)
+	}
+	tag := ic.nextTag()
+	if err := ic.send(tag + " IDLE\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := ic.readLine(); err != nil || !strings.HasPrefix(l, "+") {
+		t.Fatalf("IDLE: got %q %v, want a continuation", l, err)
+	}
+	return ic, tag
+}
+
+// flipMaintenance turns maintenance of backend id on and off and waits
+// for the proxy to see each: proof that its watch is live.
+func (c *cluster) flipMaintenance(t *testing.T, agent *consultest.Agent, d *daemonProc, id string) {
+	t.Helper()
+	if err := agent.Maintenance(id, true); err != nil {
+		t.Fatal(err)
+	}
+	d.waitMetric(t, "imapproxy_backends", float64(len(c.backends)-1))
+	if err := agent.Maintenance(id, false); err != nil {
+		t.Fatal(err)
+	}
+	d.waitMetric(t, "imapproxy_backends", float64(len(c.backends)))
+}
 
 func (c *imapConn) nextTag() string {
 	c.n++

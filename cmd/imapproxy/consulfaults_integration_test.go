@@ -181,14 +181,7 @@ func (c *cluster) testConsulFaults(t *testing.T) {
 	d.waitMetric(t, "imapproxy_discovery_up", 1)
 	check("Consul well again")
 	// The watch is live again: a change in Consul reaches the proxy.
-	if err := agent.Maintenance(c.backends[0].id, true); err != nil {
-		t.Fatal(err)
-	}
-	d.waitMetric(t, "imapproxy_backends", 2)
-	if err := agent.Maintenance(c.backends[0].id, false); err != nil {
-		t.Fatal(err)
-	}
-	d.waitMetric(t, "imapproxy_backends", 3)
+	c.flipMaintenance(t, agent, d, c.backends[0].id)
 	if !strings.Contains(d.log(), "500") {
 		t.Errorf("the daemon did not log Consul's errors")
 	}

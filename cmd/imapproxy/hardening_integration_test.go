@@ -51,26 +51,7 @@ func (c *cluster) testSIGTERMUnderLoad(t *testing.T) {
 	idlers := make([]*imapConn, 4)
 	idleTags := make([]string, len(idlers))
 	for i := range idlers {
-		u := us[len(us)-1-i]
-		ic, err := dialIMAP(d.addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ic.close()
-		if res, err := ic.login(u, c.password(u)); err != nil || !res.ok() {
-			t.Fatalf("LOGIN %s: %v %v", u, res, err)
-		}
-		if res, err := ic.cmd("SELECT INBOX"); err != nil || !res.ok() {
-			t.Fatalf("SELECT: %v %v", res, err)
-		}
-		idleTags[i] = ic.nextTag()
-		if err := ic.send(idleTags[i] + " IDLE\r\n"); err != nil {
-			t.Fatal(err)
-		}
-		if l, err := ic.readLine(); err != nil || !strings.HasPrefix(l, "+") {
-			t.Fatalf("IDLE: %q %v", l, err)
-		}
-		idlers[i] = ic
+		idlers[i], idleTags[i] = c.startIdle(t, d.addr, us[len(us)-1-i])
 	}
 	waitFor(t, "load running with connections cached", func() (bool, string) {
 		m, err := d.scrape()

@@ -30,24 +30,7 @@ func (c *cluster) testReload(t *testing.T) {
 	}
 	d.waitMetric(t, "imapproxy_cached_connections", 1)
 
-	idler, err := dialIMAP(d.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer idler.close()
-	if res, err := idler.login(idleUser, c.password(idleUser)); err != nil || !res.ok() {
-		t.Fatalf("LOGIN: %v %v", res, err)
-	}
-	if res, err := idler.cmd("SELECT INBOX"); err != nil || !res.ok() {
-		t.Fatalf("SELECT: %v %v", res, err)
-	}
-	idleTag := idler.nextTag()
-	if err := idler.send(idleTag + " IDLE\r\n"); err != nil {
-		t.Fatal(err)
-	}
-	if l, err := idler.readLine(); err != nil || !strings.HasPrefix(l, "+") {
-		t.Fatalf("IDLE: %q %v", l, err)
-	}
+	idler, idleTag := c.startIdle(t, d.addr, idleUser)
 
 	// A valid change: a second listener and one session per user.
 	ports, err := freePorts(1)
