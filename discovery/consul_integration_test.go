@@ -16,33 +16,6 @@ import (
 // take: TCP checks run every second, a restart takes a few.
 const integrationBound = 30 * time.Second
 
-// listenTCP opens a listener on 127.0.0.1 that accepts and closes
-// connections (all a TCP check needs) until the test ends.
-func listenTCP(t *testing.T) (host string, port int) {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
-	t.Cleanup(func() {
-		l.Close()
-		<-done
-	})
-	a := l.Addr().(*net.TCPAddr)
-	return a.IP.String(), a.Port
-}
-
 // waitSet reads updates until one equals want.
 func waitSet(t *testing.T, updates <-chan []Backend, want []Backend, step string) {
 	t.Helper()
@@ -70,7 +43,7 @@ func TestConsulIntegration(t *testing.T) {
 		want []Backend
 	)
 	for i := 1; i <= 3; i++ {
-		host, port := listenTCP(t)
+		host, port := consultest.CheckTarget(t)
 		id := "imap-" + strconv.Itoa(i)
 		s := consultest.Service{Name: "imap-it", ID: id, Address: host, Port: port, Tags: []string{"mail"}}
 		b := Backend{ID: id, Addr: net.JoinHostPort(host, strconv.Itoa(port)), Weight: 1, TLS: TLSStartTLS}
@@ -93,7 +66,7 @@ func TestConsulIntegration(t *testing.T) {
 		}
 	}
 	// Another service and an untagged instance of this one stay out.
-	host, port := listenTCP(t)
+	host, port := consultest.CheckTarget(t)
 	register(consultest.Service{Name: "other", ID: "other-1", Address: host, Port: port, Tags: []string{"mail"}},
 		consultest.Service{Name: "imap-it", ID: "imap-untagged", Address: host, Port: port})
 

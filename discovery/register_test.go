@@ -475,7 +475,7 @@ func TestRegistrarIntegration(t *testing.T) {
 	agent := consultest.StartT(t)
 	c := agentClient(t, agent)
 	const name = "imapproxy-it"
-	host, port := listenTCP(t) // the IMAP listener
+	host, port := consultest.CheckTarget(t) // the IMAP listener
 	addr := net.JoinHostPort(host, strconv.Itoa(port))
 	r, stop := runRegistrar(t, agent, RegisterOptions{
 		Service: name, Address: addr, Tags: []string{"proxy"}, Meta: map[string]string{"version": "test"},
@@ -552,7 +552,7 @@ func TestRegistrarIntegrationHTTP(t *testing.T) {
 		io.WriteString(w, "ok\n")
 	}))
 	t.Cleanup(srv.Close)
-	host, port := listenTCP(t)
+	host, port := consultest.CheckTarget(t)
 	r, stop := runRegistrar(t, agent, RegisterOptions{
 		Service: name, Address: net.JoinHostPort(host, strconv.Itoa(port)),
 		Check: "http", CheckHTTP: srv.URL + "/readyz", CheckInterval: time.Second,

@@ -2,7 +2,6 @@ package consultest
 
 import (
 	"errors"
-	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -70,33 +69,6 @@ func TestBinary(t *testing.T) {
 	}
 }
 
-// listen opens a TCP listener on 127.0.0.1 that accepts and closes
-// connections (enough for a TCP check) until the test ends.
-func listen(t *testing.T) (host string, port int) {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
-	t.Cleanup(func() {
-		l.Close()
-		<-done
-	})
-	a := l.Addr().(*net.TCPAddr)
-	return a.IP.String(), a.Port
-}
-
 // waitPassing follows the passing instances of service with blocking
 // queries until their IDs are want (sorted), and returns the entries. It
 // fails the test after a bounded time.
@@ -140,7 +112,7 @@ func TestAgent(t *testing.T) {
 
 	var svcs []Service
 	for i := range 2 {
-		host, port := listen(t)
+		host, port := CheckTarget(t)
 		svcs = append(svcs, Service{
 			Name:    "imap",
 			ID:      "imap-" + strconv.Itoa(i),

@@ -1,6 +1,7 @@
 package consultest
 
 import (
+	"net"
 	"os"
 	"testing"
 )
@@ -34,4 +35,31 @@ func StartT(t testing.TB) *Agent {
 		}
 	})
 	return a
+}
+
+// CheckTarget opens a listener on 127.0.0.1 that accepts and closes
+// connections until the test ends: all a service's TCP check needs to pass.
+func CheckTarget(t testing.TB) (host string, port int) {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	t.Cleanup(func() {
+		l.Close()
+		<-done
+	})
+	a := l.Addr().(*net.TCPAddr)
+	return a.IP.String(), a.Port
 }
