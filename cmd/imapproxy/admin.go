@@ -10,6 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/imapproxy/imapproxy/pool"
 	"github.com/imapproxy/imapproxy/proxy"
 )
 
@@ -40,32 +41,26 @@ func registerMetrics(reg *prometheus.Registry, srv *proxy.Server, status func() 
 	counter("sessions_drained_total", "Sessions ended because their backend left the set.", func() uint64 { return st().BackendsDrained })
 
 	relayed := prometheus.NewDesc("imapproxy_relayed_bytes_total", "Bytes relayed after login, by direction (to_client, to_server).", []string{"direction"}, nil)
-	reg.MustRegister(collectorFunc{desc: relayed, collect: func(ch chan<- prometheus.Metric) {
+	reg.MustRegister(collectorFunc{descs: []*prometheus.Desc{relayed}, collect: func(ch chan<- prometheus.Metric) {
 		s := st()
 		ch <- prometheus.MustNewConstMetric(relayed, prometheus.CounterValue, float64(s.BytesToClient), "to_client")
 		ch <- prometheus.MustNewConstMetric(relayed, prometheus.CounterValue, float64(s.BytesToServer), "to_server")
 	}})
 	// up-imapproxy's pimpstat headline: how many client logins one
 	// backend login served.
-	gauge("reuse_ratio", "Client logins served per backend login since start (1 without reuse; 0 before the first login).", func() float64 {
-		s := st()
-		if s.LoginsFresh == 0 {
-			return float64(s.LoginsReused)
-		}
-		return float64(s.LoginsFresh+s.LoginsReused) / float64(s.LoginsFresh)
+	gauge("reuse_ratio", "Client logins served per backend login since start (1 without reuse; 0 before the first backend login).", func() float64 {
+		return reuseRatio(st())
 	})
 
 	// Per backend, from the proxy's own view at scrape time. The label
 	// is the backend ID from the operator's set, never a user.
 	perBackend := prometheus.NewDesc("imapproxy_backend_connections", "Backend connections by backend and state (cached, active).", []string{"backend", "state"}, nil)
 	backendUp := prometheus.NewDesc("imapproxy_backend_in_service", "1 if the backend takes new logins (in the set, not drained by an operator, not marked down by this proxy).", []string{"backend"}, nil)
-	reg.MustRegister(collectorFunc{desc: perBackend, collect: func(ch chan<- prometheus.Metric) {
+	// One BackendStatus per scrape: it walks every session and table.
+	reg.MustRegister(collectorFunc{descs: []*prometheus.Desc{perBackend, backendUp}, collect: func(ch chan<- prometheus.Metric) {
 		for _, b := range srv.BackendStatus() {
 			ch <- prometheus.MustNewConstMetric(perBackend, prometheus.GaugeValue, float64(b.Cached), b.ID, "cached")
 			ch <- prometheus.MustNewConstMetric(perBackend, prometheus.GaugeValue, float64(b.Active), b.ID, "active")
-		}
-	}}, collectorFunc{desc: backendUp, collect: func(ch chan<- prometheus.Metric) {
-		for _, b := range srv.BackendStatus() {
 			v := 1.0
 			if b.Down || b.Drained {
 				v = 0
@@ -79,13 +74,8 @@ func registerMetrics(reg *prometheus.Registry, srv *proxy.Server, status func() 
 	counter("cache_hits_total", "Cached connections handed to a login.", func() uint64 { return ps().Hits })
 	counter("cache_misses_total", "Logins that found no reusable cached connection.", func() uint64 { return ps().Misses })
 	closed := prometheus.NewDesc("imapproxy_cache_closed_total", "Cached connections closed, by cause.", []string{"cause"}, nil)
-	reg.MustRegister(collectorFunc{desc: closed, collect: func(ch chan<- prometheus.Metric) {
-		s := ps()
-		for cause, n := range map[string]uint64{
-			"expired": s.ClosedExpired, "max_age": s.ClosedMaxAge, "dead": s.ClosedDead,
-			"user_limit": s.ClosedUserLimit, "full": s.ClosedFull, "backend_gone": s.ClosedBackendGone,
-			"admin": s.ClosedAdmin,
-		} {
+	reg.MustRegister(collectorFunc{descs: []*prometheus.Desc{closed}, collect: func(ch chan<- prometheus.Metric) {
+		for cause, n := range closedByCause(ps()) {
 			ch <- prometheus.MustNewConstMetric(closed, prometheus.CounterValue, float64(n), cause)
 		}
 	}})
@@ -103,11 +93,15 @@ func registerMetrics(reg *prometheus.Registry, srv *proxy.Server, status func() 
 }
 
 type collectorFunc struct {
-	desc    *prometheus.Desc
+	descs   []*prometheus.Desc
 	collect func(chan<- prometheus.Metric)
 }
 
-func (c collectorFunc) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+func (c collectorFunc) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range c.descs {
+		ch <- d
+	}
+}
 func (c collectorFunc) Collect(ch chan<- prometheus.Metric) { c.collect(ch) }
 
 // adminHandler serves /metrics, /healthz, /readyz and, under /api/, the
@@ -148,7 +142,7 @@ func registerReloadMetrics(reg *prometheus.Registry, d *daemon) {
 			return 0
 		}))
 	reloads := prometheus.NewDesc("imapproxy_config_reloads_total", "Configuration reloads (SIGHUP), by result.", []string{"result"}, nil)
-	reg.MustRegister(collectorFunc{desc: reloads, collect: func(ch chan<- prometheus.Metric) {
+	reg.MustRegister(collectorFunc{descs: []*prometheus.Desc{reloads}, collect: func(ch chan<- prometheus.Metric) {
 		ok, failed, _ := d.reloadCounts()
 		ch <- prometheus.MustNewConstMetric(reloads, prometheus.CounterValue, float64(ok), "success")
 		ch <- prometheus.MustNewConstMetric(reloads, prometheus.CounterValue, float64(failed), "failure")
@@ -161,4 +155,23 @@ func registerReloadMetrics(reg *prometheus.Registry, d *daemon) {
 			}
 			return 1
 		}))
+}
+
+// closedByCause names the pool's close counters as the metrics and the
+// admin API both show them.
+func closedByCause(s pool.Stats) map[string]uint64 {
+	return map[string]uint64{
+		"expired": s.ClosedExpired, "max_age": s.ClosedMaxAge, "dead": s.ClosedDead,
+		"user_limit": s.ClosedUserLimit, "full": s.ClosedFull, "backend_gone": s.ClosedBackendGone,
+		"admin": s.ClosedAdmin,
+	}
+}
+
+// reuseRatio is up-imapproxy's headline figure: client logins per backend
+// login, 0 before the first backend login.
+func reuseRatio(s proxy.Stats) float64 {
+	if s.LoginsFresh == 0 {
+		return 0
+	}
+	return float64(s.LoginsFresh+s.LoginsReused) / float64(s.LoginsFresh)
 }

@@ -274,11 +274,7 @@ func (a *adminAPI) getStatus(w http.ResponseWriter, r *http.Request) {
 			Cached: ps.Cached,
 			Hits:   ps.Hits,
 			Misses: ps.Misses,
-			Closed: map[string]uint64{
-				"expired": ps.ClosedExpired, "max_age": ps.ClosedMaxAge, "dead": ps.ClosedDead,
-				"user_limit": ps.ClosedUserLimit, "full": ps.ClosedFull, "backend_gone": ps.ClosedBackendGone,
-				"admin": ps.ClosedAdmin,
-			},
+			Closed: closedByCause(ps),
 		},
 		Discovery: apiDiscovery{
 			Kind:                  ds.Kind,
@@ -289,9 +285,7 @@ func (a *adminAPI) getStatus(w http.ResponseWriter, r *http.Request) {
 		},
 		Backends: a.backends(),
 	}
-	if out.Logins.Backend > 0 {
-		out.ReuseRatio = float64(out.Logins.Client) / float64(out.Logins.Backend)
-	}
+	out.ReuseRatio = reuseRatio(st)
 	if n := ps.Hits + ps.Misses; n > 0 {
 		out.Cache.HitRatio = float64(ps.Hits) / float64(n)
 	}
