@@ -46,6 +46,7 @@ func newLazyBuf(src io.Reader) *lazyBuf {
 }
 
 func (b *lazyBuf) reset(src io.Reader) {
+	b.r, b.w = 0, 0 // what is buffered belongs to the old source
 	b.release()
 	b.src, b.raw = src, nil
 	// Only a plain socket can be waited on (a *tls.Conn has no

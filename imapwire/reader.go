@@ -72,7 +72,6 @@ func (r *Reader) Buffered() int { return r.br.buffered() }
 
 // Reset discards buffered data and reads from rd from now on.
 func (r *Reader) Reset(rd io.Reader) {
-	r.br.r, r.br.w = 0, 0
 	r.br.reset(rd)
 	r.scratch = nil
 }

@@ -146,8 +146,7 @@ func (p *Pool) RemoveTable(backend string) {
 	delete(p.tables, backend)
 	p.mu.Unlock()
 	if t != nil {
-		n := t.closeAll()
-		p.c.gone.Add(uint64(n))
+		t.closeConns(t.takeAll(true), &p.c.gone)
 	}
 }
 
@@ -159,7 +158,7 @@ func (p *Pool) Close() {
 	tables := p.snapshotLocked()
 	p.mu.Unlock()
 	for _, t := range tables {
-		p.c.gone.Add(uint64(t.closeAll()))
+		t.closeConns(t.takeAll(true), &p.c.gone)
 	}
 }
 
@@ -557,15 +556,6 @@ func indexOf(els []*list.Element, el *list.Element) int {
 		}
 	}
 	return -1
-}
-
-func (t *Table) closeAll() int {
-	conns := t.takeAll(true)
-	for _, c := range conns {
-		closeConn(c)
-		t.pool.Release()
-	}
-	return len(conns)
 }
 
 // takeAll empties the table and returns its connections for the caller to

@@ -60,7 +60,7 @@ type relay struct {
 
 	// trace, when an operator traces the user, records the protocol.
 	trace atomic.Pointer[tracer]
-	login string // the name the client logged in with, for traces
+	sent  int64 // relayed to the client since the last flush; the pump's
 
 	// running is set, under the session's wmu, once the relay owns the
 	// client writer; before that only the session goroutine writes.
@@ -399,7 +399,6 @@ func (rl *relay) toUpstream(line []byte, flush bool) error {
 	if _, err := rl.up.w.Write(line); err != nil {
 		return err
 	}
-	rl.sess.srv.stats.bytesUp.Add(uint64(len(line)))
 	if flush || rl.sess.r.Buffered() == 0 {
 		return rl.flushUp()
 	}
@@ -413,6 +412,8 @@ func (rl *relay) flushUp() error {
 		return nil
 	}
 	rl.up.conn.SetWriteDeadline(time.Now().Add(rl.sess.srv.options().writeTimeout()))
+	// Counted per flush, not per line: the counter is the whole server's.
+	rl.sess.srv.stats.bytesUp.Add(uint64(rl.up.w.Buffered()))
 	return rl.up.w.Flush()
 }
 
@@ -725,10 +726,7 @@ func (rl *relay) pump() {
 	}()
 	rl.mu.Lock()
 	rl.pumpErr = err
-	stopping := rl.stopping
-	rl.mu.Unlock()
-	rl.mu.Lock()
-	evicted := rl.dirty == "evicted"
+	stopping, evicted := rl.stopping, rl.dirty == "evicted"
 	rl.mu.Unlock()
 	if err != nil && !stopping && !evicted {
 		if errors.Is(err, errClientGone) {
@@ -862,13 +860,11 @@ func (rl *relay) forward(line []byte, lit *imapwire.Literal, pass bool) error {
 	sess.wmu.Lock()
 	defer sess.wmu.Unlock()
 	out := pass && !sess.silenced
-	var sent int
-	defer func() { sess.srv.stats.bytesDown.Add(uint64(sent)) }()
 	if out {
 		if _, err := sess.w.Write(line); err != nil {
 			return clientGone(err)
 		}
-		sent += len(line)
+		rl.sent += int64(len(line))
 	}
 	for lit != nil {
 		if out {
@@ -876,7 +872,7 @@ func (rl *relay) forward(line []byte, lit *imapwire.Literal, pass bool) error {
 				return clientGone(err)
 			}
 			err := rl.copyToClient(lit.Size)
-			sent += int(lit.Size) // or near it, if the copy failed
+			rl.sent += lit.Size // or near it, if the copy failed
 			if err != nil {
 				return err
 			}
@@ -895,10 +891,14 @@ func (rl *relay) forward(line []byte, lit *imapwire.Literal, pass bool) error {
 			if _, err := sess.w.Write(line); err != nil {
 				return clientGone(err)
 			}
-			sent += len(line)
+			rl.sent += int64(len(line))
 		}
 	}
 	if out && up.r.Buffered() == 0 {
+		// Counted per burst, not per line: the counter is the whole
+		// server's.
+		sess.srv.stats.bytesDown.Add(uint64(rl.sent))
+		rl.sent = 0
 		if err := sess.flush(); err != nil {
 			return clientGone(err)
 		}

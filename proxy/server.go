@@ -676,7 +676,7 @@ func remoteIP(c net.Conn) string {
 // loggedIn moves a session out of the pre-auth count and counts it for
 // user; it reports false, counting nothing, when user has
 // MaxSessionsPerUser sessions already.
-func (s *Server) loggedIn(sess *session, user string) bool {
+func (s *Server) loggedIn(sess *session, rl *relay, user string) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if max := s.options().MaxSessionsPerUser; max > 0 && s.perUser[user] >= max {
@@ -687,6 +687,11 @@ func (s *Server) loggedIn(sess *session, user string) bool {
 		s.preAuth--
 	}
 	sess.user = user
+	// Under the lock StartTrace takes to match sessions by user: a trace
+	// started at any moment finds the session or is found here.
+	if tr := s.traces[traceKey(user)]; tr != nil {
+		rl.trace.Store(tr)
+	}
 	return true
 }
 

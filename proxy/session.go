@@ -20,6 +20,7 @@ import (
 	"github.com/imapproxy/imapproxy/balancer"
 	"github.com/imapproxy/imapproxy/imapwire"
 	"github.com/imapproxy/imapproxy/internal/proxyproto"
+	"github.com/imapproxy/imapproxy/pool"
 )
 
 // session is one client connection. It owns conn, and the upstream
@@ -532,7 +533,34 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	var refusal *loginResult
 	m := srv.options().Metrics
 	start := time.Now()
-	for _, c := range usable {
+	// take gives the session a logged-in backend connection and answers
+	// the client; done is false when the login goes on to the next backend.
+	take := func(up *upstream, b Backend, table *pool.Table, born time.Time, reused bool, blog hclog.Logger) (rl *relay, done bool, err error) {
+		rl = sess.newRelay(up, b, table, cacheKey, digest, born, blog)
+		if err := sess.adopt(rl, user); err != nil {
+			table.Discard(up)
+			if err == errUserLimit {
+				rl, err := sess.userLimited(tag, log)
+				return rl, true, err
+			}
+			lastErr = err
+			return nil, false, nil
+		}
+		served, note := "fresh", ""
+		if reused {
+			served, note = "reused", "* OK [XPROXYREUSE] IMAP connection reused by imapproxy\r\n"
+			srv.stats.reused.Add(1)
+		} else {
+			srv.stats.fresh.Add(1)
+		}
+		m.login(served, start)
+		blog.Info("login", "reused", reused)
+		sess.writef("%s%s OK [CAPABILITY %s] Logged in\r\n", note, tag, postLoginCaps(up.postCaps))
+		return rl, true, nil
+	}
+	// attempt logs the user in on backend c: from the cache, else with a
+	// new connection.
+	attempt := func(c balancer.Backend) (rl *relay, done bool, err error) {
 		// Each backend gets the whole login timeout: one that hangs
 		// must not leave none for the user's next backend.
 		ctx, cancel := context.WithTimeout(context.Background(), srv.dialer().loginTimeout())
@@ -545,27 +573,12 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			blog.Info("failing over to the next backend", "preferred", candidates[0].ID)
 		}
 		if pc, born, ok := table.Get(ctx, cacheKey, digest); ok {
-			up := pc.(*upstream)
-			rl := sess.newRelay(up, b, table, cacheKey, digest, born, blog)
-			if err := sess.adopt(rl, user); err != nil {
-				table.Discard(up)
-				if err == errUserLimit {
-					return sess.userLimited(tag, log)
-				}
-				lastErr = err
-				continue
-			}
-			srv.stats.reused.Add(1)
-			m.login("reused", start)
-			blog.Info("login", "reused", true)
-			sess.writef("* OK [XPROXYREUSE] IMAP connection reused by imapproxy\r\n%s OK [CAPABILITY %s] Logged in\r\n",
-				tag, postLoginCaps(up.postCaps))
-			return rl, nil
+			return take(pc.(*upstream), b, table, born, true, blog)
 		}
 		if err := srv.pool.Reserve(); err != nil {
 			blog.Warn("login failed: connection limit reached", "error", err)
 			sess.writef("%s NO [UNAVAILABLE] Too many connections, try again later\r\n", tag)
-			return nil, nil
+			return nil, true, nil
 		}
 		dialStart := time.Now()
 		up, err := srv.dialer().dial(ctx, b)
@@ -579,11 +592,11 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 				// would move its users for nothing.
 				blog.Error("login failed: out of file descriptors", "error", err)
 				sess.writef("%s NO [UNAVAILABLE] Server out of resources, try again later\r\n", tag)
-				return nil, nil
+				return nil, true, nil
 			}
 			srv.markDown(b.ID, fmt.Errorf("dial: %w", err))
 			lastErr = err
-			continue
+			return nil, false, nil
 		}
 		caps := up.preCaps
 		srv.preCaps.Store(&caps)
@@ -598,7 +611,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			srv.pool.Release()
 			srv.markDown(b.ID, fmt.Errorf("login: %w", err))
 			lastErr = err
-			continue
+			return nil, false, nil
 		}
 		if !res.ok {
 			table.Discard(up)
@@ -607,7 +620,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 				m.backendLogin(b.ID, "unavailable")
 				srv.markDown(b.ID, fmt.Errorf("login refused: %s", sanitizeText(res.text)))
 				refusal = &res
-				continue
+				return nil, false, nil
 			}
 			// The backend's answer stands: a wrong password is the
 			// client's to know, and caches nothing and evicts nothing.
@@ -616,23 +629,15 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			m.login("refused", start)
 			blog.Info("login refused by backend", "status", res.status)
 			sess.writef("%s %s %s\r\n", tag, clientStatus(res.status), sanitizeText(res.text))
-			return nil, nil
+			return nil, true, nil
 		}
 		m.backendLogin(b.ID, "ok")
-		rl := sess.newRelay(up, b, table, cacheKey, digest, up.born, blog)
-		if err := sess.adopt(rl, user); err != nil {
-			table.Discard(up)
-			if err == errUserLimit {
-				return sess.userLimited(tag, log)
-			}
-			lastErr = err
-			continue
+		return take(up, b, table, up.born, false, blog)
+	}
+	for _, c := range usable {
+		if rl, done, err := attempt(c); done {
+			return rl, err
 		}
-		srv.stats.fresh.Add(1)
-		m.login("fresh", start)
-		blog.Info("login", "reused", false)
-		sess.writef("%s OK [CAPABILITY %s] Logged in\r\n", tag, postLoginCaps(up.postCaps))
-		return rl, nil
 	}
 	srv.stats.failed.Add(1)
 	m.login("failed", start)
@@ -657,22 +662,18 @@ var (
 // backend gone: no session can slip past both.
 func (sess *session) adopt(rl *relay, user string) error {
 	sess.loginAt.Store(time.Now().UnixNano())
-	rl.login = user
 	sess.rl.Store(rl)
-	// After the Store: a StartTrace either finds rl in the session or
-	// is seen here.
-	if tr := sess.srv.traceFor(user); tr != nil {
-		rl.trace.Store(tr)
-		tr.event(fmt.Sprintf("session %s of %s from %s logged in on %s", sess.id, user, sess.conn.RemoteAddr(), rl.backend.ID))
-	}
 	if cur, ok := sess.srv.backends.Load().byID[rl.backend.ID]; !ok || cur != rl.backend {
 		sess.rl.Store(nil)
 		return errBackendLeft
 	}
-	if !sess.srv.loggedIn(sess, user) {
+	if !sess.srv.loggedIn(sess, rl, user) {
 		// Another login of the user took the last place meanwhile.
 		sess.rl.Store(nil)
 		return errUserLimit
+	}
+	if tr := rl.trace.Load(); tr != nil {
+		tr.event(fmt.Sprintf("session %s of %s from %s logged in on %s", sess.id, user, sess.conn.RemoteAddr(), rl.backend.ID))
 	}
 	return nil
 }

@@ -99,7 +99,7 @@ func (s *Server) StartTrace(user, path string) error {
 	}
 	s.traces[k] = tr
 	for sess := range s.sessions {
-		if rl := sess.rl.Load(); rl != nil && traceKey(rl.login) == k {
+		if rl := sess.rl.Load(); rl != nil && sess.user != "" && traceKey(sess.user) == k {
 			rl.trace.Store(tr)
 		}
 	}
@@ -153,13 +153,6 @@ func (s *Server) stopTraces() {
 		tr.event("trace stopped: server shutting down")
 		tr.close()
 	}
-}
-
-// traceFor returns the tracer of user, if any.
-func (s *Server) traceFor(user string) *tracer {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.traces[traceKey(user)]
 }
 
 func (tr *tracer) info() TraceInfo {

@@ -19,6 +19,7 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -303,6 +304,16 @@ func Accept(c net.Conn, timeout time.Duration) (*Conn, error) {
 
 // RemoteAddr returns the client's address from the header, or the
 // connection's own peer if the header is Local.
+// SyscallConn gives the socket to code that waits for readability without
+// a buffer (imapwire does, so an idle session holds none). Read consumed
+// exactly the header, so nothing is buffered ahead of the socket.
+func (c *Conn) SyscallConn() (syscall.RawConn, error) {
+	if sc, ok := c.Conn.(syscall.Conn); ok {
+		return sc.SyscallConn()
+	}
+	return nil, errors.ErrUnsupported
+}
+
 func (c *Conn) RemoteAddr() net.Addr { return c.remote }
 
 // Header returns the header the connection began with.

@@ -235,6 +235,11 @@ func TestAccept(t *testing.T) {
 			if got := pc.RemoteAddr().String(); got != want {
 				t.Errorf("RemoteAddr() = %s, want %s", got, want)
 			}
+			// A plain socket underneath: the IMAP reader can wait on
+			// it without holding a buffer.
+			if _, err := pc.SyscallConn(); err != nil {
+				t.Errorf("SyscallConn: %v", err)
+			}
 			if got := pc.LocalAddr(); got != c.LocalAddr() {
 				t.Errorf("LocalAddr() = %s, want the socket's %s", got, c.LocalAddr())
 			}
