@@ -142,7 +142,7 @@ type Register struct {
 	Check           string        // tcp|http: Consul connects to the address, or GETs /readyz on the admin listener
 	CheckInterval   time.Duration // how often Consul checks
 	DeregisterAfter time.Duration // a proxy critical this long is removed by Consul
-	ConsulAddress   string        // the agent, when there is no consul block
+	ConsulAddress   string        // the agent, when there is no consul block; "" = CONSUL_HTTP_ADDR or 127.0.0.1:8500
 }
 
 // Consul makes a Consul service the backend set.

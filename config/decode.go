@@ -255,7 +255,6 @@ func (c *Config) apply(f *hclFile, ck *checker) {
 			Check:           "tcp",
 			CheckInterval:   10 * time.Second,
 			DeregisterAfter: time.Minute,
-			ConsulAddress:   "127.0.0.1:8500",
 		}, top("register")
 		set(&r.Service, h.Service)
 		set(&r.ID, h.ID)

@@ -201,9 +201,6 @@ func (s *Server) activeSessions(match func(*relay) bool) []SessionInfo {
 	return out
 }
 
-// ownsKey reports whether a cache key, which is the login name or, for a
-// SASL login on behalf of another user, authzid NUL name, belongs to user
-// under either name.
 // kickedSince reports whether an operator kicked the owner of cache key
 // after born, the first login of a connection.
 func (s *Server) kickedSince(key string, born time.Time) bool {
@@ -217,6 +214,9 @@ func (s *Server) kickedSince(key string, born time.Time) bool {
 	return false
 }
 
+// ownsKey reports whether a cache key, which is the login name or, for a
+// SASL login on behalf of another user, authzid NUL name, belongs to user
+// under either name.
 func ownsKey(user, key string) bool {
 	if key == user {
 		return true

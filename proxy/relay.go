@@ -602,7 +602,7 @@ func (rl *relay) uncacheable(end endKind) (reason string, selected bool) {
 		}
 	default:
 	}
-	if cur, ok := rl.sess.srv.backends.Load().byID[rl.backend.ID]; reason == "" && (!ok || cur != rl.backend) {
+	if reason == "" && !rl.sess.srv.backends.Load().serves(rl.backend) {
 		reason = "backend left the set"
 	}
 	return reason, selected

@@ -119,6 +119,13 @@ type backendSet struct {
 	health map[string]*health // of all
 }
 
+// serves reports whether b, as it is, is in service: in the set with the
+// same address and settings, and not drained.
+func (set *backendSet) serves(b Backend) bool {
+	cur, ok := set.byID[b.ID]
+	return ok && cur == b
+}
+
 // health is this proxy's own view of a backend, from failed dials and
 // logins. Consul (or the file) decides the set; this only reorders
 // failover for a short while. Read and written without a lock.
@@ -299,7 +306,7 @@ func (s *Server) scheduleDrain(b Backend) {
 	t = time.AfterFunc(s.options().backendDrain(), func() {
 		s.mu.Lock()
 		delete(s.drains, t)
-		if cur, ok := s.backends.Load().byID[b.ID]; ok && cur == b {
+		if s.backends.Load().serves(b) {
 			s.mu.Unlock()
 			return
 		}

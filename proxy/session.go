@@ -663,7 +663,7 @@ var (
 func (sess *session) adopt(rl *relay, user string) error {
 	sess.loginAt.Store(time.Now().UnixNano())
 	sess.rl.Store(rl)
-	if cur, ok := sess.srv.backends.Load().byID[rl.backend.ID]; !ok || cur != rl.backend {
+	if !sess.srv.backends.Load().serves(rl.backend) {
 		sess.rl.Store(nil)
 		return errBackendLeft
 	}

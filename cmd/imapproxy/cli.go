@@ -106,10 +106,10 @@ func adminURL(addr string) string {
 	if err != nil {
 		return "http://" + addr
 	}
-	switch host {
-	case "", "0.0.0.0":
+	switch ip := net.ParseIP(host); {
+	case host == "" || ip != nil && ip.To4() != nil && ip.IsUnspecified():
 		host = "127.0.0.1"
-	case "::":
+	case ip != nil && ip.IsUnspecified():
 		host = "::1"
 	}
 	return "http://" + net.JoinHostPort(host, port)

@@ -171,7 +171,7 @@ func (d *daemon) startDiscovery(cfg *config.Config, first chan<- struct{}) error
 	ctx, cancel := context.WithCancel(d.ctx)
 	run := &discoveryRun{gen: gen, cancel: cancel, done: make(chan struct{})}
 	var once sync.Once
-	probed := false
+	var probing atomic.Bool // a probe runs or succeeded
 	// A flapping backend returns only once it has stayed: see
 	// cluster.rejoin_hold.
 	damper := discovery.NewDamper(cfg.Cluster.RejoinHold, func(bs []discovery.Backend) {
@@ -183,15 +183,17 @@ func (d *daemon) startDiscovery(cfg *config.Config, first chan<- struct{}) error
 		if first != nil {
 			once.Do(func() { close(first) })
 		}
-		// The greeting shows the backends' capabilities: read
-		// them as soon as there is a backend to ask (later
-		// logins keep them fresh).
-		if !probed && len(bs) > 0 {
-			if err := d.srv.ProbeCapabilities(ctx); err != nil {
-				d.log.Warn("could not read backend capabilities; greeting uses defaults until a login succeeds", "error", err)
-			} else {
-				probed = true
-			}
+		// The greeting shows the backends' capabilities: read them
+		// as soon as there is a backend to ask (later logins keep
+		// them fresh). Off this goroutine: the probe dials, and the
+		// damper's next set must not wait for it.
+		if len(bs) > 0 && probing.CompareAndSwap(false, true) {
+			d.wg.Go(func() {
+				if err := d.srv.ProbeCapabilities(ctx); err != nil {
+					d.log.Warn("could not read backend capabilities; greeting uses defaults until a login succeeds", "error", err)
+					probing.Store(false) // the next set tries again
+				}
+			})
 		}
 	})
 	damper.Log = d.log.Named("discovery")

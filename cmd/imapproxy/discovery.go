@@ -3,7 +3,7 @@ package main
 import (
 	"cmp"
 	"context"
-	"net"
+	"slices"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -80,10 +80,8 @@ func registerOptions(cfg *config.Config, log hclog.Logger, adminAddr string) (di
 		return discovery.RegisterOptions{}, false
 	}
 	l := cfg.Listeners[0]
-	for _, c := range cfg.Listeners {
-		if c.Name == r.Listener {
-			l = c
-		}
+	if i := slices.IndexFunc(cfg.Listeners, func(c config.Listener) bool { return c.Name == r.Listener }); i >= 0 {
+		l = cfg.Listeners[i] // the first of that name, as config checked
 	}
 	o := discovery.RegisterOptions{
 		Consul:          discovery.ConsulOptions{Address: r.ConsulAddress},
@@ -103,11 +101,7 @@ func registerOptions(cfg *config.Config, log hclog.Logger, adminAddr string) (di
 	o.Consul.Logger = nil // the registrar logs as "register"
 	if r.Check == "http" {
 		// The admin listener bound at start: a reload does not move it.
-		host, port, _ := net.SplitHostPort(adminAddr)
-		if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
-			host = "127.0.0.1"
-		}
-		o.CheckHTTP = "http://" + net.JoinHostPort(host, port) + "/readyz"
+		o.CheckHTTP = adminURL(adminAddr) + "/readyz"
 	}
 	return o, true
 }
