@@ -175,7 +175,7 @@ func (c *client) run(cmd []byte) error {
 	if err := c.flush(); err != nil {
 		return err
 	}
-	return c.wait()
+	return c.wait(nil)
 }
 
 // greeting reads the server greeting; it must be "* OK". The name in
@@ -205,8 +205,9 @@ func (c *client) greeting() error {
 }
 
 // wait reads responses until the tagged reply to the command in flight,
-// observing untagged data on the way.
-func (c *client) wait() error {
+// observing untagged data on the way. A continuation request is an error
+// when onCont is nil; otherwise wait returns what onCont does.
+func (c *client) wait(onCont func() error) error {
 	for {
 		kind, err := c.readResp()
 		if err != nil {
@@ -219,7 +220,10 @@ func (c *client) wait() error {
 		case respUntagged:
 			c.untagged()
 		case respCont:
-			return protof("unexpected continuation %q", clip(c.resp))
+			if onCont == nil {
+				return protof("unexpected continuation %q", clip(c.resp))
+			}
+			return onCont()
 		case respTagged:
 			return c.tagged()
 		}
@@ -259,26 +263,15 @@ func (c *client) idle() error {
 	if err := c.flush(); err != nil {
 		return err
 	}
-	for {
-		kind, err := c.readResp()
-		if err != nil {
-			if c.bye {
-				return &byeError{text: string(c.byeText), err: err}
-			}
-			return err
-		}
-		switch kind {
-		case respUntagged:
-			c.untagged()
-		case respCont:
-			return c.conn.SetDeadline(time.Time{})
-		case respTagged:
-			if err := c.tagged(); err != nil {
-				return err
-			}
-			return protof("IDLE completed without continuation")
-		}
+	continued := false
+	err := c.wait(func() error {
+		continued = true
+		return c.conn.SetDeadline(time.Time{})
+	})
+	if err == nil && !continued {
+		return protof("IDLE completed without continuation")
 	}
+	return err
 }
 
 // done ends IDLE and reads the IDLE command's tagged reply.
@@ -290,7 +283,7 @@ func (c *client) done() error {
 	if _, err := c.conn.Write(c.wbuf); err != nil {
 		return err
 	}
-	return c.wait()
+	return c.wait(nil)
 }
 
 var cmdLogout = []byte("LOGOUT")
