@@ -77,6 +77,21 @@ func launchRetry(ctx context.Context, name string, start func(attempt int) (*ins
 	return nil, fmt.Errorf("start %s: %w", name, errors.Join(errs...))
 }
 
+// startGreeting starts a target process, stops it again with the bench,
+// and returns once it greets on addr (or stops it and fails).
+func (b *bench) startGreeting(name, logPath, addr string, argv ...string) (*instance, error) {
+	c, err := startChild(name, logPath, argv...)
+	if err != nil {
+		return nil, err
+	}
+	b.track(c)
+	if err := waitGreeting(addr, c, readyTimeout); err != nil {
+		_ = c.stop()
+		return nil, err
+	}
+	return &instance{addr: addr, proc: c, stop: c.stop}, nil
+}
+
 // startSocat runs the plain TCP relay of the brief in front of be.
 func (b *bench) startSocat(ctx context.Context, be *backend) (*instance, error) {
 	return launchRetry(ctx, "socat", func(attempt int) (*instance, error) {
@@ -84,19 +99,9 @@ func (b *bench) startSocat(ctx context.Context, be *backend) (*instance, error) 
 		if err != nil {
 			return nil, err
 		}
-		c, err := startChild("socat", filepath.Join(b.work, fmt.Sprintf("socat-%d.log", port)), b.bins.socat,
+		return b.startGreeting("socat", filepath.Join(b.work, fmt.Sprintf("socat-%d.log", port)), hostPort(port), b.bins.socat,
 			fmt.Sprintf("TCP-LISTEN:%d,reuseaddr,fork,bind=127.0.0.1", port),
 			"TCP:"+be.srv.Addr)
-		if err != nil {
-			return nil, err
-		}
-		b.track(c)
-		addr := hostPort(port)
-		if err := waitGreeting(addr, c, readyTimeout); err != nil {
-			_ = c.stop()
-			return nil, err
-		}
-		return &instance{addr: addr, proc: c, stop: c.stop}, nil
 	})
 }
 
@@ -149,18 +154,12 @@ enable_admin_commands no
 		if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
 			return nil, err
 		}
-		c, err := startChild("up-imapproxy", filepath.Join(dir, "output.log"), b.bins.upImapproxy,
+		in, err := b.startGreeting("up-imapproxy", filepath.Join(dir, "output.log"), hostPort(port), b.bins.upImapproxy,
 			"-f", confPath, "-p", filepath.Join(dir, "imapproxyd.pid"))
 		if err != nil {
-			return nil, err
-		}
-		b.track(c)
-		addr := hostPort(port)
-		if err := waitGreeting(addr, c, readyTimeout); err != nil {
-			_ = c.stop()
 			return nil, fmt.Errorf("%w (up-imapproxy logs only to syslog)", err)
 		}
-		return &instance{addr: addr, proc: c, stop: c.stop}, nil
+		return in, nil
 	})
 }
 
@@ -199,16 +198,12 @@ func (b *bench) startImapproxy(ctx context.Context, label string, bes []*backend
 		if err := os.WriteFile(confPath, []byte(cfg.String()), 0o644); err != nil {
 			return nil, err
 		}
-		c, err := startChild("imapproxy "+label, strings.TrimSuffix(confPath, ".hcl")+".log", b.bins.imapproxy, "-config", confPath)
+		in, err := b.startGreeting("imapproxy "+label, strings.TrimSuffix(confPath, ".hcl")+".log", hostPort(port), b.bins.imapproxy, "-config", confPath)
 		if err != nil {
 			return nil, err
 		}
-		b.track(c)
-		in := &instance{addr: hostPort(port), proc: c, admin: hostPort(adminPort), stop: c.stop}
-		if err := waitGreeting(in.addr, c, readyTimeout); err != nil {
-			_ = c.stop()
-			return nil, err
-		}
+		c := in.proc
+		in.admin = hostPort(adminPort)
 		if err := waitBackends(in.admin, c, len(bes), readyTimeout); err != nil {
 			_ = c.stop()
 			if agent != nil {
