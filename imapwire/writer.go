@@ -24,7 +24,16 @@ func (w *Writer) Reset(dst io.Writer) {
 // Buffered is the number of bytes waiting for Flush.
 func (w *Writer) Buffered() int { return len(w.buf) }
 
-func (w *Writer) Write(p []byte) (int, error) {
+func (w *Writer) Write(p []byte) (int, error) { return write(w, p, w.dst.Write) }
+
+// WriteString is Write for a string, without converting it.
+func (w *Writer) WriteString(s string) (int, error) {
+	return write(w, s, func(s string) (int, error) { return io.WriteString(w.dst, s) })
+}
+
+// write buffers p, or writes it straight through direct when it would not
+// fit even in an empty buffer.
+func write[T string | []byte](w *Writer, p T, direct func(T) (int, error)) (int, error) {
 	if w.err != nil {
 		return 0, w.err
 	}
@@ -36,7 +45,7 @@ func (w *Writer) Write(p []byte) (int, error) {
 			return 0, err
 		}
 		if len(p) >= cap(w.buf) {
-			n, err := w.dst.Write(p)
+			n, err := direct(p)
 			if err != nil {
 				w.err = err
 			}
@@ -45,47 +54,6 @@ func (w *Writer) Write(p []byte) (int, error) {
 	}
 	w.buf = append(w.buf, p...)
 	return len(p), nil
-}
-
-// WriteString is Write for a string, without converting it.
-func (w *Writer) WriteString(s string) (int, error) {
-	if w.err != nil {
-		return 0, w.err
-	}
-	if w.buf == nil {
-		w.buf = getBuf()[:0]
-	}
-	if len(w.buf)+len(s) > cap(w.buf) {
-		if err := w.flushBuf(); err != nil {
-			return 0, err
-		}
-		if len(s) >= cap(w.buf) {
-			n, err := io.WriteString(w.dst, s)
-			if err != nil {
-				w.err = err
-			}
-			return n, err
-		}
-	}
-	w.buf = append(w.buf, s...)
-	return len(s), nil
-}
-
-// WriteByte appends one byte.
-func (w *Writer) WriteByte(c byte) error {
-	if w.err != nil {
-		return w.err
-	}
-	if w.buf == nil {
-		w.buf = getBuf()[:0]
-	}
-	if len(w.buf) == cap(w.buf) {
-		if err := w.flushBuf(); err != nil {
-			return err
-		}
-	}
-	w.buf = append(w.buf, c)
-	return nil
 }
 
 // Flush writes what is buffered and hands the buffer back.

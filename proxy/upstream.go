@@ -474,7 +474,7 @@ func (u *upstream) Check(ctx context.Context) error {
 func (u *upstream) roundTrip(cmd string) error {
 	tag := u.nextTag()
 	u.w.WriteString(tag)
-	u.w.WriteByte(' ')
+	u.w.WriteString(" ")
 	u.w.WriteString(cmd)
 	u.w.WriteString("\r\n")
 	if err := u.w.Flush(); err != nil {
