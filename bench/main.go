@@ -218,49 +218,37 @@ func run(ctx context.Context, o options) (rep *report, err error) {
 
 // cleanup stops children, then the backends.
 func (b *bench) cleanup() error {
-	errs := []error{b.stopChildren()}
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	for _, be := range b.backends {
-		wg.Go(func() {
-			if err := be.srv.Stop(); err != nil {
-				mu.Lock()
-				errs = append(errs, err)
-				mu.Unlock()
-			}
-		})
+	err := b.stopChildren()
+	servers := make([]*dovecottest.Server, len(b.backends))
+	for i, be := range b.backends {
+		servers[i] = be.srv
 	}
-	wg.Wait()
-	return errors.Join(errs...)
+	return errors.Join(err, dovecottest.StopAll(servers))
 }
 
 // startBackends starts the Dovecots in parallel (seeding takes a moment)
 // and finds each master process.
 func (b *bench) startBackends(bigN int) error {
-	servers := make([]*dovecottest.Server, numBackends)
-	errs := make([]error, numBackends)
-	var wg sync.WaitGroup
-	for i := range numBackends {
+	opts := make([]dovecottest.Options, numBackends)
+	for i := range opts {
 		name := fmt.Sprintf("backend-%d", i+1)
-		wg.Go(func() {
-			servers[i], errs[i] = dovecottest.Start(dovecottest.Options{
-				Name:         name,
-				Users:        numUsers,
-				Password:     func(string) string { return password },
-				Messages:     messages,
-				BigMessages:  bigN,
-				Dir:          filepath.Join(b.work, name),
-				ProcessLimit: dovecotProcessLimit,
-			})
-		})
+		opts[i] = dovecottest.Options{
+			Name:         name,
+			Users:        numUsers,
+			Password:     func(string) string { return password },
+			Messages:     messages,
+			BigMessages:  bigN,
+			Dir:          filepath.Join(b.work, name),
+			ProcessLimit: dovecotProcessLimit,
+		}
 	}
-	wg.Wait()
+	servers, err := dovecottest.StartAll(opts)
 	for _, s := range servers {
 		if s != nil {
 			b.backends = append(b.backends, &backend{srv: s})
 		}
 	}
-	if err := errors.Join(errs...); err != nil {
+	if err != nil {
 		return err
 	}
 	snap, err := takeSnapshot()

@@ -12,7 +12,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"log"
@@ -24,7 +23,6 @@ import (
 	"regexp"
 	"runtime"
 	"strconv"
-	"sync"
 	"syscall"
 	"time"
 
@@ -138,43 +136,33 @@ var backendBlock = regexp.MustCompile(`(?m)^backend "[^"]*" \{[^}]*\}\n?`)
 // startBackends starts the backends in parallel (seeding big messages
 // takes a moment) and returns those that started.
 func startBackends(base string, n, users, basePort int) ([]*dovecottest.Server, error) {
-	servers := make([]*dovecottest.Server, n)
-	errs := make([]error, n)
-	var wg sync.WaitGroup
-	for i := range n {
+	opts := make([]dovecottest.Options, n)
+	for i := range opts {
 		name := fmt.Sprintf("backend-%d", i+1)
-		wg.Go(func() {
-			servers[i], errs[i] = dovecottest.Start(dovecottest.Options{
-				Name:        name,
-				Port:        basePort + i,
-				Users:       users,
-				Password:    func(string) string { return password },
-				Messages:    messages,
-				BigMessages: bigMessages,
-				Dir:         filepath.Join(base, name),
-			})
-		})
+		opts[i] = dovecottest.Options{
+			Name:        name,
+			Port:        basePort + i,
+			Users:       users,
+			Password:    func(string) string { return password },
+			Messages:    messages,
+			BigMessages: bigMessages,
+			Dir:         filepath.Join(base, name),
+		}
 	}
-	wg.Wait()
+	servers, err := dovecottest.StartAll(opts)
 	var started []*dovecottest.Server
 	for _, s := range servers {
 		if s != nil {
 			started = append(started, s)
 		}
 	}
-	return started, errors.Join(errs...)
+	return started, err
 }
 
 func stopBackends(servers []*dovecottest.Server) {
-	var wg sync.WaitGroup
-	for _, s := range servers {
-		wg.Go(func() {
-			if err := s.Stop(); err != nil {
-				log.Printf("stop %s: %v", s.Name, err)
-			}
-		})
+	if err := dovecottest.StopAll(servers); err != nil {
+		log.Printf("stop backends: %v", err)
 	}
-	wg.Wait()
 }
 
 func banner(servers []*dovecottest.Server, users int) {

@@ -151,40 +151,20 @@ func buildDaemon(dir string) (string, error) {
 // them when t ends.
 func (c *cluster) startBackends(t *testing.T, weights []int) {
 	t.Helper()
-	servers := make([]*dovecottest.Server, len(weights))
-	errs := make([]error, len(weights))
-	var wg sync.WaitGroup
-	for i := range weights {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			servers[i], errs[i] = dovecottest.Start(dovecottest.Options{
-				Name:     "backend-" + strconv.Itoa(i+1),
-				Users:    clusterUsers,
-				Messages: -1,
-			})
-		}()
+	opts := make([]dovecottest.Options, len(weights))
+	for i := range opts {
+		opts[i] = dovecottest.Options{Name: "backend-" + strconv.Itoa(i+1), Users: clusterUsers, Messages: -1}
 	}
-	wg.Wait()
-	// Stopped together: each stop takes a few seconds.
+	servers, err := dovecottest.StartAll(opts)
 	t.Cleanup(func() {
-		var wg sync.WaitGroup
 		for _, s := range servers {
-			if s == nil {
-				continue
-			}
-			if t.Failed() {
+			if s != nil && t.Failed() {
 				t.Logf("dovecot %s log tail:\n%s", s.Name, tailLines(s.Log(), 20))
 			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				if err := s.Stop(); err != nil {
-					t.Errorf("stop dovecot %s: %v", s.Name, err)
-				}
-			}()
 		}
-		wg.Wait()
+		if err := dovecottest.StopAll(servers); err != nil {
+			t.Errorf("stop dovecot: %v", err)
+		}
 	})
 	for i, s := range servers {
 		if s == nil {
@@ -194,7 +174,7 @@ func (c *cluster) startBackends(t *testing.T, weights []int) {
 		c.backends = append(c.backends, b)
 		c.byName[b.name] = b
 	}
-	if err := errors.Join(errs...); err != nil {
+	if err != nil {
 		t.Fatal(err)
 	}
 }

@@ -644,3 +644,31 @@ func (s *Server) PasswordOf(user string) string {
 	defer s.mu.Unlock()
 	return s.passwords[user]
 }
+
+// StartAll starts one instance per Options in parallel (seeding mail takes
+// each a moment). servers[i] is the instance of opts[i], nil if it did not
+// start; err joins the failures.
+func StartAll(opts []Options) (servers []*Server, err error) {
+	servers = make([]*Server, len(opts))
+	errs := make([]error, len(opts))
+	var wg sync.WaitGroup
+	for i := range opts {
+		wg.Go(func() { servers[i], errs[i] = Start(opts[i]) })
+	}
+	wg.Wait()
+	return servers, errors.Join(errs...)
+}
+
+// StopAll stops the instances in parallel (each stop takes a moment),
+// skipping nil ones, and joins the failures.
+func StopAll(servers []*Server) error {
+	errs := make([]error, len(servers))
+	var wg sync.WaitGroup
+	for i, s := range servers {
+		if s != nil {
+			wg.Go(func() { errs[i] = s.Stop() })
+		}
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
