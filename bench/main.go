@@ -28,6 +28,8 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
+	"sort"
 	"strings"
 	"sync"
 	"syscall"
@@ -56,6 +58,9 @@ type options struct {
 	bulkDur     time.Duration
 	idleCluster int // idle sessions requested through imapproxy with 3 backends
 	idleOther   int // idle sessions requested on the other targets (up-imapproxy: as many as it can)
+	idleHold    time.Duration
+	targets     set // only these targets (by name); empty: all
+	workloads   set // only these workloads (by label); empty: all
 	command     string
 	log         io.Writer // progress
 }
@@ -74,9 +79,20 @@ func mainErr() int {
 	flag.DurationVar(&o.bulkDur, "bulk-duration", 6*time.Second, "duration of each bulk run (full mode)")
 	flag.IntVar(&o.idleCluster, "idle-sessions", 10000, "idle sessions through imapproxy with three static backends (full mode; capped by what the backends and fd limit allow)")
 	flag.IntVar(&o.idleOther, "idle-sessions-other", 400, "idle sessions on the other targets (full mode); up-imapproxy gets as many as one backend allows")
+	flag.DurationVar(&o.idleHold, "idle-hold", 3*time.Second, "how long the idle workload holds its sessions once all are open (full mode); longer leaves time to profile the proxy")
+	flag.Var(&o.targets, "targets", "comma-separated targets to run, of: "+strings.Join(planNames(), ", ")+" (default all)")
+	flag.Var(&o.workloads, "workloads", "comma-separated workloads to run, of: "+strings.Join(workloadLabels(false), ", ")+" (default all)")
 	flag.Parse()
 	if flag.NArg() > 0 {
 		fmt.Fprintf(os.Stderr, "bench: unexpected arguments %q\n", flag.Args())
+		return 2
+	}
+	if err := o.targets.check("-targets", planNames()); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		return 2
+	}
+	if err := o.workloads.check("-workloads", workloadLabels(o.quick)); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
 		return 2
 	}
 	o.command = "go run ./bench"
@@ -267,6 +283,16 @@ func (b *bench) startBackends(bigN int) error {
 
 // workloads are the timed workloads of one pass, in order.
 func (b *bench) workloads() []workload {
+	var out []workload
+	for _, w := range b.allWorkloads() {
+		if b.o.workloads.has(w.label()) {
+			out = append(out, w)
+		}
+	}
+	return out
+}
+
+func (b *bench) allWorkloads() []workload {
 	if b.o.quick {
 		const bound = 30 * time.Second
 		return []workload{
@@ -289,7 +315,7 @@ func (b *bench) idleWorkload(n int) workload {
 	if b.o.quick {
 		return workload{kind: "idle", conc: 8, dur: time.Minute, sessions: 50, hold: time.Second}
 	}
-	return workload{kind: "idle", conc: 16, dur: 5 * time.Minute, sessions: n, hold: 3 * time.Second}
+	return workload{kind: "idle", conc: 16, dur: 5 * time.Minute, sessions: n, hold: b.o.idleHold}
 }
 
 // targetNames lists every (target, workload) row the report has, in order.
@@ -297,10 +323,16 @@ func targetNames() []string {
 	return []string{"direct", "socat", "up-imapproxy", "imapproxy cold", "imapproxy warm", "imapproxy 3 static", "imapproxy 3 consul"}
 }
 
+// planNames lists the targets as -targets names them: one per process
+// measured (imapproxy 1 backend is the cold and the warm rows).
+func planNames() []string {
+	return []string{"direct", "socat", "up-imapproxy", "imapproxy 1 backend", "imapproxy 3 static", "imapproxy 3 consul"}
+}
+
 func workloadLabels(quick bool) []string {
 	b := &bench{o: options{quick: quick}}
 	var out []string
-	for _, w := range b.workloads() {
+	for _, w := range b.allWorkloads() {
 		out = append(out, w.label())
 	}
 	return append(out, "idle")
@@ -353,6 +385,9 @@ func (b *bench) runAll(ctx context.Context, rep *report) error {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
+		if !b.o.targets.has(p.t.name) {
+			continue
+		}
 		if p.t == consul && consul.skip == "" {
 			b.logf("starting a Consul agent and registering %d backends", len(b.backends))
 			a, err := b.startConsul()
@@ -362,7 +397,7 @@ func (b *bench) runAll(ctx context.Context, rep *report) error {
 			agent = a
 		}
 		err := b.runPlan(ctx, rep, p.t, p.rows, p.idleN)
-		if err == nil && agent != nil {
+		if err == nil && agent != nil && b.o.workloads.has("webmail c8") {
 			err = b.compareCluster(ctx, rep, proxy1, consul)
 		}
 		if agent != nil {
@@ -415,6 +450,9 @@ func (b *bench) runPlan(ctx context.Context, rep *report, t *target, passes []st
 		return err
 	}
 
+	if !b.o.workloads.has("idle") {
+		return nil
+	}
 	// Idle, on a fresh instance.
 	baseline := b.liveIMAP()
 	in, err = t.launch(ctx)
@@ -453,5 +491,40 @@ func (b *bench) runPlan(ctx context.Context, rep *report, t *target, passes []st
 		return err
 	}
 	b.waitDrained(ctx, baseline, 30*time.Second)
+	return nil
+}
+
+// set is a comma-separated flag value; the empty set selects everything.
+type set map[string]bool
+
+func (s *set) String() string {
+	var names []string
+	for n := range *s {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return strings.Join(names, ",")
+}
+
+func (s *set) Set(v string) error {
+	if *s == nil {
+		*s = set{}
+	}
+	for _, n := range strings.Split(v, ",") {
+		if n = strings.TrimSpace(n); n != "" {
+			(*s)[n] = true
+		}
+	}
+	return nil
+}
+
+func (s set) has(name string) bool { return len(s) == 0 || s[name] }
+
+func (s set) check(flagName string, valid []string) error {
+	for n := range s {
+		if !slices.Contains(valid, n) {
+			return fmt.Errorf("%s: unknown name %q (valid: %s)", flagName, n, strings.Join(valid, ", "))
+		}
+	}
 	return nil
 }
