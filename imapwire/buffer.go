@@ -135,6 +135,15 @@ func (b *lazyBuf) rawFill() error {
 	return nil
 }
 
+// wait reads into an empty buffer once the socket is readable.
+func (b *lazyBuf) wait() error {
+	if b.raw == nil || b.r < b.w {
+		return nil
+	}
+	b.release() // nothing buffered: back to the pool, r = w = 0
+	return b.rawFill()
+}
+
 // readSlice works as bufio.Reader.ReadSlice.
 func (b *lazyBuf) readSlice(delim byte) ([]byte, error) {
 	scanned := 0

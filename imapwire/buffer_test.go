@@ -147,3 +147,71 @@ func isTimeout(err error) bool {
 	ne, ok := err.(net.Error)
 	return ok && ne.Timeout()
 }
+
+// TestWait: Wait returns once a line's bytes are there (buffering them, so
+// ReadLine does not block), returns ReadLine's error on a timeout or EOF,
+// and holds no buffer while it waits.
+func TestWait(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	client, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	server, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer server.Close()
+	r := NewReader(server, 0)
+
+	// Two lines in one write: the first Wait reads both, the second
+	// returns at once with the rest still buffered.
+	if _, err := client.Write([]byte("a NOOP\r\nb NOOP\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"a NOOP\r\n", "b NOOP\r\n"} {
+		if err := r.Wait(); err != nil {
+			t.Fatalf("Wait: %v", err)
+		}
+		if r.Buffered() == 0 {
+			t.Fatalf("Wait returned with nothing buffered before %q", want)
+		}
+		if line, _, err := r.ReadLine(); err != nil || string(line) != want {
+			t.Fatalf("ReadLine = %q, %v; want %q", line, err, want)
+		}
+	}
+
+	server.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	if err := r.Wait(); !isTimeout(err) {
+		t.Fatalf("Wait on a quiet socket: %v, want a timeout", err)
+	}
+	if r.br.buf != nil {
+		t.Error("reader kept a buffer while waiting on a quiet socket")
+	}
+
+	server.SetReadDeadline(time.Time{})
+	client.Close()
+	if err := r.Wait(); err != io.EOF {
+		t.Fatalf("Wait after the peer closed: %v, want EOF", err)
+	}
+	if _, _, err := r.ReadLine(); err != io.EOF {
+		t.Fatalf("ReadLine after the peer closed: %v, want EOF", err)
+	}
+}
+
+// TestWaitNotASocket: on a source that cannot be waited on, Wait returns
+// at once and ReadLine reads as before.
+func TestWaitNotASocket(t *testing.T) {
+	r := NewReader(strings.NewReader("a NOOP\r\n"), 0)
+	if err := r.Wait(); err != nil {
+		t.Fatalf("Wait: %v", err)
+	}
+	if line, _, err := r.ReadLine(); err != nil || string(line) != "a NOOP\r\n" {
+		t.Fatalf("ReadLine = %q, %v", line, err)
+	}
+}

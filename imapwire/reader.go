@@ -70,6 +70,18 @@ func NewReader(rd io.Reader, maxLine int) *Reader {
 // Buffered reports how many bytes can be read without blocking.
 func (r *Reader) Buffered() int { return r.br.buffered() }
 
+// Wait blocks until a line can be read without blocking again: data is
+// buffered, or the socket had data (now buffered), or reading failed, in
+// which case Wait returns the error ReadLine would have returned. It
+// honours the read deadline and holds no buffer while it waits.
+//
+// A reader that waits here rather than inside ReadLine parks its goroutine
+// a few frames shallower, which is what lets the runtime shrink the stack
+// of a connection that waits for its peer to the smallest size it keeps
+// (4 KiB; ReadLine's full depth needs 8 KiB). On a source that cannot be
+// waited on (TLS) Wait returns nil at once and ReadLine does the waiting.
+func (r *Reader) Wait() error { return r.br.wait() }
+
 // Reset discards buffered data and reads from rd from now on.
 func (r *Reader) Reset(rd io.Reader) {
 	r.br.reset(rd)
