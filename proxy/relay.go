@@ -135,6 +135,11 @@ func (rl *relay) clientLoop() endKind {
 			timeout = o.idleTimeout()
 		}
 		sess.conn.SetReadDeadline(time.Now().Add(timeout))
+		// Waiting here rather than in ReadLine keeps an idle session's
+		// stack small (see imapwire.Reader.Wait).
+		if err := r.Wait(); err != nil {
+			return rl.clientError(err)
+		}
 		line, lit, err := r.ReadLine()
 		if tr := rl.trace.Load(); tr != nil && err == nil {
 			tr.line(sess.id, rl.backend.ID, "C", line, lit)
@@ -744,6 +749,9 @@ func (rl *relay) pump() {
 func (rl *relay) pumpLoop() error {
 	r := rl.up.r
 	for {
+		if err := r.Wait(); err != nil {
+			return err
+		}
 		line, lit, err := r.ReadLine()
 		if err != nil {
 			return err

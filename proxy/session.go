@@ -62,16 +62,26 @@ func (sess *session) serve() {
 			sess.log.Error("session panic", "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
 		}
 	}()
+	// The relay runs from this small frame, not from start's: a session
+	// waiting for its client then parks shallow enough for a 4 KiB stack.
+	if rl := sess.start(); rl != nil {
+		rl.run()
+	}
+}
+
+// start greets the client and runs the session up to its login; it
+// returns the relay of a logged-in session, nil when the session ended.
+func (sess *session) start() *relay {
 	if sess.tlsMode == TLSImplicit {
 		if sess.srv.options().TLSConfig == nil {
 			sess.log.Error("implicit TLS listener without a certificate")
-			return
+			return nil
 		}
 		tc := tls.Server(sess.conn, sess.srv.options().TLSConfig)
 		tc.SetDeadline(time.Now().Add(sess.srv.options().preAuthTimeout()))
 		if err := tc.Handshake(); err != nil {
 			sess.log.Debug("client tls handshake failed", "error", err)
-			return
+			return nil
 		}
 		sess.conn = tc
 		sess.tls = true
@@ -82,16 +92,14 @@ func (sess *session) serve() {
 
 	sess.writef("* OK [CAPABILITY %s] %s\r\n", sess.capabilities(), sess.srv.options().banner())
 	if err := sess.flush(); err != nil {
-		return
+		return nil
 	}
 	rl, err := sess.preAuth()
 	if err != nil {
 		sess.endWithError(err)
-		return
+		return nil
 	}
-	if rl != nil {
-		rl.run()
-	}
+	return rl
 }
 
 func (sess *session) capabilities() string {
