@@ -14,17 +14,19 @@ import (
 // connection has nothing left to read or write. A proxy holding thousands
 // of sessions that sit in IDLE then holds no I/O buffer for any of them,
 // only its goroutines and a few small structs.
-var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
+// The pool holds array pointers, not slices: a slice would have to be
+// boxed in a new *[]byte on every Put.
+var bufPool = sync.Pool{New: func() any { return new([bufSize]byte) }}
 
-func getBuf() []byte { return (*bufPool.Get().(*[]byte))[:bufSize] }
+func getBuf() []byte { return bufPool.Get().(*[bufSize]byte)[:] }
 
 // putBuf clears a buffer before it goes back: it may have held another
 // user's password or mail, and must not show it to the next borrower
-// through any mistake.
+// through any mistake. b must come from getBuf.
 func putBuf(b []byte) {
-	b = b[:cap(b)]
-	clear(b)
-	bufPool.Put(&b)
+	a := (*[bufSize]byte)(b[:bufSize])
+	clear(a[:])
+	bufPool.Put(a)
 }
 
 // lazyBuf is a buffered reader in the manner of bufio.Reader, whose buffer
@@ -37,6 +39,13 @@ type lazyBuf struct {
 	raw  syscall.RawConn // nil: src cannot be waited on; keep the buffer
 	buf  []byte
 	r, w int
+
+	// readFn is readRaw bound once, and n and rerr are its results: a
+	// closure made per read would cost three allocations on every read
+	// and keep them alive for as long as the connection waits.
+	readFn func(fd uintptr) bool
+	n      int
+	rerr   error
 }
 
 func newLazyBuf(src io.Reader) *lazyBuf {
@@ -57,6 +66,9 @@ func (b *lazyBuf) reset(src io.Reader) {
 	}); ok {
 		if raw, err := sc.SyscallConn(); err == nil {
 			b.raw = raw
+			if b.readFn == nil {
+				b.readFn = b.readRaw
+			}
 		}
 	}
 }
@@ -102,24 +114,10 @@ func (b *lazyBuf) fill() error {
 // nothing) and wait for readability without one, honouring the read
 // deadline.
 func (b *lazyBuf) rawFill() error {
-	var n int
-	var rerr error
-	err := b.raw.Read(func(fd uintptr) bool {
-		if b.buf == nil {
-			b.buf = getBuf()
-		}
-		for {
-			n, rerr = syscall.Read(int(fd), b.buf[b.w:])
-			if rerr != syscall.EINTR {
-				break
-			}
-		}
-		if rerr == syscall.EAGAIN {
-			b.release()
-			return false
-		}
-		return true
-	})
+	b.n, b.rerr = 0, nil
+	err := b.raw.Read(b.readFn)
+	n, rerr := b.n, b.rerr
+	b.rerr = nil
 	switch {
 	case err != nil:
 		b.release()
@@ -133,6 +131,26 @@ func (b *lazyBuf) rawFill() error {
 	}
 	b.w += n
 	return nil
+}
+
+// readRaw is the callback of rawFill: false asks the runtime to wait for
+// readability and call again.
+func (b *lazyBuf) readRaw(fd uintptr) bool {
+	if b.buf == nil {
+		b.buf = getBuf()
+	}
+	for {
+		b.n, b.rerr = syscall.Read(int(fd), b.buf[b.w:])
+		if b.rerr != syscall.EINTR {
+			break
+		}
+	}
+	if b.rerr == syscall.EAGAIN {
+		b.n, b.rerr = 0, nil
+		b.release()
+		return false
+	}
+	return true
 }
 
 // wait reads into an empty buffer once the socket is readable.

@@ -2,6 +2,7 @@ package imapwire
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
@@ -213,5 +214,49 @@ func TestWaitNotASocket(t *testing.T) {
 	}
 	if line, _, err := r.ReadLine(); err != nil || string(line) != "a NOOP\r\n" {
 		t.Fatalf("ReadLine = %q, %v", line, err)
+	}
+}
+
+// TestSocketReadAllocs: reading a line from a socket allocates nothing
+// (the pooled buffer aside); a read that allocated would also keep its
+// allocations alive while an idle connection waits.
+func TestSocketReadAllocs(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	client, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	server, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer server.Close()
+	r := NewReader(server, 0)
+	msg := []byte("a NOOP\r\n")
+	var failed error
+	allocs := testing.AllocsPerRun(100, func() {
+		if _, err := client.Write(msg); err != nil {
+			failed = err
+			return
+		}
+		if err := r.Wait(); err != nil {
+			failed = err
+			return
+		}
+		if line, _, err := r.ReadLine(); err != nil || string(line) != string(msg) {
+			failed = fmt.Errorf("ReadLine = %q, %v", line, err)
+		}
+	})
+	if failed != nil {
+		t.Fatal(failed)
+	}
+	// sync.Pool may allocate now and then when a GC empties it.
+	if allocs >= 1 {
+		t.Errorf("write and read of a line: %v allocations, want 0", allocs)
 	}
 }
