@@ -425,7 +425,7 @@ func TestForwardID(t *testing.T) {
 			c.logout()
 			waitLoginsFor(t, dc, user, 1)
 
-			m := regexp.MustCompile(`(?m)^.* session=(\S+) user=` + user + ` reused=false`).FindStringSubmatch(p.logs.String())
+			m := regexp.MustCompile(`(?m)^.* login: session=(\S+) .*user=` + user + ` backend=\S+ reused=false`).FindStringSubmatch(p.logs.String())
 			if m == nil {
 				t.Fatalf("no login line for %s in the proxy log:\n%s", user, p.logs.String())
 			}

@@ -56,7 +56,7 @@ type session struct {
 func (sess *session) serve() {
 	defer sess.srv.endSession(sess)
 	defer sess.conn.Close()
-	sess.log = sess.srv.log.With("session", sess.id, "client", sess.conn.RemoteAddr().String())
+	sess.log = withFields(sess.srv.log, "session", sess.id, "client", sess.conn.RemoteAddr().String())
 	defer func() {
 		if p := recover(); p != nil {
 			sess.log.Error("session panic", "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
@@ -501,7 +501,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	defer clear(cr.pass)
 	srv := sess.srv
 	user := string(cr.user)
-	log := sess.log.With("user", user)
+	log := withFields(sess.log, "user", user)
 	digest := srv.digest(cr)
 	set := srv.backends.Load()
 	if srv.userFull(user) {
@@ -575,7 +575,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 		defer cancel()
 		b := set.byID[c.ID]
 		table := srv.pool.Table(b.ID)
-		blog := log.With("backend", b.ID)
+		blog := withFields(log, "backend", b.ID)
 		if c.ID != candidates[0].ID {
 			srv.stats.failovers.Add(1)
 			blog.Info("failing over to the next backend", "preferred", candidates[0].ID)
