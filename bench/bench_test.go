@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -48,6 +49,15 @@ func TestQuick(t *testing.T) {
 	consulMissing := false
 	if _, err := consultest.Binary(); err != nil {
 		consulMissing = true
+	}
+	// The side-by-side comparisons ran and reported a figure.
+	for _, note := range []string{"bulk side by side", "cluster-mode cost"} {
+		if note == "cluster-mode cost" && consulMissing {
+			continue
+		}
+		if !regexp.MustCompile(note + ` .*median ratio [^;]*\d\.\d`).Match(text) {
+			t.Errorf("no %q note with a median ratio in the report", note)
+		}
 	}
 	for _, target := range targetNames() {
 		for _, wl := range workloadLabels(true) {

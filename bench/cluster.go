@@ -8,13 +8,53 @@ import (
 	"time"
 )
 
+// On a shared 2-core machine two runs minutes apart differ by more than
+// the few per cent some targets are about, so the comparisons below keep
+// every instance up at once and measure them in short alternating rounds
+// (the order rotating each round), and report the median of the per-round
+// ratios: drift of the machine hits every side alike.
+
+// alternate warms each instance with warm (if any), then runs w on each
+// instance in turn, rounds times. res[round][i] belongs to ins[i].
+func (b *bench) alternate(ctx context.Context, what string, ins []*instance, warm *workload, w workload, rounds int) ([][]*summary, error) {
+	args := []string{"-workload", w.kind, "-c", fmt.Sprint(w.conc)}
+	measure := func(in *instance, w workload) (*summary, error) {
+		s, err := b.imapbench(ctx, in.addr, w, args)
+		if err != nil {
+			return nil, err
+		}
+		if n := s.errorCount(); n > 0 {
+			return nil, fmt.Errorf("%d failed cycles: %v", n, s.Errors)
+		}
+		return s, nil
+	}
+	if warm != nil {
+		b.logf("%s: warming up", what)
+		for _, in := range ins {
+			if _, err := measure(in, *warm); err != nil {
+				return nil, fmt.Errorf("%s: warm-up: %w", what, err)
+			}
+		}
+	}
+	res := make([][]*summary, rounds)
+	for r := range rounds {
+		b.logf("%s: round %d of %d", what, r+1, rounds)
+		res[r] = make([]*summary, len(ins))
+		for k := range ins {
+			i := (r + k) % len(ins)
+			s, err := measure(ins[i], w)
+			if err != nil {
+				return nil, fmt.Errorf("%s: round %d: %w", what, r+1, err)
+			}
+			res[r][i] = s
+		}
+	}
+	return res, nil
+}
+
 // compareCluster answers "does cluster mode cost anything": imapproxy
 // with one static backend against imapproxy with three backends from
-// Consul, both warm, webmail c8. On a shared 2-core machine two runs
-// minutes apart differ by more than the 5 % asked about, so the two
-// instances are up at the same time and measured in short alternating
-// rounds (the order flips each round), and the median of the per-round
-// ratios is reported: drift of the machine hits both sides alike.
+// Consul, both warm, webmail c8.
 func (b *bench) compareCluster(ctx context.Context, rep *report, one, three *target) error {
 	rounds, dur := 7, 8*time.Second
 	warm := workload{kind: "webmail", conc: 8, dur: time.Minute, count: 2 * numUsers}
@@ -32,50 +72,70 @@ func (b *bench) compareCluster(ctx context.Context, rep *report, one, three *tar
 		return err
 	}
 	defer c.stop()
-	args := []string{"-workload", "webmail", "-c", "8"}
-	measure := func(in *instance, w workload) (*summary, error) {
-		s, err := b.imapbench(ctx, in.addr, w, args)
-		if err != nil {
-			return nil, err
-		}
-		if n := s.errorCount(); n > 0 {
-			return nil, fmt.Errorf("%d failed cycles: %v", n, s.Errors)
-		}
-		return s, nil
-	}
-	b.logf("cluster-mode cost: warming both instances")
-	for _, in := range []*instance{a, c} {
-		if _, err := measure(in, warm); err != nil {
-			return fmt.Errorf("cluster-mode cost: warm-up: %w", err)
-		}
+	res, err := b.alternate(ctx, "cluster-mode cost", []*instance{a, c}, &warm, run, rounds)
+	if err != nil {
+		return err
 	}
 	var cps, p50 []float64
 	var perRound []string
-	for i := range rounds {
-		b.logf("cluster-mode cost: round %d of %d", i+1, rounds)
-		order := []*instance{a, c}
-		if i%2 == 1 {
-			order = []*instance{c, a}
+	for _, got := range res {
+		cps = append(cps, got[1].CyclesPerS/got[0].CyclesPerS)
+		if got[0].CycleMS.P50 > 0 {
+			p50 = append(p50, got[1].CycleMS.P50/got[0].CycleMS.P50)
 		}
-		got := map[*instance]*summary{}
-		for _, in := range order {
-			s, err := measure(in, run)
-			if err != nil {
-				return fmt.Errorf("cluster-mode cost: round %d: %w", i+1, err)
-			}
-			got[in] = s
-		}
-		r := got[c].CyclesPerS / got[a].CyclesPerS
-		cps = append(cps, r)
-		if got[a].CycleMS.P50 > 0 {
-			p50 = append(p50, got[c].CycleMS.P50/got[a].CycleMS.P50)
-		}
-		perRound = append(perRound, fmt.Sprintf("%.0f/%.0f", got[c].CyclesPerS, got[a].CyclesPerS))
+		perRound = append(perRound, fmt.Sprintf("%.0f/%.0f", got[1].CyclesPerS, got[0].CyclesPerS))
 	}
 	rep.notes = append(rep.notes, fmt.Sprintf(
 		"cluster-mode cost (webmail c8, warm, %d alternating rounds of %v, both instances up): "+
 			"cycles/s 3 via Consul / 1 static per round %s; median ratio of cycles/s %.3f, of cycle p50 %.3f",
 		rounds, run.dur, strings.Join(perRound, ", "), median(cps), median(p50)))
+	return nil
+}
+
+// compareBulk measures the bulk relay of imapproxy (one backend, warm)
+// against Dovecot itself and socat in alternating rounds, all three up:
+// the bulk rows of the table are taken minutes apart, and MB/s on this
+// machine drifts by more than the margins of the bulk targets.
+func (b *bench) compareBulk(ctx context.Context, rep *report, direct, socat, proxy *target) error {
+	rounds := 5
+	run := workload{kind: "bulk", conc: 4, dur: 4 * time.Second}
+	warm := workload{kind: "bulk", conc: 4, dur: 2 * time.Second}
+	if b.o.quick {
+		rounds = 1
+		run = workload{kind: "bulk", conc: 2, dur: 30 * time.Second, count: 2}
+		warm = workload{kind: "bulk", conc: 2, dur: 30 * time.Second, count: 2}
+	}
+	var ins []*instance
+	defer func() {
+		for _, in := range ins {
+			in.stop()
+		}
+	}()
+	for _, t := range []*target{direct, socat, proxy} {
+		in, err := t.launch(ctx)
+		if err != nil {
+			return err
+		}
+		ins = append(ins, in)
+	}
+	res, err := b.alternate(ctx, "bulk side by side", ins, &warm, run, rounds)
+	if err != nil {
+		return err
+	}
+	var vsDirect, vsSocat []float64
+	var perRound []string
+	for _, got := range res {
+		d, s, p := got[0].MBPerS, got[1].MBPerS, got[2].MBPerS
+		if d > 0 && s > 0 {
+			vsDirect = append(vsDirect, p/d)
+			vsSocat = append(vsSocat, p/s)
+		}
+		perRound = append(perRound, fmt.Sprintf("%.0f/%.0f/%.0f", p, d, s))
+	}
+	rep.notes = append(rep.notes, fmt.Sprintf(
+		"bulk side by side (c%d, %d alternating rounds of %v, all three up): "+
+			"MB/s imapproxy 1 backend / direct / socat per round %s; median ratio to direct %.2f, to socat %.2f",
+		run.conc, rounds, run.dur, strings.Join(perRound, ", "), median(vsDirect), median(vsSocat)))
 	return nil
 }
 

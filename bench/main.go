@@ -310,6 +310,16 @@ func (b *bench) allWorkloads() []workload {
 	}
 }
 
+// hasBulk reports whether the run measures the bulk workload.
+func (b *bench) hasBulk() bool {
+	for _, w := range b.workloads() {
+		if w.kind == "bulk" {
+			return true
+		}
+	}
+	return false
+}
+
 // idleWorkload is the idle workload with n sessions requested.
 func (b *bench) idleWorkload(n int) workload {
 	if b.o.quick {
@@ -397,6 +407,9 @@ func (b *bench) runAll(ctx context.Context, rep *report) error {
 			agent = a
 		}
 		err := b.runPlan(ctx, rep, p.t, p.rows, p.idleN)
+		if err == nil && p.t == proxy1 && b.hasBulk() {
+			err = b.compareBulk(ctx, rep, direct, socat, proxy1)
+		}
 		if err == nil && agent != nil && b.o.workloads.has("webmail c8") {
 			err = b.compareCluster(ctx, rep, proxy1, consul)
 		}
