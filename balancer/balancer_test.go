@@ -690,3 +690,49 @@ func ids(bs []Backend) []string {
 	}
 	return out
 }
+
+// TestNeedsLower holds the word-at-a-time needsLower to the byte rule: every
+// byte value at every position of names up to 17 bytes long.
+func TestNeedsLower(t *testing.T) {
+	want := func(s string) bool {
+		for i := 0; i < len(s); i++ {
+			if c := s[i]; c >= 0x80 || 'A' <= c && c <= 'Z' {
+				return true
+			}
+		}
+		return false
+	}
+	for n := 0; n <= 17; n++ {
+		base := []byte(strings.Repeat("a", n))
+		if got := needsLower(string(base)); got {
+			t.Fatalf("needsLower(%q) = true", base)
+		}
+		for pos := 0; pos < n; pos++ {
+			for c := 0; c < 256; c++ {
+				b := append([]byte(nil), base...)
+				b[pos] = byte(c)
+				if got := needsLower(string(b)); got != want(string(b)) {
+					t.Fatalf("needsLower(%q) = %v, want %v", b, got, !got)
+				}
+			}
+		}
+	}
+}
+
+// TestSumLowerWords holds sumLower's word-at-a-time lowercasing to the byte
+// rule: every byte value at every position of names up to 17 bytes long.
+func TestSumLowerWords(t *testing.T) {
+	for n := 1; n <= 17; n++ {
+		base := []byte(strings.Repeat("q", n))
+		for pos := 0; pos < n; pos++ {
+			for c := 0; c < 256; c++ {
+				b := append([]byte(nil), base...)
+				b[pos] = byte(c)
+				want := xxhash.Sum64(appendLower(nil, string(b)))
+				if got := sumLower(string(b)); got != want {
+					t.Fatalf("sumLower(%q) = %x, want the hash of %q", b, got, appendLower(nil, string(b)))
+				}
+			}
+		}
+	}
+}

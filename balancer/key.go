@@ -1,6 +1,7 @@
 package balancer
 
 import (
+	"encoding/binary"
 	"unicode"
 	"unicode/utf8"
 
@@ -14,14 +15,45 @@ const utf8Max = utf8.UTFMax
 const lowerBuf = 128
 
 // needsLower reports whether lowercasing might change s. Non-ASCII bytes
-// count as "might": they go through the rune path.
+// count as "might": they go through the rune path. It looks at eight bytes
+// at a time: it runs on every Pick, and byte by byte it cost a third of a
+// 16-backend Pick.
 func needsLower(s string) bool {
-	for i := 0; i < len(s); i++ {
+	i := 0
+	for ; i+8 <= len(s); i += 8 {
+		x := load64(s, i)
+		if x&high != 0 || upperBits(x) != 0 {
+			return true
+		}
+	}
+	for ; i < len(s); i++ {
 		if c := s[i]; c >= utf8.RuneSelf || 'A' <= c && c <= 'Z' {
 			return true
 		}
 	}
 	return false
+}
+
+const (
+	ones = 0x0101010101010101
+	high = 0x8080808080808080
+)
+
+// load64 reads s[i:i+8] as one little-endian word (the compiler makes it
+// one load).
+func load64(s string, i int) uint64 {
+	return uint64(s[i]) | uint64(s[i+1])<<8 | uint64(s[i+2])<<16 | uint64(s[i+3])<<24 |
+		uint64(s[i+4])<<32 | uint64(s[i+5])<<40 | uint64(s[i+6])<<48 | uint64(s[i+7])<<56
+}
+
+// upperBits has the high bit of each byte of x that is in 'A'..'Z' set,
+// for an x with no byte of 0x80 or above: then no sum carries into the
+// next byte, and a byte's high bit is set in ge for 'A' and above, in gt
+// for above 'Z'.
+func upperBits(x uint64) uint64 {
+	ge := x + (0x80-'A')*ones
+	gt := x + (0x80-'Z'-1)*ones
+	return ge &^ gt & high
 }
 
 // lowerRune writes the lowercase form of the character at s[i] into dst
@@ -68,6 +100,13 @@ func sumLower(s string) uint64 {
 	if len(s) <= lowerBuf {
 		var buf [lowerBuf]byte
 		i := 0
+		for ; i+8 <= len(s); i += 8 {
+			x := load64(s, i)
+			if x&high != 0 {
+				break // non-ASCII: the byte loop below finds it
+			}
+			binary.LittleEndian.PutUint64(buf[i:], x|upperBits(x)>>2) // 0x80>>2 is 'a'-'A'
+		}
 		for ; i < len(s); i++ {
 			c := s[i]
 			if c >= utf8.RuneSelf {
