@@ -575,6 +575,7 @@ func (rl *relay) finish(end endKind) {
 
 // bye gives the client its last words, if any are due, and closes it.
 func (rl *relay) bye() {
+	rl.sess.srv.leaveUser(rl.sess)
 	if rl.logoutTag != "" {
 		rl.say("* BYE Logging out", rl.logoutTag+" OK LOGOUT completed")
 	}

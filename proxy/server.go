@@ -719,11 +719,31 @@ func (s *Server) endSession(sess *session) {
 	}
 	if sess.user == "" {
 		s.preAuth--
-	} else if s.perUser[sess.user]--; s.perUser[sess.user] <= 0 {
-		delete(s.perUser, sess.user)
+	} else {
+		s.leaveUserLocked(sess)
 	}
 	s.mu.Unlock()
 	s.wg.Done()
+}
+
+// leaveUser takes a logged-in session out of its user's count before the
+// session is over: when it says its last word. A webmail logs in again
+// the moment the LOGOUT answer arrives, and must not be refused for the
+// session it has just ended.
+func (s *Server) leaveUser(sess *session) {
+	s.mu.Lock()
+	s.leaveUserLocked(sess)
+	s.mu.Unlock()
+}
+
+func (s *Server) leaveUserLocked(sess *session) {
+	if sess.user == "" || sess.userLeft {
+		return
+	}
+	sess.userLeft = true
+	if s.perUser[sess.user]--; s.perUser[sess.user] <= 0 {
+		delete(s.perUser, sess.user)
+	}
 }
 
 // Shutdown stops accepting, asks every session to end at its next command

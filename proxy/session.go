@@ -49,8 +49,9 @@ type session struct {
 	loginAt  atomic.Int64          // unix nanoseconds of the login, for the admin view
 
 	// Guarded by srv.mu: the counts this session is in.
-	ip   string
-	user string // set when logged in; until then the session counts as pre-auth
+	ip       string
+	user     string // set when logged in; until then the session counts as pre-auth
+	userLeft bool   // no longer in the user's count (see Server.leaveUser)
 }
 
 func (sess *session) serve() {

@@ -306,6 +306,24 @@ func TestSessionsPerUser(t *testing.T) {
 	c3.mustLogin("alice", "secret")
 }
 
+// TestSessionsPerUserRelogin: a user at the limit who logs out and logs in
+// again the moment the LOGOUT answer arrives, as webmail does from page to
+// page, is let in: the session that said its last word no longer counts.
+func TestSessionsPerUserRelogin(t *testing.T) {
+	b := newFakeBackend(t)
+	p := startFakeProxy(t, b, func(o *Options) { o.MaxSessionsPerUser = 1 })
+	for i := range 30 {
+		c := dialClient(t, p.addr)
+		c.mustLogin("alice", "secret")
+		// The tagged OK only, not the close: the next login goes out
+		// before the proxy has finished with this session.
+		if res := c.cmd("LOGOUT"); !res.ok() {
+			t.Fatalf("round %d: LOGOUT: %s", i, res)
+		}
+		defer c.conn.Close()
+	}
+}
+
 // TestBadSelectKeepsSelection: a SELECT refused with BAD was not executed,
 // so the mailbox selected before is still selected and must be left with
 // UNSELECT before the connection is cached.
