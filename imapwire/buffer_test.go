@@ -94,21 +94,7 @@ func itoa(n int) string {
 // TestIdleHoldsNoBuffer: a reader blocked waiting on a quiet socket holds
 // no buffer, and a writer holds none after Flush.
 func TestIdleHoldsNoBuffer(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	client, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	server, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer server.Close()
+	client, server := tcpPair(t)
 
 	r := NewReader(server, 0)
 	w := NewWriter(client)
@@ -153,21 +139,7 @@ func isTimeout(err error) bool {
 // ReadLine does not block), returns ReadLine's error on a timeout or EOF,
 // and holds no buffer while it waits.
 func TestWait(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	client, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	server, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer server.Close()
+	client, server := tcpPair(t)
 	r := NewReader(server, 0)
 
 	// Two lines in one write: the first Wait reads both, the second
@@ -221,21 +193,7 @@ func TestWaitNotASocket(t *testing.T) {
 // (the pooled buffer aside); a read that allocated would also keep its
 // allocations alive while an idle connection waits.
 func TestSocketReadAllocs(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	client, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	server, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer server.Close()
+	client, server := tcpPair(t)
 	r := NewReader(server, 0)
 	msg := []byte("a NOOP\r\n")
 	var failed error
@@ -259,4 +217,26 @@ func TestSocketReadAllocs(t *testing.T) {
 	if allocs >= 1 {
 		t.Errorf("write and read of a line: %v allocations, want 0", allocs)
 	}
+}
+
+// tcpPair returns both ends of a TCP connection on 127.0.0.1, closed when
+// the test ends.
+func tcpPair(t *testing.T) (client, server net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	client, err = net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close() })
+	server, err = ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { server.Close() })
+	return client, server
 }
