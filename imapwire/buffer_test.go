@@ -240,3 +240,44 @@ func tcpPair(t *testing.T) (client, server net.Conn) {
 	t.Cleanup(func() { server.Close() })
 	return client, server
 }
+
+// TestTake: Take hands out what is buffered and no more, without reading.
+func TestTake(t *testing.T) {
+	client, server := tcpPair(t)
+	r := NewReader(server, 0)
+	if _, err := client.Write([]byte("* 1 FETCH (BODY[] {10}\r\n0123")); err != nil {
+		t.Fatal(err)
+	}
+	line, lit, err := r.ReadLine()
+	if err != nil || lit == nil || lit.Size != 10 {
+		t.Fatalf("ReadLine = %q, %v, %v", line, lit, err)
+	}
+	if got := string(r.Take(10)); got != "0123" {
+		t.Fatalf("Take(10) = %q, want the 4 buffered bytes", got)
+	}
+	if got := r.Take(10); len(got) != 0 {
+		t.Fatalf("Take on an empty buffer = %q, want nothing (and no read)", got)
+	}
+	client.Write([]byte("456789)\r\n"))
+	var rest strings.Builder
+	if _, err := r.CopyLiteral(&rest, 6, nil); err != nil || rest.String() != "456789" {
+		t.Fatalf("rest of the literal = %q, %v", rest.String(), err)
+	}
+}
+
+// TestWriterAvailable: Available is what Write buffers without writing.
+func TestWriterAvailable(t *testing.T) {
+	var dst strings.Builder
+	w := NewWriter(&dst)
+	if n := w.Available(); n != bufSize {
+		t.Fatalf("Available of a new writer = %d, want %d", n, bufSize)
+	}
+	w.Write(make([]byte, bufSize-10))
+	if n := w.Available(); n != 10 {
+		t.Fatalf("Available = %d, want 10", n)
+	}
+	w.Write(make([]byte, 10))
+	if dst.Len() != 0 {
+		t.Fatalf("writing Available bytes wrote %d bytes out, want 0", dst.Len())
+	}
+}

@@ -70,6 +70,10 @@ func NewReader(rd io.Reader, maxLine int) *Reader {
 // Buffered reports how many bytes can be read without blocking.
 func (r *Reader) Buffered() int { return r.br.buffered() }
 
+// Take consumes up to n bytes that are already buffered, without reading,
+// and returns them. They are valid until the next call on r.
+func (r *Reader) Take(n int) []byte { return r.br.take(n) }
+
 // Wait blocks until a line can be read without blocking again: data is
 // buffered, or the socket had data (now buffered), or reading failed, in
 // which case Wait returns the error ReadLine would have returned. It

@@ -24,6 +24,10 @@ func (w *Writer) Reset(dst io.Writer) {
 // Buffered is the number of bytes waiting for Flush.
 func (w *Writer) Buffered() int { return len(w.buf) }
 
+// Available is how many more bytes Write takes into the buffer without
+// writing anything out.
+func (w *Writer) Available() int { return bufSize - len(w.buf) }
+
 func (w *Writer) Write(p []byte) (int, error) { return write(w, p, w.dst.Write) }
 
 // WriteString is Write for a string, without converting it.

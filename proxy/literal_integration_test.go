@@ -125,6 +125,46 @@ func TestAppendLiterals(t *testing.T) {
 	}
 }
 
+// TestLiteralRunIntact: one FETCH answered with a run of literals whose
+// sizes straddle the 4 KiB of the proxy's buffers, so that a literal's
+// first bytes arrive with its line, fill the client buffer to the byte or
+// not, and the rest follows in bulk, arrives intact, every literal.
+func TestLiteralRunIntact(t *testing.T) {
+	t.Parallel()
+	dc := dovecottest.StartT(t, dovecottest.Options{Users: 1, Messages: 1})
+	user := dovecottest.UserName(1)
+	p := startProxy(t, []*dovecottest.Server{dc}, nil)
+	c := dialClient(t, p.addr)
+	c.mustLogin(user, dc.PasswordOf(user))
+	if res := c.cmd("CREATE Run"); !res.ok() {
+		t.Fatalf("CREATE: %s", res)
+	}
+	var msgs [][]byte
+	for i, lines := range []int{0, 1, 60, 64, 65, 66, 67, 68, 130, 131, 132, 200, 2} {
+		msg := testMessage(fmt.Sprintf("run %d", i), lines)
+		tag := c.nextTag()
+		c.send(fmt.Sprintf("%s APPEND Run {%d}\r\n", tag, len(msg)))
+		c.expectContinuation()
+		c.send(string(msg) + "\r\n")
+		if res := c.readResponse(tag); !res.ok() {
+			t.Fatalf("APPEND of %d bytes: %s", len(msg), res)
+		}
+		msgs = append(msgs, msg)
+	}
+	if res := c.cmd("SELECT Run"); !res.ok() {
+		t.Fatalf("SELECT: %s", res)
+	}
+	f := c.cmd("FETCH 1:* (BODY.PEEK[])")
+	if !f.ok() || len(f.Untagged) != len(msgs) {
+		t.Fatalf("FETCH: %d responses, want %d: %.300q", len(f.Untagged), len(msgs), f)
+	}
+	for i, l := range f.Untagged {
+		if got := literalOf(t, l, "BODY[]"); !bytes.Equal(got, msgs[i]) {
+			t.Errorf("message %d: got %d bytes, want %d\n got %.120q\nwant %.120q", i+1, len(got), len(msgs[i]), got, msgs[i])
+		}
+	}
+}
+
 // TestBigMessageIntact fetches a 1 MiB message through a fresh and through a
 // reused connection and compares it with the file Dovecot stores.
 func TestBigMessageIntact(t *testing.T) {

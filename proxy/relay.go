@@ -877,13 +877,21 @@ func (rl *relay) forward(line []byte, lit *imapwire.Literal, pass bool) error {
 	}
 	for lit != nil {
 		if out {
-			if err := sess.flush(); err != nil {
+			// The literal's first bytes came in with its line: they go
+			// out in the same write as the line, and a small literal
+			// (a header, a flag list) costs no write of its own.
+			head := up.r.Take(int(min(lit.Size, int64(sess.w.Available()))))
+			if _, err := sess.w.Write(head); err != nil {
 				return clientGone(err)
 			}
-			err := rl.copyToClient(lit.Size)
-			rl.sent += lit.Size // or near it, if the copy failed
-			if err != nil {
-				return err
+			rl.sent += lit.Size // or near it, if the copy fails
+			if rest := lit.Size - int64(len(head)); rest > 0 {
+				if err := sess.flush(); err != nil {
+					return clientGone(err)
+				}
+				if err := rl.copyToClient(rest); err != nil {
+					return err
+				}
 			}
 		} else if err := up.r.DiscardLiteral(lit.Size); err != nil {
 			return err
