@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"crypto/tls"
+	"fmt"
 	"net"
 	"strings"
 	"sync"
@@ -142,6 +143,43 @@ func TestSlowloris(t *testing.T) {
 func isTimeoutErr(err error) bool {
 	ne, ok := err.(net.Error)
 	return ok && ne.Timeout()
+}
+
+// TestBurstAfterQuietSpell: a session quiet for longer than the write
+// timeout, then a response burst bigger than the client buffer (which the
+// buffer writes out by itself, before any flush): every write gets a fresh
+// deadline, so the client gets it all. Small literals and long lines both.
+func TestBurstAfterQuietSpell(t *testing.T) {
+	const writeTimeout = 100 * time.Millisecond
+	b := newFakeBackend(t)
+	var burst strings.Builder
+	// Long lines first: the client buffer fills with no flush between.
+	for i := 1; i <= 40; i++ {
+		fmt.Fprintf(&burst, "* %d FETCH (FLAGS (%s))\r\n", i, strings.Repeat("$Label ", 200))
+	}
+	for i := 1; i <= 40; i++ {
+		fmt.Fprintf(&burst, "* %d FETCH (BODY[HEADER] {2000}\r\n%s)\r\n", i, strings.Repeat("h", 2000))
+	}
+	b.hook = func(c *fakeConn, tag, cmd, line string) bool {
+		if cmd != "FETCH" {
+			return false
+		}
+		// The quiet spell is the scenario, not synchronisation: the
+		// deadline of the last write must lie in the past.
+		time.Sleep(3 * writeTimeout)
+		c.write(burst.String() + tag + " OK done\r\n")
+		return true
+	}
+	p := startFakeProxy(t, b, func(o *Options) { o.WriteTimeout = writeTimeout })
+	c := dialClient(t, p.addr)
+	c.mustLogin("alice", "secret")
+	res := c.cmd("FETCH 1:40 (BODY.PEEK[HEADER] FLAGS)")
+	if !res.ok() || len(res.Untagged) != 80 {
+		t.Fatalf("FETCH after a quiet spell: %d untagged, tagged %q; want 80 and OK", len(res.Untagged), res.Tagged)
+	}
+	if got := literalOf(t, res.Untagged[79], "BODY[HEADER]"); len(got) != 2000 {
+		t.Errorf("the last literal has %d bytes, want 2000", len(got))
+	}
 }
 
 // TestClientStopsReading: a client that stops reading a large FETCH is

@@ -3,6 +3,7 @@ package proxy
 import (
 	"io"
 	"log"
+	"slices"
 
 	"github.com/hashicorp/go-hclog"
 )
@@ -71,7 +72,11 @@ func (l *fieldLogger) Error(msg string, args ...any) {
 
 func (l *fieldLogger) With(args ...any) hclog.Logger { return withFields(l, args...) }
 
-func (l *fieldLogger) ImpliedArgs() []any { return append(l.Logger.ImpliedArgs(), l.kv...) }
+// ImpliedArgs must not append into the parent's slice: its spare capacity
+// is the parent's.
+func (l *fieldLogger) ImpliedArgs() []any {
+	return append(slices.Clip(l.Logger.ImpliedArgs()), l.kv...)
+}
 
 func (l *fieldLogger) Named(name string) hclog.Logger {
 	return &fieldLogger{l.Logger.Named(name), l.kv}

@@ -39,6 +39,9 @@ type session struct {
 	// silenced is set once the session has said its last word (BYE);
 	// relayed responses after that are dropped. Guarded by wmu.
 	silenced bool
+	// evicted is set when an eviction has its last say; the write of it
+	// is bounded short. Guarded by wmu.
+	evicted bool
 
 	tls      bool
 	nbad     int
@@ -88,7 +91,7 @@ func (sess *session) start() *relay {
 		sess.tls = true
 	}
 	sess.r = imapwire.NewReader(sess.conn, sess.srv.options().maxLine())
-	sess.w = imapwire.NewWriter(sess.conn)
+	sess.w = imapwire.NewWriter(clientDst{sess})
 	sess.conn.SetReadDeadline(time.Now().Add(sess.srv.options().preAuthTimeout()))
 
 	sess.writef("* OK [CAPABILITY %s] %s\r\n", sess.capabilities(), sess.srv.options().banner())
@@ -116,10 +119,31 @@ func (sess *session) writef(format string, a ...any) {
 	fmt.Fprintf(sess.w, format, a...)
 }
 
-func (sess *session) flush() error {
-	sess.conn.SetWriteDeadline(time.Now().Add(sess.srv.options().writeTimeout()))
-	return sess.w.Flush()
+func (sess *session) flush() error { return sess.w.Flush() }
+
+// clientDst is the client's socket as the session's Writer sees it: each
+// write gets a fresh write deadline, whether Flush makes it or the Writer
+// does on its own when a burst fills its buffer. A deadline set only at
+// Flush would be stale for the second kind, and a burst after a quiet
+// spell longer than the write timeout would fail at once.
+type clientDst struct{ sess *session }
+
+func (d clientDst) Write(p []byte) (int, error) {
+	sess := d.sess
+	timeout := sess.srv.options().writeTimeout()
+	if sess.evicted {
+		// The session ends whether the client reads this or not.
+		// (Read without wmu only before the relay runs, when nothing
+		// sets it.)
+		timeout = lastWordsTimeout
+	}
+	sess.conn.SetWriteDeadline(time.Now().Add(timeout))
+	return sess.conn.Write(p)
 }
+
+// lastWordsTimeout bounds the write of the message to a client that is
+// being put out: one that does not read must not hold up an eviction.
+const lastWordsTimeout = time.Second
 
 // endWithError says goodbye as the error deserves. Ordinary ends of a
 // connection are not worth a log line above debug.
@@ -286,7 +310,7 @@ func (sess *session) startTLS(cmd *imapwire.Command) error {
 	sess.conn = tc
 	sess.tls = true
 	sess.r.Reset(tc)
-	sess.w.Reset(tc)
+	sess.w.Reset(clientDst{sess}) // now writing to tc
 	return nil
 }
 
@@ -745,7 +769,7 @@ func (sess *session) evict(msg string) {
 	sess.wmu.Lock()
 	if rl.running.Load() && !sess.silenced {
 		sess.silenced = true
-		sess.raw.SetWriteDeadline(time.Now().Add(time.Second))
+		sess.evicted = true // bounds the write to lastWordsTimeout
 		sess.w.WriteString(msg + "\r\n")
 		sess.w.Flush()
 	}
