@@ -34,41 +34,19 @@ func (l *fieldLogger) with(args []any) []any {
 	return append(l.kv[:len(l.kv):len(l.kv)], args...)
 }
 
+// Log writes the line with the fields, and builds nothing for a line
+// below the level. (A null logger's level is NoLevel: nothing is written.)
 func (l *fieldLogger) Log(level hclog.Level, msg string, args ...any) {
-	if l.Logger.GetLevel() <= level {
+	if lv := l.Logger.GetLevel(); lv != hclog.NoLevel && lv <= level {
 		l.Logger.Log(level, msg, l.with(args)...)
 	}
 }
 
-func (l *fieldLogger) Trace(msg string, args ...any) {
-	if l.Logger.IsTrace() {
-		l.Logger.Trace(msg, l.with(args)...)
-	}
-}
-
-func (l *fieldLogger) Debug(msg string, args ...any) {
-	if l.Logger.IsDebug() {
-		l.Logger.Debug(msg, l.with(args)...)
-	}
-}
-
-func (l *fieldLogger) Info(msg string, args ...any) {
-	if l.Logger.IsInfo() {
-		l.Logger.Info(msg, l.with(args)...)
-	}
-}
-
-func (l *fieldLogger) Warn(msg string, args ...any) {
-	if l.Logger.IsWarn() {
-		l.Logger.Warn(msg, l.with(args)...)
-	}
-}
-
-func (l *fieldLogger) Error(msg string, args ...any) {
-	if l.Logger.IsError() {
-		l.Logger.Error(msg, l.with(args)...)
-	}
-}
+func (l *fieldLogger) Trace(msg string, args ...any) { l.Log(hclog.Trace, msg, args...) }
+func (l *fieldLogger) Debug(msg string, args ...any) { l.Log(hclog.Debug, msg, args...) }
+func (l *fieldLogger) Info(msg string, args ...any)  { l.Log(hclog.Info, msg, args...) }
+func (l *fieldLogger) Warn(msg string, args ...any)  { l.Log(hclog.Warn, msg, args...) }
+func (l *fieldLogger) Error(msg string, args ...any) { l.Log(hclog.Error, msg, args...) }
 
 func (l *fieldLogger) With(args ...any) hclog.Logger { return withFields(l, args...) }
 
