@@ -25,11 +25,11 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"slices"
-	"sort"
 	"strings"
 	"sync"
 	"syscall"
@@ -510,14 +510,7 @@ func (b *bench) runPlan(ctx context.Context, rep *report, t *target, passes []st
 // set is a comma-separated flag value; the empty set selects everything.
 type set map[string]bool
 
-func (s *set) String() string {
-	var names []string
-	for n := range *s {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	return strings.Join(names, ",")
-}
+func (s *set) String() string { return strings.Join(slices.Sorted(maps.Keys(*s)), ",") }
 
 func (s *set) Set(v string) error {
 	if *s == nil {
