@@ -91,3 +91,58 @@ func FuzzReadResponse(f *testing.F) {
 		}
 	})
 }
+
+// FuzzReadPart checks that a line read in parts frames the stream exactly
+// as the whole line would: the parts make up the line, and the literal at
+// its end (or none) is the one ReadLine finds with no length limit. The
+// input is placed behind filler so that its bytes straddle the boundary
+// of the reader's buffer, where the quoting state and the tail must carry
+// over from one part to the next.
+func FuzzReadPart(f *testing.F) {
+	for _, s := range []string{
+		"* 1 FETCH (ENVELOPE (\"a {5}\" NIL) BODY[] {5}\r\nhello)\r\n",
+		"\" \\\" {3}\r\nabc\r\n",
+		"* SEARCH 1 2 3 ~{2}\r\nxy\r\n",
+		"x\\\"{3+}\r\n",
+	} {
+		f.Add(uint16(10), []byte(s))
+	}
+	f.Fuzz(func(t *testing.T, shift uint16, in []byte) {
+		pad := bufSize - 8 + int(shift%64)
+		stream := append(bytes.Repeat([]byte{'x'}, pad), in...)
+		whole := NewReader(bytes.NewReader(stream), len(stream)+1)
+		parts := NewReader(bytes.NewReader(stream), 0)
+		for i := 0; i < 64; i++ {
+			want, wlit, werr := whole.ReadLine()
+			var got []byte
+			var glit *Literal
+			var gerr error
+			for {
+				p, more, lit, err := parts.ReadPart()
+				got = append(got, p...)
+				if err != nil || !more {
+					glit, gerr = lit, err
+					break
+				}
+			}
+			if (werr == nil) != (gerr == nil) {
+				t.Fatalf("line %d: ReadLine err %v, ReadPart err %v", i, werr, gerr)
+			}
+			if werr != nil {
+				return
+			}
+			if !bytes.Equal(got, want) {
+				t.Fatalf("line %d: parts %q, line %q", i, got, want)
+			}
+			if (wlit == nil) != (glit == nil) || wlit != nil && *wlit != *glit {
+				t.Fatalf("line %d %q: literal %+v by parts, %+v whole", i, want, glit, wlit)
+			}
+			if wlit == nil {
+				continue
+			}
+			if whole.DiscardLiteral(wlit.Size) != nil || parts.DiscardLiteral(wlit.Size) != nil {
+				return
+			}
+		}
+	})
+}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"math/rand/v2"
 	"strings"
 	"testing"
 )
@@ -236,6 +237,74 @@ func TestRoundTripAString(t *testing.T) {
 		cmd, err := d.ReadCommand()
 		if err != nil || len(cmd.Args) != 2 || string(cmd.Args[0].Value) != s {
 			t.Errorf("decode(encode(%q)) = %+v, %v", s, cmd, err)
+		}
+	}
+}
+
+// TestReadPartLongLines reads server lines far longer than the buffer,
+// as a SEARCH of a large mailbox or an ENVELOPE of thousands of
+// addresses sends, with quoted strings holding braces and escaped quotes
+// across part boundaries: the parts must make up the line and the literal
+// at its end be found exactly when it is outside quotes.
+func TestReadPartLongLines(t *testing.T) {
+	rnd := rand.New(rand.NewPCG(1, 2))
+	pieces := []string{" 12345", ` "a {5}"`, ` "x\"y"`, ` "\\"`, " {", "}", " NIL", ` "` + strings.Repeat("z", 700) + `"`}
+	for i := 0; i < 500; i++ {
+		var b strings.Builder
+		b.WriteString("* SEARCH")
+		for n := 4000 + rnd.IntN(30000); b.Len() < n; {
+			b.WriteString(pieces[rnd.IntN(len(pieces))])
+		}
+		switch rnd.IntN(3) {
+		case 0:
+			b.WriteString(" {3}\r\nabc)\r\n")
+		case 1:
+			b.WriteString(` "q {3}`) // inside quotes: no literal
+			b.WriteString("\"\r\n")
+		default:
+			b.WriteString("\r\n")
+		}
+		stream := b.String() + "a OK done\r\n"
+		whole := NewReader(strings.NewReader(stream), len(stream))
+		want, wlit, werr := whole.ReadLine()
+		r := NewReader(strings.NewReader(stream), 0)
+		var got []byte
+		nparts := 0
+		for {
+			p, more, lit, err := r.ReadPart()
+			if err != nil {
+				t.Fatalf("case %d: ReadPart: %v", i, err)
+			}
+			nparts++
+			got = append(got, p...)
+			if !more {
+				if (lit == nil) != (wlit == nil) || lit != nil && *lit != *wlit {
+					t.Fatalf("case %d: literal %+v, want %+v (%v)", i, lit, wlit, werr)
+				}
+				if lit != nil {
+					r.DiscardLiteral(lit.Size)
+					whole.DiscardLiteral(lit.Size)
+				}
+				break
+			}
+			if len(p) > bufSize {
+				t.Fatalf("case %d: part of %d bytes, buffer %d", i, len(p), bufSize)
+			}
+		}
+		if nparts < 2 {
+			t.Fatalf("case %d: a %d-byte line came in %d part", i, len(want), nparts)
+		}
+		if !bytes.Equal(got, want) {
+			t.Fatalf("case %d: parts differ from the line", i)
+		}
+		// The stream goes on framed: the parts reader reads on as the
+		// whole reader does.
+		next, _, _, err := r.ReadPart()
+		if wlit != nil && err == nil && string(next) == ")\r\n" {
+			next, _, _, err = r.ReadPart()
+		}
+		if err != nil || string(next) != "a OK done\r\n" {
+			t.Fatalf("case %d: after the long line: %q, %v", i, next, err)
 		}
 	}
 }

@@ -52,6 +52,7 @@ type Reader struct {
 	br      *lazyBuf
 	maxLine int
 	scratch []byte
+	long    *longLine // a line being read in parts; nil between lines
 }
 
 // DefaultMaxLine is Dovecot's command line limit after login.
@@ -84,12 +85,17 @@ func (r *Reader) Take(n int) []byte { return r.br.take(n) }
 // of a connection that waits for its peer to the smallest size it keeps
 // (4 KiB; ReadLine's full depth needs 8 KiB). On a source that cannot be
 // waited on (TLS) Wait returns nil at once and ReadLine does the waiting.
-func (r *Reader) Wait() error { return r.br.wait() }
+func (r *Reader) Wait() error {
+	// An idle connection keeps no scratch from one long line.
+	r.dropScratch()
+	return r.br.wait()
+}
 
 // Reset discards buffered data and reads from rd from now on.
 func (r *Reader) Reset(rd io.Reader) {
 	r.br.reset(rd)
 	r.scratch = nil
+	r.long = nil
 }
 
 // ReadLine returns the next line, terminator included (CRLF, or a bare LF
@@ -108,6 +114,7 @@ func (r *Reader) ReadLine() (line []byte, lit *Literal, err error) {
 }
 
 func (r *Reader) readRaw() ([]byte, error) {
+	r.dropScratch()
 	b, err := r.br.readSlice('\n')
 	if err == nil {
 		if len(b) > r.maxLine {
@@ -179,6 +186,75 @@ func (r *Reader) dropScratch() {
 	}
 }
 
+// longLine follows a line read in parts: the quoting state of what has
+// gone by and the line's last bytes, where a literal announcement would be.
+type longLine struct {
+	q    quoting // of the line up to tail
+	tail []byte  // the last bytes seen, at most maxTail
+	buf  [2 * maxTail]byte
+}
+
+// maxTail holds the longest literal announcement, "~{" 19 digits "+}"
+// CRLF, with room to spare.
+const maxTail = 32
+
+// ReadPart reads the next line of a peer whose lines have no length limit,
+// such as a server's responses (a SEARCH of a large mailbox, an ENVELOPE
+// with thousands of addresses): a line that does not fit the buffer comes
+// in parts, each valid until the next call, so that it can be passed on
+// holding no more than one buffer. more is true while the line goes on;
+// the last part ends with the terminator and carries the line's literal,
+// if any. A line that fits comes whole, as from ReadLine. A caller that
+// needs the start of the line (tag, status) finds at least the buffer's
+// size of it in the first part.
+func (r *Reader) ReadPart() (part []byte, more bool, lit *Literal, err error) {
+	r.dropScratch()
+	b, err := r.br.readSlice('\n')
+	switch {
+	case err == nil:
+	case err == bufio.ErrBufferFull:
+		if r.long == nil {
+			r.long = &longLine{}
+		}
+		r.long.add(b)
+		return b, true, nil, nil
+	default:
+		r.long = nil
+		if err == io.EOF && len(b) > 0 {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, false, nil, err
+	}
+	if r.long == nil {
+		lit, err = literalAtEnd(b)
+		return b, false, lit, err
+	}
+	l := r.long
+	r.long = nil
+	l.add(b)
+	lit, err = l.q.literalAtEnd(l.tail)
+	return b, false, lit, err
+}
+
+// add takes the next part of a long line: its last bytes stay in the
+// tail, the ones pushed out of it go through the quoting state.
+func (l *longLine) add(p []byte) {
+	if len(p) >= maxTail {
+		l.q.scan(l.tail)
+		l.q.scan(p[:len(p)-maxTail])
+		l.tail = append(l.buf[:0], p[len(p)-maxTail:]...)
+		return
+	}
+	if l.tail == nil {
+		l.tail = l.buf[:0]
+	}
+	l.tail = append(l.tail, p...)
+	if over := len(l.tail) - maxTail; over > 0 {
+		l.q.scan(l.tail[:over])
+		l.tail = append(l.buf[:0], l.tail[over:]...)
+	}
+}
+
 // ReadLiteral reads a literal of n bytes into memory. If n > limit it reads
 // nothing and returns ErrLiteralTooBig.
 func (r *Reader) ReadLiteral(n int64, limit int) ([]byte, error) {
@@ -239,12 +315,22 @@ func (r *Reader) CopyLiteral(w io.Writer, n int64, src io.Reader) (int64, error)
 // string; otherwise a client could make the proxy frame the stream
 // differently from the server.
 func literalAtEnd(line []byte) (*Literal, error) {
+	var q quoting
+	return q.literalAtEnd(line)
+}
+
+// literalAtEnd is literalAtEnd for the end of a line whose start left
+// the quoting state q.
+func (q quoting) literalAtEnd(line []byte) (*Literal, error) {
 	l := TrimEOL(line)
 	if len(l) == 0 || l[len(l)-1] != '}' {
 		return nil, nil
 	}
 	open := bytes.LastIndexByte(l, '{')
-	if open < 0 || inQuotes(l[:open]) {
+	if open < 0 {
+		return nil, nil
+	}
+	if q.scan(l[:open]); q.in {
 		return nil, nil
 	}
 	lit := &Literal{}
@@ -273,20 +359,21 @@ func literalAtEnd(line []byte) (*Literal, error) {
 	return lit, nil
 }
 
-// inQuotes reports whether b ends inside a quoted string.
-func inQuotes(b []byte) bool {
-	in := false
-	for i := 0; i < len(b); i++ {
-		switch b[i] {
-		case '"':
-			in = !in
-		case '\\':
-			if in {
-				i++
-			}
+// quoting is where a scan of a line stands with respect to quoted
+// strings: inside one, and just after a backslash in one.
+type quoting struct{ in, escaped bool }
+
+func (q *quoting) scan(b []byte) {
+	for _, c := range b {
+		switch {
+		case q.escaped:
+			q.escaped = false
+		case c == '"':
+			q.in = !q.in
+		case c == '\\' && q.in:
+			q.escaped = true
 		}
 	}
-	return in
 }
 
 // TrimEOL removes a trailing CRLF or LF.
