@@ -143,6 +143,7 @@ timeouts {
   literal       = "60s" # default: to transfer one literal, plus 1s per 64 KiB
   backend_login = "30s" # default: greeting, ID and LOGIN on a new backend connection
   check         = "5s"  # default: the NOOP that proves a cached connection alive
+  response      = "120s" # default: backend silence while it owes an answer (a hung backend)
   write         = "60s" # default: one write, or 1 MiB of a message, to a client or backend
   drain         = "30s" # default: grace for sessions to end on shutdown
 }

@@ -94,6 +94,7 @@ type Timeouts struct {
 	Literal      time.Duration // to transfer one literal
 	BackendLogin time.Duration // greeting, ID and LOGIN on a new upstream connection
 	Check        time.Duration // the round trip that proves a cached connection alive
+	Response     time.Duration // a backend's silence while it owes an answer
 	Write        time.Duration // one write to a client or server
 	Drain        time.Duration // shutdown grace
 }
@@ -227,6 +228,7 @@ func defaults() *Config {
 			Literal:      60 * time.Second,
 			BackendLogin: 30 * time.Second,
 			Check:        5 * time.Second,
+			Response:     120 * time.Second,
 			Write:        60 * time.Second,
 			Drain:        30 * time.Second,
 		},

@@ -47,7 +47,7 @@ func TestParseDefaults(t *testing.T) {
 		},
 		Timeouts: Timeouts{
 			PreAuth: time.Minute, AuthIdle: 30 * time.Minute, Idle: time.Hour, Literal: time.Minute,
-			BackendLogin: 30 * time.Second, Check: 5 * time.Second, Write: time.Minute, Drain: 30 * time.Second,
+			BackendLogin: 30 * time.Second, Check: 5 * time.Second, Response: 2 * time.Minute, Write: time.Minute, Drain: 30 * time.Second,
 		},
 		Limits: Limits{MaxLineLength: 65536, MaxLiteralPreAuth: 8192, MaxLiteral: 64 << 20, MaxBadCommands: 3,
 			MaxClients: 5000, MaxPreAuth: 1000, MaxSessionsPerUser: 50},

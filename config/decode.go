@@ -121,6 +121,7 @@ type hclTimeouts struct {
 	Literal      *string `hcl:"literal,optional"`
 	BackendLogin *string `hcl:"backend_login,optional"`
 	Check        *string `hcl:"check,optional"`
+	Response     *string `hcl:"response,optional"`
 	Write        *string `hcl:"write,optional"`
 	Drain        *string `hcl:"drain,optional"`
 }
@@ -200,6 +201,7 @@ func (c *Config) apply(f *hclFile, ck *checker) {
 		ck.duration(k.dot("literal"), &t.Literal, h.Literal)
 		ck.duration(k.dot("backend_login"), &t.BackendLogin, h.BackendLogin)
 		ck.duration(k.dot("check"), &t.Check, h.Check)
+		ck.duration(k.dot("response"), &t.Response, h.Response)
 		ck.duration(k.dot("write"), &t.Write, h.Write)
 		ck.duration(k.dot("drain"), &t.Drain, h.Drain)
 	}

@@ -55,6 +55,7 @@ func (c *Config) check(ck *checker) {
 	ck.positive(k.dot("literal"), t.Literal)
 	ck.positive(k.dot("backend_login"), t.BackendLogin)
 	ck.positive(k.dot("check"), t.Check)
+	ck.positive(k.dot("response"), t.Response)
 	ck.positive(k.dot("write"), t.Write)
 	ck.positive(k.dot("drain"), t.Drain)
 

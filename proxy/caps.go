@@ -4,21 +4,73 @@ import (
 	"bytes"
 	"strings"
 	"sync"
+
+	"github.com/imapproxy/imapproxy/imapwire"
 )
 
 // parseCapCode returns the capabilities of a "[CAPABILITY ...]" response
 // code in a response text, or nil.
 func parseCapCode(text []byte) []string {
-	i := bytes.Index(bytes.ToUpper(text), []byte("[CAPABILITY "))
-	if i < 0 {
+	list, _, ok := cutCapCode(text)
+	if !ok {
 		return nil
 	}
-	rest := text[i+len("[CAPABILITY "):]
-	j := bytes.IndexByte(rest, ']')
-	if j < 0 {
-		return nil
+	return internCaps(list)
+}
+
+// cutCapCode finds a "[CAPABILITY ...]" response code in text and returns
+// its list and the offset of the list in text. The match is made on text
+// itself, ASCII case folded: an upper-cased copy of non-ASCII text can
+// differ in length, and its offsets would not fit the original.
+func cutCapCode(text []byte) (list []byte, at int, ok bool) {
+	const code = "[CAPABILITY "
+	for i := 0; i+len(code) <= len(text); i++ {
+		if text[i] != '[' || !asciiEqualFold(text[i:i+len(code)], code) {
+			continue
+		}
+		rest := text[i+len(code):]
+		j := bytes.IndexByte(rest, ']')
+		if j < 0 {
+			return nil, 0, false
+		}
+		return rest[:j], i + len(code), true
 	}
-	return internCaps(rest[:j])
+	return nil, 0, false
+}
+
+func asciiEqualFold(b []byte, upper string) bool {
+	for i := range len(upper) {
+		c := b[i]
+		if 'a' <= c && c <= 'z' {
+			c -= 'a' - 'A'
+		}
+		if c != upper[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// filterCaps rewrites the capability list of a backend response the
+// client sees after login (an untagged CAPABILITY response, or a
+// [CAPABILITY] code in a status response) to what the proxy can relay,
+// by the rule the login OK uses: the client then sees one list however it
+// asks. Other lines are returned as they are.
+func filterCaps(line []byte) []byte {
+	l := imapwire.TrimEOL(line)
+	const untagged = "* CAPABILITY "
+	if len(l) >= len(untagged) && asciiEqualFold(l[:len(untagged)], untagged) {
+		return []byte(untagged + postLoginCaps(strings.Fields(string(l[len(untagged):]))) + "\r\n")
+	}
+	list, at, ok := cutCapCode(l)
+	if !ok {
+		return line
+	}
+	out := make([]byte, 0, len(line)+16)
+	out = append(out, l[:at]...)
+	out = append(out, postLoginCaps(strings.Fields(string(list)))...)
+	out = append(out, l[at+len(list):]...)
+	return append(out, "\r\n"...)
 }
 
 // parseCapLine returns the capabilities of an untagged "* CAPABILITY ..."

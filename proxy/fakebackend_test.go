@@ -102,6 +102,7 @@ func (b *fakeBackend) conn(i int) *fakeConn {
 }
 
 func (b *fakeBackend) handle(c *fakeConn) {
+	selected := false
 	c.write(b.greeting)
 	for {
 		line, err := c.r.ReadString('\n')
@@ -130,9 +131,18 @@ func (b *fakeBackend) handle(c *fakeConn) {
 			} else {
 				c.write(tag + " NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
 			}
-		case "NOOP", "UNSELECT", "CLOSE":
+		case "NOOP":
+			c.write(tag + " OK " + cmd + " done\r\n")
+		case "UNSELECT", "CLOSE":
+			// As Dovecot answers.
+			if !selected {
+				c.write(tag + " BAD No mailbox selected.\r\n")
+				continue
+			}
+			selected = false
 			c.write(tag + " OK " + cmd + " done\r\n")
 		case "SELECT", "EXAMINE":
+			selected = true
 			c.write("* 2 EXISTS\r\n* OK [UIDVALIDITY 1] ok\r\n" + tag + " OK [READ-WRITE] selected\r\n")
 		case "FETCH":
 			c.write("* 1 FETCH (BODY[] {5}\r\nhello)\r\n" + tag + " OK fetched\r\n")

@@ -8,6 +8,7 @@ import (
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -27,9 +28,13 @@ const (
 	kindInternal         // the proxy's own cleanup command
 )
 
+// pending is one command in flight. Commands are told apart by entry,
+// not by tag: RFC 3501 lets a client reuse a tag, even while a command
+// with it is in flight.
 type pending struct {
 	tag  string
 	kind cmdKind
+	seq  uint64
 }
 
 // relay runs an authenticated session: the session goroutine copies
@@ -46,12 +51,15 @@ type relay struct {
 	born    time.Time
 	log     hclog.Logger
 
-	mu       sync.Mutex // guards the fields below
-	inflight []pending
-	selected bool
-	idling   bool   // IDLE sent and DONE not yet
-	dirty    string // why the connection cannot be cached; "" if it can
-	litTag   string // a synchronising literal of this command awaits "+"
+	mu        sync.Mutex // guards the fields below
+	inflight  []pending
+	seq       uint64 // of the last entry in inflight
+	selected  bool
+	idling    bool   // IDLE sent and DONE not yet
+	idleAcked bool   // the backend answered the IDLE with "+"
+	dirty     string // why the connection cannot be cached; "" if it can
+	litSeq    uint64 // the entry whose synchronising literal awaits "+"; 0 if none
+	armedAt   int64  // when the backend's read deadline was last set (unix ns); 0: not set
 	// logoutTag is the tag of the client's LOGOUT, answered at the end.
 	// Only the session goroutine uses it.
 	logoutTag string
@@ -65,9 +73,15 @@ type relay struct {
 	// running is set, under the session's wmu, once the relay owns the
 	// client writer; before that only the session goroutine writes.
 	running atomic.Bool
+	// waiting is set while the client loop waits for the next command,
+	// the one place a drain or an eviction may cut a read short.
+	waiting atomic.Bool
+	// evictMsg is the last word of a session an operator or a backend
+	// drain ends; the client loop says it at the next command boundary.
+	evictMsg atomic.Pointer[string]
 
 	litCh    chan bool     // "+" arrived (true) or the command was refused (false)
-	quiet    chan struct{} // nothing in flight any more (edge, cap 1)
+	progress chan struct{} // a command completed (edge, cap 1)
 	pumpDone chan struct{}
 	pumpErr  error
 }
@@ -77,7 +91,7 @@ func (sess *session) newRelay(up *upstream, b Backend, t *pool.Table, user strin
 		sess: sess, up: up, backend: b, table: t, user: user, digest: d, born: born,
 		log:      log,
 		litCh:    make(chan bool, 1),
-		quiet:    make(chan struct{}, 1),
+		progress: make(chan struct{}, 1),
 		pumpDone: make(chan struct{}),
 	}
 }
@@ -94,6 +108,7 @@ func (rl *relay) setDirty(why string) {
 // back in the pool or closes it.
 func (rl *relay) run() {
 	sess := rl.sess
+	rl.up.writeTimeout = sess.srv.options().writeTimeout()
 	sess.wmu.Lock()
 	err := sess.flush()
 	rl.running.Store(true)
@@ -117,16 +132,36 @@ const (
 	endClient                  // the client went away or broke the protocol
 	endPump                    // the backend side failed; the client was told
 	endDraining                // server shutdown; the client was told
+	endEvicted                 // an operator or a backend drain ended it; the client was told
 )
+
+// interrupted ends the session at a command boundary for a server
+// shutdown or an eviction.
+func (rl *relay) interrupted() (endKind, bool) {
+	if msg := rl.evictMsg.Load(); msg != nil {
+		rl.sayLast(*msg)
+		return endEvicted, true
+	}
+	if rl.sess.draining.Load() {
+		return rl.drainClient(), true
+	}
+	return 0, false
+}
+
+// wake makes the client loop look at a drain or an eviction now if it is
+// waiting for a command; otherwise it will at its next boundary. A read
+// in the middle of a command (an APPEND upload) is never cut short.
+func (rl *relay) wake() {
+	if rl.waiting.Load() {
+		rl.sess.raw.SetReadDeadline(time.Now())
+	}
+}
 
 func (rl *relay) clientLoop() endKind {
 	sess := rl.sess
 	o := sess.srv.options()
 	r := sess.r
 	for {
-		if sess.draining.Load() {
-			return rl.drainClient()
-		}
 		rl.mu.Lock()
 		idling := rl.idling
 		rl.mu.Unlock()
@@ -135,9 +170,18 @@ func (rl *relay) clientLoop() endKind {
 			timeout = o.idleTimeout()
 		}
 		sess.conn.SetReadDeadline(time.Now().Add(timeout))
+		// Between commands, and only then, a drain or an eviction may
+		// wake this wait (see wake): one that came before is seen here.
+		rl.waiting.Store(true)
+		if end, done := rl.interrupted(); done {
+			rl.waiting.Store(false)
+			return end
+		}
 		// Waiting here rather than in ReadLine keeps an idle session's
 		// stack small (see imapwire.Reader.Wait).
-		if err := r.Wait(); err != nil {
+		err := r.Wait()
+		rl.waiting.Store(false)
+		if err != nil {
 			return rl.clientError(err)
 		}
 		line, lit, err := r.ReadLine()
@@ -168,8 +212,6 @@ func (rl *relay) clientLoop() endKind {
 func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end endKind, done bool) {
 	sess := rl.sess
 	o := sess.srv.options()
-	r := sess.r
-	var err error
 	if idling {
 		// The server waits for DONE and nothing else.
 		if !bytes.EqualFold(imapwire.TrimEOL(line), []byte("DONE")) {
@@ -177,6 +219,7 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 		}
 		rl.mu.Lock()
 		rl.idling = false
+		rl.armLocked(true) // the IDLE's tagged answer is owed now
 		rl.mu.Unlock()
 		if lit != nil {
 			rl.setDirty("literal in IDLE")
@@ -246,6 +289,11 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 			rl.setDirty(cmd)
 		}
 	}
+	if lit != nil && noArgs[cmd] {
+		// Dovecot runs such a literal's content as commands of their
+		// own, which the proxy never sees and cannot track.
+		rl.setDirty("literal on a command without arguments")
+	}
 	if lit != nil && lit.Size > o.maxLiteral() {
 		if lit.NonSync {
 			rl.answer("* BYE [TOOBIG] Literal too big")
@@ -255,78 +303,50 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 		return 0, false
 	}
 	rl.scan(cmd, line)
-	rl.mu.Lock()
-	rl.inflight = append(rl.inflight, pending{tag: tag, kind: kind})
-	if kind == kindIdle {
-		rl.idling = true
+	sync := lit != nil && !lit.NonSync
+	if sync {
+		if end, done := rl.awaitTagFree(tag, 0); done {
+			return end, true
+		}
 	}
-	rl.expectLiteralLocked(tag, lit)
+	rl.mu.Lock()
+	seq := rl.sendLocked(tag, kind, sync)
 	rl.mu.Unlock()
 	if err := rl.toUpstream(line, false); err != nil {
 		return rl.upstreamError(err), true
 	}
 	for lit != nil {
 		if !lit.NonSync {
-			if err := rl.flushUp(); err != nil {
-				return rl.upstreamError(err), true
+			accepted, end, done := rl.awaitContinuation()
+			if done {
+				return end, true
 			}
-			wait := time.NewTimer(o.literalTimeout())
-			select {
-			case ok := <-rl.litCh:
-				wait.Stop()
-				if !ok {
-					// Refused: the client sends no literal.
-					lit = nil
-					continue
-				}
-			case <-rl.pumpDone:
-				wait.Stop()
-				return endPump, true
-			case <-wait.C:
-				// Neither accepted nor refused: the stream cannot be
-				// trusted any more.
-				return rl.upstreamError(errors.New("no continuation for a literal")), true
+			if !accepted {
+				// Refused: the client sends no literal.
+				lit = nil
+				continue
 			}
 		}
-		if err := rl.flushUp(); err != nil {
-			return rl.upstreamError(err), true
+		if end, done := rl.copyLiteralUp(lit.Size); done {
+			return end, true
 		}
-		// A big APPEND over a slow link gets 1s more per 64 KiB.
-		litDeadline := time.Now().Add(o.literalTimeout() + time.Duration(lit.Size>>16)*time.Second)
-		sess.conn.SetReadDeadline(litDeadline)
-		rl.up.conn.SetWriteDeadline(litDeadline)
-		var n int64
-		n, err = r.CopyLiteral(rl.up.conn, lit.Size, sess.conn)
-		sess.srv.stats.bytesUp.Add(uint64(n))
-		if err != nil {
-			rl.setDirty("literal interrupted")
-			return rl.clientError(err), true
+		if line, lit, end, done = rl.readContinuation(cmd); done {
+			return end, true
 		}
-		rl.up.conn.SetWriteDeadline(time.Time{})
-		line, lit, err = r.ReadLine()
-		if err != nil {
-			rl.setDirty("command interrupted")
-			return rl.clientError(err), true
+		if lit != nil && !lit.NonSync {
+			if end, done := rl.awaitTagFree(tag, seq); done {
+				return end, true
+			}
+			rl.mu.Lock()
+			rl.litSeq = seq
+			rl.mu.Unlock()
 		}
-		if tr := rl.trace.Load(); tr != nil {
-			tr.line(sess.id, rl.backend.ID, "C", line, lit)
-		}
-		if lit != nil && lit.Size > o.maxLiteral() {
-			// Half the command is with the server already.
-			rl.setDirty("oversized literal")
-			rl.answer("* BYE [TOOBIG] Literal too big")
-			return endClient, true
-		}
-		rl.scan(cmd, line)
-		rl.mu.Lock()
-		rl.expectLiteralLocked(tag, lit)
-		rl.mu.Unlock()
 		if _, err := rl.up.w.Write(line); err != nil {
 			return rl.upstreamError(err), true
 		}
 	}
 	// Pipelined commands go out in one write.
-	if r.Buffered() == 0 {
+	if sess.r.Buffered() == 0 {
 		if err := rl.flushUp(); err != nil {
 			return rl.upstreamError(err), true
 		}
@@ -334,13 +354,142 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 	return 0, false
 }
 
-// expectLiteralLocked notes, before a line announcing a synchronising
-// literal goes out, that the server's "+" or refusal must be passed to the
-// client loop: the server may answer before the loop starts waiting.
-func (rl *relay) expectLiteralLocked(tag string, lit *imapwire.Literal) {
-	if lit != nil && !lit.NonSync {
-		rl.litTag = tag
+// sendLocked notes a command about to go to the backend, whose answer is
+// owed from now on; with literal, its synchronising literal awaits "+".
+// The caller holds mu.
+func (rl *relay) sendLocked(tag string, kind cmdKind, literal bool) uint64 {
+	for _, p := range rl.inflight {
+		if p.tag == tag {
+			// Which of the two a tagged answer ends is guesswork,
+			// and so is the state it leaves.
+			rl.dirtyLocked("tag reused while in flight")
+			break
+		}
 	}
+	rl.seq++
+	rl.inflight = append(rl.inflight, pending{tag: tag, kind: kind, seq: rl.seq})
+	if kind == kindIdle {
+		rl.idling, rl.idleAcked = true, false
+	}
+	if literal {
+		// Before the line goes out: the server may answer at once.
+		rl.litSeq = rl.seq
+	}
+	rl.armLocked(true)
+	return rl.seq
+}
+
+// awaitTagFree waits, before a line announcing a synchronising literal
+// goes out, until no command with the same tag but other than seq is in
+// flight. Only then does a tagged answer with the tag, while the literal
+// waits for "+", surely refuse the literal rather than end the other
+// command. Clients that never reuse a tag do not wait.
+func (rl *relay) awaitTagFree(tag string, seq uint64) (end endKind, done bool) {
+	busy := func() bool {
+		rl.mu.Lock()
+		defer rl.mu.Unlock()
+		for _, p := range rl.inflight {
+			if p.tag == tag && p.seq != seq {
+				return true
+			}
+		}
+		return false
+	}
+	if !busy() {
+		return 0, false
+	}
+	if err := rl.flushUp(); err != nil {
+		return rl.upstreamError(err), true
+	}
+	t := time.NewTimer(rl.sess.srv.options().literalTimeout())
+	defer t.Stop()
+	for busy() {
+		select {
+		case <-rl.progress:
+		case <-rl.pumpDone:
+			return endPump, true
+		case <-t.C:
+			return rl.upstreamError(errors.New("no answer to an earlier command with the same tag")), true
+		}
+	}
+	return 0, false
+}
+
+// awaitContinuation sends what is buffered for the backend and waits for
+// its "+" to the synchronising literal noted in litSeq, or its refusal.
+func (rl *relay) awaitContinuation() (accepted bool, end endKind, done bool) {
+	if err := rl.flushUp(); err != nil {
+		return false, rl.upstreamError(err), true
+	}
+	wait := time.NewTimer(rl.sess.srv.options().literalTimeout())
+	defer wait.Stop()
+	select {
+	case ok := <-rl.litCh:
+		return ok, 0, false
+	case <-rl.pumpDone:
+		return false, endPump, true
+	case <-wait.C:
+		// Neither accepted nor refused: the stream cannot be
+		// trusted any more.
+		return false, rl.upstreamError(errors.New("no continuation for a literal")), true
+	}
+}
+
+// copyLiteralUp copies a literal of n bytes from the client to the
+// backend, in chunks that each prove progress, so that the backend's
+// silence meanwhile is not taken for a hang.
+func (rl *relay) copyLiteralUp(n int64) (end endKind, done bool) {
+	sess := rl.sess
+	o := sess.srv.options()
+	if err := rl.flushUp(); err != nil {
+		return rl.upstreamError(err), true
+	}
+	// A big APPEND over a slow link gets 1s more per 64 KiB.
+	litDeadline := time.Now().Add(o.literalTimeout() + time.Duration(n>>16)*time.Second)
+	sess.conn.SetReadDeadline(litDeadline)
+	rl.up.conn.SetWriteDeadline(litDeadline)
+	for n > 0 {
+		k := min(n, literalChunk)
+		m, err := sess.r.CopyLiteral(rl.up.conn, k, sess.conn)
+		sess.srv.stats.bytesUp.Add(uint64(m))
+		n -= m
+		if err != nil {
+			rl.setDirty("literal interrupted")
+			return rl.clientError(err), true
+		}
+		rl.mu.Lock()
+		rl.armLocked(true)
+		rl.mu.Unlock()
+	}
+	rl.up.conn.SetWriteDeadline(time.Time{})
+	return 0, false
+}
+
+// readContinuation reads the rest of a command after one of its literals.
+func (rl *relay) readContinuation(cmd string) (line []byte, lit *imapwire.Literal, end endKind, done bool) {
+	line, lit, err := rl.sess.r.ReadLine()
+	if err != nil {
+		rl.setDirty("command interrupted")
+		return nil, nil, rl.clientError(err), true
+	}
+	if tr := rl.trace.Load(); tr != nil {
+		tr.line(rl.sess.id, rl.backend.ID, "C", line, lit)
+	}
+	if lit != nil && lit.Size > rl.sess.srv.options().maxLiteral() {
+		// Half the command is with the server already.
+		rl.setDirty("oversized literal")
+		rl.answer("* BYE [TOOBIG] Literal too big")
+		return nil, nil, endClient, true
+	}
+	rl.scan(cmd, line)
+	return line, lit, 0, false
+}
+
+// noArgs lists the commands that take no arguments, so that a literal on
+// one of them is not an argument at all.
+var noArgs = map[string]bool{
+	"CAPABILITY": true, "NOOP": true, "CHECK": true, "CLOSE": true, "UNSELECT": true,
+	"EXPUNGE": true, "IDLE": true, "NAMESPACE": true,
 }
 
 // stateless lists the commands that change nothing on a connection that
@@ -411,12 +560,12 @@ func (rl *relay) toUpstream(line []byte, flush bool) error {
 }
 
 // flushUp sends what is buffered for the backend, bounded by the write
-// timeout so that a backend that stops reading cannot hold the session.
+// timeout (upDst) so that a backend that stops reading cannot hold the
+// session.
 func (rl *relay) flushUp() error {
 	if rl.up.w.Buffered() == 0 {
 		return nil
 	}
-	rl.up.conn.SetWriteDeadline(time.Now().Add(rl.sess.srv.options().writeTimeout()))
 	// Counted per flush, not per line: the counter is the whole server's.
 	rl.sess.srv.stats.bytesUp.Add(uint64(rl.up.w.Buffered()))
 	return rl.up.w.Flush()
@@ -478,8 +627,8 @@ func (rl *relay) say(lines ...string) {
 func (rl *relay) clientError(err error) endKind {
 	var ne net.Error
 	if errors.As(err, &ne) && ne.Timeout() {
-		if rl.sess.draining.Load() {
-			return rl.drainClient()
+		if end, done := rl.interrupted(); done {
+			return end
 		}
 		rl.say("* BYE Autologout; idle for too long")
 		rl.log.Debug("client timed out")
@@ -509,7 +658,7 @@ func (rl *relay) waitQuiet(timeout time.Duration) bool {
 			return true
 		}
 		select {
-		case <-rl.quiet:
+		case <-rl.progress:
 		case <-rl.pumpDone:
 			return false
 		case <-t.C:
@@ -546,9 +695,43 @@ func (rl *relay) drainClient() endKind {
 	return endDraining
 }
 
-func (rl *relay) drain() {
-	// Wake the client reader; it sees draining and ends at a boundary.
-	rl.sess.raw.SetReadDeadline(time.Now())
+func (rl *relay) drain() { rl.wake() }
+
+// evict ends the session for an operator or a backend drain. A session
+// that owes the backend nothing ends at its command boundary, and its
+// backend connection is logged out cleanly (an IDLE ended with DONE);
+// one waiting on the backend is cut off at once, since that backend may
+// be the reason for the eviction and never answer.
+func (rl *relay) evict(msg string) {
+	rl.setDirty("evicted")
+	rl.evictMsg.Store(&msg)
+	rl.mu.Lock()
+	owed := rl.owedLocked()
+	rl.mu.Unlock()
+	if owed {
+		// The backend first: a pump stuck reading a stalled backend
+		// holds the client writer, and must let go of it.
+		rl.up.abort()
+		rl.sayLast(msg)
+		rl.sess.raw.Close()
+		return
+	}
+	rl.wake()
+}
+
+// sayLast writes an eviction's last words, bounded short: the session
+// ends whether the client reads them or not.
+func (rl *relay) sayLast(msg string) {
+	sess := rl.sess
+	sess.wmu.Lock()
+	defer sess.wmu.Unlock()
+	if !rl.running.Load() || sess.silenced {
+		return
+	}
+	sess.silenced = true
+	sess.evicted = true // bounds the write to lastWordsTimeout
+	sess.w.WriteString(msg + "\r\n")
+	sess.w.Flush()
 }
 
 // finish decides the fate of the upstream connection: back to the pool
@@ -560,6 +743,15 @@ func (rl *relay) finish(end endKind) {
 	// often a moment later, finds it. Otherwise the client goes first.
 	holdClient := end == endLogout && reason == ""
 	if !holdClient {
+		rl.mu.Lock()
+		owed := rl.owedLocked()
+		rl.mu.Unlock()
+		if reason != "" && owed {
+			// A pump waiting on the backend may hold the client
+			// writer: cut the backend off first, so that a client
+			// that leaves mid-answer frees everything at once.
+			rl.up.abort()
+		}
 		rl.bye()
 	}
 	if reason != "" {
@@ -578,6 +770,10 @@ func (rl *relay) bye() {
 	rl.sess.srv.leaveUser(rl.sess)
 	if rl.logoutTag != "" {
 		rl.say("* BYE Logging out", rl.logoutTag+" OK LOGOUT completed")
+	} else {
+		// Nothing more is due: closing first makes a pump blocked
+		// writing to a client that does not read let go of the writer.
+		rl.sess.raw.Close()
 	}
 	sess := rl.sess
 	sess.wmu.Lock()
@@ -618,15 +814,17 @@ func (rl *relay) uncacheable(end endKind) (reason string, selected bool) {
 // login and caches it, or closes it if that cannot be proven.
 func (rl *relay) cleanAndPut(selected bool) {
 	// Leave the mailbox without expunging (never CLOSE), so the next
-	// session starts unselected as on a fresh login.
-	cmd, want := "NOOP", "OK"
-	if selected {
-		if hasCap(rl.up.postCaps, "UNSELECT") {
-			cmd = "UNSELECT"
-		} else {
-			// A failed EXAMINE leaves no mailbox selected (RFC 3501 6.3.1).
-			cmd, want = "EXAMINE \"imapproxy/\\\"nonexistent\\\"/"+rl.up.nextTag()+"\"", "NO"
-		}
+	// session starts unselected as on a fresh login, whatever the relay
+	// believes: a command it could not see may have selected one. The
+	// answer also checks the belief: UNSELECT is refused (BAD) when no
+	// mailbox is selected, and one that disagrees is not cached.
+	cmd, want := "UNSELECT", "BAD"
+	switch {
+	case !hasCap(rl.up.postCaps, "UNSELECT"):
+		// A failed EXAMINE leaves no mailbox selected (RFC 3501 6.3.1).
+		cmd, want = "EXAMINE \"imapproxy/\\\"nonexistent\\\"/"+rl.up.nextTag()+"\"", "NO"
+	case selected:
+		want = "OK"
 	}
 	status, err := rl.internalCommand(cmd)
 	rl.mu.Lock()
@@ -666,9 +864,11 @@ func (rl *relay) cleanAndPut(selected bool) {
 func (rl *relay) internalCommand(cmd string) (string, error) {
 	tag := rl.up.nextTag()
 	rl.mu.Lock()
-	rl.inflight = append(rl.inflight, pending{tag: tag, kind: kindInternal})
+	rl.seq++
+	rl.inflight = append(rl.inflight, pending{tag: tag, kind: kindInternal, seq: rl.seq})
 	rl.stopping = true
 	rl.mu.Unlock()
+	rl.up.writeTimeout = rl.up.checkLimit
 	rl.up.conn.SetDeadline(time.Now().Add(rl.up.checkLimit))
 	rl.up.w.WriteString(tag + " " + cmd + "\r\n")
 	if err := rl.flushUp(); err != nil {
@@ -701,7 +901,7 @@ func (rl *relay) close() {
 	}
 	rl.mu.Lock()
 	idling := rl.idling
-	busy := len(rl.inflight) > 0 && !(idling && len(rl.inflight) == 1)
+	busy := rl.owedLocked()
 	rl.mu.Unlock()
 	if busy {
 		rl.up.abort()
@@ -735,12 +935,18 @@ func (rl *relay) pump() {
 	stopping, evicted := rl.stopping, rl.dirty == "evicted"
 	rl.mu.Unlock()
 	if err != nil && !stopping && !evicted {
-		if errors.Is(err, errClientGone) {
+		var ne net.Error
+		switch {
+		case errors.Is(err, errClientGone):
 			rl.log.Debug("client connection lost", "error", err)
-		} else {
+			rl.say("* BYE Connection to IMAP server lost")
+		case errors.As(err, &ne) && ne.Timeout():
+			rl.log.Warn("backend not responding; session ended", "timeout", rl.sess.srv.options().responseTimeout())
+			rl.say("* BYE [UNAVAILABLE] IMAP server not responding")
+		default:
 			rl.log.Warn("backend connection lost", "error", err)
+			rl.say("* BYE Connection to IMAP server lost")
 		}
-		rl.say("* BYE Connection to IMAP server lost")
 		// Wake the client reader.
 		rl.sess.conn.Close()
 	}
@@ -750,42 +956,117 @@ func (rl *relay) pump() {
 func (rl *relay) pumpLoop() error {
 	r := rl.up.r
 	for {
+		rl.mu.Lock()
+		rl.armLocked(false)
+		rl.mu.Unlock()
 		if err := r.Wait(); err != nil {
 			return err
 		}
-		line, lit, err := r.ReadLine()
+		line, more, lit, err := r.ReadPart()
 		if err != nil {
 			return err
 		}
 		if tr := rl.trace.Load(); tr != nil {
 			tr.line(rl.sess.id, rl.backend.ID, "S", line, lit)
 		}
-		forward := true
-		stop := false
+		forward, stop, text := true, false, false
 		switch {
 		case line[0] == '+':
-			rl.mu.Lock()
-			if rl.litTag != "" {
-				rl.litTag = ""
-				rl.signalLit(true)
-			}
-			rl.mu.Unlock()
+			rl.continuation()
+			text = true
 		case line[0] == '*':
 			l := imapwire.TrimEOL(line)
-			if hasPrefixFold(l, "* BYE") {
+			switch {
+			case hasPrefixFold(l, "* BYE"):
 				rl.setDirty("server said BYE")
-			} else if hasPrefixFold(l, "* ENABLED") {
+				text = true
+			case hasPrefixFold(l, "* ENABLED"):
 				rl.setDirty("ENABLE")
+			case hasPrefixFold(l, "* OK"), hasPrefixFold(l, "* CAPABILITY"):
+				text = true
+				if !more {
+					line = filterCaps(line)
+				}
+			case hasPrefixFold(l, "* NO"), hasPrefixFold(l, "* BAD"), hasPrefixFold(l, "* PREAUTH"):
+				text = true
 			}
 		default:
 			forward, stop = rl.tagged(line)
+			text = true
+			if !more && forward {
+				line = filterCaps(line)
+			}
 		}
-		if err := rl.forward(line, lit, forward); err != nil {
+		if err := rl.forward(line, more, lit, forward, text); err != nil {
 			return err
 		}
 		if stop {
 			return nil
 		}
+	}
+}
+
+// armLocked keeps a read deadline on the backend while it owes an answer:
+// a command is in flight, other than an IDLE it has acknowledged. The
+// deadline moves with every sign of progress (fresh, or at most once a
+// second otherwise), so a long answer that keeps flowing is never cut,
+// and a backend that stops mid-answer (a stopped process, an NFS stall, a
+// black-holed route) cannot hold the session, its client and its slot for
+// ever. A backend that owes nothing may stay silent: a session in IDLE
+// waits as long as its client does. The caller holds mu: the deadline
+// always matches what is in flight, whichever goroutine changed that.
+func (rl *relay) armLocked(fresh bool) {
+	if rl.stopping {
+		// The proxy's own last command has its deadline.
+		return
+	}
+	if !rl.owedLocked() {
+		if rl.armedAt != 0 {
+			rl.armedAt = 0
+			rl.up.conn.SetReadDeadline(time.Time{})
+		}
+		return
+	}
+	now := time.Now()
+	if !fresh && rl.armedAt != 0 && now.UnixNano()-rl.armedAt < int64(time.Second) {
+		return
+	}
+	rl.armedAt = now.UnixNano()
+	rl.up.conn.SetReadDeadline(now.Add(rl.sess.srv.options().responseTimeout()))
+}
+
+// owedLocked reports whether the backend owes an answer: a command is in
+// flight other than an IDLE it has acknowledged.
+func (rl *relay) owedLocked() bool {
+	for _, p := range rl.inflight {
+		if p.kind != kindIdle || !rl.idling || !rl.idleAcked {
+			return true
+		}
+	}
+	return false
+}
+
+// progressed re-arms the backend's deadline during a long answer.
+func (rl *relay) progressed() {
+	rl.mu.Lock()
+	rl.armLocked(false)
+	rl.mu.Unlock()
+}
+
+// continuation takes a "+" from the backend: the go-ahead for the
+// literal the client loop waits on, or the IDLE's acknowledgement.
+// Anything else is a "+" nobody asked for, and the stream is in doubt.
+func (rl *relay) continuation() {
+	rl.mu.Lock()
+	defer rl.mu.Unlock()
+	switch {
+	case rl.litSeq != 0:
+		rl.litSeq = 0
+		rl.signalLit(true)
+	case rl.idling && !rl.idleAcked:
+		rl.idleAcked = true
+	default:
+		rl.dirtyLocked("unexpected continuation request")
 	}
 }
 
@@ -801,6 +1082,9 @@ func (rl *relay) tagged(line []byte) (forward, stop bool) {
 	}
 	st, _ := imapwire.CutAtom(rest)
 	status := string(bytes.ToUpper(st))
+	// The oldest command with the tag: a client that reuses tags has
+	// made the connection uncacheable already (sendLocked), and the
+	// relay only needs the answer to reach the client.
 	i := -1
 	for j, p := range rl.inflight {
 		if p.tag == string(tag) {
@@ -808,21 +1092,21 @@ func (rl *relay) tagged(line []byte) (forward, stop bool) {
 			break
 		}
 	}
-	if rl.litTag == string(tag) {
-		rl.litTag = ""
-		rl.signalLit(false)
-	}
 	if i < 0 {
 		rl.dirtyLocked("response to unknown tag")
 		return true, false
 	}
 	p := rl.inflight[i]
 	rl.inflight = append(rl.inflight[:i], rl.inflight[i+1:]...)
-	if len(rl.inflight) == 0 {
-		select {
-		case rl.quiet <- struct{}{}:
-		default:
-		}
+	if rl.litSeq != 0 && p.seq == rl.litSeq {
+		// A command whose literal waits for "+" was refused; no
+		// other command with its tag is in flight (awaitTagFree).
+		rl.litSeq = 0
+		rl.signalLit(false)
+	}
+	select {
+	case rl.progress <- struct{}{}:
+	default:
 	}
 	switch p.kind {
 	case kindSelect:
@@ -839,7 +1123,7 @@ func (rl *relay) tagged(line []byte) (forward, stop bool) {
 			rl.selected = false
 		}
 	case kindIdle:
-		rl.idling = false
+		rl.idling, rl.idleAcked = false, false
 	case kindInternal:
 		rl.internal = status
 		return false, rl.stopping
@@ -860,22 +1144,41 @@ func (rl *relay) signalLit(ok bool) {
 	}
 }
 
-// forward passes one response, literals and all, to the client, or
-// swallows it once the client has been said goodbye to. Literal bytes are
-// copied in bulk, never looked at.
-func (rl *relay) forward(line []byte, lit *imapwire.Literal, pass bool) error {
+// forward passes one response, long lines and literals and all, to the
+// client, or swallows it once the client has been said goodbye to.
+// Literal bytes are copied in bulk, never looked at, and a line longer
+// than the buffer is passed on part by part: IMAP responses have no
+// length limit. A status response (text) has free text at its end, where
+// a literal announcement is not one, and which only a confused or hostile
+// backend would make look like one.
+func (rl *relay) forward(line []byte, more bool, lit *imapwire.Literal, pass, text bool) error {
 	sess := rl.sess
 	up := rl.up
 	sess.wmu.Lock()
 	defer sess.wmu.Unlock()
 	out := pass && !sess.silenced
-	if out {
-		if _, err := sess.w.Write(line); err != nil {
-			return clientGone(err)
+	for {
+		if out {
+			if _, err := sess.w.Write(line); err != nil {
+				return clientGone(err)
+			}
+			rl.sent += int64(len(line))
 		}
-		rl.sent += int64(len(line))
-	}
-	for lit != nil {
+		if more {
+			rl.progressed()
+			var err error
+			if line, more, lit, err = up.r.ReadPart(); err != nil {
+				return err
+			}
+			continue
+		}
+		if lit != nil && text {
+			rl.setDirty("literal announced in response text")
+			lit = nil
+		}
+		if lit == nil {
+			break
+		}
 		if out {
 			// The literal's first bytes came in with its line: they go
 			// out in the same write as the line, and a small literal
@@ -893,23 +1196,18 @@ func (rl *relay) forward(line []byte, lit *imapwire.Literal, pass bool) error {
 					return err
 				}
 			}
-		} else if err := up.r.DiscardLiteral(lit.Size); err != nil {
+		} else if err := rl.discardLiteral(lit.Size); err != nil {
 			return err
 		}
 		var err error
-		line, lit, err = up.r.ReadLine()
+		line, more, lit, err = up.r.ReadPart()
 		if err != nil {
 			return err
 		}
 		if tr := rl.trace.Load(); tr != nil {
 			tr.line(sess.id, rl.backend.ID, "S", line, lit)
 		}
-		if out {
-			if _, err := sess.w.Write(line); err != nil {
-				return clientGone(err)
-			}
-			rl.sent += int64(len(line))
-		}
+		text = false
 	}
 	if out && up.r.Buffered() == 0 {
 		// Counted per burst, not per line: the counter is the whole
@@ -923,31 +1221,58 @@ func (rl *relay) forward(line []byte, lit *imapwire.Literal, pass bool) error {
 	return nil
 }
 
-// literalChunk is how much of a literal must reach the client within one
-// write timeout: a client that stops reading is cut off after the timeout,
-// however big the literal, and a slow one only needs to keep moving.
+// literalChunk is how much of a literal must get through within one
+// timeout: a peer that stops is cut off after the timeout, however big
+// the literal, and a slow one only needs to keep moving.
 const literalChunk = 1 << 20
 
 // copyToClient copies n literal bytes from the backend to the client in
 // bulk (splice where the kernel can), chunk by chunk under the write
-// timeout.
+// timeout toward the client and the response timeout toward the backend.
 func (rl *relay) copyToClient(n int64) error {
 	sess, up := rl.sess, rl.up
 	for n > 0 {
 		k := min(n, literalChunk)
-		sess.conn.SetWriteDeadline(time.Now().Add(sess.srv.options().writeTimeout()))
+		rl.progressed()
+		deadline := time.Now().Add(sess.srv.options().writeTimeout())
+		sess.conn.SetWriteDeadline(deadline)
 		m, err := up.r.CopyLiteral(sess.conn, k, up.conn)
 		n -= m
 		if err != nil {
-			// The backend side has no deadline in the relay: a
-			// timeout is the client's.
-			if ne, ok := err.(net.Error); ok && ne.Timeout() {
-				return clientGone(err)
-			}
-			return err
+			return attribute(err, deadline)
 		}
 	}
 	return nil
+}
+
+// discardLiteral skips a literal for a client that has been said goodbye
+// to, under the same deadline as one passed on.
+func (rl *relay) discardLiteral(n int64) error {
+	for n > 0 {
+		k := min(n, literalChunk)
+		rl.progressed()
+		if err := rl.up.r.DiscardLiteral(k); err != nil {
+			return err
+		}
+		n -= k
+	}
+	return nil
+}
+
+// attribute tells whose fault a failed copy from the backend to the
+// client was, for the log and the client's last words. The kernel's splice
+// names neither side: a broken pipe or a reset is what writing to a client
+// that left gives, and a timeout is the client's if its write deadline
+// has passed, else the backend's read deadline.
+func attribute(err error, clientDeadline time.Time) error {
+	var ne net.Error
+	switch {
+	case errors.Is(err, syscall.EPIPE), errors.Is(err, syscall.ECONNRESET):
+		return clientGone(err)
+	case errors.As(err, &ne) && ne.Timeout() && !time.Now().Before(clientDeadline):
+		return clientGone(err)
+	}
+	return err
 }
 
 var errClientGone = errors.New("client connection lost")

@@ -49,6 +49,9 @@ type Options struct {
 	LiteralTimeout  time.Duration // to transfer one literal (60s)
 	WriteTimeout    time.Duration // one write to the client (60s)
 	LogoutWait      time.Duration // wait for outstanding commands at LOGOUT (30s)
+	// ResponseTimeout bounds a backend's silence while it owes an answer
+	// to a command in flight (120s); progress of any kind restarts it.
+	ResponseTimeout time.Duration
 
 	// HashKey says what of the username is hashed onto a backend.
 	HashKey balancer.KeyMode
@@ -88,6 +91,7 @@ func (o *Options) idleTimeout() time.Duration     { return orDur(o.IdleTimeout, 
 func (o *Options) literalTimeout() time.Duration  { return orDur(o.LiteralTimeout, 60*time.Second) }
 func (o *Options) writeTimeout() time.Duration    { return orDur(o.WriteTimeout, 60*time.Second) }
 func (o *Options) logoutWait() time.Duration      { return orDur(o.LogoutWait, 30*time.Second) }
+func (o *Options) responseTimeout() time.Duration { return orDur(o.ResponseTimeout, 120*time.Second) }
 func (o *Options) maxLine() int                   { return orInt(o.MaxLineLength, 64*1024) }
 func (o *Options) backendDrain() time.Duration    { return orDur(o.BackendDrain, 30*time.Second) }
 func (o *Options) downTime() time.Duration        { return orDur(o.DownTime, 10*time.Second) }

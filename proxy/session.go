@@ -755,26 +755,12 @@ func (sess *session) drain() {
 	sess.raw.SetReadDeadline(time.Now())
 }
 
-// evict ends a logged-in session now with a BYE of the proxy's own: its
-// backend left the set, or an operator asked.
+// evict ends a logged-in session with a BYE of the proxy's own: its
+// backend left the set, or an operator asked (see relay.evict).
 func (sess *session) evict(msg string) {
-	rl := sess.rl.Load()
-	if rl == nil {
-		return
+	if rl := sess.rl.Load(); rl != nil {
+		rl.evict(msg)
 	}
-	rl.setDirty("evicted")
-	// The backend first: a pump stuck reading a stalled backend holds
-	// the client writer, and must let go of it.
-	rl.up.abort()
-	sess.wmu.Lock()
-	if rl.running.Load() && !sess.silenced {
-		sess.silenced = true
-		sess.evicted = true // bounds the write to lastWordsTimeout
-		sess.w.WriteString(msg + "\r\n")
-		sess.w.Flush()
-	}
-	sess.wmu.Unlock()
-	sess.raw.Close()
 }
 
 // kill ends the session at once: both connections are closed under the

@@ -55,6 +55,23 @@ type upstream struct {
 
 	tags       atomic.Uint64
 	checkLimit time.Duration
+	// writeTimeout, once a session relays on the connection, bounds each
+	// write to the backend (see upDst); before, the login's deadline does.
+	writeTimeout time.Duration
+}
+
+// upDst is the backend's socket as the upstream's Writer sees it: each
+// write gets a fresh deadline, whether Flush makes it or the Writer does
+// on its own when a long command line or a pipelined burst fills its
+// buffer. A deadline set once per flush would be stale for the second
+// kind after a quiet spell, and the session would fail at once.
+type upDst struct{ u *upstream }
+
+func (d upDst) Write(p []byte) (int, error) {
+	if t := d.u.writeTimeout; t > 0 {
+		d.u.conn.SetWriteDeadline(time.Now().Add(t))
+	}
+	return d.u.conn.Write(p)
 }
 
 // nextTag returns a tag for the proxy's own commands. They are only ever
@@ -138,7 +155,7 @@ func (d *Dialer) dialOnce(ctx context.Context, b Backend) (*upstream, error) {
 		}
 	}
 	u.r = imapwire.NewReader(u.conn, 0)
-	u.w = imapwire.NewWriter(u.conn)
+	u.w = imapwire.NewWriter(upDst{u})
 	if err := u.readGreeting(); err != nil {
 		c.Close()
 		return nil, fmt.Errorf("greeting: %w", err)
@@ -217,7 +234,7 @@ func (u *upstream) doStartTLS(ctx context.Context, cfg *tls.Config) error {
 		return err
 	}
 	u.r.Reset(u.conn)
-	u.w.Reset(u.conn)
+	u.w.Reset(upDst{u})
 	// Capabilities from before TLS are not to be trusted (RFC 3501 6.2.1).
 	u.preCaps = nil
 	return nil
@@ -466,6 +483,7 @@ func (u *upstream) Check(ctx context.Context) error {
 	}
 	u.conn.SetDeadline(deadline)
 	defer u.conn.SetDeadline(time.Time{})
+	u.writeTimeout = time.Until(deadline)
 	return u.roundTrip("NOOP")
 }
 
@@ -503,6 +521,7 @@ func (u *upstream) roundTrip(cmd string) error {
 // Close logs out, waiting a bounded time for the server's answer, and
 // closes the connection.
 func (u *upstream) Close() error {
+	u.writeTimeout = u.checkLimit
 	u.conn.SetDeadline(time.Now().Add(u.checkLimit))
 	tag := u.nextTag()
 	u.w.WriteString(tag + " LOGOUT\r\n")

@@ -240,6 +240,7 @@ func serverOptions(cfg *config.Config, log hclog.Logger, p *pool.Pool) (proxy.Op
 		IdleTimeout:        t.Idle,
 		LiteralTimeout:     t.Literal,
 		WriteTimeout:       t.Write,
+		ResponseTimeout:    t.Response,
 		LogoutWait:         t.Drain,
 		MaxLineLength:      cfg.Limits.MaxLineLength,
 		MaxLiteralPreAuth:  cfg.Limits.MaxLiteralPreAuth,
