@@ -7,6 +7,12 @@
 // side. Dovecot runs as root (the harness must too); mail belongs to the
 // numeric uid 5000, which needs no /etc/passwd entry.
 //
+// For tests of what goes wrong with real backends: Options.Large adds a
+// user whose mailboxes are at the scale of real ones (tens of thousands
+// of messages, a message to thousands of recipients, a deep MIME tree),
+// each making response lines of 100 KB and more; Kill ends the instance
+// as a crash; Kick ends one user's sessions.
+//
 // The core API does not import package testing; StartT in testing.go is
 // the thin wrapper for tests.
 package dovecottest
@@ -61,6 +67,10 @@ type Options struct {
 	// must be searchable by others (mode o+x): Dovecot's unprivileged
 	// processes read the passwd-file and the maildirs in it.
 	Dir string
+	// Large, if not zero, adds the user LargeUser with mailboxes at the
+	// scale of real ones (see Large). Start then also has Dovecot index
+	// its INBOX.
+	Large Large
 	// ProcessLimit is `service imap { process_limit }`: Dovecot runs one
 	// process per IMAP session, so it caps the sessions the instance
 	// holds at once. Default 2000. The client limit of the shared
@@ -197,6 +207,9 @@ func Start(opts Options) (*Server, error) {
 	for i := 1; ; i++ {
 		err = s.launch(bin, opts)
 		if err == nil {
+			if err := s.indexLarge(opts.Large); err != nil {
+				return nil, errors.Join(err, s.Stop())
+			}
 			return s, nil
 		}
 		retry := i < attempts && (opts.Port == 0 || opts.ImplicitTLSPort == -1) &&
@@ -271,6 +284,14 @@ func (s *Server) prepare(opts Options) error {
 		s.users = append(s.users, u)
 		s.passwords[u] = pw
 	}
+	if !opts.Large.zero() {
+		pw := opts.password(LargeUser)
+		if err := checkPassword(pw); err != nil {
+			return fmt.Errorf("dovecottest: password of %s: %w", LargeUser, err)
+		}
+		s.users = append(s.users, LargeUser)
+		s.passwords[LargeUser] = pw
+	}
 	if err := s.writePasswdLocked(); err != nil {
 		return err
 	}
@@ -279,6 +300,12 @@ func (s *Server) prepare(opts Options) error {
 		return fmt.Errorf("dovecottest: %w", err)
 	}
 	for _, u := range s.users {
+		if u == LargeUser {
+			if err := seedLarge(filepath.Join(s.mailDir, u), opts.Large, mailUID, mailUID); err != nil {
+				return fmt.Errorf("dovecottest: seed %s: %w", u, err)
+			}
+			continue
+		}
 		if err := seedUser(filepath.Join(s.mailDir, u), u, opts.messages(), opts.BigMessages, mailUID, mailUID); err != nil {
 			return fmt.Errorf("dovecottest: seed %s: %w", u, err)
 		}
