@@ -589,3 +589,72 @@ func TestLarge(t *testing.T) {
 
 	t.Run("log has no errors or warnings", func(t *testing.T) { checkLogClean(t, s) })
 }
+
+func TestPause(t *testing.T) {
+	s := StartT(t, Options{Name: "sleepy", Users: 1, Messages: 1})
+	c, _ := dial(t, s.Addr)
+	c.login("user0001", "pw-user0001")
+	c.exists("INBOX")
+
+	if err := s.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	kids, err := descendants(s.pid)
+	if err != nil || len(kids) == 0 {
+		t.Fatalf("descendants = %v, %v", kids, err)
+	}
+	for _, p := range append(kids, proc{pid: s.pid}) {
+		if st, err := readProcStat(p.pid); err == nil && st.state != 'T' {
+			t.Errorf("process %d in state %c after Pause, want T", p.pid, st.state)
+		}
+	}
+
+	// A session gets no answer; a new connection is accepted by the
+	// kernel but gets no greeting.
+	if _, err := fmt.Fprintf(c.c, "p1 NOOP\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	hang := func(conn net.Conn, what string) {
+		t.Helper()
+		if err := conn.SetReadDeadline(time.Now().Add(300 * time.Millisecond)); err != nil {
+			t.Fatal(err)
+		}
+		var ne net.Error
+		if n, err := conn.Read(make([]byte, 100)); n != 0 || !errors.As(err, &ne) || !ne.Timeout() {
+			t.Fatalf("%s of a paused Dovecot: read %d bytes, %v; want a timeout", what, n, err)
+		}
+	}
+	hang(c.c, "NOOP")
+	fresh, err := net.DialTimeout("tcp", s.Addr, ioTimeout)
+	if err != nil {
+		t.Fatalf("dial a paused Dovecot: %v, want the kernel to accept", err)
+	}
+	defer fresh.Close()
+	hang(fresh, "greeting")
+
+	if err := s.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	l, err := c.line()
+	if err != nil || !strings.HasPrefix(l, "p1 OK") {
+		t.Fatalf("NOOP after Resume = %q, %v; want p1 OK", l, err)
+	}
+	if _, r := c.do("NOOP"); !strings.HasPrefix(r, "OK") {
+		t.Errorf("second NOOP after Resume = %q", r)
+	}
+	g, err := newClient(t, fresh).line()
+	if err != nil || !strings.HasPrefix(g, "* OK") {
+		t.Errorf("greeting after Resume = %q, %v", g, err)
+	}
+
+	// Stop (as in StartT's cleanup) copes with a paused instance.
+	if err := s.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Stop(); err != nil {
+		t.Errorf("Stop of a paused instance: %v", err)
+	}
+	if ps, _ := descendants(s.pid); len(ps) != 0 {
+		t.Errorf("processes left after Stop: %v", ps)
+	}
+}
