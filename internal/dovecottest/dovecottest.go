@@ -7,6 +7,13 @@
 // side. Dovecot runs as root (the harness must too); mail belongs to the
 // numeric uid 5000, which needs no /etc/passwd entry.
 //
+// For tests of what goes wrong with real backends: Options.Large adds a
+// user whose mailboxes are at the scale of real ones (tens of thousands
+// of messages, a message to thousands of recipients, a deep MIME tree),
+// each making response lines of 100 KB and more; Pause and Resume freeze
+// and thaw the whole instance with its sockets open (a hung backend);
+// Kill ends it as a crash; Kick ends one user's sessions.
+//
 // The core API does not import package testing; StartT in testing.go is
 // the thin wrapper for tests.
 package dovecottest
@@ -61,6 +68,10 @@ type Options struct {
 	// must be searchable by others (mode o+x): Dovecot's unprivileged
 	// processes read the passwd-file and the maildirs in it.
 	Dir string
+	// Large, if not zero, adds the user LargeUser with mailboxes at the
+	// scale of real ones (see Large). Start then also has Dovecot index
+	// its INBOX.
+	Large Large
 	// ProcessLimit is `service imap { process_limit }`: Dovecot runs one
 	// process per IMAP session, so it caps the sessions the instance
 	// holds at once. Default 2000. The client limit of the shared
@@ -116,6 +127,7 @@ const (
 	startTimeout = 20 * time.Second // until the port answers "* OK"
 	stopTimeout  = 10 * time.Second // SIGTERM to exit
 	killTimeout  = 5 * time.Second  // SIGKILL until every process is gone
+	pauseTimeout = 5 * time.Second  // SIGSTOP/SIGCONT until every process obeys
 	pollInterval = 10 * time.Millisecond
 )
 
@@ -144,6 +156,7 @@ type Server struct {
 	passwords map[string]string
 	pwStamp   time.Time // mtime given to the passwd-file by the last write
 	stopped   bool
+	paused    bool
 }
 
 // UserName is the name of user i (1-based): "user0001".
@@ -197,6 +210,9 @@ func Start(opts Options) (*Server, error) {
 	for i := 1; ; i++ {
 		err = s.launch(bin, opts)
 		if err == nil {
+			if err := s.indexLarge(opts.Large); err != nil {
+				return nil, errors.Join(err, s.Stop())
+			}
 			return s, nil
 		}
 		retry := i < attempts && (opts.Port == 0 || opts.ImplicitTLSPort == -1) &&
@@ -271,6 +287,14 @@ func (s *Server) prepare(opts Options) error {
 		s.users = append(s.users, u)
 		s.passwords[u] = pw
 	}
+	if !opts.Large.zero() {
+		pw := opts.password(LargeUser)
+		if err := checkPassword(pw); err != nil {
+			return fmt.Errorf("dovecottest: password of %s: %w", LargeUser, err)
+		}
+		s.users = append(s.users, LargeUser)
+		s.passwords[LargeUser] = pw
+	}
 	if err := s.writePasswdLocked(); err != nil {
 		return err
 	}
@@ -279,6 +303,12 @@ func (s *Server) prepare(opts Options) error {
 		return fmt.Errorf("dovecottest: %w", err)
 	}
 	for _, u := range s.users {
+		if u == LargeUser {
+			if err := seedLarge(filepath.Join(s.mailDir, u), opts.Large, mailUID, mailUID); err != nil {
+				return fmt.Errorf("dovecottest: seed %s: %w", u, err)
+			}
+			continue
+		}
 		if err := seedUser(filepath.Join(s.mailDir, u), u, opts.messages(), opts.BigMessages, mailUID, mailUID); err != nil {
 			return fmt.Errorf("dovecottest: seed %s: %w", u, err)
 		}
@@ -498,9 +528,15 @@ func (s *Server) Stop() error {
 		return nil
 	}
 	s.stopped = true
+	var errs []error
+	if s.paused {
+		// A stopped master would keep SIGTERM pending.
+		if err := s.resumeLocked(); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	s.mu.Unlock()
 
-	var errs []error
 	select {
 	case <-s.exited:
 	default:
@@ -583,6 +619,105 @@ func (s *Server) Kill() error {
 		return fmt.Errorf("dovecottest: %s: %w", s.Name, err)
 	}
 	return nil
+}
+
+// Pause freezes the whole instance as a hung backend: SIGSTOP to the
+// master's process group (and to each of its descendants, in case one
+// left the group), so the master and every session stop with their
+// sockets open. Connects still complete, up to the listen backlog, but
+// nothing is read or answered, not even the greeting. Pause returns once
+// every process is stopped. Resume undoes it; Stop and Kill work on a
+// paused instance.
+func (s *Server) Pause() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.signalAllLocked(syscall.SIGSTOP); err != nil {
+		return fmt.Errorf("dovecottest: pause %s: %w", s.Name, err)
+	}
+	s.paused = true
+	if err := s.waitStateLocked(true); err != nil {
+		return fmt.Errorf("dovecottest: pause %s: %w", s.Name, err)
+	}
+	return nil
+}
+
+// Resume continues a paused instance (SIGCONT) and returns once every
+// process runs again. Resuming an instance that is not paused does no
+// harm.
+func (s *Server) Resume() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.resumeLocked()
+}
+
+func (s *Server) resumeLocked() error {
+	select {
+	case <-s.exited: // killed while paused: nothing left to continue
+		s.paused = false
+		return nil
+	default:
+	}
+	if err := s.signalAllLocked(syscall.SIGCONT); err != nil {
+		return fmt.Errorf("dovecottest: resume %s: %w", s.Name, err)
+	}
+	s.paused = false
+	if err := s.waitStateLocked(false); err != nil {
+		return fmt.Errorf("dovecottest: resume %s: %w", s.Name, err)
+	}
+	return nil
+}
+
+// signalAllLocked sends sig to the master's process group and to every
+// descendant of the master.
+func (s *Server) signalAllLocked(sig syscall.Signal) error {
+	select {
+	case <-s.exited:
+		return errors.New("dovecot is not running")
+	default:
+	}
+	// Setpgid made the master a group leader: its pid is the group id.
+	if err := syscall.Kill(-s.pid, sig); err != nil {
+		return err
+	}
+	kids, err := descendants(s.pid)
+	if err != nil {
+		return err
+	}
+	for _, p := range kids {
+		if err := p.signal(sig); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// waitStateLocked polls until the master and its descendants are all
+// stopped (or all not stopped), or pauseTimeout passes.
+func (s *Server) waitStateLocked(stopped bool) error {
+	deadline := time.Now().Add(pauseTimeout)
+	for {
+		kids, err := descendants(s.pid)
+		if err != nil {
+			return err
+		}
+		wrong := 0
+		for _, p := range append(kids, proc{pid: s.pid}) {
+			st, err := readProcStat(p.pid)
+			if err != nil || st.state == 'Z' {
+				continue // gone
+			}
+			if (st.state == 'T') != stopped {
+				wrong++
+			}
+		}
+		if wrong == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%d processes not yet %s after %v", wrong, map[bool]string{true: "stopped", false: "running"}[stopped], pauseTimeout)
+		}
+		time.Sleep(pollInterval)
+	}
 }
 
 // Log returns the whole Dovecot log.

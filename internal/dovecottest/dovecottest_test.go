@@ -481,3 +481,180 @@ func TestLoginRE(t *testing.T) {
 		}
 	}
 }
+
+func TestLarge(t *testing.T) {
+	skipUnlessAvailable(t)
+	const (
+		messages   = 20000
+		recipients = 4000
+		depth      = 4
+		width      = 5
+	)
+	start := time.Now()
+	s := StartT(t, Options{Name: "large", Users: 2, Messages: 3,
+		Large: Large{Messages: messages, Recipients: recipients, MIMEDepth: depth, MIMEWidth: width}})
+	t.Logf("start with %d messages, %d recipients, a %dx%d MIME tree: %v", messages, recipients, depth, width, time.Since(start))
+
+	if got, want := s.Users(), []string{"user0001", "user0002", LargeUser}; strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Errorf("Users() = %q, want %q", got, want)
+	}
+	c, _ := dial(t, s.Addr)
+	c.login(LargeUser, "pw-"+LargeUser)
+
+	t.Run("inbox", func(t *testing.T) {
+		if got := c.exists("INBOX"); got != messages {
+			t.Fatalf("SELECT INBOX EXISTS = %d, want %d", got, messages)
+		}
+		u, r := c.do("UID SEARCH ALL")
+		if !strings.HasPrefix(r, "OK") || len(u) != 1 {
+			t.Fatalf("UID SEARCH ALL = %d lines, %q", len(u), r)
+		}
+		uids := strings.Fields(strings.TrimPrefix(u[0], "* SEARCH"))
+		if len(uids) != messages || uids[0] != "1" || uids[messages-1] != strconv.Itoa(messages) {
+			t.Errorf("UID SEARCH ALL: %d UIDs from %s to %s, want 1..%d", len(uids), uids[0], uids[len(uids)-1], messages)
+		}
+		if len(u[0]) < 100_000 {
+			t.Errorf("UID SEARCH ALL line is %d bytes, want over 100 KB", len(u[0]))
+		}
+		u, r = c.do("SORT (SUBJECT) US-ASCII ALL")
+		if !strings.HasPrefix(r, "OK") || len(u) != 1 || len(strings.Fields(u[0])) != messages+2 {
+			t.Errorf("SORT = %d lines, %q", len(u), r)
+		}
+		// Message N is base 1 + (N-1) mod 100, with UIDs in order.
+		u, _ = c.do("UID FETCH 1,2,101,%d (BODY.PEEK[HEADER.FIELDS (SUBJECT)])", messages)
+		for i, want := range []string{"large 1", "large 2", "large 1", "large 100"} {
+			if i >= len(u) || !strings.Contains(u[i], "Subject: "+want+"\r\n") {
+				t.Errorf("FETCH subjects = %q, want %q at %d", u, want, i)
+			}
+		}
+	})
+
+	t.Run("recipients", func(t *testing.T) {
+		if got := c.exists("Recipients"); got != 1 {
+			t.Fatalf("SELECT Recipients EXISTS = %d, want 1", got)
+		}
+		u, r := c.do("FETCH 1 (ENVELOPE)")
+		if !strings.HasPrefix(r, "OK") || len(u) != 1 {
+			t.Fatalf("FETCH ENVELOPE = %d lines, %q", len(u), r)
+		}
+		if n := strings.Count(u[0], ` NIL "rcpt`); n != recipients {
+			t.Errorf("ENVELOPE has %d recipients, want %d", n, recipients)
+		}
+		if !strings.Contains(u[0], `("Rcpt 4000" NIL "rcpt4000" "example.org")`) {
+			t.Errorf("ENVELOPE lacks the last recipient: ...%q", u[0][len(u[0])-200:])
+		}
+		if len(u[0]) < 100_000 {
+			t.Errorf("ENVELOPE line is %d bytes, want over 100 KB", len(u[0]))
+		}
+		t.Logf("FETCH 1 (ENVELOPE): %d bytes", len(u[0]))
+	})
+
+	t.Run("mime", func(t *testing.T) {
+		if got := c.exists("MIME"); got != 1 {
+			t.Fatalf("SELECT MIME EXISTS = %d, want 1", got)
+		}
+		u, r := c.do("FETCH 1 (BODYSTRUCTURE)")
+		if !strings.HasPrefix(r, "OK") || len(u) != 1 {
+			t.Fatalf("FETCH BODYSTRUCTURE = %d lines, %q", len(u), r)
+		}
+		leaves := 1
+		for range depth {
+			leaves *= width
+		}
+		if n := strings.Count(u[0], `("text" "plain"`); n != leaves {
+			t.Errorf("BODYSTRUCTURE has %d text/plain leaves, want %d", n, leaves)
+		}
+		if n := strings.Count(u[0], `"mixed"`); n != (leaves-1)/(width-1) {
+			t.Errorf("BODYSTRUCTURE has %d multiparts, want %d", n, (leaves-1)/(width-1))
+		}
+		if len(u[0]) < 20_000 {
+			t.Errorf("BODYSTRUCTURE line is %d bytes, want over 20 KB", len(u[0]))
+		}
+		t.Logf("FETCH 1 (BODYSTRUCTURE): %d bytes", len(u[0]))
+		// The deepest, last leaf is where the tree says it is.
+		path := strings.Repeat(strconv.Itoa(width)+".", depth)
+		u, _ = c.do("FETCH 1 (BODY.PEEK[%s])", strings.TrimSuffix(path, "."))
+		if len(u) != 1 || !strings.Contains(u[0], "part 1."+strings.TrimSuffix(path, ".")) {
+			t.Errorf("FETCH of the last leaf = %q", u)
+		}
+	})
+
+	t.Run("ordinary users unchanged", func(t *testing.T) {
+		c, _ := dial(t, s.Addr)
+		c.login("user0001", "pw-user0001")
+		if got := c.exists("INBOX"); got != 3 {
+			t.Errorf("user0001 INBOX EXISTS = %d, want 3", got)
+		}
+	})
+
+	t.Run("log has no errors or warnings", func(t *testing.T) { checkLogClean(t, s) })
+}
+
+func TestPause(t *testing.T) {
+	s := StartT(t, Options{Name: "sleepy", Users: 1, Messages: 1})
+	c, _ := dial(t, s.Addr)
+	c.login("user0001", "pw-user0001")
+	c.exists("INBOX")
+
+	if err := s.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	kids, err := descendants(s.pid)
+	if err != nil || len(kids) == 0 {
+		t.Fatalf("descendants = %v, %v", kids, err)
+	}
+	for _, p := range append(kids, proc{pid: s.pid}) {
+		if st, err := readProcStat(p.pid); err == nil && st.state != 'T' {
+			t.Errorf("process %d in state %c after Pause, want T", p.pid, st.state)
+		}
+	}
+
+	// A session gets no answer; a new connection is accepted by the
+	// kernel but gets no greeting.
+	if _, err := fmt.Fprintf(c.c, "p1 NOOP\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	hang := func(conn net.Conn, what string) {
+		t.Helper()
+		if err := conn.SetReadDeadline(time.Now().Add(300 * time.Millisecond)); err != nil {
+			t.Fatal(err)
+		}
+		var ne net.Error
+		if n, err := conn.Read(make([]byte, 100)); n != 0 || !errors.As(err, &ne) || !ne.Timeout() {
+			t.Fatalf("%s of a paused Dovecot: read %d bytes, %v; want a timeout", what, n, err)
+		}
+	}
+	hang(c.c, "NOOP")
+	fresh, err := net.DialTimeout("tcp", s.Addr, ioTimeout)
+	if err != nil {
+		t.Fatalf("dial a paused Dovecot: %v, want the kernel to accept", err)
+	}
+	defer fresh.Close()
+	hang(fresh, "greeting")
+
+	if err := s.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	l, err := c.line()
+	if err != nil || !strings.HasPrefix(l, "p1 OK") {
+		t.Fatalf("NOOP after Resume = %q, %v; want p1 OK", l, err)
+	}
+	if _, r := c.do("NOOP"); !strings.HasPrefix(r, "OK") {
+		t.Errorf("second NOOP after Resume = %q", r)
+	}
+	g, err := newClient(t, fresh).line()
+	if err != nil || !strings.HasPrefix(g, "* OK") {
+		t.Errorf("greeting after Resume = %q, %v", g, err)
+	}
+
+	// Stop (as in StartT's cleanup) copes with a paused instance.
+	if err := s.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Stop(); err != nil {
+		t.Errorf("Stop of a paused instance: %v", err)
+	}
+	if ps, _ := descendants(s.pid); len(ps) != 0 {
+		t.Errorf("processes left after Stop: %v", ps)
+	}
+}

@@ -64,15 +64,20 @@ func mkMaildir(dir string) error {
 // itself would name it.
 func writeMessage(maildir, user string, n int, msg []byte) error {
 	date := seedEpoch.Add(time.Duration(n-1) * time.Minute)
-	size := len(msg)
-	vsize := size + bytes.Count(msg, []byte("\n"))
-	name := fmt.Sprintf("%d.M%06dP1.dovecottest,S=%d,W=%d:2,", date.Unix(), n, size, vsize)
-	path := filepath.Join(maildir, "cur", name)
+	path := filepath.Join(maildir, "cur", messageName(n, msg))
 	if err := os.WriteFile(path, msg, 0o600); err != nil {
 		return err
 	}
 	// A maildir message's mtime is its INTERNALDATE.
 	return os.Chtimes(path, date, date)
+}
+
+// messageName is the file name of msg as message n of a maildir.
+func messageName(n int, msg []byte) string {
+	date := seedEpoch.Add(time.Duration(n-1) * time.Minute)
+	size := len(msg)
+	vsize := size + bytes.Count(msg, []byte("\n"))
+	return fmt.Sprintf("%d.M%06dP1.dovecottest,S=%d,W=%d:2,", date.Unix(), n, size, vsize)
 }
 
 // message builds message n of the given kind ("msg" or "big") for user.
