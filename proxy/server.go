@@ -748,7 +748,9 @@ func (s *Server) leaveUserLocked(sess *session) {
 
 // Shutdown stops accepting, asks every session to end at its next command
 // boundary with a BYE, waits until they have or ctx ends, then ends the
-// rest and closes the cached connections.
+// rest and logs out the cached connections; those still logging out when
+// ctx ends are closed without LOGOUT, so Shutdown returns by ctx's
+// deadline even when a backend hangs.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	s.shutdown = true
@@ -777,7 +779,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.Close()
 		<-done
 	}
-	s.pool.Close()
+	if perr := s.pool.Shutdown(ctx); err == nil {
+		err = perr
+	}
 	s.dropReserve()
 	s.stopTraces()
 	return err
