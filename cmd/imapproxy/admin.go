@@ -62,7 +62,7 @@ func registerMetrics(reg *prometheus.Registry, srv *proxy.Server, status func() 
 			ch <- prometheus.MustNewConstMetric(perBackend, prometheus.GaugeValue, float64(b.Cached), b.ID, "cached")
 			ch <- prometheus.MustNewConstMetric(perBackend, prometheus.GaugeValue, float64(b.Active), b.ID, "active")
 			v := 1.0
-			if b.Down || b.Drained {
+			if b.Down || b.Drained || b.Held {
 				v = 0
 			}
 			ch <- prometheus.MustNewConstMetric(backendUp, prometheus.GaugeValue, v, b.ID)
