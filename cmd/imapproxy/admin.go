@@ -104,6 +104,31 @@ func (c collectorFunc) Describe(ch chan<- *prometheus.Desc) {
 }
 func (c collectorFunc) Collect(ch chan<- prometheus.Metric) { c.collect(ch) }
 
+// The admin server's timeouts. Its requests are small and its answers
+// quick, except CPU profiles and execution traces, which stream for their
+// "seconds" (30 by default): the write timeout leaves room for those of up
+// to two minutes (pprof refuses longer ones with a clear error). Traces of
+// users go to files, not to a response. The idle timeout frees the
+// connections monitoring leaves open between scrapes.
+const (
+	adminReadHeaderTimeout = 10 * time.Second
+	adminReadTimeout       = 30 * time.Second
+	adminWriteTimeout      = 2*time.Minute + 10*time.Second
+	adminIdleTimeout       = 2 * time.Minute
+)
+
+// newAdminServer is the admin listener's HTTP server: no connection stays
+// open, idle or half-sent, longer than a timeout.
+func newAdminServer(h http.Handler) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: adminReadHeaderTimeout,
+		ReadTimeout:       adminReadTimeout,
+		WriteTimeout:      adminWriteTimeout,
+		IdleTimeout:       adminIdleTimeout,
+	}
+}
+
 // adminHandler serves /metrics, /healthz, /readyz and, under /api/, the
 // admin API (adminapi.go), which alone needs admin.token_file's token.
 func adminHandler(reg *prometheus.Registry, srv *proxy.Server, listening *atomic.Bool, api *adminAPI) http.Handler {
