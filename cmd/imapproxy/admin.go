@@ -71,6 +71,8 @@ func registerMetrics(reg *prometheus.Registry, srv *proxy.Server, status func() 
 
 	gauge("upstream_connections", "Backend connections open, active and cached.", func() float64 { return float64(ps().Open) })
 	gauge("cached_connections", "Backend connections cached for reuse.", func() float64 { return float64(ps().Cached) })
+	gauge("cache_closing", "Backend connections being logged out in the background (counted in upstream_connections until closed).", func() float64 { return float64(ps().Closing) })
+	counter("cache_close_aborted_total", "Background closes cut short without LOGOUT: the backend did not answer in time, or shutdown's deadline came.", func() uint64 { return ps().CloseAborted })
 	counter("cache_hits_total", "Cached connections handed to a login.", func() uint64 { return ps().Hits })
 	counter("cache_misses_total", "Logins that found no reusable cached connection.", func() uint64 { return ps().Misses })
 	closed := prometheus.NewDesc("imapproxy_cache_closed_total", "Cached connections closed, by cause.", []string{"cause"}, nil)
