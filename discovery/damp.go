@@ -24,6 +24,14 @@ import (
 // then delivers the source's latest set with it. Should it leave again
 // before that, the wait starts over at its next return.
 //
+// Damping only ever keeps users from moving back and forth; it never
+// lengthens an outage. A withheld backend is delivered as held: healthy
+// by the source, so the consumer ends no session on it, but taking no
+// new logins. And when every backend the source has is withheld, they
+// are all let in at once: with nowhere else to go, a login waiting for
+// the hold would only fail. (A user may log in on any backend of the set,
+// in the user's order, so "every backend of a user" is every backend.)
+//
 // Identity is Backend.ID, as in Normalize: a backend that comes back with
 // another address is still the one that left, and waits.
 type Damper struct {
@@ -33,7 +41,7 @@ type Damper struct {
 	Log hclog.Logger
 
 	hold   time.Duration
-	update func([]Backend)
+	update func(in, held []Backend)
 
 	// mu is held across each call of update as well: that is what keeps
 	// the calls from the source's goroutine and from the timer apart and
@@ -42,6 +50,7 @@ type Damper struct {
 	stopped  bool
 	src      []Backend            // the source's latest set, normalized
 	last     []Backend            // last set delivered; nil before the first
+	lastHeld []Backend            // last held set delivered
 	left     map[string]time.Time // ID -> when it last left src; pruned after hold
 	withheld map[string]time.Time // ID in src -> when it may be delivered
 	timer    *time.Timer          // armed for the earliest time in withheld
@@ -50,12 +59,14 @@ type Damper struct {
 // NewDamper returns a Damper that passes sets on to update. hold <= 0
 // disables damping: every change passes at once.
 //
-// update is never called concurrently with itself, never twice in a row
-// with equal sets, and always with a normalized set the consumer may keep.
+// update gets the set to use (in) and the backends of the source's set
+// withheld from it (held); together they are the source's set. It is
+// never called concurrently with itself, never twice in a row with equal
+// sets, and always with normalized sets the consumer may keep.
 // It is called from the goroutine that called Update, or from a timer's
 // own goroutine when a withheld backend is let in, with the Damper's lock
 // held: it must not call Update or Stop.
-func NewDamper(hold time.Duration, update func([]Backend)) *Damper {
+func NewDamper(hold time.Duration, update func(in, held []Backend)) *Damper {
 	return &Damper{
 		hold:     hold,
 		update:   update,
@@ -129,10 +140,11 @@ func (d *Damper) trackLocked(set []Backend, now time.Time) {
 }
 
 // deliverLocked calls update with d.src less the backends still withheld
-// at now, unless that is the set delivered last, and arms the timer for
-// the next backend due.
+// at now, and those, unless that is what it delivered last, and arms the
+// timer for the next backend due.
 func (d *Damper) deliverLocked(now time.Time) {
 	out := make([]Backend, 0, len(d.src))
+	held := make([]Backend, 0, len(d.withheld))
 	var next time.Time
 	for _, b := range d.src {
 		if due, ok := d.withheld[b.ID]; ok {
@@ -140,6 +152,7 @@ func (d *Damper) deliverLocked(now time.Time) {
 				if next.IsZero() || due.Before(next) {
 					next = due
 				}
+				held = append(held, b)
 				continue
 			}
 			delete(d.withheld, b.ID)
@@ -148,6 +161,17 @@ func (d *Damper) deliverLocked(now time.Time) {
 			}
 		}
 		out = append(out, b)
+	}
+	if len(out) == 0 && len(held) > 0 {
+		// Holding them back would leave every login without a backend
+		// while the source has healthy ones.
+		for _, b := range held {
+			delete(d.withheld, b.ID)
+			if d.Log != nil {
+				d.Log.Info("backend let in at once: no other backend is healthy", "backend", b.ID)
+			}
+		}
+		out, held, next = held, held[:0:0], time.Time{}
 	}
 
 	switch {
@@ -161,11 +185,11 @@ func (d *Damper) deliverLocked(now time.Time) {
 		d.timer.Reset(next.Sub(now))
 	}
 
-	if d.last != nil && Equal(d.last, out) {
+	if d.last != nil && Equal(d.last, out) && Equal(d.lastHeld, held) {
 		return
 	}
-	d.last = out
-	d.update(slices.Clone(out))
+	d.last, d.lastHeld = out, held
+	d.update(slices.Clone(out), slices.Clone(held))
 }
 
 // fire runs on the timer's goroutine. It may run after a Reset or Stop it

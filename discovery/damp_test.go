@@ -17,8 +17,9 @@ var beC = Backend{ID: "imap-c", Addr: "10.0.0.3:143", Weight: 1, TLS: TLSImplici
 // delivery is one call of a Damper's update, at a time since the test's
 // start.
 type delivery struct {
-	at  time.Duration
-	set []Backend
+	at   time.Duration
+	set  []Backend
+	held []Backend
 }
 
 // recorder is a Damper's consumer: it records each delivery.
@@ -36,10 +37,10 @@ func newDamp(t *testing.T, hold time.Duration) (*Damper, *recorder) {
 	return d, r
 }
 
-func (r *recorder) update(bs []Backend) {
+func (r *recorder) update(bs, held []Backend) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.got = append(r.got, delivery{time.Since(r.start), bs})
+	r.got = append(r.got, delivery{time.Since(r.start), bs, held})
 }
 
 // take returns the deliveries since the last take.
@@ -52,17 +53,23 @@ func (r *recorder) take() []delivery {
 }
 
 // want checks that exactly one delivery came since the last take, of
-// want, now.
+// want with none held, now.
 func (r *recorder) want(t *testing.T, step string, want []Backend) {
+	t.Helper()
+	r.wantHeld(t, step, want, nil)
+}
+
+// wantHeld is want with held backends.
+func (r *recorder) wantHeld(t *testing.T, step string, want, held []Backend) {
 	t.Helper()
 	synctest.Wait() // a timer's delivery, if due, has been made
 	got := r.take()
 	if len(got) != 1 {
-		t.Errorf("%s: %d deliveries %v, want 1 of %v", step, len(got), got, want)
+		t.Errorf("%s: %d deliveries %v, want 1 of %v held %v", step, len(got), got, want, held)
 		return
 	}
-	if now := time.Since(r.start); got[0].at != now || !Equal(got[0].set, want) {
-		t.Errorf("%s: delivered %v at %v, want %v at %v", step, got[0].set, got[0].at, want, now)
+	if now := time.Since(r.start); got[0].at != now || !Equal(got[0].set, want) || !Equal(got[0].held, held) {
+		t.Errorf("%s: delivered %v held %v at %v, want %v held %v at %v", step, got[0].set, got[0].held, got[0].at, want, held, now)
 	}
 }
 
@@ -155,7 +162,7 @@ func TestDampReturnDelayedByHold(t *testing.T) {
 		r.want(t, "a removed", []Backend{beB})
 		time.Sleep(2 * time.Second)
 		d.Update(set(beA, beB))
-		r.none(t, "a back 2s after leaving")
+		r.wantHeld(t, "a back 2s after leaving", []Backend{beB}, []Backend{beA})
 
 		time.Sleep(hold - time.Nanosecond)
 		r.none(t, "a back for hold less 1ns")
@@ -176,7 +183,7 @@ func TestDampReleaseUsesLatestSet(t *testing.T) {
 		r.want(t, "a removed", []Backend{beB})
 		time.Sleep(time.Second)
 		d.Update(set(beA, beB)) // a due at 11s
-		r.none(t, "a back")
+		r.wantHeld(t, "a back", []Backend{beB}, []Backend{beA})
 
 		// While a waits, the source changes a and b and adds c: b's
 		// change and c pass at once, a's only with a.
@@ -186,7 +193,7 @@ func TestDampReleaseUsesLatestSet(t *testing.T) {
 		b2 := beB
 		b2.Addr = "10.0.0.20:143"
 		d.Update(set(a2, b2, beC))
-		r.want(t, "b changed, c new, a waiting", []Backend{b2, beC})
+		r.wantHeld(t, "b changed, c new, a waiting", []Backend{b2, beC}, []Backend{a2})
 		time.Sleep(hold - 2*time.Second)
 		r.none(t, "a waiting")
 		time.Sleep(time.Second)
@@ -229,11 +236,25 @@ func TestDampFlapping(t *testing.T) {
 		time.Sleep(time.Minute)
 		synctest.Wait()
 
-		got := r.take()
+		// Between the changes of the set in use, a is delivered as held
+		// at each return (15) and not at each leave (14, the 15th return
+		// lasting).
+		var got []delivery
+		heldFlips := 0
+		for _, g := range r.take() {
+			if len(got) > 0 && Equal(got[len(got)-1].set, g.set) {
+				heldFlips++
+				continue
+			}
+			got = append(got, g)
+		}
+		if heldFlips != 29 {
+			t.Errorf("%d deliveries changed only what is held, want 29", heldFlips)
+		}
 		want := []delivery{
-			{0, []Backend{beA, beB}},
-			{time.Second, []Backend{beB}},
-			{30*time.Second + hold, []Backend{beA, beB}},
+			{0, []Backend{beA, beB}, nil},
+			{time.Second, []Backend{beB}, nil},
+			{30*time.Second + hold, []Backend{beA, beB}, nil},
 		}
 		if len(got) != len(want) {
 			t.Fatalf("deliveries = %v, want %v", got, want)
@@ -259,9 +280,9 @@ func TestDampNewBackendImmediate(t *testing.T) {
 		d.Update(set(beB))
 		r.want(t, "a removed", []Backend{beB})
 		d.Update(set(beA, beB))
-		r.none(t, "a back")
+		r.wantHeld(t, "a back", []Backend{beB}, []Backend{beA})
 		d.Update(set(beA, beB, beC))
-		r.want(t, "c new, a waiting", []Backend{beB, beC})
+		r.wantHeld(t, "c new, a waiting", []Backend{beB, beC}, []Backend{beA})
 	})
 }
 
@@ -319,19 +340,19 @@ func TestDampSerialNoRepeats(t *testing.T) {
 		var (
 			running atomic.Int32
 			mu      sync.Mutex
-			last    []Backend
+			last    [2][]Backend
 			calls   int
 		)
-		d := NewDamper(hold, func(bs []Backend) {
+		d := NewDamper(hold, func(bs, held []Backend) {
 			if n := running.Add(1); n != 1 {
 				t.Errorf("update running %d times at once", n)
 			}
 			runtime.Gosched() // give an overlapping call its chance
 			mu.Lock()
-			if calls > 0 && Equal(last, bs) {
-				t.Errorf("update called twice in a row with %v", bs)
+			if calls > 0 && Equal(last[0], bs) && Equal(last[1], held) {
+				t.Errorf("update called twice in a row with %v held %v", bs, held)
 			}
-			last, calls = bs, calls+1
+			last, calls = [2][]Backend{bs, held}, calls+1
 			mu.Unlock()
 			running.Add(-1)
 		})
@@ -358,5 +379,44 @@ func TestDampSerialNoRepeats(t *testing.T) {
 		if calls < 10 {
 			t.Errorf("update called %d times, want many", calls)
 		}
+	})
+}
+
+// TestDampNeverLeavesNone: a backend is not held back when the source has
+// no other: a single backend back from a 5 s maintenance takes logins at
+// once, and so does the first of several to return after all left.
+func TestDampNeverLeavesNone(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const hold = 30 * time.Second
+		d, r := newDamp(t, hold)
+		d.Update(set(beA))
+		r.want(t, "first set", []Backend{beA})
+		time.Sleep(time.Second)
+		d.Update(set())
+		r.want(t, "a in maintenance", []Backend{})
+		time.Sleep(5 * time.Second)
+		d.Update(set(beA))
+		r.want(t, "a back, alone", []Backend{beA})
+		time.Sleep(time.Hour)
+		r.none(t, "an hour later")
+
+		// Two backends; both leave; a returns (no other: in at once),
+		// then b returns while a serves: b is held back as usual.
+		d.Update(set(beA, beB))
+		r.want(t, "b new", []Backend{beA, beB})
+		d.Update(set())
+		r.want(t, "both gone", []Backend{})
+		time.Sleep(time.Second)
+		d.Update(set(beA))
+		r.want(t, "a back, no other", []Backend{beA})
+		d.Update(set(beA, beB))
+		r.wantHeld(t, "b back while a serves", []Backend{beA}, []Backend{beB})
+
+		// a leaves while b is held: b is all there is, and goes in.
+		time.Sleep(time.Second)
+		d.Update(set(beB))
+		r.want(t, "a gone, b held", []Backend{beB})
+		time.Sleep(hold)
+		r.none(t, "past b's hold")
 	})
 }

@@ -10,6 +10,15 @@
 // back. A connection in a table belongs to the table. No lock is held while
 // a connection does I/O: entries are taken out under the lock and checked
 // or closed outside it.
+//
+// Closing is asynchronous: a connection that leaves the pool is logged out
+// by a background closer, never by the goroutine that decided to close it.
+// The backend being closed is often the one that hangs (that is why it
+// left the set), and the callers are SetBackends, a login, an operator's
+// request or the sweeper, none of which may wait for it. At most
+// maxClosers connections of a backend log out at once, each for at most
+// CloseTimeout, so that a hung backend delays the closes of no other; a
+// connection keeps its slot of the budget until its socket is closed.
 package pool
 
 import (
@@ -37,7 +46,17 @@ type Conn interface {
 	Check(ctx context.Context) error
 	// Close logs out (bounded) and closes the connection.
 	Close() error
+	// Abort closes the connection without a word to the server. It may
+	// be called while Close runs, from another goroutine, to cut it
+	// short, and after Close, when it does nothing.
+	Abort()
 }
+
+// maxClosers is how many connections of one backend log out at once.
+// Enough that a hung backend's few dozen cached connections are gone in a
+// few rounds of CloseTimeout; few enough that a mass close does not knock
+// on a struggling backend with hundreds of LOGOUTs at once.
+const maxClosers = 8
 
 // Digest identifies the credential a connection was authenticated with.
 // It is an HMAC, never the password.
@@ -51,7 +70,11 @@ type Options struct {
 	MaxPerUser    int           // cached conns per user and table (4)
 	MaxConns      int           // upstream conns in total, active + cached (1000)
 	Disabled      bool          // cache nothing; Put closes
-	Logger        hclog.Logger
+	// CloseTimeout bounds the LOGOUT of a connection being closed (2s);
+	// one not done by then is aborted. A healthy backend answers in
+	// milliseconds: the bound is for one that hangs.
+	CloseTimeout time.Duration
+	Logger       hclog.Logger
 }
 
 func (o *Options) expiration() time.Duration { return orDuration(o.Expiration, 300*time.Second) }
@@ -59,8 +82,11 @@ func (o *Options) sweepInterval() time.Duration {
 	return orDuration(o.SweepInterval, 60*time.Second)
 }
 func (o *Options) maxAge() time.Duration { return orDuration(o.MaxAge, time.Hour) }
-func (o *Options) maxPerUser() int       { return orInt(o.MaxPerUser, 4) }
-func (o *Options) maxConns() int         { return orInt(o.MaxConns, 1000) }
+func (o *Options) closeTimeout() time.Duration {
+	return orDuration(o.CloseTimeout, 2*time.Second)
+}
+func (o *Options) maxPerUser() int { return orInt(o.MaxPerUser, 4) }
+func (o *Options) maxConns() int   { return orInt(o.MaxConns, 1000) }
 
 func orDuration(d, def time.Duration) time.Duration {
 	if d > 0 {
@@ -78,8 +104,9 @@ func orInt(n, def int) int {
 
 // Stats are cumulative counts, plus the current gauges.
 type Stats struct {
-	Open   int // upstream conns open: active + cached
-	Cached int
+	Open    int // upstream conns open: active + cached + closing
+	Cached  int
+	Closing int // conns logging out in the background
 
 	Hits   uint64 // Get returned a conn
 	Misses uint64 // Get found nothing reusable
@@ -92,12 +119,15 @@ type Stats struct {
 	ClosedFull        uint64 // pushed out to make room under MaxConns
 	ClosedBackendGone uint64 // table removed or pool closed
 	ClosedAdmin       uint64 // by an operator (Flush, CloseUser)
+	// Closes cut short: the LOGOUT took longer than CloseTimeout, or was
+	// still under way when Shutdown's deadline came.
+	CloseAborted uint64
 }
 
 type counters struct {
 	hits, misses                                 atomic.Uint64
 	expired, maxAge, dead, userLimit, full, gone atomic.Uint64
-	admin                                        atomic.Uint64
+	admin, aborted                               atomic.Uint64
 }
 
 // Pool is the set of per-backend tables and their shared budget.
@@ -112,6 +142,14 @@ type Pool struct {
 	closed bool
 
 	c counters
+
+	// Background closes (see closeAsync). stop ends them at Shutdown's
+	// deadline: those under way are aborted, those waiting are aborted
+	// without starting.
+	closing   atomic.Int64  // closes not finished, waiting ones included
+	closeDone chan struct{} // a token after each close finishes; cap 1
+	stop      context.Context
+	abortAll  context.CancelFunc
 }
 
 // New returns a Pool. Call Run to start its sweeper.
@@ -120,7 +158,12 @@ func New(opts Options) *Pool {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
-	p := &Pool{log: log, tables: make(map[string]*Table)}
+	p := &Pool{
+		log:       log,
+		tables:    make(map[string]*Table),
+		closeDone: make(chan struct{}, 1),
+	}
+	p.stop, p.abortAll = context.WithCancel(context.Background())
 	p.opts.Store(&opts)
 	return p
 }
@@ -131,15 +174,16 @@ func (p *Pool) Table(backend string) *Table {
 	defer p.mu.Unlock()
 	t := p.tables[backend]
 	if t == nil {
-		t = &Table{pool: p, name: backend, byUser: make(map[string][]*list.Element)}
+		t = &Table{pool: p, name: backend, byUser: make(map[string][]*list.Element), closers: make(chan struct{}, maxClosers)}
 		t.closed = p.closed
 		p.tables[backend] = t
 	}
 	return t
 }
 
-// RemoveTable closes a backend's cached connections at once (it left the
-// healthy set) and makes later Puts to it close instead of caching.
+// RemoveTable closes a backend's cached connections (it left the healthy
+// set) and makes later Puts to it close instead of caching. It returns at
+// once: the connections log out in the background.
 func (p *Pool) RemoveTable(backend string) {
 	p.mu.Lock()
 	t := p.tables[backend]
@@ -151,7 +195,8 @@ func (p *Pool) RemoveTable(backend string) {
 }
 
 // Close closes every cached connection and makes the pool cache nothing
-// more. Active connections are their sessions' business.
+// more. Active connections are their sessions' business. It returns at
+// once: the connections log out in the background (see Shutdown).
 func (p *Pool) Close() {
 	p.mu.Lock()
 	p.closed = true
@@ -159,6 +204,78 @@ func (p *Pool) Close() {
 	p.mu.Unlock()
 	for _, t := range tables {
 		t.closeConns(t.takeAll(true), &p.c.gone)
+	}
+}
+
+// Shutdown is Close, then a wait until every connection the pool is
+// closing has logged out, or ctx ends: then those still logging out, and
+// any the pool is given to close later, are aborted without LOGOUT.
+// Shutdown returns ctx's error in that case, once every socket is closed.
+func (p *Pool) Shutdown(ctx context.Context) error {
+	p.Close()
+	if err := p.WaitCloses(ctx); err != nil {
+		p.abortAll()
+		p.WaitCloses(context.Background()) // aborts take no time
+		return err
+	}
+	return nil
+}
+
+// WaitCloses waits until no connection is being closed in the background,
+// or ctx ends.
+func (p *Pool) WaitCloses(ctx context.Context) error {
+	for p.closing.Load() > 0 {
+		select {
+		case <-p.closeDone:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+// closeAsync closes c, a connection of t's backend, in the background: a
+// LOGOUT bounded by CloseTimeout, after waiting for one of t's maxClosers
+// turns. With release, c's budget slot is given back once its socket is
+// closed; without, the caller has passed the slot on already.
+func (t *Table) closeAsync(c Conn, release bool) {
+	t.pool.closing.Add(1)
+	go t.pool.close(t.closers, c, release)
+}
+
+func (p *Pool) close(closers chan struct{}, c Conn, release bool) {
+	defer func() {
+		if release {
+			p.Release()
+		}
+		p.closing.Add(-1)
+		select {
+		case p.closeDone <- struct{}{}:
+		default:
+		}
+	}()
+	if p.stop.Err() == nil {
+		select {
+		case closers <- struct{}{}:
+			defer func() { <-closers }()
+		case <-p.stop.Done():
+		}
+	}
+	if p.stop.Err() != nil {
+		p.c.aborted.Add(1)
+		c.Abort()
+		return
+	}
+	ctx, cancel := context.WithTimeout(p.stop, p.options().closeTimeout())
+	defer cancel()
+	var cut atomic.Bool
+	stop := context.AfterFunc(ctx, func() {
+		cut.Store(true)
+		c.Abort()
+	})
+	_ = c.Close()
+	if !stop() && cut.Load() {
+		p.c.aborted.Add(1)
 	}
 }
 
@@ -213,8 +330,10 @@ func (p *Pool) Reserve() error {
 			continue // someone else took it meanwhile
 		}
 		p.c.full.Add(1)
-		// The evicted conn's slot passes to the caller.
-		closeConn(e.conn)
+		// The evicted conn's slot passes to the caller: for a moment
+		// its socket and the caller's are both open, at most
+		// maxClosers over the budget.
+		t.closeAsync(e.conn, false)
 		return nil
 	}
 }
@@ -248,6 +367,7 @@ func (p *Pool) oldest() (*Table, *entry) {
 func (p *Pool) Stats() Stats {
 	s := Stats{
 		Open:              int(p.open.Load()),
+		Closing:           int(p.closing.Load()),
 		Hits:              p.c.hits.Load(),
 		Misses:            p.c.misses.Load(),
 		ClosedExpired:     p.c.expired.Load(),
@@ -257,6 +377,7 @@ func (p *Pool) Stats() Stats {
 		ClosedFull:        p.c.full.Load(),
 		ClosedBackendGone: p.c.gone.Load(),
 		ClosedAdmin:       p.c.admin.Load(),
+		CloseAborted:      p.c.aborted.Load(),
 	}
 	p.mu.Lock()
 	tables := p.snapshotLocked()
@@ -308,26 +429,23 @@ func (p *Pool) Sweep(now time.Time) {
 	p.mu.Lock()
 	tables := p.snapshotLocked()
 	p.mu.Unlock()
-	var expired, aged []Conn
+	var nExpired, nAged int
 	for _, t := range tables {
-		expired, aged = t.collectExpired(now, expired, aged)
+		expired, aged := t.collectExpired(now, nil, nil)
+		p.c.expired.Add(uint64(len(expired)))
+		p.c.maxAge.Add(uint64(len(aged)))
+		for _, c := range expired {
+			t.closeAsync(c, true)
+		}
+		for _, c := range aged {
+			t.closeAsync(c, true)
+		}
+		nExpired, nAged = nExpired+len(expired), nAged+len(aged)
 	}
-	p.c.expired.Add(uint64(len(expired)))
-	p.c.maxAge.Add(uint64(len(aged)))
-	for _, c := range expired {
-		closeConn(c)
-		p.Release()
-	}
-	for _, c := range aged {
-		closeConn(c)
-		p.Release()
-	}
-	if n := len(expired) + len(aged); n > 0 {
-		p.log.Debug("sweep closed cached connections", "expired", len(expired), "max_age", len(aged))
+	if nExpired+nAged > 0 {
+		p.log.Debug("sweep closed cached connections", "expired", nExpired, "max_age", nAged)
 	}
 }
-
-func closeConn(c Conn) { _ = c.Close() }
 
 // entry is one cached connection.
 type entry struct {
@@ -342,6 +460,10 @@ type entry struct {
 type Table struct {
 	pool *Pool
 	name string
+	// closers holds a token per close of this backend's connections
+	// under way: a backend's closes wait for each other, not for those
+	// of another backend.
+	closers chan struct{}
 
 	mu     sync.Mutex
 	lru    list.List                  // of *entry, oldest first
@@ -363,7 +485,9 @@ func (t *Table) Len() int {
 // credential, proven alive by Check, with its first authentication time.
 // It tries the most recently cached first and closes any that fail the
 // check. A digest that matches none of the user's connections leaves them
-// all in place: a wrong password evicts nothing.
+// all in place: a wrong password evicts nothing. A connection that fails
+// its check is aborted, not logged out: it is broken, and the login must
+// not wait for it.
 func (t *Table) Get(ctx context.Context, user string, d Digest) (Conn, time.Time, bool) {
 	for {
 		e := t.take(user, d)
@@ -373,14 +497,13 @@ func (t *Table) Get(ctx context.Context, user string, d Digest) (Conn, time.Time
 		}
 		if time.Since(e.born) > t.pool.options().maxAge() {
 			t.pool.c.maxAge.Add(1)
-			closeConn(e.conn)
-			t.pool.Release()
+			t.closeAsync(e.conn, true)
 			continue
 		}
 		if err := e.conn.Check(ctx); err != nil {
 			t.pool.c.dead.Add(1)
 			t.pool.log.Debug("cached connection failed check", "backend", t.name, "error", err)
-			closeConn(e.conn)
+			e.conn.Abort()
 			t.pool.Release()
 			continue
 		}
@@ -422,8 +545,7 @@ func (t *Table) Put(user string, d Digest, c Conn, born time.Time) {
 		if !t.pool.options().Disabled {
 			t.pool.c.maxAge.Add(1)
 		}
-		closeConn(c)
-		t.pool.Release()
+		t.closeAsync(c, true)
 		return
 	}
 	e := &entry{user: user, digest: d, conn: c, born: born, since: now}
@@ -432,8 +554,7 @@ func (t *Table) Put(user string, d Digest, c Conn, born time.Time) {
 	if t.closed {
 		t.mu.Unlock()
 		t.pool.c.gone.Add(1)
-		closeConn(c)
-		t.pool.Release()
+		t.closeAsync(c, true)
 		return
 	}
 	if els := t.byUser[user]; len(els) >= t.pool.options().maxPerUser() {
@@ -445,16 +566,14 @@ func (t *Table) Put(user string, d Digest, c Conn, born time.Time) {
 	t.mu.Unlock()
 	if evicted != nil {
 		t.pool.c.userLimit.Add(1)
-		closeConn(evicted.conn)
-		t.pool.Release()
+		t.closeAsync(evicted.conn, true)
 	}
 }
 
-// Discard closes c, a connection taken from or meant for this table, and
-// gives its slot back.
+// Discard closes c, a connection taken from or meant for this table, in
+// the background, and gives its slot back once it is closed.
 func (t *Table) Discard(c Conn) {
-	closeConn(c)
-	t.pool.Release()
+	t.closeAsync(c, true)
 }
 
 // Users returns how many connections each user has cached (for tests and
@@ -575,13 +694,12 @@ func (t *Table) takeAll(closed bool) []Conn {
 	return conns
 }
 
-// closeConns closes conns, taken out of the table, counting them under
-// cause.
+// closeConns closes conns, taken out of the table, in the background,
+// counting them under cause.
 func (t *Table) closeConns(conns []Conn, cause *atomic.Uint64) int {
 	cause.Add(uint64(len(conns)))
 	for _, c := range conns {
-		closeConn(c)
-		t.pool.Release()
+		t.closeAsync(c, true)
 	}
 	return len(conns)
 }

@@ -12,13 +12,17 @@ import (
 	"time"
 )
 
-// fakeConn is a scripted upstream connection.
+// fakeConn is a scripted upstream connection. With hang set, Close
+// blocks, as a LOGOUT to a hung backend does, until release or Abort.
 type fakeConn struct {
 	name    string
 	dead    atomic.Bool
 	checks  atomic.Int32
+	hang    chan struct{} // closed to let a blocked Close return
 	closeMu sync.Mutex
 	closed  int
+	aborted int
+	abortCh chan struct{} // closed by the first Abort
 }
 
 func (c *fakeConn) Check(ctx context.Context) error {
@@ -30,16 +34,58 @@ func (c *fakeConn) Check(ctx context.Context) error {
 }
 
 func (c *fakeConn) Close() error {
+	if c.hang != nil {
+		select {
+		case <-c.hang:
+		case <-c.abortedCh():
+		}
+	}
 	c.closeMu.Lock()
 	defer c.closeMu.Unlock()
 	c.closed++
 	return nil
 }
 
+func (c *fakeConn) abortedCh() chan struct{} {
+	c.closeMu.Lock()
+	defer c.closeMu.Unlock()
+	if c.abortCh == nil {
+		c.abortCh = make(chan struct{})
+	}
+	return c.abortCh
+}
+
+func (c *fakeConn) Abort() {
+	ch := c.abortedCh()
+	c.closeMu.Lock()
+	defer c.closeMu.Unlock()
+	if c.aborted == 0 {
+		close(ch)
+	}
+	c.aborted++
+}
+
+// isClosed reports whether the conn was closed, with or without LOGOUT.
 func (c *fakeConn) isClosed() bool {
 	c.closeMu.Lock()
 	defer c.closeMu.Unlock()
-	return c.closed > 0
+	return c.closed > 0 || c.aborted > 0
+}
+
+func (c *fakeConn) wasAborted() bool {
+	c.closeMu.Lock()
+	defer c.closeMu.Unlock()
+	return c.aborted > 0
+}
+
+// settle waits for the pool's background closes.
+func settle(t *testing.T, p *Pool) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := p.WaitCloses(ctx); err != nil {
+		t.Fatalf("background closes not done: %v", err)
+	}
 }
 
 func digest(s string) Digest {
@@ -119,6 +165,7 @@ func TestMaxPerUser(t *testing.T) {
 		put(t, p, tb, "u", "pw", c)
 	}
 	put(t, p, tb, "other", "pw", &fakeConn{})
+	settle(t, p)
 	if !cs[0].isClosed() || cs[1].isClosed() || cs[2].isClosed() {
 		t.Errorf("closed = %v %v %v, want only the oldest", cs[0].isClosed(), cs[1].isClosed(), cs[2].isClosed())
 	}
@@ -136,6 +183,7 @@ func TestReserveEvictsOldestIdle(t *testing.T) {
 	if err := p.Reserve(); err != nil {
 		t.Fatalf("Reserve with idle conns to evict: %v", err)
 	}
+	settle(t, p)
 	if !first.isClosed() || second.isClosed() {
 		t.Fatalf("evicted first=%v second=%v, want the oldest only", first.isClosed(), second.isClosed())
 	}
@@ -161,18 +209,21 @@ func TestRemoveTableAndClose(t *testing.T) {
 	c := &fakeConn{}
 	put(t, p, tb, "u", "pw", c)
 	p.RemoveTable("gone")
+	settle(t, p)
 	if !c.isClosed() {
 		t.Fatal("RemoveTable left a cached conn open")
 	}
 	// A session still holding a conn of the removed backend puts it back.
 	late := &fakeConn{}
 	put(t, p, tb, "u", "pw", late)
+	settle(t, p)
 	if !late.isClosed() {
 		t.Fatal("Put to a removed table cached the conn")
 	}
 	other := &fakeConn{}
 	put(t, p, p.Table("b2"), "u", "pw", other)
 	p.Close()
+	settle(t, p)
 	if !other.isClosed() {
 		t.Fatal("Close left a cached conn open")
 	}
@@ -193,6 +244,7 @@ func TestFlush(t *testing.T) {
 	if n := p.Flush(); n != 3 {
 		t.Fatalf("Flush() = %d, want 3", n)
 	}
+	settle(t, p)
 	for i, c := range cs {
 		if !c.isClosed() {
 			t.Errorf("conn %d left open by Flush", i)
@@ -223,6 +275,7 @@ func TestCloseUser(t *testing.T) {
 	if n := t1.CloseUser("alice"); n != 2 {
 		t.Fatalf("CloseUser(alice) = %d, want 2", n)
 	}
+	settle(t, p)
 	if !a1.isClosed() || !a2.isClosed() {
 		t.Error("alice's connections left open")
 	}
@@ -269,6 +322,7 @@ func TestDisabledClosesOnPut(t *testing.T) {
 	p := New(Options{Disabled: true})
 	c := &fakeConn{}
 	put(t, p, p.Table("b"), "u", "pw", c)
+	settle(t, p)
 	if !c.isClosed() || p.Stats().Open != 0 {
 		t.Fatal("disabled cache kept a connection")
 	}
@@ -333,6 +387,7 @@ func TestMaxAge(t *testing.T) {
 		if _, _, ok := tb.Get(context.Background(), "u", digest("pw")); ok {
 			t.Fatal("Get handed out a conn older than MaxAge")
 		}
+		synctest.Wait()
 		if !c.isClosed() || p.Stats().ClosedMaxAge != 1 {
 			t.Fatalf("old conn closed=%v stats=%+v", c.isClosed(), p.Stats())
 		}
@@ -378,6 +433,7 @@ type nopConn struct{}
 
 func (nopConn) Check(context.Context) error { return nil }
 func (nopConn) Close() error                { return nil }
+func (nopConn) Abort()                      {}
 
 // BenchmarkCheckout is a cache hit and the put back, among 1,000 users
 // with a cached connection each.
@@ -403,4 +459,193 @@ func BenchmarkCheckout(b *testing.B) {
 		}
 		tb.Put(u, digest("pw"), c, born)
 	}
+}
+
+// hungTable caches n connections of a backend that hangs: their Close
+// blocks until release is closed or they are aborted.
+func hungTable(t *testing.T, p *Pool, name string, n int) (conns []*fakeConn, release chan struct{}) {
+	t.Helper()
+	release = make(chan struct{})
+	tb := p.Table(name)
+	for i := range n {
+		c := &fakeConn{name: strconv.Itoa(i), hang: release}
+		put(t, p, tb, "u"+strconv.Itoa(i), "pw", c)
+		conns = append(conns, c)
+	}
+	return conns, release
+}
+
+func countClosing(conns []*fakeConn, f func(*fakeConn) bool) int {
+	n := 0
+	for _, c := range conns {
+		if f(c) {
+			n++
+		}
+	}
+	return n
+}
+
+// TestRemoveHungBackend: removing a backend whose connections hang in
+// LOGOUT returns at once, as does removing the next backend, whose
+// connection is closed without waiting for the hung ones; the hung
+// backend gets at most maxClosers LOGOUTs at once; every slot comes back
+// once the LOGOUTs are done.
+func TestRemoveHungBackend(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := New(Options{})
+		hung, release := hungTable(t, p, "hung", 40)
+		next := &fakeConn{}
+		put(t, p, p.Table("next"), "u", "pw", next)
+
+		start := time.Now()
+		p.RemoveTable("hung")
+		p.RemoveTable("next")
+		if d := time.Since(start); d != 0 {
+			t.Fatalf("RemoveTable took %v, want no wait", d)
+		}
+		synctest.Wait()
+		if !next.isClosed() || next.wasAborted() {
+			t.Fatalf("the next backend's connection was not logged out while the hung backend's closes wait")
+		}
+		if st := p.Stats(); st.Closing != 40 || st.Open != 40 || st.ClosedBackendGone != 41 {
+			t.Fatalf("stats = %+v, want 40 closing and open, 41 closed as gone", st)
+		}
+
+		close(release)
+		synctest.Wait()
+		if n := countClosing(hung, (*fakeConn).isClosed); n != 40 {
+			t.Fatalf("%d of 40 connections closed after the backend answered", n)
+		}
+		if n := countClosing(hung, (*fakeConn).wasAborted); n != 0 {
+			t.Errorf("%d connections aborted though the backend answered in time", n)
+		}
+		if st := p.Stats(); st.Open != 0 || st.Closing != 0 || st.CloseAborted != 0 {
+			t.Errorf("stats = %+v, want nothing open or closing", st)
+		}
+	})
+}
+
+// TestCloseConcurrencyAndTimeout: a hung backend's LOGOUTs run at most
+// maxClosers at a time, each cut short after CloseTimeout, so that all of
+// them are closed within ceil(n/maxClosers) rounds of CloseTimeout.
+func TestCloseConcurrencyAndTimeout(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := New(Options{CloseTimeout: 2 * time.Second})
+		var inClose, most atomic.Int32
+		release := make(chan struct{})
+		tb := p.Table("hung")
+		for i := range 20 {
+			c := &countingConn{fakeConn: fakeConn{hang: release}, in: &inClose, most: &most}
+			put(t, p, tb, "u"+strconv.Itoa(i), "pw", c)
+		}
+		p.RemoveTable("hung")
+		synctest.Wait()
+		if n := inClose.Load(); n != maxClosers {
+			t.Fatalf("%d LOGOUTs under way at once, want %d", n, maxClosers)
+		}
+		time.Sleep(3 * 2 * time.Second) // three rounds: 8 + 8 + 4
+		synctest.Wait()
+		if st := p.Stats(); st.Open != 0 || st.Closing != 0 || st.CloseAborted != 20 {
+			t.Errorf("stats after 3 x CloseTimeout = %+v, want all 20 aborted and closed", st)
+		}
+		if m := most.Load(); m > maxClosers {
+			t.Errorf("up to %d LOGOUTs at once, want at most %d", m, maxClosers)
+		}
+		close(release)
+	})
+}
+
+type countingConn struct {
+	fakeConn
+	in, most *atomic.Int32
+}
+
+func (c *countingConn) Close() error {
+	n := c.in.Add(1)
+	for m := c.most.Load(); n > m && !c.most.CompareAndSwap(m, n); m = c.most.Load() {
+	}
+	defer c.in.Add(-1)
+	return c.fakeConn.Close()
+}
+
+// TestShutdownHonoursDeadline: Shutdown returns by its ctx's deadline
+// even though every cached connection hangs in LOGOUT; those are aborted
+// and every slot is back.
+func TestShutdownHonoursDeadline(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := New(Options{CloseTimeout: time.Minute})
+		hung, release := hungTable(t, p, "hung", 30)
+		defer close(release)
+		ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+		defer cancel()
+		start := time.Now()
+		if err := p.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("Shutdown = %v, want the deadline's error", err)
+		}
+		if d := time.Since(start); d > 500*time.Millisecond {
+			t.Errorf("Shutdown took %v, want at most its 500ms deadline", d)
+		}
+		if n := countClosing(hung, (*fakeConn).wasAborted); n != 30 {
+			t.Errorf("%d of 30 hung connections aborted", n)
+		}
+		if st := p.Stats(); st.Open != 0 || st.Closing != 0 || st.CloseAborted != 30 {
+			t.Errorf("stats = %+v, want nothing open, 30 aborted", st)
+		}
+		// A connection handed back after the deadline is aborted too.
+		late := &fakeConn{hang: release}
+		put(t, p, p.Table("hung"), "u", "pw", late)
+		synctest.Wait()
+		if !late.wasAborted() || p.Stats().Open != 0 {
+			t.Errorf("a connection put after Shutdown's deadline was not aborted")
+		}
+	})
+}
+
+// TestShutdownWaitsForLogouts: with time enough, Shutdown returns once
+// every LOGOUT is done, none aborted.
+func TestShutdownWaitsForLogouts(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := New(Options{})
+		conns := []*fakeConn{{}, {}, {}}
+		for i, c := range conns {
+			put(t, p, p.Table("b"), "u"+strconv.Itoa(i), "pw", c)
+		}
+		if err := p.Shutdown(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		if n := countClosing(conns, (*fakeConn).isClosed); n != 3 {
+			t.Fatalf("%d of 3 closed when Shutdown returned", n)
+		}
+		if n := countClosing(conns, (*fakeConn).wasAborted); n != 0 {
+			t.Errorf("%d aborted", n)
+		}
+	})
+}
+
+// TestFailedCheckAborts: a cached connection that fails its check is
+// aborted, not logged out, and the login goes on at once even when a
+// LOGOUT on it would hang.
+func TestFailedCheckAborts(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := New(Options{})
+		tb := p.Table("b")
+		release := make(chan struct{})
+		defer close(release)
+		c := &fakeConn{hang: release}
+		c.dead.Store(true)
+		put(t, p, tb, "u", "pw", c)
+		start := time.Now()
+		if _, _, ok := tb.Get(context.Background(), "u", digest("pw")); ok {
+			t.Fatal("Get handed out a dead connection")
+		}
+		if d := time.Since(start); d != 0 {
+			t.Errorf("Get took %v", d)
+		}
+		if !c.wasAborted() {
+			t.Error("the dead connection was not aborted")
+		}
+		if st := p.Stats(); st.Open != 0 || st.ClosedDead != 1 {
+			t.Errorf("stats = %+v, want 0 open, 1 dead", st)
+		}
+	})
 }

@@ -39,13 +39,16 @@ type BackendInfo struct {
 	DownUntil time.Time
 	// Drained is set while an operator keeps new logins off it.
 	Drained bool
+	// Held is set while discovery has it healthy but holds it back
+	// after a flap (cluster.rejoin_hold): no new logins, sessions go on.
+	Held bool
 
 	Cached int // connections cached for reuse
 	Active int // sessions relaying to it
 }
 
-// BackendStatus describes every backend of the set, drained ones
-// included, sorted by ID.
+// BackendStatus describes every backend of the set, drained and held
+// ones included, sorted by ID.
 func (s *Server) BackendStatus() []BackendInfo {
 	set := s.backends.Load()
 	cached := map[string]int{}
@@ -73,6 +76,12 @@ func (s *Server) BackendStatus() []BackendInfo {
 			bi.Down, bi.DownUntil = true, time.Unix(0, h.downUntil.Load())
 		}
 		out = append(out, bi)
+	}
+	for id, b := range set.held {
+		out = append(out, BackendInfo{
+			ID: id, Address: b.Addr, Weight: max(b.Weight, 1), TLS: s.tlsMode(b),
+			Held: true, Cached: cached[id], Active: active[id],
+		})
 	}
 	slices.SortFunc(out, func(a, b BackendInfo) int { return cmp.Compare(a.ID, b.ID) })
 	return out
@@ -247,7 +256,7 @@ func (s *Server) DrainBackend(id string) error {
 		s.drained = map[string]bool{}
 	}
 	s.drained[id] = true
-	s.setBackendsLocked(set.members())
+	s.setBackendsLocked(set.members(), set.heldMembers())
 	return nil
 }
 
@@ -264,7 +273,7 @@ func (s *Server) UndrainBackend(id string) error {
 		return nil
 	}
 	delete(s.drained, id)
-	s.setBackendsLocked(set.members())
+	s.setBackendsLocked(set.members(), set.heldMembers())
 	s.log.Info("backend back in service", "backend", id)
 	return nil
 }
@@ -278,24 +287,33 @@ func (set *backendSet) members() []Backend {
 	return bs
 }
 
+// heldMembers returns the held backends, for a rebuild.
+func (set *backendSet) heldMembers() []Backend {
+	bs := make([]Backend, 0, len(set.held))
+	for _, b := range set.held {
+		bs = append(bs, b)
+	}
+	return bs
+}
+
 // drainedLocked is SetBackends' part for drains. Of the IDs that left the
 // ring (gone), it takes out those still in the set, which were drained:
 // it closes their cached connections but, unlike for a backend that left,
 // lets their sessions run. It forgets drains of backends that left the
 // set. The caller holds setMu.
-func (s *Server) drainedLocked(old, next *backendSet, gone []string) []string {
+func (s *Server) drainedLocked(old, next *backendSet, gone []Backend) []Backend {
 	for id := range s.drained {
 		if _, ok := next.all[id]; !ok {
 			delete(s.drained, id)
 		}
 	}
-	return slices.DeleteFunc(gone, func(id string) bool {
-		nb, ok := next.all[id]
-		if !ok || nb != old.byID[id] {
+	return slices.DeleteFunc(gone, func(ob Backend) bool {
+		nb, ok := next.all[ob.ID]
+		if !ok || !nb.same(ob) {
 			return false
 		}
-		s.log.Info("backend drained; closing its cached connections", "backend", id)
-		s.pool.RemoveTable(id)
+		s.log.Info("backend drained; closing its cached connections", "backend", ob.ID)
+		s.pool.RemoveTable(ob.ID)
 		return true
 	})
 }

@@ -44,6 +44,7 @@ func TestDrainBackend(t *testing.T) {
 	if err := p.srv.DrainBackend("b0"); err != nil {
 		t.Fatalf("DrainBackend(b0): %v", err)
 	}
+	p.settle(t)
 	if n := a.logouts.Load(); n != 1 {
 		t.Errorf("backend LOGOUTs after the drain = %d, want 1 (the cached connection)", n)
 	}
@@ -242,6 +243,7 @@ func TestFlushCache(t *testing.T) {
 	if n := p.srv.FlushCache(); n != 2 {
 		t.Fatalf("FlushCache() = %d, want 2", n)
 	}
+	p.settle(t)
 	if n := b.logouts.Load() - probeLogouts; n != 2 {
 		t.Errorf("backend LOGOUTs = %d, want 2", n)
 	}

@@ -541,6 +541,7 @@ func TestSweeper(t *testing.T) {
 			}
 
 			p.srv.Pool().Sweep(time.Now().Add(tc.after))
+			p.settle(t)
 			st := p.srv.Pool().Stats()
 			if st.ClosedExpired != tc.wantExpired || st.ClosedMaxAge != tc.wantMaxAge {
 				t.Fatalf("Sweep(now+%v): closed expired = %d, max age = %d; want %d, %d", tc.after, st.ClosedExpired, st.ClosedMaxAge, tc.wantExpired, tc.wantMaxAge)
@@ -583,6 +584,7 @@ func TestSweeper(t *testing.T) {
 			c.logout()
 			p.waitIdle(t)
 		}
+		p.settle(t)
 		if st := p.srv.Pool().Stats(); st.Cached != 0 || st.Open != 0 || st.ClosedMaxAge != 2 {
 			t.Fatalf("cached = %d, open = %d, closed max age = %d; want 0, 0, 2", st.Cached, st.Open, st.ClosedMaxAge)
 		}
@@ -617,6 +619,7 @@ func TestPoolLimits(t *testing.T) {
 			p.waitCached(t, min(i+1, 2))
 		}
 		p.waitIdle(t)
+		p.settle(t)
 		if st := p.srv.Pool().Stats(); st.Cached != 2 || st.Open != 2 || st.ClosedUserLimit != 1 {
 			t.Fatalf("cached = %d, open = %d, closed by user limit = %d; want 2, 2, 1", st.Cached, st.Open, st.ClosedUserLimit)
 		}

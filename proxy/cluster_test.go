@@ -129,6 +129,7 @@ func TestBackendLeavesSet(t *testing.T) {
 	p.waitCached(t, 1)
 
 	p.srv.SetBackends(set[1:])
+	p.settle(t)
 	if a.logouts.Load() != 1 {
 		t.Errorf("cached connection not logged out when its backend left (logouts %d)", a.logouts.Load())
 	}

@@ -121,13 +121,35 @@ type backendSet struct {
 	byID   map[string]Backend
 	all    map[string]Backend // the whole set, drained backends included
 	health map[string]*health // of all
+	// held are backends discovery finds healthy but holds back from the
+	// set for a while after a flap (cluster.rejoin_hold): they take no
+	// new login, but their sessions go on. Not in all.
+	held map[string]Backend
+}
+
+// same reports whether a and b are one backend: the same ID, address and
+// TLS mode. The weight only ranks users; a change of it is no reason to
+// drop a connection.
+func (b Backend) same(o Backend) bool {
+	return b.ID == o.ID && b.Addr == o.Addr && b.TLS == o.TLS
 }
 
 // serves reports whether b, as it is, is in service: in the set with the
-// same address and settings, and not drained.
+// same address and TLS mode, and not drained.
 func (set *backendSet) serves(b Backend) bool {
 	cur, ok := set.byID[b.ID]
-	return ok && cur == b
+	return ok && cur.same(b)
+}
+
+// healthy reports whether discovery has b, as it is, as healthy: in
+// service, drained by an operator, or held back after a flap. Sessions on
+// a healthy backend are never ended for its sake.
+func (set *backendSet) healthy(b Backend) bool {
+	if cur, ok := set.all[b.ID]; ok && cur.same(b) {
+		return true
+	}
+	cur, ok := set.held[b.ID]
+	return ok && cur.same(b)
 }
 
 // health is this proxy's own view of a backend, from failed dials and
@@ -239,23 +261,35 @@ func (s *Server) SetOptions(opts Options) {
 }
 
 // SetBackends replaces the backend set. Cached connections of backends
-// that left it (or whose address or TLS mode changed) are closed at once;
-// sessions still using them get BackendDrain to finish, then BYE. A
-// backend drained by an operator stays drained while it is in the set.
+// that left it (or whose address or TLS mode changed) are closed, in the
+// background; sessions still using them get BackendDrain to finish, then
+// BYE, unless the backend is back by then. A change of weight only
+// re-ranks users. A backend drained by an operator stays drained while it
+// is in the set.
 func (s *Server) SetBackends(bs []Backend) {
-	s.setMu.Lock()
-	defer s.setMu.Unlock()
-	s.setBackendsLocked(bs)
+	s.SetBackendsHeld(bs, nil)
 }
 
-// setBackendsLocked installs bs less the drained backends; the caller
-// holds setMu.
-func (s *Server) setBackendsLocked(bs []Backend) {
+// SetBackendsHeld is SetBackends with the backends discovery finds
+// healthy but holds back for now (see discovery.Damper): they take no new
+// login, but sessions on them are not ended; one that was in bs is
+// treated as having left it. A backend in both is in bs.
+func (s *Server) SetBackendsHeld(bs, held []Backend) {
+	s.setMu.Lock()
+	defer s.setMu.Unlock()
+	s.setBackendsLocked(bs, held)
+}
+
+// setBackendsLocked installs bs less the drained backends, and held; the
+// caller holds setMu. It does no I/O: the pool closes what it is given in
+// the background, so a backend that hangs delays no later change.
+func (s *Server) setBackendsLocked(bs, held []Backend) {
 	old := s.backends.Load()
 	next := &backendSet{
 		byID:   make(map[string]Backend, len(bs)),
 		all:    make(map[string]Backend, len(bs)),
 		health: make(map[string]*health, len(bs)),
+		held:   make(map[string]Backend, len(held)),
 	}
 	rb := make([]balancer.Backend, 0, len(bs))
 	for _, b := range bs {
@@ -263,7 +297,7 @@ func (s *Server) setBackendsLocked(bs []Backend) {
 			continue
 		}
 		next.all[b.ID] = b
-		if ob, ok := old.all[b.ID]; ok && ob == b {
+		if ob, ok := old.all[b.ID]; ok && ob.same(b) {
 			next.health[b.ID] = old.health[b.ID]
 		} else {
 			next.health[b.ID] = &health{}
@@ -274,12 +308,17 @@ func (s *Server) setBackendsLocked(bs []Backend) {
 		next.byID[b.ID] = b
 		rb = append(rb, balancer.Backend{ID: b.ID, Addr: b.Addr, Weight: b.Weight})
 	}
+	for _, b := range held {
+		if _, in := next.all[b.ID]; !in {
+			next.held[b.ID] = b
+		}
+	}
 	next.ring = balancer.New(rb, balancer.Options{Key: s.options().HashKey})
 	s.backends.Store(next)
-	var gone []string
+	var gone []Backend
 	for id, ob := range old.byID {
-		if nb, ok := next.byID[id]; !ok || nb != ob {
-			gone = append(gone, id)
+		if nb, ok := next.byID[id]; !ok || !nb.same(ob) {
+			gone = append(gone, ob)
 		}
 	}
 	for id := range old.all {
@@ -288,18 +327,28 @@ func (s *Server) setBackendsLocked(bs []Backend) {
 		}
 	}
 	gone = s.drainedLocked(old, next, gone)
-	for _, id := range gone {
-		s.log.Info("backend left the set; closing its cached connections", "backend", id, "drain", s.options().backendDrain())
-		s.pool.RemoveTable(id)
-		s.scheduleDrain(old.byID[id])
+	for _, b := range gone {
+		s.log.Info("backend left the set; closing its cached connections", "backend", b.ID, "drain", s.options().backendDrain())
+		s.pool.RemoveTable(b.ID)
+		s.scheduleDrain(b)
 	}
-	if len(gone) > 0 || len(next.byID) != len(old.byID) {
-		s.log.Info("backend set changed", "backends", len(next.byID), "removed", len(gone))
+	// A held backend that leaves may still have sessions from before it
+	// was held: they drain as for any backend that left.
+	for id, ob := range old.held {
+		if !next.healthy(ob) {
+			s.log.Info("held back backend left the set", "backend", id, "drain", s.options().backendDrain())
+			s.scheduleDrain(ob)
+		}
+	}
+	if len(gone) > 0 || len(next.byID) != len(old.byID) || len(next.held) != len(old.held) {
+		s.log.Info("backend set changed", "backends", len(next.byID), "removed", len(gone), "held", len(next.held))
 	}
 }
 
 // scheduleDrain ends, after BackendDrain, the sessions still relaying to
-// a backend that left the set, unless it is back by then.
+// a backend that left the set, unless discovery has it as healthy by then:
+// back in the set, or held back after a flap (its users' new logins go
+// elsewhere for a while, but its sessions are fine where they are).
 func (s *Server) scheduleDrain(b Backend) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -310,13 +359,13 @@ func (s *Server) scheduleDrain(b Backend) {
 	t = time.AfterFunc(s.options().backendDrain(), func() {
 		s.mu.Lock()
 		delete(s.drains, t)
-		if s.backends.Load().serves(b) {
+		if s.backends.Load().healthy(b) {
 			s.mu.Unlock()
 			return
 		}
 		var victims []*session
 		for sess := range s.sessions {
-			if rl := sess.rl.Load(); rl != nil && rl.backend == b {
+			if rl := sess.rl.Load(); rl != nil && rl.backend.same(b) {
 				victims = append(victims, sess)
 			}
 		}
@@ -752,7 +801,9 @@ func (s *Server) leaveUserLocked(sess *session) {
 
 // Shutdown stops accepting, asks every session to end at its next command
 // boundary with a BYE, waits until they have or ctx ends, then ends the
-// rest and closes the cached connections.
+// rest and logs out the cached connections; those still logging out when
+// ctx ends are closed without LOGOUT, so Shutdown returns by ctx's
+// deadline even when a backend hangs.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	s.shutdown = true
@@ -781,7 +832,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.Close()
 		<-done
 	}
-	s.pool.Close()
+	if perr := s.pool.Shutdown(ctx); err == nil {
+		err = perr
+	}
 	s.dropReserve()
 	s.stopTraces()
 	return err

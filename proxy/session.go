@@ -679,6 +679,13 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 		sess.writef("%s %s %s\r\n", tag, clientStatus(refusal.status), sanitizeText(refusal.text))
 		return nil, nil
 	}
+	if len(srv.backends.Load().byID) == 0 {
+		// The backends left the set while the login was under way:
+		// answer as the next login will be answered.
+		log.Warn("login failed: no backend available", "error", lastErr)
+		sess.writef("%s NO [UNAVAILABLE] No IMAP server available, try again later\r\n", tag)
+		return nil, nil
+	}
 	log.Warn("login failed: no backend reachable", "error", lastErr)
 	sess.writef("%s NO [UNAVAILABLE] IMAP server unreachable, try again later\r\n", tag)
 	return nil, nil

@@ -62,7 +62,7 @@ func registerMetrics(reg *prometheus.Registry, srv *proxy.Server, status func() 
 			ch <- prometheus.MustNewConstMetric(perBackend, prometheus.GaugeValue, float64(b.Cached), b.ID, "cached")
 			ch <- prometheus.MustNewConstMetric(perBackend, prometheus.GaugeValue, float64(b.Active), b.ID, "active")
 			v := 1.0
-			if b.Down || b.Drained {
+			if b.Down || b.Drained || b.Held {
 				v = 0
 			}
 			ch <- prometheus.MustNewConstMetric(backendUp, prometheus.GaugeValue, v, b.ID)
@@ -71,6 +71,8 @@ func registerMetrics(reg *prometheus.Registry, srv *proxy.Server, status func() 
 
 	gauge("upstream_connections", "Backend connections open, active and cached.", func() float64 { return float64(ps().Open) })
 	gauge("cached_connections", "Backend connections cached for reuse.", func() float64 { return float64(ps().Cached) })
+	gauge("cache_closing", "Backend connections being logged out in the background (counted in upstream_connections until closed).", func() float64 { return float64(ps().Closing) })
+	counter("cache_close_aborted_total", "Background closes cut short without LOGOUT: the backend did not answer in time, or shutdown's deadline came.", func() uint64 { return ps().CloseAborted })
 	counter("cache_hits_total", "Cached connections handed to a login.", func() uint64 { return ps().Hits })
 	counter("cache_misses_total", "Logins that found no reusable cached connection.", func() uint64 { return ps().Misses })
 	closed := prometheus.NewDesc("imapproxy_cache_closed_total", "Cached connections closed, by cause.", []string{"cause"}, nil)
@@ -103,6 +105,31 @@ func (c collectorFunc) Describe(ch chan<- *prometheus.Desc) {
 	}
 }
 func (c collectorFunc) Collect(ch chan<- prometheus.Metric) { c.collect(ch) }
+
+// The admin server's timeouts. Its requests are small and its answers
+// quick, except CPU profiles and execution traces, which stream for their
+// "seconds" (30 by default): the write timeout leaves room for those of up
+// to two minutes (pprof refuses longer ones with a clear error). Traces of
+// users go to files, not to a response. The idle timeout frees the
+// connections monitoring leaves open between scrapes.
+const (
+	adminReadHeaderTimeout = 10 * time.Second
+	adminReadTimeout       = 30 * time.Second
+	adminWriteTimeout      = 2*time.Minute + 10*time.Second
+	adminIdleTimeout       = 2 * time.Minute
+)
+
+// newAdminServer is the admin listener's HTTP server: no connection stays
+// open, idle or half-sent, longer than a timeout.
+func newAdminServer(h http.Handler) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: adminReadHeaderTimeout,
+		ReadTimeout:       adminReadTimeout,
+		WriteTimeout:      adminWriteTimeout,
+		IdleTimeout:       adminIdleTimeout,
+	}
+}
 
 // adminHandler serves /metrics, /healthz, /readyz and, under /api/, the
 // admin API (adminapi.go), which alone needs admin.token_file's token.

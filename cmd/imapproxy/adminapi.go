@@ -78,6 +78,7 @@ type apiBackend struct {
 	Down      bool       `json:"down"`
 	DownUntil *time.Time `json:"down_until,omitempty"`
 	Drained   bool       `json:"drained"`
+	Held      bool       `json:"held"` // healthy in discovery, held back by cluster.rejoin_hold
 	Active    int        `json:"active"`
 	Cached    int        `json:"cached"`
 }
@@ -304,11 +305,14 @@ func (a *adminAPI) backends() []apiBackend {
 	for _, b := range bs {
 		ab := apiBackend{
 			ID: b.ID, Address: b.Address, Weight: b.Weight, TLS: b.TLS,
-			State: backendState(b.Down, b.Drained), Down: b.Down, Drained: b.Drained,
+			State: backendState(b.Down, b.Drained), Down: b.Down, Drained: b.Drained, Held: b.Held,
 			Active: b.Active, Cached: b.Cached,
 		}
 		if b.Down {
 			ab.DownUntil = &b.DownUntil
+		}
+		if b.Held {
+			ab.State = "held"
 		}
 		out = append(out, ab)
 	}

@@ -108,6 +108,7 @@ func TestCluster(t *testing.T) {
 	t.Run("OutOfFileDescriptors", c.testOutOfFileDescriptors)
 	t.Run("Reload", c.testReload)
 	t.Run("FlappingCheck", c.testFlappingCheck)
+	t.Run("LastBackendMaintenance", c.testLastBackendMaintenance)
 	t.Run("ConsulFaults", c.testConsulFaults)
 	t.Run("SelfRegistration", c.testSelfRegistration)
 	t.Run("AdminDrain", c.testAdminDrain)
@@ -861,6 +862,7 @@ type daemonOptions struct {
 	cache      bool
 	nofile     int    // RLIMIT_NOFILE for the daemon; 0 inherits the test's
 	rejoinHold string // cluster.rejoin_hold; "" is "1s", short for the tests that restore a backend
+	drain      string // cluster.backend_drain; "" is "1s"
 	consulAddr string // where the daemon finds Consul; "" is the agent's own address
 	extra      string // appended to the config file
 }
@@ -930,7 +932,7 @@ timeouts {
 }
 cluster {
   down_time     = "2s"
-  backend_drain = "1s"
+  backend_drain = %q
   rejoin_hold   = %q
 }
 consul {
@@ -941,7 +943,7 @@ consul {
 admin {
   address = %q
 }
-`, d.addr, o.cache, cmp.Or(o.rejoinHold, "1s"), cmp.Or(o.consulAddr, agent.Addr), serviceName, d.admin) + o.extra
+`, d.addr, o.cache, cmp.Or(o.drain, "1s"), cmp.Or(o.rejoinHold, "1s"), cmp.Or(o.consulAddr, agent.Addr), serviceName, d.admin) + o.extra
 	confPath := filepath.Join(dir, fmt.Sprintf("imapproxy-%d.hcl", attempt))
 	d.confPath, d.conf = confPath, conf
 	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {

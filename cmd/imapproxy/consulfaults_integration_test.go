@@ -242,3 +242,94 @@ func (c *cluster) testSelfRegistration(t *testing.T) {
 		t.Errorf("the daemon did not log its registration")
 	}
 }
+
+// testLastBackendMaintenance: the only healthy backend goes into Consul
+// maintenance for 5 s. Damping (rejoin_hold 30 s) must not hold it back
+// when users have nowhere else to go: logins work again within a few
+// seconds of its return (bound: 5 s; measured and logged), and a session
+// on it that outlived the outage is not ended when backend_drain (10 s)
+// runs out. Before, every login was refused for rejoin_hold after the
+// return (35 s in all), and the session got BYE at the drain.
+func (c *cluster) testLastBackendMaintenance(t *testing.T) {
+	const (
+		outage     = 5 * time.Second
+		drain      = 10 * time.Second
+		loginBound = 5 * time.Second
+	)
+	agent := c.newAgent(t)
+	d := c.startDaemon(t, agent, daemonOptions{cache: true, rejoinHold: "30s", drain: drain.String()})
+	last := c.backends[2]
+	for _, b := range c.backends[:2] {
+		if err := agent.Maintenance(b.id, true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d.waitMetric(t, "imapproxy_backends", 1)
+	user := users(401, 401)[0]
+	idle, tag := c.startIdle(t, d.addr, user)
+
+	if err := agent.Maintenance(last.id, true); err != nil {
+		t.Fatal(err)
+	}
+	away := time.Now()
+	d.waitMetric(t, "imapproxy_backends", 0)
+	ic, err := dialIMAP(d.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res, err := ic.login(user, c.password(user)); err != nil || !strings.Contains(res.String(), "No IMAP server available") {
+		t.Errorf("login during the outage: %v %v, want NO No IMAP server available", res, err)
+	}
+	ic.close()
+	// The outage itself: Consul has no healthy backend for this long.
+	time.Sleep(outage - time.Since(away))
+	if err := agent.Maintenance(last.id, false); err != nil {
+		t.Fatal(err)
+	}
+	back := time.Now()
+	var r sessionResult
+	for {
+		if r, err = c.session(d.addr, user); err == nil {
+			break
+		}
+		if time.Since(back) > bound {
+			t.Fatalf("no login within %v of the backend's return: %v", bound, err)
+		}
+		time.Sleep(pollEvery)
+	}
+	took := time.Since(back)
+	t.Logf("logins work again %v after the only backend's return from a %v maintenance (rejoin_hold 30s)", took.Round(time.Millisecond), outage)
+	if took > loginBound {
+		t.Errorf("first login %v after the return, want within %v", took, loginBound)
+	}
+	if r.backend != last.id {
+		t.Errorf("login on %s, want %s", r.backend, last.id)
+	}
+
+	// Past the drain time counted from the backend's leaving, the
+	// session is still there: end its IDLE and use it.
+	waitFor(t, "the drain time to pass", func() (bool, string) {
+		return time.Since(away) > drain+time.Second, "waiting"
+	})
+	if strings.Contains(d.log(), "ending sessions on a drained backend") {
+		t.Errorf("sessions were ended on a backend Consul has as healthy")
+	}
+	if err := idle.send("DONE\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		l, err := idle.readLine()
+		if err != nil {
+			t.Fatalf("the session on %s after the outage: %v", last.id, err)
+		}
+		if strings.HasPrefix(l, "* BYE") {
+			t.Fatalf("the session on %s got %q", last.id, l)
+		}
+		if strings.HasPrefix(l, tag+" ") {
+			if !strings.HasPrefix(l, tag+" OK") {
+				t.Fatalf("IDLE ended with %q", l)
+			}
+			break
+		}
+	}
+}

@@ -127,7 +127,7 @@ func run(path string, cfg *config.Config) error {
 			ln.Close()
 			return err
 		}
-		admin = &http.Server{Handler: adminHandler(reg, srv, &listening, api), ReadHeaderTimeout: 10 * time.Second}
+		admin = newAdminServer(adminHandler(reg, srv, &listening, api))
 		d.adminAddr = ln.Addr().String()
 		log.Info("admin listening", "address", ln.Addr().String())
 		d.wg.Go(func() {
