@@ -166,6 +166,11 @@ enable_admin_commands no
 // startImapproxy runs bin/imapproxy with a generated config: static
 // backend blocks for bes, or the Consul agent when agent is set.
 func (b *bench) startImapproxy(ctx context.Context, label string, bes []*backend, agent *consultest.Agent) (*instance, error) {
+	return b.startImapproxyBin(ctx, b.bins.imapproxy, label, bes, agent)
+}
+
+// startImapproxyBin is startImapproxy with another build of it.
+func (b *bench) startImapproxyBin(ctx context.Context, bin, label string, bes []*backend, agent *consultest.Agent) (*instance, error) {
 	return launchRetry(ctx, "imapproxy "+label, func(attempt int) (*instance, error) {
 		port, err := freePort()
 		if err != nil {
@@ -198,7 +203,7 @@ func (b *bench) startImapproxy(ctx context.Context, label string, bes []*backend
 		if err := os.WriteFile(confPath, []byte(cfg.String()), 0o644); err != nil {
 			return nil, err
 		}
-		in, err := b.startGreeting("imapproxy "+label, strings.TrimSuffix(confPath, ".hcl")+".log", hostPort(port), b.bins.imapproxy, "-config", confPath)
+		in, err := b.startGreeting("imapproxy "+label, strings.TrimSuffix(confPath, ".hcl")+".log", hostPort(port), bin, "-config", confPath)
 		if err != nil {
 			return nil, err
 		}
