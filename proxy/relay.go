@@ -685,6 +685,7 @@ func (rl *relay) drainClient() endKind {
 	rl.mu.Lock()
 	idling := rl.idling
 	rl.idling = false
+	rl.armLocked(true) // the IDLE's answer is owed once DONE goes out
 	rl.mu.Unlock()
 	if idling {
 		rl.up.w.WriteString("DONE\r\n")
@@ -934,7 +935,7 @@ func (rl *relay) pump() {
 	}()
 	rl.mu.Lock()
 	rl.pumpErr = err
-	stopping, evicted := rl.stopping, rl.dirty == "evicted"
+	stopping, evicted := rl.stopping, rl.evictMsg.Load() != nil
 	rl.mu.Unlock()
 	if err != nil && !stopping && !evicted {
 		var ne net.Error
