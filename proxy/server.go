@@ -59,8 +59,12 @@ type Options struct {
 	// login as unavailable is skipped (10s).
 	DownTime time.Duration
 
-	MaxLineLength     int   // 64 KiB
-	MaxLiteralPreAuth int   // 8 KiB
+	MaxLineLength     int // 64 KiB
+	MaxLiteralPreAuth int // 8 KiB
+	// MaxCommandPreAuth bounds one whole command before login, its
+	// lines and literals together (40 KiB: RFC 2971's largest ID is
+	// about 31 KiB).
+	MaxCommandPreAuth int
 	MaxLiteral        int64 // 64 MiB, after login
 	MaxBadCommands    int   // 3
 
@@ -92,6 +96,7 @@ func (o *Options) maxLine() int                   { return orInt(o.MaxLineLength
 func (o *Options) backendDrain() time.Duration    { return orDur(o.BackendDrain, 30*time.Second) }
 func (o *Options) downTime() time.Duration        { return orDur(o.DownTime, 10*time.Second) }
 func (o *Options) maxLiteralPreAuth() int         { return orInt(o.MaxLiteralPreAuth, 8*1024) }
+func (o *Options) maxCommandPreAuth() int         { return orInt(o.MaxCommandPreAuth, 40*1024) }
 func (o *Options) maxBad() int                    { return orInt(o.MaxBadCommands, 3) }
 func (o *Options) maxLiteral() int64 {
 	if o.MaxLiteral > 0 {

@@ -199,6 +199,8 @@ func (sess *session) preAuth() (*relay, error) {
 	dec := &imapwire.Decoder{
 		R:          sess.r,
 		MaxLiteral: o.maxLiteralPreAuth(),
+		MaxCommand: o.maxCommandPreAuth(),
+		ArgLimit:   preAuthArgs,
 		Continue: func() error {
 			sess.writef("+ Ready for literal data\r\n")
 			return sess.flush()
@@ -218,6 +220,11 @@ func (sess *session) preAuth() (*relay, error) {
 		var se *imapwire.SyntaxError
 		switch {
 		case err == nil:
+		case errors.As(err, &se) && cmd.Name != "" && preAuthArgs(cmd.Name) < 0:
+			if err := sess.bad(cmd.Tag, "Command not valid before login"); err != nil {
+				return nil, err
+			}
+			continue
 		case errors.As(err, &se):
 			if err := sess.bad(cmd.Tag, "Error in IMAP command: "+se.Msg); err != nil {
 				return nil, err
@@ -245,6 +252,24 @@ func (sess *session) preAuth() (*relay, error) {
 			return nil, err
 		}
 	}
+}
+
+// preAuthArgs is the most tokens each command may have before login, so
+// that none can be stretched into a chain of pieces the proxy would hold:
+// LOGIN's two strings, AUTHENTICATE's mechanism and initial response,
+// ID's list of RFC 2971's 30 pairs in parentheses. A command the proxy
+// does not take before login gets -1: none, and it is refused whatever
+// it carries.
+func preAuthArgs(name string) int {
+	switch name {
+	case "CAPABILITY", "NOOP", "LOGOUT", "STARTTLS":
+		return 0
+	case "LOGIN", "AUTHENTICATE":
+		return 2
+	case "ID":
+		return 2*maxIDPairs + 2
+	}
+	return -1
 }
 
 func (sess *session) preAuthCommand(cmd *imapwire.Command) (*relay, error) {
