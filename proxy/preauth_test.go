@@ -113,3 +113,99 @@ func sockQueue(t *testing.T, c *net.TCPConn, req uintptr) int {
 	}
 	return int(n)
 }
+
+func TestPreAuthNet(t *testing.T) {
+	tests := []struct{ ip, want string }{
+		{"192.0.2.1", "192.0.2.1"},
+		{"::ffff:192.0.2.1", "192.0.2.1"},
+		{"2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"},
+		{"2001:db8:1:2:ffff::1", "2001:db8:1:2::/64"},
+		{"2001:db8:1:3::1", "2001:db8:1:3::/64"},
+		{"pipe", "pipe"},
+	}
+	for _, tt := range tests {
+		if got := preAuthNet(tt.ip); got != tt.want {
+			t.Errorf("preAuthNet(%q) = %q, want %q", tt.ip, got, tt.want)
+		}
+	}
+}
+
+// TestPreAuthPerIPDefault: with no limits configured, one address may
+// still not hold more than 100 connections that have not logged in; a
+// login makes room.
+func TestPreAuthPerIPDefault(t *testing.T) {
+	b := newFakeBackend(t)
+	p := startFakeProxy(t, b, nil)
+	var cs []*testClient
+	for range 100 {
+		c := dialClient(t, p.addr)
+		if strings.HasPrefix(c.Greeting, "* BYE") {
+			t.Fatalf("connection %d refused: %q", len(cs)+1, c.Greeting)
+		}
+		cs = append(cs, c)
+	}
+	c := dialClient(t, p.addr)
+	if c.Greeting != "* BYE [UNAVAILABLE] Too many connections, try again later" {
+		t.Fatalf("connection 101 greeted %q, want the BYE", c.Greeting)
+	}
+	if n := p.srv.Stats().Rejected; n != 1 {
+		t.Errorf("Rejected = %d, want 1", n)
+	}
+	cs[0].mustLogin("alice", "secret")
+	c = dialClient(t, p.addr)
+	if strings.HasPrefix(c.Greeting, "* BYE") {
+		t.Fatalf("no room after a login: %q", c.Greeting)
+	}
+}
+
+// stuckConn is a client whose socket takes no more bytes: a write blocks
+// until the test lets it go, whatever the deadline.
+type stuckConn struct {
+	net.Conn
+	writing chan struct{}
+	release chan struct{}
+}
+
+func (c *stuckConn) Write(p []byte) (int, error) {
+	close(c.writing)
+	<-c.release
+	return len(p), nil
+}
+
+// TestRefusalWrittenOutsideLock: the BYE to a connection over a limit is
+// written without the server lock, which every accept, login and session
+// end needs.
+func TestRefusalWrittenOutsideLock(t *testing.T) {
+	s := New(Options{MaxClients: 1})
+	a, b := net.Pipe()
+	defer b.Close()
+	first := s.newSession(a, TLSNone)
+	if first == nil {
+		t.Fatal("first connection refused")
+	}
+	defer s.endSession(first)
+	c1, c2 := net.Pipe()
+	defer c2.Close()
+	stuck := &stuckConn{Conn: c1, writing: make(chan struct{}), release: make(chan struct{})}
+	refused := make(chan *session)
+	go func() { refused <- s.newSession(stuck, TLSNone) }()
+	<-stuck.writing
+	stats := make(chan Stats)
+	go func() { stats <- s.Stats() }()
+	timer := time.NewTimer(5 * time.Second)
+	defer timer.Stop()
+	select {
+	case st := <-stats:
+		if st.Rejected != 1 {
+			t.Errorf("Rejected = %d, want 1", st.Rejected)
+		}
+		close(stuck.release)
+	case <-timer.C:
+		t.Error("the server lock is held while the BYE is written")
+		close(stuck.release)
+		<-stats
+	}
+	if sess := <-refused; sess != nil {
+		t.Error("second connection accepted over MaxClients 1")
+	}
+}

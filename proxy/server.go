@@ -12,6 +12,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"net"
+	"net/netip"
 	"os"
 	"strconv"
 	"sync"
@@ -71,9 +72,14 @@ type Options struct {
 	// Client limits; 0 means no limit. A connection over a limit gets
 	// "* BYE [UNAVAILABLE]" and is closed at once; a login over the
 	// per-user limit gets "NO [LIMIT]".
-	MaxClients         int // client connections in all
-	MaxClientsPerIP    int // client connections from one address
-	MaxPreAuth         int // connections not yet logged in
+	MaxClients      int // client connections in all
+	MaxClientsPerIP int // client connections from one address
+	MaxPreAuth      int // connections not yet logged in
+	// MaxPreAuthPerIP bounds the connections not yet logged in from one
+	// client address, an IPv6 one counted with its /64 (which one
+	// subscriber usually has whole). Unlike the others it is on by
+	// default (100); negative means no limit.
+	MaxPreAuthPerIP    int
 	MaxSessionsPerUser int // logged-in sessions of one user
 
 	// Metrics, if not nil, receive latencies and backend login results.
@@ -97,7 +103,13 @@ func (o *Options) backendDrain() time.Duration    { return orDur(o.BackendDrain,
 func (o *Options) downTime() time.Duration        { return orDur(o.DownTime, 10*time.Second) }
 func (o *Options) maxLiteralPreAuth() int         { return orInt(o.MaxLiteralPreAuth, 8*1024) }
 func (o *Options) maxCommandPreAuth() int         { return orInt(o.MaxCommandPreAuth, 40*1024) }
-func (o *Options) maxBad() int                    { return orInt(o.MaxBadCommands, 3) }
+func (o *Options) maxPreAuthPerIP() int {
+	if o.MaxPreAuthPerIP < 0 {
+		return 0
+	}
+	return orInt(o.MaxPreAuthPerIP, 100)
+}
+func (o *Options) maxBad() int { return orInt(o.MaxBadCommands, 3) }
 func (o *Options) maxLiteral() int64 {
 	if o.MaxLiteral > 0 {
 		return o.MaxLiteral
@@ -168,6 +180,7 @@ type Server struct {
 	perIP     map[string]int // client connections by address
 	perUser   map[string]int // logged-in sessions by user
 	preAuth   int            // connections not yet logged in
+	preAuthBy map[string]int // connections not yet logged in, by preAuthNet
 	drains    map[*time.Timer]struct{}
 	listeners map[net.Listener]*atomic.Pointer[ListenerOptions]
 	sessions  map[*session]struct{}
@@ -186,6 +199,7 @@ func New(opts Options) *Server {
 		drains:    map[*time.Timer]struct{}{},
 		perIP:     map[string]int{},
 		perUser:   map[string]int{},
+		preAuthBy: map[string]int{},
 	}
 	s.log = opts.Logger
 	if s.log == nil {
@@ -636,9 +650,10 @@ func isTemporary(err error) bool {
 
 func (s *Server) newSession(c net.Conn, tlsMode string) *session {
 	ip := remoteIP(c)
+	pnet := preAuthNet(ip)
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.shutdown {
+		s.mu.Unlock()
 		c.Close()
 		return nil
 	}
@@ -651,8 +666,14 @@ func (s *Server) newSession(c net.Conn, tlsMode string) *session {
 		over = "clients per address"
 	case o.MaxPreAuth > 0 && s.preAuth >= o.MaxPreAuth:
 		over = "connections not logged in"
+	case o.maxPreAuthPerIP() > 0 && s.preAuthBy[pnet] >= o.maxPreAuthPerIP():
+		over = "connections not logged in per address"
 	}
 	if over != "" {
+		s.mu.Unlock()
+		// Written after the lock is let go: a client that does not
+		// read would hold every other accept and login for the write
+		// deadline.
 		s.stats.rejected.Add(1)
 		s.log.Warn("connection refused: limit reached", "limit", over, "client", c.RemoteAddr().String())
 		// A fresh socket takes a short line without blocking; the
@@ -662,6 +683,7 @@ func (s *Server) newSession(c net.Conn, tlsMode string) *session {
 		c.Close()
 		return nil
 	}
+	defer s.mu.Unlock()
 	sess := &session{
 		srv:     s,
 		id:      strconv.FormatUint(s.nextID.Add(1), 36),
@@ -669,12 +691,42 @@ func (s *Server) newSession(c net.Conn, tlsMode string) *session {
 		raw:     c,
 		tlsMode: tlsMode,
 		ip:      ip,
+		preNet:  pnet,
 	}
 	s.sessions[sess] = struct{}{}
 	s.perIP[ip]++
 	s.preAuth++
+	s.preAuthBy[pnet]++
 	s.wg.Add(1)
 	return sess
+}
+
+// preAuthNet is what the per-address pre-login limit counts by: an IPv4
+// address, or the /64 of an IPv6 one, since a subscriber usually has a
+// whole /64 to pick addresses from.
+func preAuthNet(ip string) string {
+	a, err := netip.ParseAddr(ip)
+	if err != nil {
+		return ip
+	}
+	a = a.Unmap()
+	if a.Is4() {
+		return a.String()
+	}
+	p, err := a.Prefix(64)
+	if err != nil {
+		return ip
+	}
+	return p.String()
+}
+
+// leavePreAuthLocked takes a session out of the pre-login counts; the
+// caller holds s.mu.
+func (s *Server) leavePreAuthLocked(sess *session) {
+	s.preAuth--
+	if s.preAuthBy[sess.preNet]--; s.preAuthBy[sess.preNet] <= 0 {
+		delete(s.preAuthBy, sess.preNet)
+	}
 }
 
 func remoteIP(c net.Conn) string {
@@ -696,7 +748,7 @@ func (s *Server) loggedIn(sess *session, rl *relay, user string) bool {
 	}
 	s.perUser[user]++
 	if sess.user == "" {
-		s.preAuth--
+		s.leavePreAuthLocked(sess)
 	}
 	sess.user = user
 	// Under the lock StartTrace takes to match sessions by user: a trace
@@ -723,7 +775,7 @@ func (s *Server) endSession(sess *session) {
 		delete(s.perIP, sess.ip)
 	}
 	if sess.user == "" {
-		s.preAuth--
+		s.leavePreAuthLocked(sess)
 	} else {
 		s.leaveUserLocked(sess)
 	}

@@ -53,6 +53,7 @@ type session struct {
 
 	// Guarded by srv.mu: the counts this session is in.
 	ip       string
+	preNet   string // preAuthNet(ip)
 	user     string // set when logged in; until then the session counts as pre-auth
 	userLeft bool   // no longer in the user's count (see Server.leaveUser)
 }
