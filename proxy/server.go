@@ -69,6 +69,19 @@ type Options struct {
 	MaxLiteral        int64 // 64 MiB, after login
 	MaxBadCommands    int   // 3
 
+	// MaxUserLength and MaxPasswordLength bound the credentials of a
+	// login (256 and 4096 bytes); longer ones are refused before any
+	// backend sees them: Dovecot answers an over-long user name by
+	// dropping the connection.
+	MaxUserLength     int
+	MaxPasswordLength int
+	// MaxLoginFailures is how many failed logins a connection may have;
+	// the last is followed by BYE (3; negative: no limit).
+	MaxLoginFailures int
+	// LoginFailureDelay is waited before a failed login is answered, as
+	// Dovecot's auth_failure_delay (1s; negative: none).
+	LoginFailureDelay time.Duration
+
 	// Client limits; 0 means no limit. A connection over a limit gets
 	// "* BYE [UNAVAILABLE]" and is closed at once; a login over the
 	// per-user limit gets "NO [LIMIT]".
@@ -108,6 +121,20 @@ func (o *Options) maxPreAuthPerIP() int {
 		return 0
 	}
 	return orInt(o.MaxPreAuthPerIP, 100)
+}
+func (o *Options) maxUserLength() int     { return orInt(o.MaxUserLength, 256) }
+func (o *Options) maxPasswordLength() int { return orInt(o.MaxPasswordLength, 4096) }
+func (o *Options) maxLoginFailures() int {
+	if o.MaxLoginFailures < 0 {
+		return 0
+	}
+	return orInt(o.MaxLoginFailures, 3)
+}
+func (o *Options) loginFailureDelay() time.Duration {
+	if o.LoginFailureDelay < 0 {
+		return 0
+	}
+	return orDur(o.LoginFailureDelay, time.Second)
 }
 func (o *Options) maxBad() int { return orInt(o.MaxBadCommands, 3) }
 func (o *Options) maxLiteral() int64 {

@@ -45,6 +45,7 @@ type session struct {
 
 	tls      bool
 	nbad     int
+	nfail    int         // failed logins
 	idParams [][2][]byte // the client's ID, "x-" keys removed
 
 	draining atomic.Bool
@@ -169,6 +170,10 @@ func (sess *session) endWithError(err error) {
 		sess.writef("* BYE Too many invalid commands\r\n")
 		sess.flush()
 		sess.log.Info("too many invalid commands")
+	case errors.Is(err, errTooManyFailures):
+		sess.writef("* BYE Too many failed logins\r\n")
+		sess.flush()
+		sess.log.Info("too many failed logins")
 	case errors.Is(err, errLogout):
 	default:
 		sess.log.Debug("session ended", "error", err)
@@ -176,8 +181,9 @@ func (sess *session) endWithError(err error) {
 }
 
 var (
-	errTooManyBad = errors.New("too many invalid commands")
-	errLogout     = errors.New("logout")
+	errTooManyBad      = errors.New("too many invalid commands")
+	errTooManyFailures = errors.New("too many failed logins")
+	errLogout          = errors.New("logout")
 )
 
 // bad answers a command error and counts it; too many end the session.
@@ -275,7 +281,7 @@ func preAuthArgs(name string) int {
 
 func (sess *session) preAuthCommand(cmd *imapwire.Command) (*relay, error) {
 	o := sess.srv.options()
-	sess.log.Trace("command", "tag", cmd.Tag, "command", cmd.Name)
+	sess.log.Trace("command", "tag", clip(cmd.Tag), "command", clip(cmd.Name))
 	switch cmd.Name {
 	case "CAPABILITY":
 		if len(cmd.Args) != 0 {
@@ -552,7 +558,11 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	defer clear(cr.pass)
 	srv := sess.srv
 	user := string(cr.user)
-	log := withFields(sess.log, "user", user)
+	log := withFields(sess.log, "user", clip(user))
+	if answer := sess.checkCredentials(cr); answer != "" {
+		log.Info("login rejected: unacceptable credentials", "reason", answer)
+		return nil, sess.loginFailed(tag + " " + answer)
+	}
 	digest := srv.digest(cr)
 	set := srv.backends.Load()
 	if srv.userFull(user) {
@@ -668,6 +678,18 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			m.backendLogin(b.ID, "error")
 			up.abort()
 			srv.pool.Release()
+			if !isTimeout(err) {
+				// The backend greeted, so it is up: a connection
+				// it ends in answer to a login is about this
+				// login (Dovecot drops one whose user name it
+				// cannot take), and must not send every user of
+				// the backend elsewhere, nor this one.
+				srv.stats.failed.Add(1)
+				m.login("failed", start)
+				blog.Warn("login failed: backend ended the connection", "error", err)
+				return nil, true, sess.loginFailed(tag + " NO [UNAVAILABLE] IMAP server ended the connection during login")
+			}
+			// Greeting and not answering: the backend is sick.
 			srv.markDown(b.ID, fmt.Errorf("login: %w", err))
 			lastErr = err
 			return nil, false, nil
@@ -687,8 +709,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			m.backendLogin(b.ID, "refused")
 			m.login("refused", start)
 			blog.Info("login refused by backend", "status", res.status)
-			sess.writef("%s %s %s\r\n", tag, clientStatus(res.status), sanitizeText(res.text))
-			return nil, true, nil
+			return nil, true, sess.loginFailed(fmt.Sprintf("%s %s %s", tag, clientStatus(res.status), sanitizeText(res.text)))
 		}
 		m.backendLogin(b.ID, "ok")
 		return take(up, b, table, up.born, false, blog)
@@ -708,6 +729,50 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	log.Warn("login failed: no backend reachable", "error", lastErr)
 	sess.writef("%s NO [UNAVAILABLE] IMAP server unreachable, try again later\r\n", tag)
 	return nil, nil
+}
+
+// checkCredentials returns the answer to credentials that no backend
+// should see, "" for acceptable ones. NUL, CR and LF would change the
+// meaning of a SASL PLAIN message or a LOGIN line; over-long ones make
+// Dovecot drop the connection instead of answering.
+func (sess *session) checkCredentials(cr *credentials) string {
+	o := sess.srv.options()
+	switch {
+	case len(cr.user) > o.maxUserLength() || len(cr.authzid) > o.maxUserLength():
+		return fmt.Sprintf("NO [LIMIT] User name too long (at most %d bytes)", o.maxUserLength())
+	case len(cr.pass) > o.maxPasswordLength():
+		return fmt.Sprintf("NO [LIMIT] Password too long (at most %d bytes)", o.maxPasswordLength())
+	case bytes.ContainsAny(cr.user, "\x00\r\n") || bytes.ContainsAny(cr.authzid, "\x00\r\n"):
+		return "NO [AUTHENTICATIONFAILED] Invalid characters in user name"
+	case bytes.IndexByte(cr.pass, 0) >= 0:
+		return "NO [AUTHENTICATIONFAILED] Invalid characters in password"
+	}
+	return ""
+}
+
+// loginFailed answers a failed login (the tagged response in answer,
+// without CRLF) after LoginFailureDelay, and ends the session after
+// MaxLoginFailures of them: a client that guesses, or that sends what
+// makes a backend fail, gets few tries per connection and those slowly.
+func (sess *session) loginFailed(answer string) error {
+	o := sess.srv.options()
+	sess.nfail++
+	if d := o.loginFailureDelay(); d > 0 {
+		// Bounded by the delay; a drain or kill meanwhile finds the
+		// session at its next read.
+		t := time.NewTimer(d)
+		<-t.C
+	}
+	sess.writef("%s\r\n", answer)
+	if max := o.maxLoginFailures(); max > 0 && sess.nfail >= max {
+		return errTooManyFailures
+	}
+	return nil
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, errLoginTimeout) || errors.As(err, &ne) && ne.Timeout()
 }
 
 var (
