@@ -193,6 +193,7 @@ type Server struct {
 
 	nextID atomic.Uint64
 	stats  counters
+	events *eventLog // lines of events clients can repeat at will
 
 	setMu   sync.Mutex      // serialises SetBackends
 	drained map[string]bool // backend IDs drained by an operator; guarded by setMu
@@ -227,6 +228,7 @@ func New(opts Options) *Server {
 		perIP:     map[string]int{},
 		perUser:   map[string]int{},
 		preAuthBy: map[string]int{},
+		events:    newEventLog(eventInterval),
 	}
 	s.log = opts.Logger
 	if s.log == nil {
@@ -702,7 +704,7 @@ func (s *Server) newSession(c net.Conn, tlsMode string) *session {
 		// read would hold every other accept and login for the write
 		// deadline.
 		s.stats.rejected.Add(1)
-		s.log.Warn("connection refused: limit reached", "limit", over, "client", c.RemoteAddr().String())
+		s.events.log(s.log, hclog.Warn, "refused:"+over, "connection refused: limit reached", "limit", over, "client", c.RemoteAddr().String())
 		// A fresh socket takes a short line without blocking; the
 		// deadline is for the pathological case.
 		c.SetWriteDeadline(time.Now().Add(time.Second))
@@ -864,6 +866,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.pool.Close()
 	s.dropReserve()
 	s.stopTraces()
+	s.events.close()
 	return err
 }
 
@@ -894,6 +897,7 @@ func (s *Server) Close() {
 	s.mu.Unlock()
 	s.dropReserve()
 	s.stopTraces()
+	s.events.close()
 }
 
 func (s *Server) stopDrainsLocked() {

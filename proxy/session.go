@@ -169,11 +169,11 @@ func (sess *session) endWithError(err error) {
 	case errors.Is(err, errTooManyBad):
 		sess.writef("* BYE Too many invalid commands\r\n")
 		sess.flush()
-		sess.log.Info("too many invalid commands")
+		sess.srv.events.log(sess.log, hclog.Info, "too many invalid commands", "too many invalid commands")
 	case errors.Is(err, errTooManyFailures):
 		sess.writef("* BYE Too many failed logins\r\n")
 		sess.flush()
-		sess.log.Info("too many failed logins")
+		sess.srv.events.log(sess.log, hclog.Info, "too many failed logins", "too many failed logins")
 	case errors.Is(err, errLogout):
 	default:
 		sess.log.Debug("session ended", "error", err)
@@ -560,7 +560,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	user := string(cr.user)
 	log := withFields(sess.log, "user", clip(user))
 	if answer := sess.checkCredentials(cr); answer != "" {
-		log.Info("login rejected: unacceptable credentials", "reason", answer)
+		srv.events.log(log, hclog.Info, "login rejected", "login rejected: unacceptable credentials", "reason", answer)
 		return nil, sess.loginFailed(tag + " " + answer)
 	}
 	digest := srv.digest(cr)
@@ -578,7 +578,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	candidates := set.ring.Order(pinUser, order[:0])
 	if len(candidates) == 0 {
 		srv.stats.failed.Add(1)
-		log.Warn("login failed: no backend available")
+		srv.events.log(log, hclog.Warn, "no backend available", "login failed: no backend available")
 		sess.writef("%s NO [UNAVAILABLE] No IMAP server available, try again later\r\n", tag)
 		return nil, nil
 	}
@@ -639,13 +639,13 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 		blog := withFields(log, "backend", b.ID)
 		if c.ID != candidates[0].ID {
 			srv.stats.failovers.Add(1)
-			blog.Info("failing over to the next backend", "preferred", candidates[0].ID)
+			srv.events.log(blog, hclog.Info, "failover:"+candidates[0].ID, "failing over to the next backend", "preferred", candidates[0].ID)
 		}
 		if pc, born, ok := table.Get(ctx, cacheKey, digest); ok {
 			return take(pc.(*upstream), b, table, born, true, blog)
 		}
 		if err := srv.pool.Reserve(); err != nil {
-			blog.Warn("login failed: connection limit reached", "error", err)
+			srv.events.log(blog, hclog.Warn, "connection limit", "login failed: connection limit reached", "error", err)
 			sess.writef("%s NO [UNAVAILABLE] Too many connections, try again later\r\n", tag)
 			return nil, true, nil
 		}
@@ -686,7 +686,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 				// the backend elsewhere, nor this one.
 				srv.stats.failed.Add(1)
 				m.login("failed", start)
-				blog.Warn("login failed: backend ended the connection", "error", err)
+				srv.events.log(blog, hclog.Warn, "ended:"+b.ID, "login failed: backend ended the connection", "error", err)
 				return nil, true, sess.loginFailed(tag + " NO [UNAVAILABLE] IMAP server ended the connection during login")
 			}
 			// Greeting and not answering: the backend is sick.
@@ -708,7 +708,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			srv.stats.refused.Add(1)
 			m.backendLogin(b.ID, "refused")
 			m.login("refused", start)
-			blog.Info("login refused by backend", "status", res.status)
+			srv.events.log(blog, hclog.Info, "refused:"+b.ID, "login refused by backend", "status", res.status)
 			return nil, true, sess.loginFailed(fmt.Sprintf("%s %s %s", tag, clientStatus(res.status), sanitizeText(res.text)))
 		}
 		m.backendLogin(b.ID, "ok")
@@ -722,11 +722,11 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	srv.stats.failed.Add(1)
 	m.login("failed", start)
 	if refusal != nil {
-		log.Warn("login failed: every backend refused as unavailable")
+		srv.events.log(log, hclog.Warn, "every backend unavailable", "login failed: every backend refused as unavailable")
 		sess.writef("%s %s %s\r\n", tag, clientStatus(refusal.status), sanitizeText(refusal.text))
 		return nil, nil
 	}
-	log.Warn("login failed: no backend reachable", "error", lastErr)
+	srv.events.log(log, hclog.Warn, "no backend reachable", "login failed: no backend reachable", "error", lastErr)
 	sess.writef("%s NO [UNAVAILABLE] IMAP server unreachable, try again later\r\n", tag)
 	return nil, nil
 }
@@ -804,7 +804,7 @@ func (sess *session) adopt(rl *relay, user string) error {
 
 func (sess *session) userLimited(tag string, log hclog.Logger) (*relay, error) {
 	sess.srv.stats.userLimited.Add(1)
-	log.Warn("login refused: too many sessions for this user")
+	sess.srv.events.log(log, hclog.Warn, "user limit", "login refused: too many sessions for this user")
 	sess.writef("%s NO [LIMIT] Too many sessions for this user\r\n", tag)
 	return nil, nil
 }
