@@ -229,3 +229,61 @@ func TestHugeUserNameAgainstDovecot(t *testing.T) {
 	c := dialClient(t, p.addr)
 	c.mustLogin(u, dc1.PasswordOf(u))
 }
+
+// dialFrom connects to addr from the loopback address local.
+func dialFrom(t *testing.T, addr, local string) *testClient {
+	t.Helper()
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(local)}, Timeout: 5 * time.Second}
+	c, err := d.Dial("tcp", addr)
+	if err != nil {
+		t.Fatalf("dial %s from %s: %v", addr, local, err)
+	}
+	tc := newTestClient(t, c)
+	tc.Greeting = tc.readLine()
+	return tc
+}
+
+// TestCacheByClientAddress: on a listener with CacheByClientAddress a
+// connection cached by a login from one address is not handed to a login
+// from another, which goes to the backend (and its address checks); the
+// cached connections are still the user's for CloseUser. Other listeners
+// hand it to any address.
+func TestCacheByClientAddress(t *testing.T) {
+	b := newFakeBackend(t)
+	p := startFakeProxy(t, b, nil)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go p.srv.ServeListener(ln, ListenerOptions{TLS: TLSNone, CacheByClientAddress: true})
+	byAddr := ln.Addr().String()
+
+	cycle := func(addr, from string) bool {
+		t.Helper()
+		c := dialFrom(t, addr, from)
+		res := c.mustLogin("alice", "secret")
+		c.logout()
+		p.waitIdle(t)
+		return res.has("[XPROXYREUSE]")
+	}
+	cycle(p.addr, "127.0.0.1")
+	if !cycle(p.addr, "127.0.0.2") {
+		t.Fatal("plain listener: a login from another address did not reuse the cached connection")
+	}
+	logins := b.logins.Load()
+	if cycle(byAddr, "127.0.0.1") {
+		t.Fatal("by-address listener: reused a connection cached from a plain listener's login")
+	}
+	if cycle(byAddr, "127.0.0.3") {
+		t.Fatal("by-address listener: a login from another address reused the cached connection")
+	}
+	if !cycle(byAddr, "127.0.0.3") {
+		t.Fatal("by-address listener: a login from the same address did not reuse its cached connection")
+	}
+	if got := b.logins.Load() - logins; got != 2 {
+		t.Errorf("backend logins = %d, want 2 (one per address)", got)
+	}
+	if n := p.srv.Pool().Table("fake").CloseUser("alice"); n < 2 {
+		t.Errorf("CloseUser(alice) closed %d connections, want the ones of both addresses", n)
+	}
+}

@@ -473,13 +473,20 @@ func (s *Server) backendCaps() []string {
 
 // digest binds a credential to the process key. The password itself is
 // never kept: only this HMAC, compared in constant time by the pool.
-func (s *Server) digest(cr *credentials) pool.Digest {
+// A client address, when given, is bound in too: a cached connection is
+// then found only by logins from that address, while the pool still
+// files it under the user, where CloseUser and kicks find it.
+func (s *Server) digest(cr *credentials, addr string) pool.Digest {
 	m := hmac.New(sha256.New, s.key[:])
 	m.Write(cr.user)
 	m.Write([]byte{0})
 	m.Write(cr.authzid)
 	m.Write([]byte{0})
 	m.Write(cr.pass)
+	if addr != "" {
+		m.Write([]byte{0})
+		m.Write([]byte(addr))
+	}
 	var d pool.Digest
 	m.Sum(d[:0])
 	return d
@@ -501,6 +508,13 @@ type ListenerOptions struct {
 	// backend. A connection from them without a valid header is closed.
 	// Other peers are served as they are.
 	ProxyProtocolFrom proxyproto.Trusted
+	// CacheByClientAddress makes the client's address part of what a
+	// cached backend connection is found by, so that a login from
+	// another address is a real backend login, which the backend checks
+	// against its address rules (Dovecot allow_nets, auth policy). For
+	// listeners that face end users; behind a webmail every login comes
+	// from the webmail's address and this changes nothing.
+	CacheByClientAddress bool
 }
 
 // ServeListener is Serve with more to say about the listener.
@@ -556,13 +570,14 @@ func (s *Server) ServeListener(l net.Listener, lo ListenerOptions) error {
 		if lo.ProxyProtocolFrom.Contains(c.RemoteAddr()) {
 			// The header may be slow to come: read it off the
 			// accept loop.
-			go s.acceptProxied(c, tlsMode)
+			go s.acceptProxied(c, *lo)
 			continue
 		}
 		sess := s.newSession(c, tlsMode)
 		if sess == nil {
 			continue
 		}
+		sess.cacheByAddr = lo.CacheByClientAddress
 		go sess.serve()
 	}
 }
@@ -570,7 +585,7 @@ func (s *Server) ServeListener(l net.Listener, lo ListenerOptions) error {
 // acceptProxied reads the PROXY protocol header of a connection from a
 // trusted load balancer, then serves it as coming from the client the
 // header names.
-func (s *Server) acceptProxied(c net.Conn, tlsMode string) {
+func (s *Server) acceptProxied(c net.Conn, lo ListenerOptions) {
 	// Shutdown closes connections still waiting for their header.
 	s.mu.Lock()
 	if s.shutdown {
@@ -592,7 +607,8 @@ func (s *Server) acceptProxied(c net.Conn, tlsMode string) {
 		c.Close()
 		return
 	}
-	if sess := s.newSession(pc, tlsMode); sess != nil {
+	if sess := s.newSession(pc, lo.TLS); sess != nil {
+		sess.cacheByAddr = lo.CacheByClientAddress
 		sess.serve()
 	}
 }

@@ -43,10 +43,11 @@ type session struct {
 	// is bounded short. Guarded by wmu.
 	evicted bool
 
-	tls      bool
-	nbad     int
-	nfail    int         // failed logins
-	idParams [][2][]byte // the client's ID, "x-" keys removed
+	tls         bool
+	cacheByAddr bool // the client address is part of the cache key
+	nbad        int
+	nfail       int         // failed logins
+	idParams    [][2][]byte // the client's ID, "x-" keys removed
 
 	draining atomic.Bool
 	rl       atomic.Pointer[relay] // set while relaying
@@ -563,7 +564,11 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 		srv.events.log(log, hclog.Info, "login rejected", "login rejected: unacceptable credentials", "reason", answer)
 		return nil, sess.loginFailed(tag + " " + answer)
 	}
-	digest := srv.digest(cr)
+	var addr string
+	if sess.cacheByAddr {
+		addr = sess.ip
+	}
+	digest := srv.digest(cr, addr)
 	set := srv.backends.Load()
 	if srv.userFull(user) {
 		return sess.userLimited(tag, log)
