@@ -196,7 +196,7 @@ func (b *bench) startImapproxyBin(ctx context.Context, bin, label string, bes []
 		fmt.Fprintf(&cfg, "cache {\n  max_connections = %d\n}\n\n", proxyMaxConnections)
 		// The load generator is one address and 50 users holding
 		// thousands of sessions: lift the client limits.
-		fmt.Fprintf(&cfg, "limits {\n  max_clients = 0\n  max_preauth = 0\n  max_sessions_per_user = 0\n}\n\n")
+		fmt.Fprintf(&cfg, "limits {\n  max_clients = 0\n  max_preauth = 0\n  max_preauth_per_ip = 0\n  max_sessions_per_user = 0\n}\n\n")
 		fmt.Fprintf(&cfg, "admin {\n  address = %q\n}\n", hostPort(adminPort))
 		slug := strings.NewReplacer(" ", "-", "/", "-").Replace(label)
 		confPath := filepath.Join(b.work, fmt.Sprintf("imapproxy-%s-%d.hcl", slug, port))
