@@ -1,0 +1,81 @@
+package proxy
+
+// Attack tests from a hostile review of issue 12 (branch review). Each
+// test names the finding it demonstrates; a failing test is a defect.
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+
+	"github.com/imapproxy/imapproxy/internal/dovecottest"
+)
+
+// hiddenCommandBurst builds a client burst whose framing the proxy and
+// Dovecot read differently. The proxy sees
+//
+//	a STATUS ) {N+}  <N bytes of literal>  CRLF     (one command, tag a)
+//	h NOOP CRLF                                      (one command, tag h)
+//
+// Dovecot answers "a BAD Unexpected ')'" and, as after any parse error,
+// skips to the end of the line, not over the literal: the literal's bytes
+// are a command of their own, "h <hidden> {8+}", whose own literal swallows
+// the proxy's continuation CRLF and "h NOOP", so its line ends where the
+// proxy's NOOP ends. Two tagged answers (a, h) for two commands the proxy
+// tracks (a, h): nothing looks amiss to the relay, yet Dovecot ran a
+// command the proxy never saw (its text was literal data to the proxy and
+// never went through scan).
+func hiddenCommandBurst(hidden string) string {
+	lit := "h " + hidden + " {8+}\r\n"
+	return fmt.Sprintf("a STATUS ) {%d+}\r\n%s\r\nh NOOP\r\n", len(lit), lit)
+}
+
+// FINDING 1 (state leak into the next session through a cached
+// connection; framing desync): the noArgs rule of issue 12 item 4 covers
+// one way of making Dovecot run a literal's content as a command, but any
+// parse error ahead of a non-synchronising literal does the same. Here the
+// hidden command is "SEARCH MODSEQ 1 TEXT <literal>", which switches
+// CONDSTORE on implicitly; the proxy caches the connection and the user's
+// next session, a fresh login as far as the client knows, gets MODSEQ in
+// FETCH replies it never asked for.
+func TestAttackHiddenCommandAfterParseError(t *testing.T) {
+	t.Parallel()
+	dc := dovecottest.StartT(t, dovecottest.Options{Users: 1, Messages: 3})
+	user := dovecottest.UserName(1)
+	pass := dc.PasswordOf(user)
+	p := startProxy(t, []*dovecottest.Server{dc}, nil)
+
+	c := dialClient(t, p.addr)
+	c.mustLogin(user, pass)
+	if res := c.cmd("SELECT INBOX"); !res.ok() {
+		t.Fatalf("SELECT: %s", res)
+	}
+	// Control: without CONDSTORE, Dovecot's STORE reply has no MODSEQ.
+	if res := c.cmd(`STORE 2 +FLAGS (\Flagged)`); !res.ok() || res.has("MODSEQ") {
+		t.Fatalf("control STORE before the attack: %s", res)
+	}
+	c.send(hiddenCommandBurst("SEARCH MODSEQ 1 TEXT"))
+	a := c.readResponse("a")
+	if !strings.HasPrefix(a.Tagged, "a BAD") {
+		t.Fatalf("a: %s", a)
+	}
+	h := c.readResponse("h")
+	t.Logf("hidden command's answer, taken by the client for its NOOP's:\n%s", h)
+	c.logout()
+	p.waitIdle(t)
+
+	c = dialClient(t, p.addr)
+	res := c.mustLogin(user, pass)
+	if !res.has("[XPROXYREUSE]") {
+		t.Skip("connection not cached: the attack did not get through")
+	}
+	if res := c.cmd("SELECT INBOX"); !res.ok() {
+		t.Fatalf("SELECT: %s", res)
+	}
+	f := c.cmd(`STORE 1 +FLAGS (\Flagged)`)
+	t.Logf("next session's STORE:\n%s", f)
+	if f.has("MODSEQ") {
+		t.Errorf("a fresh-looking session on a cached connection has CONDSTORE on (left by the previous session's hidden command): %s", f)
+	}
+	c.logout()
+}
