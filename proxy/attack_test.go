@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
 )
@@ -78,4 +79,49 @@ func TestAttackHiddenCommandAfterParseError(t *testing.T) {
 		t.Errorf("a fresh-looking session on a cached connection has CONDSTORE on (left by the previous session's hidden command): %s", f)
 	}
 	c.logout()
+}
+
+// FINDING 2 (session breaks; client input taken for backend failure): the
+// relay accepts "]" in a tag (RFC 3501 allows it) but Dovecot does not: it
+// answers "* BAD Error in IMAP tag: Invalid tag", untagged, and skips the
+// line. The relay keeps the command in flight for ever, so the backend
+// "owes" an answer: after ResponseTimeout the session of a client that did
+// nothing wrong by the RFC, on a healthy backend, ends with
+// "* BYE [UNAVAILABLE] IMAP server not responding" and a WARN blaming the
+// backend. (With a {n+} literal on the same line, Dovecot also runs the
+// literal's content as commands: the variant of finding 1 that a fix
+// keyed on a tagged BAD would miss.)
+func TestAttackTagDovecotRejects(t *testing.T) {
+	t.Parallel()
+	dc := dovecottest.StartT(t, dovecottest.Options{Users: 1, Messages: 3})
+	user := dovecottest.UserName(1)
+	pass := dc.PasswordOf(user)
+	const respTimeout = time.Second
+	p := startProxy(t, []*dovecottest.Server{dc}, func(o *Options) { o.ResponseTimeout = respTimeout })
+
+	c := dialClient(t, p.addr)
+	c.mustLogin(user, pass)
+	c.send("a]b NOOP\r\nz NOOP\r\n")
+	res := c.readResponse("z")
+	t.Logf("answers:\n%s", res)
+	// Nothing is owed: for twice the response timeout the proxy should
+	// send nothing, and then still relay.
+	c.conn.SetReadDeadline(time.Now().Add(2 * respTimeout))
+	if l, err := c.r.ReadString('\n'); err == nil || !isTimeoutErr(err) {
+		t.Errorf("a session whose client used a tag Dovecot refuses, on a healthy backend: got %q (%v), want silence", l, err)
+	}
+	c.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if strings.Contains(p.logs.String(), "backend not responding") {
+		t.Errorf("the proxy blamed a healthy backend for the client's tag: %s", grepLog(p.logs.String(), "backend not responding"))
+	}
+}
+
+func grepLog(logs, sub string) string {
+	var out []string
+	for _, l := range strings.Split(logs, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }
