@@ -4,6 +4,7 @@ package proxy
 // test names the finding it demonstrates; a failing test is a defect.
 
 import (
+	"context"
 	"fmt"
 	"strings"
 	"testing"
@@ -124,4 +125,45 @@ func grepLog(logs, sub string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// FINDING 3 (resource pinned past a documented bound): Shutdown says it
+// "returns by ctx's deadline even when a backend hangs", and its Close
+// kills sessions by closing their client socket and relay upstream. A
+// session in the middle of a login owns an upstream the relay does not
+// have yet (dial, greeting, LOGIN, or the reuse check of a cached
+// connection): nothing closes it, and Shutdown waits for the login
+// timeout (30s by default) instead of its deadline.
+func TestAttackShutdownDuringLoginToHungBackend(t *testing.T) {
+	t.Parallel()
+	dc := dovecottest.StartT(t, dovecottest.Options{Users: 1, Messages: 1})
+	user := dovecottest.UserName(1)
+	pass := dc.PasswordOf(user)
+	const loginTimeout = 8 * time.Second
+	p := startProxy(t, []*dovecottest.Server{dc}, func(o *Options) { o.Dialer.LoginTimeout = loginTimeout })
+
+	if err := dc.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dc.Resume() })
+	c := dialClient(t, p.addr)
+	c.send("l LOGIN " + user + " " + pass + "\r\n")
+	// The session has taken its slot and dialled: it waits for a greeting
+	// that will not come.
+	deadline := time.Now().Add(5 * time.Second)
+	for p.srv.Pool().Stats().Open != 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("login never reached the backend: pool %+v", p.srv.Pool().Stats())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	start := time.Now()
+	p.srv.Shutdown(ctx)
+	took := time.Since(start)
+	t.Logf("Shutdown with a 1s deadline returned in %v", took)
+	if took > 2*time.Second {
+		t.Errorf("Shutdown with a 1s deadline took %v during a login to a hung backend (login timeout %v)", took, loginTimeout)
+	}
 }
