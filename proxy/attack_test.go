@@ -167,3 +167,48 @@ func TestAttackShutdownDuringLoginToHungBackend(t *testing.T) {
 		t.Errorf("Shutdown with a 1s deadline took %v during a login to a hung backend (login timeout %v)", took, loginTimeout)
 	}
 }
+
+// FINDING 4 (state leak into the next session: a selected mailbox; the
+// proxy's own cleanup answered by the client): the proxy's internal tags
+// are predictable (IMAPPROXY<n>, counted per connection: ID 1, LOGIN 2,
+// so the cleanup of a fresh connection is IMAPPROXY3), and the hidden
+// command of finding 1 may be left unfinished: its literal waits for
+// bytes that only the proxy's cleanup line brings. Dovecot then reads
+// "IMAPPROXY3 UNSELECT" as literal data, and the hidden command, tagged
+// IMAPPROXY3, completes with OK at the cleanup line's CRLF. The pump takes
+// that for the UNSELECT's answer, which "checks the belief" (OK, since a
+// mailbox was selected), and caches a connection that still has INBOX
+// selected: the next session can FETCH without SELECT.
+func TestAttackCleanupAnsweredByHiddenCommand(t *testing.T) {
+	t.Parallel()
+	dc := dovecottest.StartT(t, dovecottest.Options{Users: 1, Messages: 3})
+	user := dovecottest.UserName(1)
+	pass := dc.PasswordOf(user)
+	p := startProxy(t, []*dovecottest.Server{dc}, nil)
+
+	c := dialClient(t, p.addr)
+	if res := c.mustLogin(user, pass); res.has("[XPROXYREUSE]") {
+		t.Fatal("first login reused a connection")
+	}
+	if res := c.cmd("SELECT INBOX"); !res.ok() {
+		t.Fatalf("SELECT: %s", res)
+	}
+	const cleanup = "IMAPPROXY3 UNSELECT"
+	hidden := fmt.Sprintf("IMAPPROXY3 LIST \"\" {%d+}\r\n", len("\r\n"+cleanup))
+	c.send(fmt.Sprintf("a STATUS ) {%d+}\r\n%s\r\n", len(hidden), hidden))
+	if res := c.readResponse("a"); !strings.HasPrefix(res.Tagged, "a BAD") {
+		t.Fatalf("a: %s", res)
+	}
+	c.logout()
+	p.waitIdle(t)
+
+	c = dialClient(t, p.addr)
+	res := c.mustLogin(user, pass)
+	if !res.has("[XPROXYREUSE]") {
+		t.Skip("connection not cached: the attack did not get through")
+	}
+	if f := c.cmd("FETCH 1 (FLAGS)"); f.ok() {
+		t.Errorf("a fresh-looking session on a cached connection has INBOX selected: FETCH without SELECT: %s", f)
+	}
+	c.logout()
+}
