@@ -267,9 +267,11 @@ func cutAtom(p []byte) (atom, rest []byte) {
 	return p[:i], p[i:]
 }
 
-// IsTagChar reports whether c may appear in a tag (RFC 3501: ASTRING-CHAR
-// except "+").
-func IsTagChar(c byte) bool { return c == ']' || (isAtomChar(c) && c != '+') }
+// IsTagChar reports whether c may appear in a tag: an ATOM-CHAR other
+// than "+". RFC 3501 also allows "]", but Dovecot refuses a tag with it
+// (an untagged "* BAD Error in IMAP tag" that answers no command), and a
+// relay that passed one on would wait for an answer that never comes.
+func IsTagChar(c byte) bool { return isAtomChar(c) && c != '+' }
 
 // isAtomChar reports whether c is an ATOM-CHAR (RFC 3501).
 func isAtomChar(c byte) bool {

@@ -32,9 +32,10 @@ const (
 // not by tag: RFC 3501 lets a client reuse a tag, even while a command
 // with it is in flight.
 type pending struct {
-	tag  string
-	kind cmdKind
-	seq  uint64
+	tag     string
+	kind    cmdKind
+	seq     uint64
+	nonSync bool // carried a {n+} literal
 }
 
 // relay runs an authenticated session: the session goroutine copies
@@ -303,6 +304,9 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 		return 0, false
 	}
 	rl.scan(cmd, line)
+	if end, done := rl.awaitRoom(); done {
+		return end, true
+	}
 	sync := lit != nil && !lit.NonSync
 	if sync {
 		if end, done := rl.awaitTagFree(tag, 0); done {
@@ -310,7 +314,7 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 		}
 	}
 	rl.mu.Lock()
-	seq := rl.sendLocked(tag, kind, sync)
+	seq := rl.sendLocked(tag, kind, sync, lit != nil && lit.NonSync)
 	rl.mu.Unlock()
 	if err := rl.toUpstream(line, false); err != nil {
 		return rl.upstreamError(err), true
@@ -341,6 +345,11 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 			rl.litSeq = seq
 			rl.mu.Unlock()
 		}
+		if lit != nil && lit.NonSync {
+			rl.mu.Lock()
+			rl.markNonSyncLocked(seq)
+			rl.mu.Unlock()
+		}
 		if _, err := rl.up.w.Write(line); err != nil {
 			return rl.upstreamError(err), true
 		}
@@ -357,7 +366,7 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 // sendLocked notes a command about to go to the backend, whose answer is
 // owed from now on; with literal, its synchronising literal awaits "+".
 // The caller holds mu.
-func (rl *relay) sendLocked(tag string, kind cmdKind, literal bool) uint64 {
+func (rl *relay) sendLocked(tag string, kind cmdKind, literal, nonSync bool) uint64 {
 	for _, p := range rl.inflight {
 		if p.tag == tag {
 			// Which of the two a tagged answer ends is guesswork,
@@ -367,7 +376,7 @@ func (rl *relay) sendLocked(tag string, kind cmdKind, literal bool) uint64 {
 		}
 	}
 	rl.seq++
-	rl.inflight = append(rl.inflight, pending{tag: tag, kind: kind, seq: rl.seq})
+	rl.inflight = append(rl.inflight, pending{tag: tag, kind: kind, seq: rl.seq, nonSync: nonSync})
 	if kind == kindIdle {
 		rl.idling, rl.idleAcked = true, false
 	}
@@ -377,6 +386,50 @@ func (rl *relay) sendLocked(tag string, kind cmdKind, literal bool) uint64 {
 	}
 	rl.armLocked(true)
 	return rl.seq
+}
+
+// markNonSyncLocked notes that the command seq carries a {n+} literal
+// after all (in a later piece of its line).
+func (rl *relay) markNonSyncLocked(seq uint64) {
+	for i := range rl.inflight {
+		if rl.inflight[i].seq == seq {
+			rl.inflight[i].nonSync = true
+		}
+	}
+}
+
+// maxInFlight bounds the commands a client may have in flight: a client
+// that pipelines without reading answers would otherwise grow the list
+// (and the time to search it) without end, held back only by the
+// backend's pace. Webmails pipeline a handful.
+const maxInFlight = 1000
+
+// awaitRoom waits, when maxInFlight commands are in flight, until the
+// backend has answered one.
+func (rl *relay) awaitRoom() (end endKind, done bool) {
+	full := func() bool {
+		rl.mu.Lock()
+		defer rl.mu.Unlock()
+		return len(rl.inflight) >= maxInFlight
+	}
+	if !full() {
+		return 0, false
+	}
+	if err := rl.flushUp(); err != nil {
+		return rl.upstreamError(err), true
+	}
+	t := time.NewTimer(rl.sess.srv.options().responseTimeout())
+	defer t.Stop()
+	for full() {
+		select {
+		case <-rl.progress:
+		case <-rl.pumpDone:
+			return endPump, true
+		case <-t.C:
+			return rl.upstreamError(errors.New("no answer to pipelined commands")), true
+		}
+	}
+	return 0, false
 }
 
 // awaitTagFree waits, before a line announcing a synchronising literal
@@ -626,7 +679,7 @@ func (rl *relay) say(lines ...string) {
 
 func (rl *relay) clientError(err error) endKind {
 	var ne net.Error
-	if errors.As(err, &ne) && ne.Timeout() {
+	if rl.evictMsg.Load() != nil || errors.As(err, &ne) && ne.Timeout() {
 		if end, done := rl.interrupted(); done {
 			return end
 		}
@@ -702,7 +755,10 @@ func (rl *relay) drain() { rl.wake() }
 // that owes the backend nothing ends at its command boundary, and its
 // backend connection is logged out cleanly (an IDLE ended with DONE);
 // one waiting on the backend is cut off at once, since that backend may
-// be the reason for the eviction and never answer.
+// be the reason for the eviction and never answer. Either way the
+// session says its last words and ends on its own goroutine: an eviction
+// never waits on a client, so a drain of many sessions takes no longer
+// for the few whose clients do not read.
 func (rl *relay) evict(msg string) {
 	rl.setDirty("evicted")
 	rl.evictMsg.Store(&msg)
@@ -711,10 +767,10 @@ func (rl *relay) evict(msg string) {
 	rl.mu.Unlock()
 	if owed {
 		// The backend first: a pump stuck reading a stalled backend
-		// holds the client writer, and must let go of it.
+		// holds the client writer, and must let go of it. Then any
+		// read of the client's, even mid-command: the session ends.
 		rl.up.abort()
-		rl.sayLast(msg)
-		rl.sess.raw.Close()
+		rl.sess.raw.SetReadDeadline(time.Now())
 		return
 	}
 	rl.wake()
@@ -852,6 +908,11 @@ func (rl *relay) cleanAndPut(selected bool) {
 		// this session must no longer find it.
 		rl.sess.rl.Store(nil)
 		rl.table.Put(rl.user, rl.digest, rl.up, rl.born)
+		if rl.sess.srv.kickedSince(rl.user, rl.born) {
+			// A kick that came between the check above and the Put
+			// found neither this session nor the cached connection.
+			rl.table.CloseUser(rl.user)
+		}
 		return
 	case broken:
 		rl.up.abort()
@@ -990,7 +1051,12 @@ func (rl *relay) pumpLoop() error {
 				if !more {
 					line = filterCaps(line)
 				}
-			case hasPrefixFold(l, "* NO"), hasPrefixFold(l, "* BAD"), hasPrefixFold(l, "* PREAUTH"):
+			case hasPrefixFold(l, "* BAD"):
+				// A command line the backend could not even place: what
+				// it then ran, and what it answers, is guesswork.
+				rl.setDirty("untagged BAD")
+				text = true
+			case hasPrefixFold(l, "* NO"), hasPrefixFold(l, "* PREAUTH"):
 				text = true
 			}
 		default:
@@ -1110,6 +1176,12 @@ func (rl *relay) tagged(line []byte) (forward, stop bool) {
 	select {
 	case rl.progress <- struct{}{}:
 	default:
+	}
+	if status == "BAD" && p.nonSync {
+		// A command refused before its {n+} literal was read as one:
+		// Dovecot skips to the end of the line it failed on and runs
+		// the literal's bytes as commands the relay never saw.
+		rl.dirtyLocked("BAD to a command with a non-synchronising literal")
 	}
 	switch p.kind {
 	case kindSelect:

@@ -8,6 +8,7 @@ import (
 	"io"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -437,5 +438,77 @@ func TestEvictLogsOut(t *testing.T) {
 	p.waitIdle(t)
 	if got := b.logouts.Load(); got != before+1 {
 		t.Errorf("backend logouts %d -> %d: the evicted connection was dropped, not logged out", before, got)
+	}
+}
+
+// TestInternalTagsUnguessable: the tags of the proxy's own commands carry
+// a secret drawn per connection, so that a command a client smuggled past
+// the relay cannot answer in their name.
+func TestInternalTagsUnguessable(t *testing.T) {
+	a := &upstream{tagPrefix: newTagPrefix()}
+	b := &upstream{tagPrefix: newTagPrefix()}
+	ta, tb := a.nextTag(), b.nextTag()
+	if ta == tb || len(ta) < len("IMAPPROXY")+16 {
+		t.Fatalf("tags %q and %q: want a secret of 16 hex digits each, different", ta, tb)
+	}
+	if a.nextTag() == ta {
+		t.Fatal("a connection repeats its tag")
+	}
+}
+
+// TestPipelineFlood: a client that pipelines far more commands than may
+// be in flight, to a backend that has not answered yet, gets every
+// answer in order; the relay holds back at maxInFlight instead of
+// growing its list without end.
+func TestPipelineFlood(t *testing.T) {
+	b := newFakeBackend(t)
+	release := make(chan struct{})
+	var once sync.Once
+	b.hook = func(c *fakeConn, tag, cmd, _ string) bool {
+		if tag == "f0" {
+			<-release
+		}
+		return false
+	}
+	p := startFakeProxy(t, b, nil)
+	// Runs before the proxy's and the backend's cleanup, which would wait
+	// for the held command.
+	t.Cleanup(func() { once.Do(func() { close(release) }) })
+	c := dialClient(t, p.addr)
+	c.mustLogin("alice", "secret")
+	const n = 3 * maxInFlight
+	var burst strings.Builder
+	for i := 0; i < n; i++ {
+		fmt.Fprintf(&burst, "f%d NOOP\r\n", i)
+	}
+	go c.conn.Write([]byte(burst.String()))
+	inflight := func() int {
+		p.srv.mu.Lock()
+		defer p.srv.mu.Unlock()
+		for sess := range p.srv.sessions {
+			if rl := sess.rl.Load(); rl != nil {
+				rl.mu.Lock()
+				defer rl.mu.Unlock()
+				return len(rl.inflight)
+			}
+		}
+		return 0
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for inflight() < maxInFlight && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	// Had the relay not held back, it would go on past the bound.
+	for range 50 {
+		if got := inflight(); got != maxInFlight {
+			t.Fatalf("%d commands in flight, want the bound %d", got, maxInFlight)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	once.Do(func() { close(release) })
+	for i := 0; i < n; i++ {
+		if l := c.readLine(); l != fmt.Sprintf("f%d OK NOOP done", i) {
+			t.Fatalf("answer %d: %q", i, l)
+		}
 	}
 }

@@ -219,6 +219,11 @@ type Server struct {
 
 	nextID atomic.Uint64
 	stats  counters
+
+	// ctx is cancelled by Close: logins under way toward backends end
+	// with it, as sessions do.
+	ctx    context.Context
+	cancel context.CancelFunc
 	events *eventLog // lines of events clients can repeat at will
 
 	setMu   sync.Mutex      // serialises SetBackends
@@ -278,6 +283,7 @@ func New(opts Options) *Server {
 		byID:   map[string]Backend{},
 		health: map[string]*health{},
 	})
+	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s
 }
 
@@ -955,6 +961,7 @@ func (s *Server) dropReserve() {
 
 // Close ends every session at once.
 func (s *Server) Close() {
+	s.cancel()
 	s.mu.Lock()
 	s.shutdown = true
 	s.stopDrainsLocked()

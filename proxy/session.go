@@ -637,7 +637,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	attempt := func(c balancer.Backend) (rl *relay, done bool, err error) {
 		// Each backend gets the whole login timeout: one that hangs
 		// must not leave none for the user's next backend.
-		ctx, cancel := context.WithTimeout(context.Background(), srv.dialer().loginTimeout())
+		ctx, cancel := context.WithTimeout(srv.ctx, srv.dialer().loginTimeout())
 		defer cancel()
 		b := set.byID[c.ID]
 		table := srv.pool.Table(b.ID)
@@ -678,7 +678,13 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 		if srv.dialer().ForwardID {
 			id = sess.backendID()
 		}
+		// Close (the end of a shutdown's grace) cuts a login that
+		// waits on a hung backend, as it cuts sessions.
+		stop := context.AfterFunc(srv.ctx, up.abort)
 		res, err := up.login(srv.dialer(), cr, id)
+		if !stop() && err == nil {
+			err = srv.ctx.Err()
+		}
 		if err != nil {
 			m.backendLogin(b.ID, "error")
 			up.abort()
@@ -770,10 +776,14 @@ func (sess *session) loginFailed(answer string) error {
 	o := sess.srv.options()
 	sess.nfail++
 	if d := o.loginFailureDelay(); d > 0 {
-		// Bounded by the delay; a drain or kill meanwhile finds the
-		// session at its next read.
+		// Bounded by the delay, and cut by Close; a drain meanwhile
+		// finds the session at its next read.
 		t := time.NewTimer(d)
-		<-t.C
+		select {
+		case <-t.C:
+		case <-sess.srv.ctx.Done():
+			t.Stop()
+		}
 	}
 	sess.writef("%s\r\n", answer)
 	if max := o.maxLoginFailures(); max > 0 && sess.nfail >= max {

@@ -3,8 +3,10 @@ package proxy
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/tls"
 	"encoding/base64"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -54,6 +56,7 @@ type upstream struct {
 	born     time.Time
 
 	tags       atomic.Uint64
+	tagPrefix  string // see nextTag
 	checkLimit time.Duration
 	// writeTimeout, once a session relays on the connection, bounds each
 	// write to the backend (see upDst); before, the login's deadline does.
@@ -74,11 +77,21 @@ func (d upDst) Write(p []byte) (int, error) {
 	return d.u.conn.Write(p)
 }
 
-// nextTag returns a tag for the proxy's own commands. They are only ever
-// sent when no client command is outstanding, so a client that happens to
-// use the same tag cannot be confused with them.
+// nextTag returns a tag for the proxy's own commands. They are sent only
+// when no client command is outstanding, and they begin with a secret
+// drawn for the connection: a client that made the backend run a command
+// the relay never saw (there are ways, see relay.tagged) cannot have it
+// answer with the proxy's tag, and so cannot forge the answer to the
+// clean-up that decides whether the connection is cached.
 func (u *upstream) nextTag() string {
-	return "IMAPPROXY" + strconv.FormatUint(u.tags.Add(1), 10)
+	return u.tagPrefix + strconv.FormatUint(u.tags.Add(1), 10)
+}
+
+// newTagPrefix draws the secret part of a connection's own tags.
+func newTagPrefix() string {
+	var b [8]byte
+	rand.Read(b[:])
+	return "IMAPPROXY" + hex.EncodeToString(b[:]) + "."
 }
 
 // Dialer opens and logs in upstream connections.
@@ -142,7 +155,11 @@ func (d *Dialer) dialOnce(ctx context.Context, b Backend) (*upstream, error) {
 	if tc, ok := c.(*net.TCPConn); ok {
 		tc.SetNoDelay(true)
 	}
-	u := &upstream{backend: b.ID, conn: c, raw: c, checkLimit: d.checkTimeout()}
+	u := &upstream{backend: b.ID, conn: c, raw: c, checkLimit: d.checkTimeout(), tagPrefix: newTagPrefix()}
+	// The greeting and TLS have a deadline; ctx's end (Close) cuts them
+	// too.
+	stop := context.AfterFunc(ctx, func() { c.Close() })
+	defer stop()
 	c.SetDeadline(time.Now().Add(d.loginTimeout()))
 	mode := b.TLS
 	if mode == "" {
@@ -484,7 +501,12 @@ func (u *upstream) Check(ctx context.Context) error {
 	u.conn.SetDeadline(deadline)
 	defer u.conn.SetDeadline(time.Time{})
 	u.writeTimeout = time.Until(deadline)
-	return u.roundTrip("NOOP")
+	stop := context.AfterFunc(ctx, u.abort)
+	err := u.roundTrip("NOOP")
+	if !stop() && err == nil {
+		err = ctx.Err()
+	}
+	return err
 }
 
 // roundTrip sends one command of the proxy's own and requires its tagged
