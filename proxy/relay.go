@@ -1012,12 +1012,13 @@ func (rl *relay) pumpLoop() error {
 // armLocked keeps a read deadline on the backend while it owes an answer:
 // a command is in flight, other than an IDLE it has acknowledged. The
 // deadline moves with every sign of progress (fresh, or at most once a
-// second otherwise), so a long answer that keeps flowing is never cut,
-// and a backend that stops mid-answer (a stopped process, an NFS stall, a
-// black-holed route) cannot hold the session, its client and its slot for
-// ever. A backend that owes nothing may stay silent: a session in IDLE
-// waits as long as its client does. The caller holds mu: the deadline
-// always matches what is in flight, whichever goroutine changed that.
+// second or a quarter of the timeout otherwise), so a long answer that
+// keeps flowing is never cut, and a backend that stops mid-answer (a
+// stopped process, an NFS stall, a black-holed route) cannot hold the
+// session, its client and its slot for ever. A backend that owes nothing
+// may stay silent: a session in IDLE waits as long as its client does.
+// The caller holds mu: the deadline always matches what is in flight,
+// whichever goroutine changed that.
 func (rl *relay) armLocked(fresh bool) {
 	if rl.stopping {
 		// The proxy's own last command has its deadline.
@@ -1031,11 +1032,15 @@ func (rl *relay) armLocked(fresh bool) {
 		return
 	}
 	now := time.Now()
-	if !fresh && rl.armedAt != 0 && now.UnixNano()-rl.armedAt < int64(time.Second) {
+	timeout := rl.sess.srv.options().responseTimeout()
+	// Moving the deadline costs a syscall, so progress moves it at most
+	// once a second; but always several times per timeout, or a short
+	// timeout would cut an answer that keeps flowing.
+	if every := min(time.Second, timeout/4); !fresh && rl.armedAt != 0 && now.UnixNano()-rl.armedAt < int64(every) {
 		return
 	}
 	rl.armedAt = now.UnixNano()
-	rl.up.conn.SetReadDeadline(now.Add(rl.sess.srv.options().responseTimeout()))
+	rl.up.conn.SetReadDeadline(now.Add(timeout))
 }
 
 // owedLocked reports whether the backend owes an answer: a command is in

@@ -1,0 +1,498 @@
+package proxy
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/internal/faultnet"
+)
+
+// Short timeouts, so that every hang below is answered in about a second.
+const (
+	faultDial     = time.Second
+	faultLogin    = time.Second
+	faultCheck    = time.Second
+	faultResponse = time.Second
+	faultWrite    = time.Second
+	faultLiteral  = time.Second
+	// faultSlack is what a loaded CI machine may add to a bound before
+	// the answer counts as missing.
+	faultSlack = 3 * time.Second
+)
+
+func faultOptions(o *Options) {
+	o.Dialer = &Dialer{ForwardID: true, Timeout: faultDial, LoginTimeout: faultLogin, CheckTimeout: faultCheck}
+	o.ResponseTimeout = faultResponse
+	o.WriteTimeout = faultWrite
+	o.LiteralTimeout = faultLiteral
+	o.LogoutWait = time.Second
+}
+
+// faultEnv is one case of the hang matrix: a real Dovecot, a faultnet
+// Proxy in front of it, and an imapproxy in front of that.
+type faultEnv struct {
+	t       *testing.T
+	dc      *dovecottest.Server
+	fn      *faultnet.Proxy
+	p       *testProxy
+	clients []*testClient
+}
+
+func newFaultEnv(t *testing.T, dc *dovecottest.Server, mod func(*Options)) *faultEnv {
+	fn := faultnet.ListenT(t, dc.Addr)
+	// The probe of capabilities goes through before any fault.
+	p := startServer(t, []Backend{{ID: "faulty", Addr: fn.Addr(), Weight: 1}}, true, func(o *Options) {
+		faultOptions(o)
+		if mod != nil {
+			mod(o)
+		}
+	})
+	t.Cleanup(func() {
+		// A case that stops Dovecot must not leave it stopped for the next.
+		if err := dc.Resume(); err != nil {
+			t.Errorf("resume dovecot: %v", err)
+		}
+	})
+	return &faultEnv{t: t, dc: dc, fn: fn, p: p}
+}
+
+// dial connects a client that settled closes.
+func (e *faultEnv) dial() *testClient {
+	e.t.Helper()
+	c := dialClient(e.t, e.p.addr)
+	e.clients = append(e.clients, c)
+	return c
+}
+
+func (e *faultEnv) login(user string) *testClient {
+	e.t.Helper()
+	c := e.dial()
+	c.mustLogin(user, e.dc.PasswordOf(user))
+	return c
+}
+
+// answer is what a client got for a command that met a fault: its last
+// lines, and how long after the command they came.
+type answer struct {
+	lines []string // the last few, without CRLF
+	eof   bool     // the proxy closed the connection
+	took  time.Duration
+}
+
+func (a answer) has(s string) bool {
+	for _, l := range a.lines {
+		if strings.Contains(l, s) {
+			return true
+		}
+	}
+	return false
+}
+
+func (a answer) String() string {
+	return fmt.Sprintf("after %v (eof %v): %q", a.took.Round(time.Millisecond), a.eof, a.lines)
+}
+
+// send writes "tag command" and waits, up to bound plus slack, for the
+// tagged reply or the end of the connection, whatever comes between
+// (a literal cut short included).
+func (e *faultEnv) send(c *testClient, tag, command string, bound time.Duration) answer {
+	e.t.Helper()
+	start := time.Now()
+	c.send(tag + " " + command + "\r\n")
+	return e.await(c, tag, start, bound)
+}
+
+func (e *faultEnv) await(c *testClient, tag string, start time.Time, bound time.Duration) answer {
+	e.t.Helper()
+	c.conn.SetReadDeadline(start.Add(bound + faultSlack))
+	var a answer
+	for {
+		l, err := c.r.ReadString('\n')
+		if l != "" {
+			a.lines = append(a.lines, strings.TrimRight(l, "\r\n"))
+			if len(a.lines) > 4 {
+				a.lines = a.lines[1:]
+			}
+		}
+		if err == io.EOF {
+			a.eof, a.took = true, time.Since(start)
+			return a
+		}
+		if err != nil {
+			e.t.Fatalf("no answer to %s within %v (bound %v): %v; last lines %q", tag, bound+faultSlack, bound, err, a.lines)
+		}
+		if strings.HasPrefix(l, tag+" ") {
+			a.took = time.Since(start)
+			return a
+		}
+	}
+}
+
+// settled waits until nothing of the case is left pinned: no session, no
+// upstream connection but the cached ones, no connection through the
+// faultnet Proxy but theirs. Then, with every fault lifted, a new login
+// works, so the slots came back.
+func (e *faultEnv) settled(user string) {
+	e.t.Helper()
+	for _, c := range e.clients {
+		c.conn.Close()
+	}
+	var st Stats
+	var ps = e.p.srv.Pool().Stats()
+	var conns int
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		st, ps, conns = e.p.srv.Stats(), e.p.srv.Pool().Stats(), e.fn.Conns()
+		if st.Sessions == 0 && ps.Open == ps.Cached && conns == ps.Cached {
+			break
+		}
+		if time.Now().After(deadline) {
+			e.t.Fatalf("pinned after the session ended: %d sessions, %d upstream connections open, %d cached, %d through faultnet",
+				st.Sessions, ps.Open, ps.Cached, conns)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	e.fn.Resume(faultnet.Up)
+	e.fn.Resume(faultnet.Down)
+	e.fn.BlackHole(false)
+	if err := e.dc.Resume(); err != nil {
+		e.t.Fatal(err)
+	}
+	c := e.login(user)
+	if res := c.cmd("NOOP"); !res.ok() {
+		e.t.Fatalf("NOOP after the fault: %s", res)
+	}
+	c.logout()
+	e.p.waitIdle(e.t)
+}
+
+// TestHangMatrix puts a real Dovecot behind a fault injector and makes
+// it hang, or stops it (SIGSTOP), at each point where the proxy waits on
+// it: the client must get a clear answer within the configured timeout,
+// and nothing may stay pinned (sessions, sockets, connection slots).
+func TestHangMatrix(t *testing.T) {
+	dc := dovecottest.StartT(t, dovecottest.Options{
+		Name: "faulty", Users: 2, Messages: 3, BigMessages: 1,
+		Large: dovecottest.Large{Recipients: 4000},
+	})
+	user := dovecottest.UserName(1)
+	unreachable := "NO [UNAVAILABLE] IMAP server unreachable"
+	notResponding := "* BYE [UNAVAILABLE] IMAP server not responding"
+
+	cases := []struct {
+		name string
+		// bound is the documented time to the answer, from the
+		// configured timeouts.
+		bound time.Duration
+		// run applies the fault, sends the command that meets it and
+		// returns the answer, which must hold want.
+		run  func(e *faultEnv, bound time.Duration) answer
+		want string
+		mod  func(*Options) // on top of faultOptions
+	}{
+		{
+			name: "dial to a black hole", bound: faultLogin, want: unreachable,
+			run: func(e *faultEnv, bound time.Duration) answer {
+				e.fn.BlackHole(true)
+				c := e.dial()
+				return e.send(c, "a", fmt.Sprintf("LOGIN %s %s", user, e.dc.PasswordOf(user)), bound)
+			},
+		},
+		{
+			name: "greeting held", bound: faultLogin, want: unreachable,
+			run: func(e *faultEnv, bound time.Duration) answer {
+				e.fn.Pause(faultnet.Down)
+				c := e.dial()
+				return e.send(c, "a", fmt.Sprintf("LOGIN %s %s", user, e.dc.PasswordOf(user)), bound)
+			},
+		},
+		{
+			name: "greeting from a stopped Dovecot", bound: faultLogin, want: unreachable,
+			run: func(e *faultEnv, bound time.Duration) answer {
+				if err := e.dc.Pause(); err != nil {
+					e.t.Fatal(err)
+				}
+				c := e.dial()
+				return e.send(c, "a", fmt.Sprintf("LOGIN %s %s", user, e.dc.PasswordOf(user)), bound)
+			},
+		},
+		{
+			name: "AUTHENTICATE held", bound: faultLogin, want: unreachable,
+			run: func(e *faultEnv, bound time.Duration) answer {
+				hit := e.fn.PauseOn(faultnet.Up, []byte("AUTHENTICATE PLAIN"))
+				c := e.dial()
+				a := e.send(c, "a", fmt.Sprintf("LOGIN %s %s", user, e.dc.PasswordOf(user)), bound)
+				mustHit(e.t, hit, "AUTHENTICATE")
+				return a
+			},
+		},
+		{
+			name: "login answers held after the greeting", bound: faultLogin, want: unreachable,
+			run: func(e *faultEnv, bound time.Duration) answer {
+				hit := e.fn.PauseOn(faultnet.Down, []byte("\r\n"))
+				c := e.dial()
+				a := e.send(c, "a", fmt.Sprintf("LOGIN %s %s", user, e.dc.PasswordOf(user)), bound)
+				mustHit(e.t, hit, "the greeting")
+				return a
+			},
+		},
+		{
+			// The check of the cached connection (NOOP) and its close
+			// (LOGOUT) each wait up to the check timeout; then the
+			// login goes on with a fresh connection.
+			// The login timeout covers the check and the close too, so
+			// it must leave time for the fresh connection.
+			name: "reuse check held", bound: 2 * faultCheck, want: "a OK",
+			mod: func(o *Options) { o.Dialer.LoginTimeout = 2*faultCheck + faultLogin },
+			run: func(e *faultEnv, bound time.Duration) answer {
+				e.login(user).logout()
+				e.p.waitCached(e.t, 1)
+				accepted := e.fn.Accepted()
+				e.fn.Pause(faultnet.Down)
+				c := e.dial()
+				start := time.Now()
+				c.send(fmt.Sprintf("a LOGIN %s %s\r\n", user, e.dc.PasswordOf(user)))
+				// The fresh connection gets its greeting.
+				waitUntil(e.t, bound+faultSlack, "a fresh connection after the failed check", func() bool { return e.fn.Accepted() > accepted })
+				e.fn.Resume(faultnet.Down)
+				a := e.await(c, "a", start, bound)
+				if a.has("XPROXYREUSE") {
+					e.t.Errorf("login served by the connection that failed its check: %v", a)
+				}
+				c.logout()
+				return a
+			},
+		},
+		{
+			name: "reuse check of a stopped Dovecot", bound: 2*faultCheck + faultLogin, want: unreachable,
+			run: func(e *faultEnv, bound time.Duration) answer {
+				e.login(user).logout()
+				e.p.waitCached(e.t, 1)
+				if err := e.dc.Pause(); err != nil {
+					e.t.Fatal(err)
+				}
+				c := e.dial()
+				return e.send(c, "a", fmt.Sprintf("LOGIN %s %s", user, e.dc.PasswordOf(user)), bound)
+			},
+		},
+		{
+			name: "cleanup at logout held", bound: faultCheck, want: "x OK LOGOUT",
+			run: func(e *faultEnv, bound time.Duration) answer {
+				c := e.login(user)
+				if res := c.cmd("SELECT INBOX"); !res.ok() {
+					e.t.Fatalf("SELECT: %s", res)
+				}
+				hit := e.fn.PauseOn(faultnet.Up, []byte("UNSELECT"))
+				a := e.send(c, "x", "LOGOUT", bound)
+				mustHit(e.t, hit, "UNSELECT")
+				return a
+			},
+		},
+		{
+			name: "logout to a stopped Dovecot", bound: faultCheck, want: "x OK LOGOUT",
+			run: func(e *faultEnv, bound time.Duration) answer {
+				c := e.login(user)
+				if res := c.cmd("SELECT INBOX"); !res.ok() {
+					e.t.Fatalf("SELECT: %s", res)
+				}
+				if err := e.dc.Pause(); err != nil {
+					e.t.Fatal(err)
+				}
+				return e.send(c, "x", "LOGOUT", bound)
+			},
+		},
+		{
+			name: "command to a stopped Dovecot", bound: faultResponse, want: notResponding,
+			run: func(e *faultEnv, bound time.Duration) answer {
+				c := e.login(user)
+				if res := c.cmd("SELECT INBOX"); !res.ok() {
+					e.t.Fatalf("SELECT: %s", res)
+				}
+				if err := e.dc.Pause(); err != nil {
+					e.t.Fatal(err)
+				}
+				return e.send(c, "f", "FETCH 1:* (FLAGS)", bound)
+			},
+		},
+		{
+			name: "mid-literal toward the client", bound: faultResponse, want: notResponding,
+			run: func(e *faultEnv, bound time.Duration) answer {
+				c := e.login(user)
+				if res := c.cmd("SELECT Big"); !res.ok() {
+					e.t.Fatalf("SELECT: %s", res)
+				}
+				// A line of the body, well inside the literal.
+				hit := e.fn.PauseOn(faultnet.Down, []byte("XYZ+/0123456789ab\r\n0123"))
+				a := e.send(c, "f", "FETCH 1 BODY[]", bound)
+				mustHit(e.t, hit, "the literal")
+				return a
+			},
+		},
+		{
+			name: "reset mid-literal", bound: 0, want: "* BYE Connection to IMAP server lost",
+			run: func(e *faultEnv, bound time.Duration) answer {
+				c := e.login(user)
+				if res := c.cmd("SELECT Big"); !res.ok() {
+					e.t.Fatalf("SELECT: %s", res)
+				}
+				hit := e.fn.PauseOn(faultnet.Down, []byte("XYZ+/0123456789ab\r\n0123"))
+				c.send("f FETCH 1 BODY[]\r\n")
+				mustHit(e.t, hit, "the literal")
+				start := time.Now()
+				e.fn.Reset()
+				return e.await(c, "f", start, bound)
+			},
+		},
+		{
+			// Slow but moving: each part that arrives restarts the
+			// response timeout, and the answer, which takes twice that
+			// in all, comes through whole.
+			name: "drip of a long line", want: "f OK",
+			run: func(e *faultEnv, _ time.Duration) answer {
+				c := e.login(dovecottest.LargeUser)
+				if res := c.cmd("SELECT Recipients"); !res.ok() {
+					e.t.Fatalf("SELECT: %s", res)
+				}
+				// 168 KB at 4 KiB every 50 ms: over two seconds.
+				e.fn.Drip(faultnet.Down, 4096, 50*time.Millisecond)
+				a := e.send(c, "f", "FETCH 1 (ENVELOPE)", 5*time.Second)
+				e.fn.Resume(faultnet.Down)
+				if a.took < 2*faultResponse {
+					e.t.Errorf("the drip took %v; it should take over twice the response timeout (%v)", a.took, faultResponse)
+				}
+				if len(a.lines) != 2 || len(a.lines[0]) < 4000*40 || !strings.HasSuffix(a.lines[0], "))") {
+					e.t.Errorf("ENVELOPE of %d lines, the first of %d bytes", len(a.lines), len(a.lines[0]))
+				}
+				if res := c.cmd("NOOP"); !res.ok() {
+					e.t.Fatalf("NOOP after the drip: %s", res)
+				}
+				c.logout()
+				e.p.waitCached(e.t, 1)
+				return a
+			},
+		},
+		{
+			name: "mid-literal toward the backend", bound: faultWrite + faultResponse, want: "* BYE [UNAVAILABLE]",
+			run: func(e *faultEnv, bound time.Duration) answer {
+				c := e.login(user)
+				// Larger than what the sockets between proxy and
+				// backend buffer, so that the proxy's writes block.
+				const size = 24 << 20
+				hit := e.fn.PauseOn(faultnet.Up, []byte("XYZZY"))
+				c.send(fmt.Sprintf("a APPEND INBOX {%d}\r\n", size))
+				c.expectContinuation()
+				msg := append([]byte("Subject: stalled upload\r\n\r\nXYZZY\r\n"), bytes.Repeat([]byte("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde\r\n"), size/64)...)
+				msg = msg[:size]
+				wrote := make(chan error, 1)
+				go func() {
+					c.conn.SetWriteDeadline(time.Now().Add(bound + 2*faultSlack))
+					_, err := c.conn.Write(append(msg, "\r\n"...))
+					wrote <- err
+				}()
+				mustHit(e.t, hit, "the literal")
+				start := time.Now()
+				a := e.await(c, "a", start, bound)
+				c.conn.Close()
+				<-wrote
+				// The Proxy sees the proxy's close once Up flows again.
+				e.fn.Resume(faultnet.Up)
+				return a
+			},
+		},
+	}
+	var report strings.Builder
+	for _, tc := range cases {
+		t.Run(strings.ReplaceAll(tc.name, " ", "_"), func(t *testing.T) {
+			e := newFaultEnv(t, dc, tc.mod)
+			a := tc.run(e, tc.bound)
+			t.Logf("%s: answered %v (bound %v)", tc.name, a, tc.bound)
+			fmt.Fprintf(&report, "\n  %-40s %6v (bound %v)", tc.name, a.took.Round(10*time.Millisecond), tc.bound)
+			if !a.has(tc.want) {
+				t.Errorf("answer %v, want %q", a, tc.want)
+			}
+			e.settled(user)
+		})
+	}
+	t.Logf("time to answer each fault:%s", report.String())
+}
+
+func mustHit(t *testing.T, hit <-chan struct{}, what string) {
+	t.Helper()
+	select {
+	case <-hit:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the fault injector never saw %s", what)
+	}
+}
+
+// waitUntil polls cond until it holds or within passes.
+func waitUntil(t *testing.T, within time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("no %s within %v", what, within)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// TestIdleOutlivesStalledBackend: a session in IDLE owes the backend
+// nothing, so a backend that stops (SIGSTOP) for longer than the
+// response timeout does not end it, and DONE after it resumes works. A
+// DONE sent while it is still stopped is owed an answer, and gets the
+// timeout's BYE.
+func TestIdleOutlivesStalledBackend(t *testing.T) {
+	dc := dovecottest.StartT(t, dovecottest.Options{Name: "idler", Users: 1, Messages: 3})
+	user := dovecottest.UserName(1)
+	e := newFaultEnv(t, dc, nil)
+	c := e.login(user)
+	if res := c.cmd("SELECT INBOX"); !res.ok() {
+		t.Fatalf("SELECT: %s", res)
+	}
+	c.send("i IDLE\r\n")
+	c.expectContinuation()
+	if err := dc.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	// Silence for three response timeouts: neither BYE nor close.
+	c.conn.SetReadDeadline(time.Now().Add(3 * faultResponse))
+	if b, err := c.r.ReadByte(); !isTimeoutErr(err) {
+		t.Fatalf("in IDLE with the backend stopped: read %q, %v; want silence", b, err)
+	}
+	if n := e.p.srv.Stats().Sessions; n != 1 {
+		t.Fatalf("sessions = %d while in IDLE, want 1", n)
+	}
+	if err := dc.Resume(); err != nil {
+		t.Fatal(err)
+	}
+	c.conn.SetDeadline(time.Now().Add(10 * time.Second))
+	c.send("DONE\r\n")
+	if res := c.readResponse("i"); !res.ok() {
+		t.Fatalf("DONE after the backend resumed: %s", res)
+	}
+	if res := c.cmd("NOOP"); !res.ok() {
+		t.Fatalf("NOOP: %s", res)
+	}
+
+	// IDLE again; DONE now owes an answer that a stopped backend never
+	// gives.
+	c.send("j IDLE\r\n")
+	c.expectContinuation()
+	if err := dc.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	c.send("DONE\r\n")
+	a := e.await(c, "j", start, faultResponse)
+	t.Logf("DONE to a stopped backend: answered %v (bound %v)", a, faultResponse)
+	if !a.eof || !a.has("* BYE [UNAVAILABLE] IMAP server not responding") {
+		t.Errorf("DONE to a stopped backend: %v, want BYE and close", a)
+	}
+	e.settled(user)
+}
