@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -194,6 +195,9 @@ func TestHangMatrix(t *testing.T) {
 		run  func(e *faultEnv, bound time.Duration) answer
 		want string
 		mod  func(*Options) // on top of faultOptions
+		// log must be in the proxy's log, and notLog not: whose fault
+		// it was.
+		log, notLog string
 	}{
 		{
 			name: "dial to a black hole", bound: faultLogin, want: unreachable,
@@ -335,6 +339,7 @@ func TestHangMatrix(t *testing.T) {
 		},
 		{
 			name: "reset mid-literal", bound: 0, want: "* BYE Connection to IMAP server lost",
+			log: "[WARN]  backend connection lost", notLog: "client connection lost",
 			run: func(e *faultEnv, bound time.Duration) answer {
 				c := e.login(user)
 				if res := c.cmd("SELECT Big"); !res.ok() {
@@ -346,6 +351,38 @@ func TestHangMatrix(t *testing.T) {
 				start := time.Now()
 				e.fn.Reset()
 				return e.await(c, "f", start, bound)
+			},
+		},
+		{
+			// The other side's reset: the client's, and the log says so.
+			name: "client resets mid-literal", bound: 0,
+			log: "[DEBUG] client connection", notLog: "[WARN]",
+			run: func(e *faultEnv, bound time.Duration) answer {
+				c := e.login(user)
+				if res := c.cmd("SELECT Big"); !res.ok() {
+					e.t.Fatalf("SELECT: %s", res)
+				}
+				hit := e.fn.PauseOn(faultnet.Down, []byte("XYZ+/0123456789ab\r\n0123"))
+				c.send("f FETCH 1 BODY[]\r\n")
+				mustHit(e.t, hit, "the literal")
+				// Everything up to the stall has reached the client,
+				// so the proxy is surely waiting on the backend.
+				c.conn.SetReadDeadline(time.Now().Add(faultSlack))
+				for l := ""; !strings.HasPrefix(l, "0123456789abcdef"); {
+					l = c.readLine()
+				}
+				if b, err := c.r.Peek(4); string(b) != "0123" {
+					e.t.Fatalf("after the first line of the body: %q, %v", b, err)
+				}
+				// The backend stays stalled: the proxy learns of the
+				// reset reading the client, and closes the backend
+				// under the pump, which must not take that for the
+				// backend's failure.
+				c.conn.(*net.TCPConn).SetLinger(0)
+				c.conn.Close()
+				start := time.Now()
+				waitUntil(e.t, bound+faultSlack, "end of the session", func() bool { return e.p.srv.Stats().Sessions == 0 })
+				return answer{took: time.Since(start)}
 			},
 		},
 		{
@@ -377,7 +414,31 @@ func TestHangMatrix(t *testing.T) {
 			},
 		},
 		{
-			name: "mid-literal toward the backend", bound: faultWrite + faultResponse, want: "* BYE [UNAVAILABLE]",
+			// While the client sends a literal the backend waits for
+			// it: the client's pause is not the backend's silence.
+			name: "client slow to send its literal", bound: faultResponse, want: "a OK",
+			mod: func(o *Options) { o.LiteralTimeout = 10 * faultResponse },
+			run: func(e *faultEnv, bound time.Duration) answer {
+				c := e.login(user)
+				msg := "Subject: slow upload\r\n\r\nHello.\r\n"
+				c.send(fmt.Sprintf("a APPEND INBOX {%d}\r\n", len(msg)))
+				c.expectContinuation()
+				// Longer than the response timeout, shorter than the
+				// literal's.
+				c.conn.SetReadDeadline(time.Now().Add(3 * faultResponse))
+				if b, err := c.r.ReadByte(); !isTimeoutErr(err) {
+					e.t.Fatalf("while the client holds its literal back: read %q, %v; want silence", b, err)
+				}
+				start := time.Now()
+				c.send(msg + "\r\n")
+				a := e.await(c, "a", start, bound)
+				c.logout()
+				e.p.waitCached(e.t, 1)
+				return a
+			},
+		},
+		{
+			name: "mid-literal toward the backend", bound: faultWrite, want: notResponding,
 			run: func(e *faultEnv, bound time.Duration) answer {
 				c := e.login(user)
 				// Larger than what the sockets between proxy and
@@ -412,10 +473,13 @@ func TestHangMatrix(t *testing.T) {
 			a := tc.run(e, tc.bound)
 			t.Logf("%s: answered %v (bound %v)", tc.name, a, tc.bound)
 			fmt.Fprintf(&report, "\n  %-40s %6v (bound %v)", tc.name, a.took.Round(10*time.Millisecond), tc.bound)
-			if !a.has(tc.want) {
+			if tc.want != "" && !a.has(tc.want) {
 				t.Errorf("answer %v, want %q", a, tc.want)
 			}
 			e.settled(user)
+			if logs := e.p.logs.String(); !strings.Contains(logs, tc.log) || tc.notLog != "" && strings.Contains(logs, tc.notLog) {
+				t.Errorf("the proxy's log should have %q and not %q", tc.log, tc.notLog)
+			}
 		})
 	}
 	t.Logf("time to answer each fault:%s", report.String())
