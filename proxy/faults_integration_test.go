@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -15,7 +16,7 @@ import (
 
 // Short timeouts, so that every hang below is answered in about a second.
 const (
-	faultDial     = time.Second
+	faultDial     = 500 * time.Millisecond
 	faultLogin    = time.Second
 	faultCheck    = time.Second
 	faultResponse = time.Second
@@ -200,6 +201,19 @@ func TestHangMatrix(t *testing.T) {
 		log, notLog string
 	}{
 		{
+			// Connects that are never answered (SYNs dropped, as
+			// by a firewall or a full accept queue).
+			name: "dial never answered", bound: faultDial, want: unreachable,
+			run: func(e *faultEnv, bound time.Duration) answer {
+				e.p.srv.SetBackends([]Backend{{ID: "faulty", Addr: unansweredAddr(e.t), Weight: 1}})
+				c := e.dial()
+				a := e.send(c, "a", fmt.Sprintf("LOGIN %s %s", user, e.dc.PasswordOf(user)), bound)
+				e.p.srv.SetBackends([]Backend{{ID: "faulty", Addr: e.fn.Addr(), Weight: 1}})
+				return a
+			},
+		},
+		{
+			// The connect completes, nothing ever answers.
 			name: "dial to a black hole", bound: faultLogin, want: unreachable,
 			run: func(e *faultEnv, bound time.Duration) answer {
 				e.fn.BlackHole(true)
@@ -491,6 +505,42 @@ func mustHit(t *testing.T, hit <-chan struct{}, what string) {
 	case <-hit:
 	case <-time.After(10 * time.Second):
 		t.Fatalf("the fault injector never saw %s", what)
+	}
+}
+
+// unansweredAddr is an address where connects hang: a socket listening
+// with a backlog of 0, whose accept queue is filled with one connection
+// that is never accepted, so that the kernel drops further SYNs.
+func unansweredAddr(t *testing.T) string {
+	t.Helper()
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Close(fd) })
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, err := syscall.Getsockname(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := fmt.Sprintf("127.0.0.1:%d", sa.(*syscall.SockaddrInet4).Port)
+	for i := 0; ; i++ {
+		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+		if err != nil {
+			if !isTimeoutErr(err) {
+				t.Fatalf("filling the accept queue of %s: %v", addr, err)
+			}
+			return addr
+		}
+		t.Cleanup(func() { c.Close() })
+		if i == 4 {
+			t.Fatalf("connects to %s still complete after %d", addr, i+1)
+		}
 	}
 }
 
