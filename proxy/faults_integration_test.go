@@ -179,7 +179,7 @@ func (e *faultEnv) settled(user string) {
 // and nothing may stay pinned (sessions, sockets, connection slots).
 func TestHangMatrix(t *testing.T) {
 	dc := dovecottest.StartT(t, dovecottest.Options{
-		Name: "faulty", Users: 2, Messages: 3, BigMessages: 1,
+		Name: "faulty", Users: 2, Messages: 3, BigMessages: 8,
 		Large: dovecottest.Large{Recipients: 4000},
 	})
 	user := dovecottest.UserName(1)
@@ -260,13 +260,12 @@ func TestHangMatrix(t *testing.T) {
 			},
 		},
 		{
-			// The check of the cached connection (NOOP) and its close
-			// (LOGOUT) each wait up to the check timeout; then the
-			// login goes on with a fresh connection.
-			// The login timeout covers the check and the close too, so
-			// it must leave time for the fresh connection.
-			name: "reuse check held", bound: 2 * faultCheck, want: "a OK",
-			mod: func(o *Options) { o.Dialer.LoginTimeout = 2*faultCheck + faultLogin },
+			// The check of the cached connection (NOOP) waits up to
+			// the check timeout, the connection is dropped, and the
+			// login goes on with a fresh one. The login timeout
+			// covers the check too: it must leave time for that.
+			name: "reuse check held", bound: faultCheck, want: "a OK",
+			mod: func(o *Options) { o.Dialer.LoginTimeout = faultCheck + faultLogin },
 			run: func(e *faultEnv, bound time.Duration) answer {
 				e.login(user).logout()
 				e.p.waitCached(e.t, 1)
@@ -287,7 +286,9 @@ func TestHangMatrix(t *testing.T) {
 			},
 		},
 		{
-			name: "reuse check of a stopped Dovecot", bound: 2*faultCheck + faultLogin, want: unreachable,
+			// The check takes the whole login timeout: no fresh
+			// connection is tried.
+			name: "reuse check of a stopped Dovecot", bound: faultLogin, want: unreachable,
 			run: func(e *faultEnv, bound time.Duration) answer {
 				e.login(user).logout()
 				e.p.waitCached(e.t, 1)
@@ -338,7 +339,12 @@ func TestHangMatrix(t *testing.T) {
 			},
 		},
 		{
+			// The chunk's write deadline toward the client passes
+			// before the backend's read deadline, as with the
+			// defaults (60s, 120s): the stall is still the backend's.
 			name: "mid-literal toward the client", bound: faultResponse, want: notResponding,
+			log: "[WARN]  backend not responding", notLog: "client connection lost",
+			mod: func(o *Options) { o.WriteTimeout = faultResponse / 2 },
 			run: func(e *faultEnv, bound time.Duration) answer {
 				c := e.login(user)
 				if res := c.cmd("SELECT Big"); !res.ok() {
@@ -365,6 +371,26 @@ func TestHangMatrix(t *testing.T) {
 				start := time.Now()
 				e.fn.Reset()
 				return e.await(c, "f", start, bound)
+			},
+		},
+		{
+			// The other side's stall: a client that stops reading is
+			// cut after timeouts.write, and the log blames it, not
+			// the backend, which is still sending.
+			name: "client stops reading mid-literal", bound: faultWrite,
+			log: "client connection lost", notLog: "[WARN]",
+			run: func(e *faultEnv, bound time.Duration) answer {
+				c := dialSmallWindow(e.t, e.p.addr)
+				e.clients = append(e.clients, c)
+				c.mustLogin(user, e.dc.PasswordOf(user))
+				if res := c.cmd("SELECT Big"); !res.ok() {
+					e.t.Fatalf("SELECT: %s", res)
+				}
+				// 8 MiB: more than the socket buffers hold.
+				start := time.Now()
+				c.send("f FETCH 1:* BODY[]\r\n")
+				waitUntil(e.t, bound+faultSlack, "end of the session", func() bool { return e.p.srv.Stats().Sessions == 0 })
+				return answer{took: time.Since(start)}
 			},
 		},
 		{

@@ -1320,39 +1320,56 @@ func (rl *relay) discardLiteral(n int64) error {
 
 // attribute tells whose fault a failed copy from the backend to the
 // client was, for the log and the client's last words. The kernel's splice
-// names neither side: a broken pipe is what writing to a client that left
-// gives; a reset comes from either side, and is the backend's if its
-// socket now fails to read too; a timeout is the client's if its write
-// deadline has passed, else the backend's read deadline.
+// names neither side. A broken pipe is what writing to a client that left
+// gives. A reset comes from either side: it is the backend's if its socket
+// now fails a read too. A timeout is the backend's read deadline if the
+// client's write deadline has not passed; if both have (a backend silent
+// for timeouts.response outlasts a chunk's timeouts.write, 60s of 120s by
+// default), it is the backend's if the backend has nothing to give.
 func attribute(err error, clientDeadline time.Time, backend net.Conn) error {
 	var ne net.Error
 	switch {
 	case errors.Is(err, syscall.EPIPE):
 		return clientGone(err)
 	case errors.Is(err, syscall.ECONNRESET):
-		if broken(backend) {
+		if probe(backend) == probeBroken {
 			return err
 		}
 		return clientGone(err)
 	case errors.As(err, &ne) && ne.Timeout() && !time.Now().Before(clientDeadline):
+		if probe(backend) != probeData {
+			return err
+		}
 		return clientGone(err)
 	}
 	return err
 }
 
-// broken reports whether c, a connection the session is giving up on,
-// fails a read at once: it was reset or closed. A live one has data or
-// times out. What is read is lost, as is the connection.
-func broken(c net.Conn) bool {
-	c.SetReadDeadline(time.Now().Add(brokenProbe))
+// What a read of a connection the session is giving up on finds.
+const (
+	probeData   = iota // bytes were waiting: the peer is alive and sending
+	probeIdle          // nothing within probeWait
+	probeBroken        // an error at once: reset or closed
+)
+
+// probe reads a byte of c, which the session is giving up on (what is
+// read is lost, as is the connection), to tell how its peer is.
+func probe(c net.Conn) int {
+	c.SetReadDeadline(time.Now().Add(probeWait))
 	var b [1]byte
-	_, err := c.Read(b[:])
+	n, err := c.Read(b[:])
 	var ne net.Error
-	return err != nil && !(errors.As(err, &ne) && ne.Timeout())
+	switch {
+	case n > 0:
+		return probeData
+	case errors.As(err, &ne) && ne.Timeout():
+		return probeIdle
+	}
+	return probeBroken
 }
 
-// brokenProbe is how long broken waits on a connection that is fine.
-const brokenProbe = 5 * time.Millisecond
+// probeWait is how long probe waits on a connection that is idle.
+const probeWait = 5 * time.Millisecond
 
 var errClientGone = errors.New("client connection lost")
 
