@@ -60,7 +60,11 @@ type relay struct {
 	idleAcked bool   // the backend answered the IDLE with "+"
 	dirty     string // why the connection cannot be cached; "" if it can
 	litSeq    uint64 // the entry whose synchronising literal awaits "+"; 0 if none
-	armedAt   int64  // when the backend's read deadline was last set (unix ns); 0: not set
+	// uploading is set while the client sends a command's literals and
+	// the lines between them: the backend waits for the client then, and
+	// its silence is no sign of a hang (see armLocked).
+	uploading bool
+	armedAt   int64 // when the backend's read deadline was last set (unix ns); 0: not set
 	// logoutTag is the tag of the client's LOGOUT, answered at the end.
 	// Only the session goroutine uses it.
 	logoutTag string
@@ -80,6 +84,10 @@ type relay struct {
 	// evictMsg is the last word of a session an operator or a backend
 	// drain ends; the client loop says it at the next command boundary.
 	evictMsg atomic.Pointer[string]
+
+	// cut is set once the session closes the backend under the pump
+	// (cutOff).
+	cut atomic.Bool
 
 	litCh    chan bool     // "+" arrived (true) or the command was refused (false)
 	progress chan struct{} // a command completed (edge, cap 1)
@@ -319,8 +327,10 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 	if err := rl.toUpstream(line, false); err != nil {
 		return rl.upstreamError(err), true
 	}
+	uploaded := lit != nil
 	for lit != nil {
 		if !lit.NonSync {
+			rl.setUploading(false)
 			accepted, end, done := rl.awaitContinuation()
 			if done {
 				return end, true
@@ -331,6 +341,7 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 				continue
 			}
 		}
+		rl.setUploading(true)
 		if end, done := rl.copyLiteralUp(lit.Size); done {
 			return end, true
 		}
@@ -353,6 +364,10 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 		if _, err := rl.up.w.Write(line); err != nil {
 			return rl.upstreamError(err), true
 		}
+	}
+	if uploaded {
+		// The command is whole: its answer is owed.
+		rl.setUploading(false)
 	}
 	// Pipelined commands go out in one write.
 	if sess.r.Buffered() == 0 {
@@ -489,8 +504,10 @@ func (rl *relay) awaitContinuation() (accepted bool, end endKind, done bool) {
 }
 
 // copyLiteralUp copies a literal of n bytes from the client to the
-// backend, in chunks that each prove progress, so that the backend's
-// silence meanwhile is not taken for a hang.
+// backend. The client has the literal timeout to send it (more for a big
+// one); the backend must take each write within the write timeout
+// (upDst), so that one that stops reading is found however slow the
+// client, and a slow client is never taken for a hung backend.
 func (rl *relay) copyLiteralUp(n int64) (end endKind, done bool) {
 	sess := rl.sess
 	o := sess.srv.options()
@@ -498,24 +515,46 @@ func (rl *relay) copyLiteralUp(n int64) (end endKind, done bool) {
 		return rl.upstreamError(err), true
 	}
 	// A big APPEND over a slow link gets 1s more per 64 KiB.
-	litDeadline := time.Now().Add(o.literalTimeout() + time.Duration(n>>16)*time.Second)
-	sess.conn.SetReadDeadline(litDeadline)
-	rl.up.conn.SetWriteDeadline(litDeadline)
+	sess.conn.SetReadDeadline(time.Now().Add(o.literalTimeout() + time.Duration(n>>16)*time.Second))
+	dst := &literalDst{up: upDst{rl.up}}
 	for n > 0 {
 		k := min(n, literalChunk)
-		m, err := sess.r.CopyLiteral(rl.up.conn, k, sess.conn)
+		m, err := sess.r.CopyLiteral(dst, k, sess.conn)
 		sess.srv.stats.bytesUp.Add(uint64(m))
 		n -= m
 		if err != nil {
 			rl.setDirty("literal interrupted")
+			if dst.err != nil {
+				return rl.upstreamError(dst.err), true
+			}
 			return rl.clientError(err), true
 		}
-		rl.mu.Lock()
-		rl.armLocked(true)
-		rl.mu.Unlock()
 	}
-	rl.up.conn.SetWriteDeadline(time.Time{})
 	return 0, false
+}
+
+// literalDst is the backend's socket for a literal from the client: it
+// remembers a failed write, which CopyLiteral does not tell from a failed
+// read.
+type literalDst struct {
+	up  upDst
+	err error
+}
+
+func (d *literalDst) Write(p []byte) (int, error) {
+	n, err := d.up.Write(p)
+	if err != nil {
+		d.err = err
+	}
+	return n, err
+}
+
+// setUploading notes whether the client is sending a command's literals.
+func (rl *relay) setUploading(on bool) {
+	rl.mu.Lock()
+	rl.uploading = on
+	rl.armLocked(true)
+	rl.mu.Unlock()
 }
 
 // readContinuation reads the rest of a command after one of its literals.
@@ -693,6 +732,12 @@ func (rl *relay) clientError(err error) endKind {
 
 func (rl *relay) upstreamError(err error) endKind {
 	rl.setDirty("backend write failed")
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		rl.say("* BYE [UNAVAILABLE] IMAP server not responding")
+		rl.log.Warn("backend not reading; session ended", "timeout", rl.sess.srv.options().writeTimeout())
+		return endPump
+	}
 	rl.say("* BYE Connection to IMAP server lost")
 	rl.log.Warn("backend write failed", "error", err)
 	return endPump
@@ -807,7 +852,7 @@ func (rl *relay) finish(end endKind) {
 			// A pump waiting on the backend may hold the client
 			// writer: cut the backend off first, so that a client
 			// that leaves mid-answer frees everything at once.
-			rl.up.abort()
+			rl.cutOff()
 		}
 		rl.bye()
 	}
@@ -968,7 +1013,7 @@ func (rl *relay) close() {
 	busy := rl.owedLocked()
 	rl.mu.Unlock()
 	if busy {
-		rl.up.abort()
+		rl.cutOff()
 		<-rl.pumpDone
 		rl.release()
 		return
@@ -998,7 +1043,11 @@ func (rl *relay) pump() {
 	rl.pumpErr = err
 	stopping, evicted := rl.stopping, rl.evictMsg.Load() != nil
 	rl.mu.Unlock()
-	if err != nil && !stopping && !evicted {
+	if err != nil && rl.cut.Load() && !stopping && !evicted {
+		// The session ended on the client's side and closed the
+		// backend under the pump: not the backend's failure.
+		rl.log.Debug("backend connection closed with the session", "error", err)
+	} else if err != nil && !stopping && !evicted {
 		var ne net.Error
 		switch {
 		case errors.Is(err, errClientGone):
@@ -1078,18 +1127,21 @@ func (rl *relay) pumpLoop() error {
 // armLocked keeps a read deadline on the backend while it owes an answer:
 // a command is in flight, other than an IDLE it has acknowledged. The
 // deadline moves with every sign of progress (fresh, or at most once a
-// second otherwise), so a long answer that keeps flowing is never cut,
-// and a backend that stops mid-answer (a stopped process, an NFS stall, a
-// black-holed route) cannot hold the session, its client and its slot for
-// ever. A backend that owes nothing may stay silent: a session in IDLE
-// waits as long as its client does. The caller holds mu: the deadline
-// always matches what is in flight, whichever goroutine changed that.
+// second or a quarter of the timeout otherwise), so a long answer that
+// keeps flowing is never cut, and a backend that stops mid-answer (a
+// stopped process, an NFS stall, a black-holed route) cannot hold the
+// session, its client and its slot for ever. A backend that owes nothing
+// may stay silent: a session in IDLE waits as long as its client does.
+// So may one waiting for a client's literal: the client has the literal
+// timeout, and the backend's writes their own deadlines (copyLiteralUp).
+// The caller holds mu: the deadline always matches what is in flight,
+// whichever goroutine changed that.
 func (rl *relay) armLocked(fresh bool) {
 	if rl.stopping {
 		// The proxy's own last command has its deadline.
 		return
 	}
-	if !rl.owedLocked() {
+	if !rl.owedLocked() || rl.uploading {
 		if rl.armedAt != 0 {
 			rl.armedAt = 0
 			rl.up.conn.SetReadDeadline(time.Time{})
@@ -1097,11 +1149,15 @@ func (rl *relay) armLocked(fresh bool) {
 		return
 	}
 	now := time.Now()
-	if !fresh && rl.armedAt != 0 && now.UnixNano()-rl.armedAt < int64(time.Second) {
+	timeout := rl.sess.srv.options().responseTimeout()
+	// Moving the deadline costs a syscall, so progress moves it at most
+	// once a second; but always several times per timeout, or a short
+	// timeout would cut an answer that keeps flowing.
+	if every := min(time.Second, timeout/4); !fresh && rl.armedAt != 0 && now.UnixNano()-rl.armedAt < int64(every) {
 		return
 	}
 	rl.armedAt = now.UnixNano()
-	rl.up.conn.SetReadDeadline(now.Add(rl.sess.srv.options().responseTimeout()))
+	rl.up.conn.SetReadDeadline(now.Add(timeout))
 }
 
 // owedLocked reports whether the backend owes an answer: a command is in
@@ -1314,7 +1370,7 @@ func (rl *relay) copyToClient(n int64) error {
 		m, err := up.r.CopyLiteral(sess.conn, k, up.conn)
 		n -= m
 		if err != nil {
-			return attribute(err, deadline)
+			return attribute(err, deadline, up.conn)
 		}
 	}
 	return nil
@@ -1336,23 +1392,68 @@ func (rl *relay) discardLiteral(n int64) error {
 
 // attribute tells whose fault a failed copy from the backend to the
 // client was, for the log and the client's last words. The kernel's splice
-// names neither side: a broken pipe or a reset is what writing to a client
-// that left gives, and a timeout is the client's if its write deadline
-// has passed, else the backend's read deadline.
-func attribute(err error, clientDeadline time.Time) error {
+// names neither side. A broken pipe is what writing to a client that left
+// gives. A reset comes from either side: it is the backend's if its socket
+// now fails a read too. A timeout is the backend's read deadline if the
+// client's write deadline has not passed; if both have (a backend silent
+// for timeouts.response outlasts a chunk's timeouts.write, 60s of 120s by
+// default), it is the backend's if the backend has nothing to give.
+func attribute(err error, clientDeadline time.Time, backend net.Conn) error {
 	var ne net.Error
 	switch {
-	case errors.Is(err, syscall.EPIPE), errors.Is(err, syscall.ECONNRESET):
+	case errors.Is(err, syscall.EPIPE):
+		return clientGone(err)
+	case errors.Is(err, syscall.ECONNRESET):
+		if probe(backend) == probeBroken {
+			return err
+		}
 		return clientGone(err)
 	case errors.As(err, &ne) && ne.Timeout() && !time.Now().Before(clientDeadline):
+		if probe(backend) != probeData {
+			return err
+		}
 		return clientGone(err)
 	}
 	return err
 }
 
+// What a read of a connection the session is giving up on finds.
+const (
+	probeData   = iota // bytes were waiting: the peer is alive and sending
+	probeIdle          // nothing within probeWait
+	probeBroken        // an error at once: reset or closed
+)
+
+// probe reads a byte of c, which the session is giving up on (what is
+// read is lost, as is the connection), to tell how its peer is.
+func probe(c net.Conn) int {
+	c.SetReadDeadline(time.Now().Add(probeWait))
+	var b [1]byte
+	n, err := c.Read(b[:])
+	var ne net.Error
+	switch {
+	case n > 0:
+		return probeData
+	case errors.As(err, &ne) && ne.Timeout():
+		return probeIdle
+	}
+	return probeBroken
+}
+
+// probeWait is how long probe waits on a connection that is idle.
+const probeWait = 5 * time.Millisecond
+
 var errClientGone = errors.New("client connection lost")
 
 func clientGone(err error) error { return errors.Join(errClientGone, err) }
+
+// cutOff closes the backend connection under a pump that may be waiting
+// on it, for an end the session decided: the pump's error that follows
+// is no fault of the backend's.
+func (rl *relay) cutOff() {
+	rl.cut.Store(true)
+	rl.up.abort()
+}
 
 // release gives back the connection budget slot of a dropped upstream.
 func (rl *relay) release() { rl.sess.srv.pool.Release() }
