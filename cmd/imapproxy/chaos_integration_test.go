@@ -37,6 +37,7 @@ package main
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -178,7 +179,8 @@ func TestChaos(t *testing.T) {
 		traffic.Go(func() { ch.worker(ctx, kind, rand.New(rand.NewPCG(seed, uint64(w+1)))) })
 	}
 	faultsDone := make(chan struct{})
-	go func() { defer close(faultsDone); ch.inject(ctx, rand.New(rand.NewPCG(seed, 0))) }()
+	schedule := plan(rand.New(rand.NewPCG(seed, 0)), dur, len(c.backends))
+	go func() { defer close(faultsDone); ch.inject(ctx, schedule) }()
 	traffic.Wait()
 	<-faultsDone
 	soaked := time.Since(ch.start)
@@ -707,59 +709,60 @@ func (cc *chaosConn) logout() error {
 // A fault is applied to one backend (or, for a reload, to the daemon) and,
 // unless it is instantaneous, undone after a while.
 type fault struct {
-	kind  string
-	apply func(ch *chaos, i int) (undo func() error, err error)
+	kind    string
+	instant bool // nothing to undo
+	apply   func(ch *chaos, i int) (undo func() error, err error)
 }
 
 var chaosFaults = []fault{
-	{"pause-up", func(ch *chaos, i int) (func() error, error) {
+	{"pause-up", false, func(ch *chaos, i int) (func() error, error) {
 		ch.nets[i].Pause(faultnet.Up)
 		return func() error { ch.nets[i].Resume(faultnet.Up); return nil }, nil
 	}},
-	{"pause-down", func(ch *chaos, i int) (func() error, error) {
+	{"pause-down", false, func(ch *chaos, i int) (func() error, error) {
 		ch.nets[i].Pause(faultnet.Down)
 		return func() error { ch.nets[i].Resume(faultnet.Down); return nil }, nil
 	}},
-	{"drip-down", func(ch *chaos, i int) (func() error, error) {
+	{"drip-down", false, func(ch *chaos, i int) (func() error, error) {
 		ch.nets[i].Drip(faultnet.Down, 16, 50*time.Millisecond)
 		return func() error { ch.nets[i].Resume(faultnet.Down); return nil }, nil
 	}},
-	{"drip-up", func(ch *chaos, i int) (func() error, error) {
+	{"drip-up", false, func(ch *chaos, i int) (func() error, error) {
 		ch.nets[i].Drip(faultnet.Up, 4, 50*time.Millisecond)
 		return func() error { ch.nets[i].Resume(faultnet.Up); return nil }, nil
 	}},
 	// A stall just inside the first message body the backend sends.
-	{"stall-in-literal", func(ch *chaos, i int) (func() error, error) {
+	{"stall-in-literal", false, func(ch *chaos, i int) (func() error, error) {
 		ch.nets[i].PauseOn(faultnet.Down, []byte("BODY[] {"))
 		return func() error { ch.nets[i].Resume(faultnet.Down); return nil }, nil
 	}},
-	{"reset", func(ch *chaos, i int) (func() error, error) {
+	{"reset", true, func(ch *chaos, i int) (func() error, error) {
 		ch.nets[i].Reset()
 		return nil, nil
 	}},
-	{"black-hole", func(ch *chaos, i int) (func() error, error) {
+	{"black-hole", false, func(ch *chaos, i int) (func() error, error) {
 		ch.nets[i].BlackHole(true)
 		return func() error { ch.nets[i].BlackHole(false); return nil }, nil
 	}},
-	{"refuse", func(ch *chaos, i int) (func() error, error) {
+	{"refuse", false, func(ch *chaos, i int) (func() error, error) {
 		ch.nets[i].Refuse(true)
 		return func() error { ch.nets[i].Refuse(false); return nil }, nil
 	}},
-	{"sigstop", func(ch *chaos, i int) (func() error, error) {
+	{"sigstop", false, func(ch *chaos, i int) (func() error, error) {
 		srv := ch.c.backends[i].srv
 		if err := srv.Pause(); err != nil {
 			return nil, err
 		}
 		return srv.Resume, nil
 	}},
-	{"consul-maintenance", func(ch *chaos, i int) (func() error, error) {
+	{"consul-maintenance", false, func(ch *chaos, i int) (func() error, error) {
 		id := ch.c.backends[i].id
 		if err := ch.agent.Maintenance(id, true); err != nil {
 			return nil, err
 		}
 		return func() error { return ch.agent.Maintenance(id, false) }, nil
 	}},
-	{"reload", func(ch *chaos, _ int) (func() error, error) {
+	{"reload", true, func(ch *chaos, _ int) (func() error, error) {
 		// A harmless change, so that every reload applies something.
 		n := ch.reloads.Add(1)
 		conf := ch.d.conf + fmt.Sprintf("limits {\n  max_clients = %d\n}\n", 5000-n%2)
@@ -770,70 +773,137 @@ var chaosFaults = []fault{
 	}},
 }
 
-// activeFault is a fault in place until its time is up.
-type activeFault struct {
-	backend int
-	kind    string
-	until   time.Time
-	undo    func() error
+// plannedFault is one fault of the schedule: kind applied to backend at
+// its offset from the start and, unless instantaneous, undone hold later.
+type plannedFault struct {
+	at, hold time.Duration
+	fault    *fault
+	backend  int
 }
 
-// inject applies faults at random until ctx ends, at most two backends at
-// a time, one fault per backend, then undoes what is still in place.
-func (ch *chaos) inject(ctx context.Context, rnd *rand.Rand) {
-	var active []activeFault
-	undo := func(a activeFault) {
-		if err := a.undo(); err != nil {
-			ch.violate("undo %s on %s: %v", a.kind, ch.c.backends[a.backend].id, err)
+// plan draws the schedule for dur from rnd alone, on the schedule's own
+// clock, so that a seed gives the same schedule however the run goes: a
+// fault every 0.2-1 s on a backend without one, at most two backends under
+// a fault at once. Most faults last 0.3-3 s, less than the timeouts, so
+// the backend recovers before the proxy gives up on it; one in five lasts
+// past stallBound, so the proxy's timeouts must end what waits on it.
+func plan(rnd *rand.Rand, dur time.Duration, backends int) []plannedFault {
+	var out []plannedFault
+	busyUntil := make([]time.Duration, backends)
+	for at := time.Duration(0); at < dur; at += time.Duration(200+rnd.IntN(800)) * time.Millisecond {
+		f := &chaosFaults[rnd.IntN(len(chaosFaults))]
+		var free []int
+		for i, u := range busyUntil {
+			if u <= at {
+				free = append(free, i)
+			}
 		}
-		ch.note("-%s %s", a.kind, ch.c.backends[a.backend].id)
+		i := -1
+		if len(free) > 0 {
+			i = free[rnd.IntN(len(free))]
+		}
+		hold := time.Duration(300+rnd.IntN(2700)) * time.Millisecond
+		if rnd.IntN(5) == 0 {
+			hold = stallBound + time.Duration(1000+rnd.IntN(4000))*time.Millisecond
+		}
+		if f.instant {
+			hold = 0
+		}
+		if f.kind == "reload" {
+			out = append(out, plannedFault{at: at, fault: f})
+			continue
+		}
+		if len(free) < backends-1 {
+			continue
+		}
+		busyUntil[i] = at + hold
+		out = append(out, plannedFault{at: at, hold: hold, fault: f, backend: i})
+	}
+	return out
+}
+
+// inject applies the schedule until ctx ends, then undoes what is still
+// in place.
+func (ch *chaos) inject(ctx context.Context, schedule []plannedFault) {
+	type event struct {
+		at   time.Duration
+		pf   *plannedFault
+		undo bool
+	}
+	var events []event
+	for i := range schedule {
+		pf := &schedule[i]
+		events = append(events, event{at: pf.at, pf: pf})
+		if pf.hold > 0 {
+			events = append(events, event{at: pf.at + pf.hold, pf: pf, undo: true})
+		}
+	}
+	// At the same instant an undo goes first: it frees its backend.
+	slices.SortStableFunc(events, func(a, b event) int {
+		if a.at != b.at {
+			return cmp.Compare(a.at, b.at)
+		}
+		return cmp.Compare(btoi(!a.undo), btoi(!b.undo))
+	})
+	undos := map[*plannedFault]func() error{}
+	undo := func(pf *plannedFault) {
+		u := undos[pf]
+		if u == nil {
+			return
+		}
+		delete(undos, pf)
+		if err := u(); err != nil {
+			ch.violate("undo %s on %s: %v", pf.fault.kind, ch.c.backends[pf.backend].id, err)
+		}
+		ch.note("-%s %s", pf.fault.kind, ch.c.backends[pf.backend].id)
 	}
 	timer := time.NewTimer(0)
 	defer timer.Stop()
-	for {
-		// The pause between two faults is the schedule, not a wait
-		// for something.
+	for _, ev := range events {
+		// The wait is the schedule, not a wait for something.
+		timer.Reset(time.Until(ch.start.Add(ev.at)))
 		select {
 		case <-ctx.Done():
-			for _, a := range active {
-				undo(a)
+			for pf := range undos {
+				undo(pf)
 			}
 			return
 		case <-timer.C:
 		}
-		now := time.Now()
-		active = slices.DeleteFunc(active, func(a activeFault) bool {
-			if now.Before(a.until) {
-				return false
-			}
-			undo(a)
-			return true
-		})
-		f := chaosFaults[rnd.IntN(len(chaosFaults))]
-		i := rnd.IntN(len(ch.c.backends))
-		hold := time.Duration(300+rnd.IntN(2700)) * time.Millisecond
-		next := time.Duration(200+rnd.IntN(800)) * time.Millisecond
-		busy := slices.ContainsFunc(active, func(a activeFault) bool { return a.backend == i })
-		if f.kind != "reload" && (busy || len(active) >= 2) {
-			timer.Reset(next)
+		if ev.undo {
+			undo(ev.pf)
 			continue
 		}
-		u, err := f.apply(ch, i)
+		pf := ev.pf
+		id := ch.c.backends[pf.backend].id
+		u, err := pf.fault.apply(ch, pf.backend)
 		if err != nil {
-			ch.violate("apply %s on %s: %v", f.kind, ch.c.backends[i].id, err)
+			ch.violate("apply %s on %s: %v", pf.fault.kind, id, err)
 		}
-		ch.count(ch.faults, f.kind)
+		ch.count(ch.faults, pf.fault.kind)
 		switch {
-		case f.kind == "reload":
-			ch.note("%s", f.kind)
-		case u == nil:
-			ch.note("%s %s", f.kind, ch.c.backends[i].id)
+		case pf.fault.kind == "reload":
+			ch.note("reload")
+		case pf.hold == 0:
+			ch.note("%s %s", pf.fault.kind, id)
 		default:
-			ch.note("+%s %s for %v", f.kind, ch.c.backends[i].id, hold)
-			active = append(active, activeFault{backend: i, kind: f.kind, until: now.Add(hold), undo: u})
+			ch.note("+%s %s for %v", pf.fault.kind, id, pf.hold)
+			if u != nil {
+				undos[pf] = u
+			}
 		}
-		timer.Reset(next)
 	}
+	<-ctx.Done()
+	for pf := range undos {
+		undo(pf)
+	}
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 func (ch *chaos) note(format string, a ...any) {
