@@ -28,6 +28,11 @@ listener "imap" {
   # start with a PROXY protocol header carrying the real client address.
   # Only these addresses may send one; default none.
   # proxy_protocol_from = ["10.0.0.0/8"]
+
+  # true makes the client address part of the cache key, so that the
+  # backend checks each new address (Dovecot allow_nets, auth policy).
+  # For listeners that end users reach directly; not behind a webmail.
+  cache_by_client_address = false # default
 }
 
 # IMAPS on the standard port; uncomment together with client_tls below.
@@ -154,12 +159,20 @@ limits {
   max_literal_preauth = 8192     # default: a literal before login (e.g. a password)
   max_literal         = 67108864 # default (64 MiB): a literal after login (e.g. APPEND)
   max_bad_commands    = 3        # default: BAD responses before login, then BYE
+  max_command_preauth = 40960    # default: one whole command before login, literals included
+
+  # Logins: refused before any backend is asked when longer.
+  max_user_length     = 256    # default
+  max_password_length = 4096   # default
+  max_login_failures  = 3      # default: failed logins per connection, then BYE (0 = none)
+  login_failure_delay = "1s"   # default: wait before answering a failed login ("0s" = none)
 
   # Client limits (0 = none). Over them a connection gets
   # "* BYE [UNAVAILABLE]" and a login "NO [LIMIT]".
   max_clients           = 5000 # default: client connections in all
   max_clients_per_ip    = 0    # default: none, webmail front ends share few addresses
   max_preauth           = 1000 # default: connections not yet logged in
+  max_preauth_per_ip    = 100  # default: of those, from one address (IPv6: one /64)
   max_sessions_per_user = 50   # default: logged-in sessions of one user
 }
 

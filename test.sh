@@ -29,6 +29,8 @@ fi
 # FUZZTIME=10m ./test.sh fuzzes each target for that long instead.
 FUZZTIME="${FUZZTIME:-}"
 
+# go.mod and go.sum must be as go mod tidy leaves them.
+go mod tidy -diff
 go vet ./...
 go test -race -count=1 -timeout 20m ./...
 

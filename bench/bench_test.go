@@ -163,3 +163,35 @@ func (l lockedWriter) Write(p []byte) (int, error) {
 	defer l.mu.Unlock()
 	return l.w.Write(p)
 }
+
+// TestQuickBaseline runs the side-by-side comparison with a build of
+// another revision (here HEAD, so the same code twice) and checks that
+// both ratios are reported.
+func TestQuickBaseline(t *testing.T) {
+	skipUnlessAvailable(t)
+	var (
+		mu  sync.Mutex
+		log bytes.Buffer
+	)
+	o := options{quick: true, baseline: "HEAD", command: "go test ./bench -run TestQuickBaseline", log: lockedWriter{&mu, &log}}
+	rep, err := run(t.Context(), o)
+	mu.Lock()
+	progress := log.String()
+	mu.Unlock()
+	if err != nil {
+		t.Fatalf("run: %v\nprogress:\n%s", err, progress)
+	}
+	out := filepath.Join(t.TempDir(), "bench.md")
+	if err := rep.write(out); err != nil {
+		t.Fatal(err)
+	}
+	text, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, re := range []string{`against HEAD \(webmail .*median ratio of cycles/s \d\.\d+`, `against HEAD \(bulk .*median ratio \d\.\d+`} {
+		if !regexp.MustCompile(re).Match(text) {
+			t.Errorf("report lacks %s:\n%s", re, text)
+		}
+	}
+}

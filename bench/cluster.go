@@ -139,6 +139,68 @@ func (b *bench) compareBulk(ctx context.Context, rep *report, direct, socat, pro
 	return nil
 }
 
+// compareBaseline answers "did this change cost anything": imapproxy as
+// it is against imapproxy at -baseline, one backend each, both warm, in
+// alternating rounds of webmail c8 (cycles/s, cycle p50) and bulk c4
+// (MB/s), all up at once.
+func (b *bench) compareBaseline(ctx context.Context, rep *report) error {
+	one := b.backends[:1]
+	rounds := 7
+	web := workload{kind: "webmail", conc: 8, dur: 8 * time.Second}
+	bulk := workload{kind: "bulk", conc: 4, dur: 4 * time.Second}
+	warm := workload{kind: "webmail", conc: 8, dur: time.Minute, count: 2 * numUsers}
+	if b.o.quick {
+		rounds = 1
+		web = workload{kind: "webmail", conc: 2, dur: 30 * time.Second, count: 8}
+		bulk = workload{kind: "bulk", conc: 2, dur: 30 * time.Second, count: 2}
+		warm = workload{kind: "webmail", conc: 2, dur: 30 * time.Second, count: 8}
+	}
+	cur, err := b.startImapproxy(ctx, "current", one, nil)
+	if err != nil {
+		return err
+	}
+	defer cur.stop()
+	base, err := b.startImapproxyBin(ctx, b.bins.baseline, "baseline", one, nil)
+	if err != nil {
+		return err
+	}
+	defer base.stop()
+	ins := []*instance{cur, base}
+	res, err := b.alternate(ctx, "baseline webmail", ins, &warm, web, rounds)
+	if err != nil {
+		return err
+	}
+	var cps, p50 []float64
+	var perRound []string
+	for _, got := range res {
+		cps = append(cps, got[0].CyclesPerS/got[1].CyclesPerS)
+		if got[1].CycleMS.P50 > 0 {
+			p50 = append(p50, got[0].CycleMS.P50/got[1].CycleMS.P50)
+		}
+		perRound = append(perRound, fmt.Sprintf("%.0f/%.0f", got[0].CyclesPerS, got[1].CyclesPerS))
+	}
+	rep.notes = append(rep.notes, fmt.Sprintf(
+		"against %s (webmail c%d, warm, %d alternating rounds of %v, both up): cycles/s this / baseline per round %s; "+
+			"median ratio of cycles/s %.3f, of cycle p50 %.3f",
+		b.o.baseline, web.conc, rounds, web.dur, strings.Join(perRound, ", "), median(cps), median(p50)))
+	res, err = b.alternate(ctx, "baseline bulk", ins, nil, bulk, rounds)
+	if err != nil {
+		return err
+	}
+	var mbs []float64
+	perRound = perRound[:0]
+	for _, got := range res {
+		if got[1].MBPerS > 0 {
+			mbs = append(mbs, got[0].MBPerS/got[1].MBPerS)
+		}
+		perRound = append(perRound, fmt.Sprintf("%.0f/%.0f", got[0].MBPerS, got[1].MBPerS))
+	}
+	rep.notes = append(rep.notes, fmt.Sprintf(
+		"against %s (bulk c%d, %d alternating rounds of %v, both up): MB/s this / baseline per round %s; median ratio %.3f",
+		b.o.baseline, bulk.conc, rounds, bulk.dur, strings.Join(perRound, ", "), median(mbs)))
+	return nil
+}
+
 func median(v []float64) float64 {
 	if len(v) == 0 {
 		return 0

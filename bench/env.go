@@ -29,6 +29,31 @@ var debPackages = []string{"imapproxy", "socat", "dovecot-imapd"}
 type binaries struct {
 	imapproxy, imapbench string // built into the work dir
 	socat, upImapproxy   string
+	baseline             string // imapproxy at -baseline, if given
+}
+
+// buildBaseline builds cmd/imapproxy as it was at rev into dir, from a
+// temporary detached worktree of the repository at root.
+func buildBaseline(ctx context.Context, root, dir, rev string) (string, error) {
+	src := filepath.Join(dir, "baseline-src")
+	git := func(args ...string) error {
+		cmd := exec.CommandContext(ctx, "git", append([]string{"-C", root}, args...)...)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("git %s: %w\n%s", strings.Join(args, " "), err, out)
+		}
+		return nil
+	}
+	if err := git("worktree", "add", "--detach", src, rev); err != nil {
+		return "", err
+	}
+	defer git("worktree", "remove", "--force", src)
+	out := filepath.Join(dir, "imapproxy-baseline")
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", out, "./cmd/imapproxy")
+	cmd.Dir = src
+	if msg, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go build at %s: %w\n%s", rev, err, msg)
+	}
+	return out, nil
 }
 
 // ensurePackages installs the Debian packages when one of their binaries

@@ -59,8 +59,9 @@ type options struct {
 	idleCluster int // idle sessions requested through imapproxy with 3 backends
 	idleOther   int // idle sessions requested on the other targets (up-imapproxy: as many as it can)
 	idleHold    time.Duration
-	targets     set // only these targets (by name); empty: all
-	workloads   set // only these workloads (by label); empty: all
+	targets     set    // only these targets (by name); empty: all
+	workloads   set    // only these workloads (by label); empty: all
+	baseline    string // a git revision to compare with, side by side; only that is measured
 	command     string
 	log         io.Writer // progress
 }
@@ -82,6 +83,7 @@ func mainErr() int {
 	flag.DurationVar(&o.idleHold, "idle-hold", 3*time.Second, "how long the idle workload holds its sessions once all are open (full mode); longer leaves time to profile the proxy")
 	flag.Var(&o.targets, "targets", "comma-separated targets to run, of: "+strings.Join(planNames(), ", ")+" (default all)")
 	flag.Var(&o.workloads, "workloads", "comma-separated workloads to run, of: "+strings.Join(workloadLabels(false), ", ")+" (default all)")
+	flag.StringVar(&o.baseline, "baseline", "", "measure only this code against imapproxy built at this git revision (e.g. main~3), side by side: webmail c8 warm and bulk c4 in alternating rounds; for a change on the hot path")
 	flag.Parse()
 	if flag.NArg() > 0 {
 		fmt.Fprintf(os.Stderr, "bench: unexpected arguments %q\n", flag.Args())
@@ -214,6 +216,13 @@ func run(ctx context.Context, o options) (rep *report, err error) {
 	if b.bins, err = buildBinaries(ctx, root, work, o.log); err != nil {
 		return rep, err
 	}
+	if o.baseline != "" {
+		b.logf("building imapproxy at %s", o.baseline)
+		if b.bins.baseline, err = buildBaseline(ctx, root, work, o.baseline); err != nil {
+			return rep, err
+		}
+		rep.facts = append(rep.facts, "baseline: imapproxy at "+o.baseline)
+	}
 	bigN := 4
 	if o.quick {
 		bigN = 1
@@ -225,7 +234,11 @@ func run(ctx context.Context, o options) (rep *report, err error) {
 	rep.setup = fmt.Sprintf("%d Dovecot backends on 127.0.0.1, users %s (password %q), %d small messages in INBOX and %d x ~1 MiB in \"Big\" per user",
 		numBackends, userRange, password, messages, bigN)
 
-	err = b.runAll(ctx, rep)
+	if o.baseline != "" {
+		err = b.compareBaseline(ctx, rep)
+	} else {
+		err = b.runAll(ctx, rep)
+	}
 	if ctx.Err() != nil {
 		err = errors.Join(err, fmt.Errorf("interrupted: %w", ctx.Err()))
 	}

@@ -166,6 +166,11 @@ enable_admin_commands no
 // startImapproxy runs bin/imapproxy with a generated config: static
 // backend blocks for bes, or the Consul agent when agent is set.
 func (b *bench) startImapproxy(ctx context.Context, label string, bes []*backend, agent *consultest.Agent) (*instance, error) {
+	return b.startImapproxyBin(ctx, b.bins.imapproxy, label, bes, agent)
+}
+
+// startImapproxyBin is startImapproxy with another build of it.
+func (b *bench) startImapproxyBin(ctx context.Context, bin, label string, bes []*backend, agent *consultest.Agent) (*instance, error) {
 	return launchRetry(ctx, "imapproxy "+label, func(attempt int) (*instance, error) {
 		port, err := freePort()
 		if err != nil {
@@ -191,14 +196,14 @@ func (b *bench) startImapproxy(ctx context.Context, label string, bes []*backend
 		fmt.Fprintf(&cfg, "cache {\n  max_connections = %d\n}\n\n", proxyMaxConnections)
 		// The load generator is one address and 50 users holding
 		// thousands of sessions: lift the client limits.
-		fmt.Fprintf(&cfg, "limits {\n  max_clients = 0\n  max_preauth = 0\n  max_sessions_per_user = 0\n}\n\n")
+		fmt.Fprintf(&cfg, "limits {\n  max_clients = 0\n  max_preauth = 0\n  max_preauth_per_ip = 0\n  max_sessions_per_user = 0\n}\n\n")
 		fmt.Fprintf(&cfg, "admin {\n  address = %q\n}\n", hostPort(adminPort))
 		slug := strings.NewReplacer(" ", "-", "/", "-").Replace(label)
 		confPath := filepath.Join(b.work, fmt.Sprintf("imapproxy-%s-%d.hcl", slug, port))
 		if err := os.WriteFile(confPath, []byte(cfg.String()), 0o644); err != nil {
 			return nil, err
 		}
-		in, err := b.startGreeting("imapproxy "+label, strings.TrimSuffix(confPath, ".hcl")+".log", hostPort(port), b.bins.imapproxy, "-config", confPath)
+		in, err := b.startGreeting("imapproxy "+label, strings.TrimSuffix(confPath, ".hcl")+".log", hostPort(port), bin, "-config", confPath)
 		if err != nil {
 			return nil, err
 		}

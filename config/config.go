@@ -44,6 +44,9 @@ type Listener struct {
 	// ProxyProtocolFrom lists the addresses and prefixes whose
 	// connections start with a PROXY protocol header; empty: none do.
 	ProxyProtocolFrom []string
+	// CacheByClientAddress makes the client address part of the cache
+	// key, so that the backend checks each new address.
+	CacheByClientAddress bool
 }
 
 // ClientTLS is the certificate that listeners present to clients.
@@ -105,10 +108,17 @@ type Limits struct {
 	MaxLiteralPreAuth int
 	MaxLiteral        int64
 	MaxBadCommands    int // pre-auth BAD responses before BYE
+	MaxCommandPreAuth int // one whole command before login, lines and literals
+
+	MaxUserLength     int           // bytes of a login name (and authorization identity)
+	MaxPasswordLength int           // bytes of a password
+	MaxLoginFailures  int           // failed logins per connection, then BYE; 0 = no limit
+	LoginFailureDelay time.Duration // before a failed login is answered; 0 = none
 
 	MaxClients         int // client connections in all; 0 = no limit
 	MaxClientsPerIP    int // client connections from one address; 0 = no limit
 	MaxPreAuth         int // connections not yet logged in; 0 = no limit
+	MaxPreAuthPerIP    int // of those, from one address (IPv6: one /64); 0 = no limit
 	MaxSessionsPerUser int // logged-in sessions of one user; 0 = no limit
 }
 
@@ -237,9 +247,15 @@ func defaults() *Config {
 			MaxLiteralPreAuth: 8192,
 			MaxLiteral:        64 << 20,
 			MaxBadCommands:    3,
+			MaxCommandPreAuth: 40960,
+			MaxUserLength:     256,
+			MaxPasswordLength: 4096,
+			MaxLoginFailures:  3,
+			LoginFailureDelay: time.Second,
 
 			MaxClients:         5000,
 			MaxPreAuth:         1000,
+			MaxPreAuthPerIP:    100,
 			MaxSessionsPerUser: 50,
 		},
 		Admin: Admin{Address: "127.0.0.1:9143"},

@@ -75,7 +75,8 @@ type hclListener struct {
 	Address *string `hcl:"address,optional"` // required, but checked by Validate to report it once
 	TLS     *string `hcl:"tls,optional"`
 	// A list: pointer-free, nil when absent.
-	ProxyProtocolFrom []string `hcl:"proxy_protocol_from,optional"`
+	ProxyProtocolFrom    []string `hcl:"proxy_protocol_from,optional"`
+	CacheByClientAddress *bool    `hcl:"cache_by_client_address,optional"`
 }
 
 type hclClientTLS struct {
@@ -131,10 +132,17 @@ type hclLimits struct {
 	MaxLiteralPreAuth *int   `hcl:"max_literal_preauth,optional"`
 	MaxLiteral        *int64 `hcl:"max_literal,optional"`
 	MaxBadCommands    *int   `hcl:"max_bad_commands,optional"`
+	MaxCommandPreAuth *int   `hcl:"max_command_preauth,optional"`
+
+	MaxUserLength     *int    `hcl:"max_user_length,optional"`
+	MaxPasswordLength *int    `hcl:"max_password_length,optional"`
+	MaxLoginFailures  *int    `hcl:"max_login_failures,optional"`
+	LoginFailureDelay *string `hcl:"login_failure_delay,optional"`
 
 	MaxClients         *int `hcl:"max_clients,optional"`
 	MaxClientsPerIP    *int `hcl:"max_clients_per_ip,optional"`
 	MaxPreAuth         *int `hcl:"max_preauth,optional"`
+	MaxPreAuthPerIP    *int `hcl:"max_preauth_per_ip,optional"`
 	MaxSessionsPerUser *int `hcl:"max_sessions_per_user,optional"`
 }
 
@@ -150,6 +158,7 @@ func (c *Config) apply(f *hclFile, ck *checker) {
 		set(&l.Address, h.Address)
 		set(&l.TLS, h.TLS)
 		l.ProxyProtocolFrom = h.ProxyProtocolFrom
+		set(&l.CacheByClientAddress, h.CacheByClientAddress)
 		c.Listeners = append(c.Listeners, l)
 	}
 
@@ -207,14 +216,20 @@ func (c *Config) apply(f *hclFile, ck *checker) {
 	}
 
 	if h := f.Limits; h != nil {
-		l := &c.Limits
+		l, k := &c.Limits, top("limits")
 		set(&l.MaxLineLength, h.MaxLineLength)
 		set(&l.MaxLiteralPreAuth, h.MaxLiteralPreAuth)
 		set(&l.MaxLiteral, h.MaxLiteral)
 		set(&l.MaxBadCommands, h.MaxBadCommands)
+		set(&l.MaxCommandPreAuth, h.MaxCommandPreAuth)
+		set(&l.MaxUserLength, h.MaxUserLength)
+		set(&l.MaxPasswordLength, h.MaxPasswordLength)
+		set(&l.MaxLoginFailures, h.MaxLoginFailures)
+		ck.duration(k.dot("login_failure_delay"), &l.LoginFailureDelay, h.LoginFailureDelay)
 		set(&l.MaxClients, h.MaxClients)
 		set(&l.MaxClientsPerIP, h.MaxClientsPerIP)
 		set(&l.MaxPreAuth, h.MaxPreAuth)
+		set(&l.MaxPreAuthPerIP, h.MaxPreAuthPerIP)
 		set(&l.MaxSessionsPerUser, h.MaxSessionsPerUser)
 	}
 

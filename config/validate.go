@@ -89,9 +89,17 @@ func (c *Config) check(ck *checker) {
 	ck.atLeast(k.dot("max_literal_preauth"), int64(c.Limits.MaxLiteralPreAuth), 1)
 	ck.atLeast(k.dot("max_literal"), c.Limits.MaxLiteral, 1)
 	ck.atLeast(k.dot("max_bad_commands"), int64(c.Limits.MaxBadCommands), 1)
+	ck.atLeast(k.dot("max_command_preauth"), int64(c.Limits.MaxCommandPreAuth), 1024)
+	ck.atLeast(k.dot("max_user_length"), int64(c.Limits.MaxUserLength), 1)
+	ck.atLeast(k.dot("max_password_length"), int64(c.Limits.MaxPasswordLength), 1)
+	ck.atLeast(k.dot("max_login_failures"), int64(c.Limits.MaxLoginFailures), 0)
+	if c.Limits.LoginFailureDelay < 0 {
+		ck.addf(k.dot("login_failure_delay"), "must not be negative")
+	}
 	ck.atLeast(k.dot("max_clients"), int64(c.Limits.MaxClients), 0)
 	ck.atLeast(k.dot("max_clients_per_ip"), int64(c.Limits.MaxClientsPerIP), 0)
 	ck.atLeast(k.dot("max_preauth"), int64(c.Limits.MaxPreAuth), 0)
+	ck.atLeast(k.dot("max_preauth_per_ip"), int64(c.Limits.MaxPreAuthPerIP), 0)
 	ck.atLeast(k.dot("max_sessions_per_user"), int64(c.Limits.MaxSessionsPerUser), 0)
 }
 

@@ -39,6 +39,14 @@ type Decoder struct {
 	MaxLiteral int
 	// MaxArgs bounds the number of tokens in one command.
 	MaxArgs int
+	// ArgLimit, if set, bounds the tokens of the command it names (upper
+	// case) instead of MaxArgs, so that a command of a known shape cannot
+	// be stretched into a chain of pieces.
+	ArgLimit func(name string) int
+	// MaxCommand, if positive, bounds the bytes of one whole command:
+	// its lines and literals together. A literal that would go over it is
+	// refused before any of it is read.
+	MaxCommand int
 	// Continue is called before reading a synchronising literal, to send
 	// the "+" continuation request.
 	Continue func() error
@@ -74,14 +82,29 @@ func (d *Decoder) ReadCommand() (*Command, error) {
 	if maxArgs <= 0 {
 		maxArgs = 256
 	}
+	if d.ArgLimit != nil {
+		maxArgs = d.ArgLimit(cmd.Name)
+	}
+	size := int64(len(line))
 	// rest either is empty or begins with SP.
 	for {
+		if d.MaxCommand > 0 && size > int64(d.MaxCommand) {
+			return cmd, d.fail(lit, syntaxErrorf("command too long"))
+		}
 		rest, err = d.lexPiece(cmd, rest, lit != nil, maxArgs)
 		if err != nil {
 			return cmd, d.fail(lit, err)
 		}
 		if lit == nil {
 			return cmd, nil
+		}
+		// Refused before the literal is read, and before a "+" asks
+		// for it.
+		if len(cmd.Args) >= maxArgs {
+			return cmd, d.fail(lit, syntaxErrorf("too many arguments"))
+		}
+		if d.MaxCommand > 0 && size+lit.Size > int64(d.MaxCommand) && lit.Size <= int64(d.MaxLiteral) {
+			return cmd, d.fail(lit, syntaxErrorf("command too long"))
 		}
 		if lit.Size > int64(d.MaxLiteral) {
 			if lit.NonSync {
@@ -98,14 +121,12 @@ func (d *Decoder) ReadCommand() (*Command, error) {
 		if err != nil {
 			return cmd, err
 		}
-		if len(cmd.Args) >= maxArgs {
-			return cmd, syntaxErrorf("too many arguments")
-		}
 		cmd.Args = append(cmd.Args, Token{Kind: String, Value: b})
 		line, lit, err = d.R.ReadLine()
 		if err != nil {
 			return cmd, err
 		}
+		size += int64(len(b)) + int64(len(line))
 		rest = TrimEOL(line)
 		// After a literal the next token follows directly (SP or ')').
 		if len(rest) > 0 && rest[0] != ' ' && rest[0] != ')' {

@@ -23,9 +23,9 @@ func FuzzReadCommand(f *testing.F) {
 	} {
 		f.Add([]byte(s))
 	}
-	const maxLine, maxLit = 256, 64
+	const maxLine, maxLit, maxCmd = 256, 64, 512
 	f.Fuzz(func(t *testing.T, in []byte) {
-		d := &Decoder{R: NewReader(bytes.NewReader(in), maxLine), MaxLiteral: maxLit, MaxArgs: 32}
+		d := &Decoder{R: NewReader(bytes.NewReader(in), maxLine), MaxLiteral: maxLit, MaxArgs: 32, MaxCommand: maxCmd}
 		for i := 0; i < 64; i++ {
 			cmd, err := d.ReadCommand()
 			if err == nil {
@@ -35,10 +35,15 @@ func FuzzReadCommand(f *testing.F) {
 				if len(cmd.Args) > 32 {
 					t.Fatalf("%d args, limit 32", len(cmd.Args))
 				}
+				held := 0
 				for _, a := range cmd.Args {
 					if len(a.Value) > maxLine && len(a.Value) > maxLit {
 						t.Fatalf("token of %d bytes exceeds limits", len(a.Value))
 					}
+					held += len(a.Value)
+				}
+				if held > maxCmd {
+					t.Fatalf("command holds %d bytes, limit %d", held, maxCmd)
 				}
 				continue
 			}

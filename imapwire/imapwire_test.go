@@ -3,6 +3,7 @@ package imapwire
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"strings"
@@ -306,5 +307,103 @@ func TestReadPartLongLines(t *testing.T) {
 		if err != nil || string(next) != "a OK done\r\n" {
 			t.Fatalf("case %d: after the long line: %q, %v", i, next, err)
 		}
+	}
+}
+
+// TestReadCommandBounded: a command may not be stretched past MaxCommand
+// bytes or its command's argument count by chaining pieces with literals;
+// each case is refused with a syntax error carrying the tag, before any
+// literal over the bound is asked for or read, and the stream is left at
+// the next command.
+func TestReadCommandBounded(t *testing.T) {
+	argLimit := func(name string) int {
+		switch name {
+		case "LOGIN":
+			return 2
+		case "ID":
+			return 62
+		}
+		return 0
+	}
+	chain := func(name string, n int, piece string) string {
+		var b strings.Builder
+		b.WriteString("a " + name)
+		for range n {
+			b.WriteString(" " + piece + " {0+}\r\n")
+		}
+		return b.String() + "\r\n"
+	}
+	// RFC 2971's largest ID: 30 pairs of a 30-byte key and a 1024-byte
+	// value, about 31 KiB.
+	var id strings.Builder
+	id.WriteString("a ID (")
+	for i := range 30 {
+		if i > 0 {
+			id.WriteByte(' ')
+		}
+		fmt.Fprintf(&id, "\"%030d\" \"%s\"", i, strings.Repeat("v", 1024))
+	}
+	id.WriteString(")\r\n")
+	tests := []struct {
+		name    string
+		in      string
+		err     string // "" for success
+		conts   int
+		nargs   int
+		readAll bool // the input is consumed up to the next command
+	}{
+		{name: "largest ID", in: id.String(), nargs: 62},
+		{name: "chain of empty literals", in: chain("LOGIN", 100, strings.Repeat("x", 300)), err: "too many arguments"},
+		{name: "long chain within the args", in: "a ID (\"k\" {0+}\r\n" + strings.Repeat(" \"k\" {0+}\r\n", 29) + ")\r\n", nargs: 62},
+		{name: "chain past MaxCommand", in: "a ID (\"k\" {1100+}\r\n" + strings.Repeat("v", 1100) + strings.Repeat(" \"k\" {1100+}\r\n"+strings.Repeat("v", 1100), 29) + ")\r\n", err: "command too long"},
+		{name: "literal past MaxCommand", in: "a LOGIN {35000}\r\n", err: "command too long"},
+		{name: "one line past MaxCommand", in: "a LOGIN " + strings.Repeat("x", 40000) + " y\r\n", err: "command too long"},
+		{name: "literal on an argument-less command", in: "a NOOP {5}\r\n", err: "too many arguments"},
+		{name: "non-sync literal on an argument-less command", in: "a NOOP {5+}\r\nb NOO\r\n", err: "too many arguments"},
+		{name: "LOGIN with three arguments", in: "a LOGIN x y z\r\n", err: "too many arguments"},
+		{name: "LOGIN with a third literal", in: "a LOGIN x y {3}\r\n", err: "too many arguments"},
+		{name: "LOGIN with literals", in: "a LOGIN {3}\r\nbob {6}\r\nsecret\r\n", conts: 2, nargs: 2},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			conts := 0
+			d := &Decoder{
+				R:          NewReader(strings.NewReader(tt.in+"z NOOP\r\n"), 0),
+				MaxLiteral: 40000,
+				MaxCommand: 32 * 1024,
+				ArgLimit:   argLimit,
+				Continue:   func() error { conts++; return nil },
+			}
+			cmd, err := d.ReadCommand()
+			if tt.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.err) {
+					t.Fatalf("err = %v, want %q", err, tt.err)
+				}
+				if cmd == nil || cmd.Tag != "a" {
+					t.Errorf("command on error = %+v, want tag a", cmd)
+				}
+			} else {
+				if err != nil {
+					t.Fatalf("ReadCommand: %v", err)
+				}
+				if len(cmd.Args) != tt.nargs {
+					t.Errorf("%d args, want %d", len(cmd.Args), tt.nargs)
+				}
+			}
+			if conts != tt.conts {
+				t.Errorf("continuations = %d, want %d", conts, tt.conts)
+			}
+			// A synchronising literal refused is never sent; the stream
+			// goes on with the next line.
+			for {
+				next, err := d.ReadCommand()
+				if err == nil && next.Tag == "z" {
+					break
+				}
+				if err == io.EOF {
+					t.Fatal("the next command was lost")
+				}
+			}
+		})
 	}
 }

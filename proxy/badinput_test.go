@@ -61,6 +61,12 @@ func TestBadInput(t *testing.T) {
 			[]string{"+", "a1 BAD AUTHENTICATE response too long", "zz OK"}, []string{"a1 OK"}},
 		{"SASL continuation with bad base64", "a1 AUTHENTICATE PLAIN\r\n%%%%\r\n" + logout,
 			[]string{"+", "a1 BAD Invalid base64 data in AUTHENTICATE", "zz OK"}, []string{"a1 OK"}},
+		{"literal on a command without arguments", "a1 NOOP {5}\r\n" + logout,
+			[]string{"a1 BAD Error in IMAP command: too many arguments", "zz OK"}, []string{"+"}},
+		{"literal on a command not taken before login", "a1 SELECT {5}\r\n" + logout,
+			[]string{"a1 BAD Command not valid before login", "zz OK"}, []string{"+"}},
+		{"LOGIN stretched by literals", "a1 LOGIN a {0+}\r\n b {0+}\r\n c\r\n" + logout,
+			[]string{"a1 BAD Error in IMAP command: too many arguments", "zz OK"}, []string{"a1 OK"}},
 		{"too many bad commands", "x\r\ny\r\nz\r\nw\r\n", []string{"* BAD", "* BAD", "* BAD", "* BYE"}, nil},
 		// Bounded by timeouts.preauth, counted from connect.
 		{"literal never finished", "a1 LOGIN {10}\r\nabc", []string{"+", "* BYE Autologout"}, []string{"a1 OK"}},

@@ -62,6 +62,8 @@ func startServer(t testing.TB, bs []Backend, probe bool, mod func(*Options)) *te
 		Logger: log,
 		Pool:   pool.New(pool.Options{Logger: log.Named("pool")}),
 		Dialer: &Dialer{ForwardID: true, Timeout: 2 * time.Second, CheckTimeout: 2 * time.Second},
+		// Tests of the delay set it; the rest need no wait.
+		LoginFailureDelay: -1,
 	}
 	if mod != nil {
 		mod(&opts)

@@ -685,6 +685,7 @@ func (rl *relay) drainClient() endKind {
 	rl.mu.Lock()
 	idling := rl.idling
 	rl.idling = false
+	rl.armLocked(true) // the IDLE's answer is owed once DONE goes out
 	rl.mu.Unlock()
 	if idling {
 		rl.up.w.WriteString("DONE\r\n")
@@ -830,33 +831,35 @@ func (rl *relay) cleanAndPut(selected bool) {
 	rl.mu.Lock()
 	dirty := rl.dirty
 	rl.mu.Unlock()
+	// broken: the stream is in doubt, and a LOGOUT would only wait.
+	var reason string
+	broken := false
 	switch {
 	case dirty != "":
-		rl.log.Debug("not caching backend connection", "reason", dirty)
-		rl.up.Close()
-		rl.release()
+		reason = dirty
 	case err != nil:
-		rl.log.Debug("not caching backend connection", "reason", "cleanup failed", "error", err)
-		rl.up.abort()
-		rl.release()
+		reason, broken = "cleanup failed: "+err.Error(), true
 	case status != want:
-		rl.log.Debug("not caching backend connection", "reason", "cleanup refused", "status", status)
-		rl.up.Close()
-		rl.release()
+		reason = "cleanup answered " + status
 	case rl.up.r.Buffered() > 0:
-		rl.log.Debug("not caching backend connection", "reason", "unread data")
-		rl.up.abort()
-		rl.release()
+		reason, broken = "unread data", true
 	case rl.sess.srv.kickedSince(rl.user, rl.born):
-		rl.log.Debug("not caching backend connection", "reason", "user kicked by an operator")
-		rl.up.Close()
-		rl.release()
-	default:
+		reason = "user kicked by an operator"
+	}
+	switch {
+	case reason == "":
 		// Once cached the connection is the pool's: an eviction of
 		// this session must no longer find it.
 		rl.sess.rl.Store(nil)
 		rl.table.Put(rl.user, rl.digest, rl.up, rl.born)
+		return
+	case broken:
+		rl.up.abort()
+		rl.release()
+	default:
+		rl.table.Discard(rl.up)
 	}
+	rl.log.Debug("not caching backend connection", "reason", reason)
 }
 
 // internalCommand sends a command of the proxy's own and lets the pump
@@ -932,7 +935,7 @@ func (rl *relay) pump() {
 	}()
 	rl.mu.Lock()
 	rl.pumpErr = err
-	stopping, evicted := rl.stopping, rl.dirty == "evicted"
+	stopping, evicted := rl.stopping, rl.evictMsg.Load() != nil
 	rl.mu.Unlock()
 	if err != nil && !stopping && !evicted {
 		var ne net.Error

@@ -12,6 +12,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"net"
+	"net/netip"
 	"os"
 	"strconv"
 	"sync"
@@ -62,17 +63,39 @@ type Options struct {
 	// login as unavailable is skipped (10s).
 	DownTime time.Duration
 
-	MaxLineLength     int   // 64 KiB
-	MaxLiteralPreAuth int   // 8 KiB
+	MaxLineLength     int // 64 KiB
+	MaxLiteralPreAuth int // 8 KiB
+	// MaxCommandPreAuth bounds one whole command before login, its
+	// lines and literals together (40 KiB: RFC 2971's largest ID is
+	// about 31 KiB).
+	MaxCommandPreAuth int
 	MaxLiteral        int64 // 64 MiB, after login
 	MaxBadCommands    int   // 3
+
+	// MaxUserLength and MaxPasswordLength bound the credentials of a
+	// login (256 and 4096 bytes); longer ones are refused before any
+	// backend sees them: Dovecot answers an over-long user name by
+	// dropping the connection.
+	MaxUserLength     int
+	MaxPasswordLength int
+	// MaxLoginFailures is how many failed logins a connection may have;
+	// the last is followed by BYE (3; negative: no limit).
+	MaxLoginFailures int
+	// LoginFailureDelay is waited before a failed login is answered, as
+	// Dovecot's auth_failure_delay (1s; negative: none).
+	LoginFailureDelay time.Duration
 
 	// Client limits; 0 means no limit. A connection over a limit gets
 	// "* BYE [UNAVAILABLE]" and is closed at once; a login over the
 	// per-user limit gets "NO [LIMIT]".
-	MaxClients         int // client connections in all
-	MaxClientsPerIP    int // client connections from one address
-	MaxPreAuth         int // connections not yet logged in
+	MaxClients      int // client connections in all
+	MaxClientsPerIP int // client connections from one address
+	MaxPreAuth      int // connections not yet logged in
+	// MaxPreAuthPerIP bounds the connections not yet logged in from one
+	// client address, an IPv6 one counted with its /64 (which one
+	// subscriber usually has whole). Unlike the others it is on by
+	// default (100); negative means no limit.
+	MaxPreAuthPerIP    int
 	MaxSessionsPerUser int // logged-in sessions of one user
 
 	// Metrics, if not nil, receive latencies and backend login results.
@@ -96,7 +119,28 @@ func (o *Options) maxLine() int                   { return orInt(o.MaxLineLength
 func (o *Options) backendDrain() time.Duration    { return orDur(o.BackendDrain, 30*time.Second) }
 func (o *Options) downTime() time.Duration        { return orDur(o.DownTime, 10*time.Second) }
 func (o *Options) maxLiteralPreAuth() int         { return orInt(o.MaxLiteralPreAuth, 8*1024) }
-func (o *Options) maxBad() int                    { return orInt(o.MaxBadCommands, 3) }
+func (o *Options) maxCommandPreAuth() int         { return orInt(o.MaxCommandPreAuth, 40*1024) }
+func (o *Options) maxPreAuthPerIP() int {
+	if o.MaxPreAuthPerIP < 0 {
+		return 0
+	}
+	return orInt(o.MaxPreAuthPerIP, 100)
+}
+func (o *Options) maxUserLength() int     { return orInt(o.MaxUserLength, 256) }
+func (o *Options) maxPasswordLength() int { return orInt(o.MaxPasswordLength, 4096) }
+func (o *Options) maxLoginFailures() int {
+	if o.MaxLoginFailures < 0 {
+		return 0
+	}
+	return orInt(o.MaxLoginFailures, 3)
+}
+func (o *Options) loginFailureDelay() time.Duration {
+	if o.LoginFailureDelay < 0 {
+		return 0
+	}
+	return orDur(o.LoginFailureDelay, time.Second)
+}
+func (o *Options) maxBad() int { return orInt(o.MaxBadCommands, 3) }
 func (o *Options) maxLiteral() int64 {
 	if o.MaxLiteral > 0 {
 		return o.MaxLiteral
@@ -175,6 +219,7 @@ type Server struct {
 
 	nextID atomic.Uint64
 	stats  counters
+	events *eventLog // lines of events clients can repeat at will
 
 	setMu   sync.Mutex      // serialises SetBackends
 	drained map[string]bool // backend IDs drained by an operator; guarded by setMu
@@ -189,6 +234,7 @@ type Server struct {
 	perIP     map[string]int // client connections by address
 	perUser   map[string]int // logged-in sessions by user
 	preAuth   int            // connections not yet logged in
+	preAuthBy map[string]int // connections not yet logged in, by preAuthNet
 	drains    map[*time.Timer]struct{}
 	listeners map[net.Listener]*atomic.Pointer[ListenerOptions]
 	sessions  map[*session]struct{}
@@ -207,6 +253,8 @@ func New(opts Options) *Server {
 		drains:    map[*time.Timer]struct{}{},
 		perIP:     map[string]int{},
 		perUser:   map[string]int{},
+		preAuthBy: map[string]int{},
+		events:    newEventLog(eventInterval),
 	}
 	s.log = opts.Logger
 	if s.log == nil {
@@ -478,13 +526,20 @@ func (s *Server) backendCaps() []string {
 
 // digest binds a credential to the process key. The password itself is
 // never kept: only this HMAC, compared in constant time by the pool.
-func (s *Server) digest(cr *credentials) pool.Digest {
+// A client address, when given, is bound in too: a cached connection is
+// then found only by logins from that address, while the pool still
+// files it under the user, where CloseUser and kicks find it.
+func (s *Server) digest(cr *credentials, addr string) pool.Digest {
 	m := hmac.New(sha256.New, s.key[:])
 	m.Write(cr.user)
 	m.Write([]byte{0})
 	m.Write(cr.authzid)
 	m.Write([]byte{0})
 	m.Write(cr.pass)
+	if addr != "" {
+		m.Write([]byte{0})
+		m.Write([]byte(addr))
+	}
 	var d pool.Digest
 	m.Sum(d[:0])
 	return d
@@ -506,6 +561,13 @@ type ListenerOptions struct {
 	// backend. A connection from them without a valid header is closed.
 	// Other peers are served as they are.
 	ProxyProtocolFrom proxyproto.Trusted
+	// CacheByClientAddress makes the client's address part of what a
+	// cached backend connection is found by, so that a login from
+	// another address is a real backend login, which the backend checks
+	// against its address rules (Dovecot allow_nets, auth policy). For
+	// listeners that face end users; behind a webmail every login comes
+	// from the webmail's address and this changes nothing.
+	CacheByClientAddress bool
 }
 
 // ServeListener is Serve with more to say about the listener.
@@ -561,13 +623,14 @@ func (s *Server) ServeListener(l net.Listener, lo ListenerOptions) error {
 		if lo.ProxyProtocolFrom.Contains(c.RemoteAddr()) {
 			// The header may be slow to come: read it off the
 			// accept loop.
-			go s.acceptProxied(c, tlsMode)
+			go s.acceptProxied(c, *lo)
 			continue
 		}
 		sess := s.newSession(c, tlsMode)
 		if sess == nil {
 			continue
 		}
+		sess.cacheByAddr = lo.CacheByClientAddress
 		go sess.serve()
 	}
 }
@@ -575,7 +638,7 @@ func (s *Server) ServeListener(l net.Listener, lo ListenerOptions) error {
 // acceptProxied reads the PROXY protocol header of a connection from a
 // trusted load balancer, then serves it as coming from the client the
 // header names.
-func (s *Server) acceptProxied(c net.Conn, tlsMode string) {
+func (s *Server) acceptProxied(c net.Conn, lo ListenerOptions) {
 	// Shutdown closes connections still waiting for their header.
 	s.mu.Lock()
 	if s.shutdown {
@@ -597,7 +660,8 @@ func (s *Server) acceptProxied(c net.Conn, tlsMode string) {
 		c.Close()
 		return
 	}
-	if sess := s.newSession(pc, tlsMode); sess != nil {
+	if sess := s.newSession(pc, lo.TLS); sess != nil {
+		sess.cacheByAddr = lo.CacheByClientAddress
 		sess.serve()
 	}
 }
@@ -684,9 +748,10 @@ func isTemporary(err error) bool {
 
 func (s *Server) newSession(c net.Conn, tlsMode string) *session {
 	ip := remoteIP(c)
+	pnet := preAuthNet(ip)
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.shutdown {
+		s.mu.Unlock()
 		c.Close()
 		return nil
 	}
@@ -699,10 +764,16 @@ func (s *Server) newSession(c net.Conn, tlsMode string) *session {
 		over = "clients per address"
 	case o.MaxPreAuth > 0 && s.preAuth >= o.MaxPreAuth:
 		over = "connections not logged in"
+	case o.maxPreAuthPerIP() > 0 && s.preAuthBy[pnet] >= o.maxPreAuthPerIP():
+		over = "connections not logged in per address"
 	}
 	if over != "" {
+		s.mu.Unlock()
+		// Written after the lock is let go: a client that does not
+		// read would hold every other accept and login for the write
+		// deadline.
 		s.stats.rejected.Add(1)
-		s.log.Warn("connection refused: limit reached", "limit", over, "client", c.RemoteAddr().String())
+		s.events.log(s.log, hclog.Warn, "refused:"+over, "connection refused: limit reached", "limit", over, "client", c.RemoteAddr().String())
 		// A fresh socket takes a short line without blocking; the
 		// deadline is for the pathological case.
 		c.SetWriteDeadline(time.Now().Add(time.Second))
@@ -710,6 +781,7 @@ func (s *Server) newSession(c net.Conn, tlsMode string) *session {
 		c.Close()
 		return nil
 	}
+	defer s.mu.Unlock()
 	sess := &session{
 		srv:     s,
 		id:      strconv.FormatUint(s.nextID.Add(1), 36),
@@ -717,12 +789,42 @@ func (s *Server) newSession(c net.Conn, tlsMode string) *session {
 		raw:     c,
 		tlsMode: tlsMode,
 		ip:      ip,
+		preNet:  pnet,
 	}
 	s.sessions[sess] = struct{}{}
 	s.perIP[ip]++
 	s.preAuth++
+	s.preAuthBy[pnet]++
 	s.wg.Add(1)
 	return sess
+}
+
+// preAuthNet is what the per-address pre-login limit counts by: an IPv4
+// address, or the /64 of an IPv6 one, since a subscriber usually has a
+// whole /64 to pick addresses from.
+func preAuthNet(ip string) string {
+	a, err := netip.ParseAddr(ip)
+	if err != nil {
+		return ip
+	}
+	a = a.Unmap()
+	if a.Is4() {
+		return a.String()
+	}
+	p, err := a.Prefix(64)
+	if err != nil {
+		return ip
+	}
+	return p.String()
+}
+
+// leavePreAuthLocked takes a session out of the pre-login counts; the
+// caller holds s.mu.
+func (s *Server) leavePreAuthLocked(sess *session) {
+	s.preAuth--
+	if s.preAuthBy[sess.preNet]--; s.preAuthBy[sess.preNet] <= 0 {
+		delete(s.preAuthBy, sess.preNet)
+	}
 }
 
 func remoteIP(c net.Conn) string {
@@ -744,7 +846,7 @@ func (s *Server) loggedIn(sess *session, rl *relay, user string) bool {
 	}
 	s.perUser[user]++
 	if sess.user == "" {
-		s.preAuth--
+		s.leavePreAuthLocked(sess)
 	}
 	sess.user = user
 	// Under the lock StartTrace takes to match sessions by user: a trace
@@ -771,7 +873,7 @@ func (s *Server) endSession(sess *session) {
 		delete(s.perIP, sess.ip)
 	}
 	if sess.user == "" {
-		s.preAuth--
+		s.leavePreAuthLocked(sess)
 	} else {
 		s.leaveUserLocked(sess)
 	}
@@ -837,6 +939,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	s.dropReserve()
 	s.stopTraces()
+	s.events.close()
 	return err
 }
 
@@ -867,6 +970,7 @@ func (s *Server) Close() {
 	s.mu.Unlock()
 	s.dropReserve()
 	s.stopTraces()
+	s.events.close()
 }
 
 func (s *Server) stopDrainsLocked() {

@@ -43,9 +43,11 @@ type session struct {
 	// is bounded short. Guarded by wmu.
 	evicted bool
 
-	tls      bool
-	nbad     int
-	idParams [][2][]byte // the client's ID, "x-" keys removed
+	tls         bool
+	cacheByAddr bool // the client address is part of the cache key
+	nbad        int
+	nfail       int         // failed logins
+	idParams    [][2][]byte // the client's ID, "x-" keys removed
 
 	draining atomic.Bool
 	rl       atomic.Pointer[relay] // set while relaying
@@ -53,6 +55,7 @@ type session struct {
 
 	// Guarded by srv.mu: the counts this session is in.
 	ip       string
+	preNet   string // preAuthNet(ip)
 	user     string // set when logged in; until then the session counts as pre-auth
 	userLeft bool   // no longer in the user's count (see Server.leaveUser)
 }
@@ -167,7 +170,11 @@ func (sess *session) endWithError(err error) {
 	case errors.Is(err, errTooManyBad):
 		sess.writef("* BYE Too many invalid commands\r\n")
 		sess.flush()
-		sess.log.Info("too many invalid commands")
+		sess.srv.events.log(sess.log, hclog.Info, "too many invalid commands", "too many invalid commands")
+	case errors.Is(err, errTooManyFailures):
+		sess.writef("* BYE Too many failed logins\r\n")
+		sess.flush()
+		sess.srv.events.log(sess.log, hclog.Info, "too many failed logins", "too many failed logins")
 	case errors.Is(err, errLogout):
 	default:
 		sess.log.Debug("session ended", "error", err)
@@ -175,8 +182,9 @@ func (sess *session) endWithError(err error) {
 }
 
 var (
-	errTooManyBad = errors.New("too many invalid commands")
-	errLogout     = errors.New("logout")
+	errTooManyBad      = errors.New("too many invalid commands")
+	errTooManyFailures = errors.New("too many failed logins")
+	errLogout          = errors.New("logout")
 )
 
 // bad answers a command error and counts it; too many end the session.
@@ -199,6 +207,8 @@ func (sess *session) preAuth() (*relay, error) {
 	dec := &imapwire.Decoder{
 		R:          sess.r,
 		MaxLiteral: o.maxLiteralPreAuth(),
+		MaxCommand: o.maxCommandPreAuth(),
+		ArgLimit:   preAuthArgs,
 		Continue: func() error {
 			sess.writef("+ Ready for literal data\r\n")
 			return sess.flush()
@@ -218,6 +228,11 @@ func (sess *session) preAuth() (*relay, error) {
 		var se *imapwire.SyntaxError
 		switch {
 		case err == nil:
+		case errors.As(err, &se) && cmd.Name != "" && preAuthArgs(cmd.Name) < 0:
+			if err := sess.bad(cmd.Tag, "Command not valid before login"); err != nil {
+				return nil, err
+			}
+			continue
 		case errors.As(err, &se):
 			if err := sess.bad(cmd.Tag, "Error in IMAP command: "+se.Msg); err != nil {
 				return nil, err
@@ -247,9 +262,27 @@ func (sess *session) preAuth() (*relay, error) {
 	}
 }
 
+// preAuthArgs is the most tokens each command may have before login, so
+// that none can be stretched into a chain of pieces the proxy would hold:
+// LOGIN's two strings, AUTHENTICATE's mechanism and initial response,
+// ID's list of RFC 2971's 30 pairs in parentheses. A command the proxy
+// does not take before login gets -1: none, and it is refused whatever
+// it carries.
+func preAuthArgs(name string) int {
+	switch name {
+	case "CAPABILITY", "NOOP", "LOGOUT", "STARTTLS":
+		return 0
+	case "LOGIN", "AUTHENTICATE":
+		return 2
+	case "ID":
+		return 2*maxIDPairs + 2
+	}
+	return -1
+}
+
 func (sess *session) preAuthCommand(cmd *imapwire.Command) (*relay, error) {
 	o := sess.srv.options()
-	sess.log.Trace("command", "tag", cmd.Tag, "command", cmd.Name)
+	sess.log.Trace("command", "tag", clip(cmd.Tag), "command", clip(cmd.Name))
 	switch cmd.Name {
 	case "CAPABILITY":
 		if len(cmd.Args) != 0 {
@@ -526,8 +559,16 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	defer clear(cr.pass)
 	srv := sess.srv
 	user := string(cr.user)
-	log := withFields(sess.log, "user", user)
-	digest := srv.digest(cr)
+	log := withFields(sess.log, "user", clip(user))
+	if answer := sess.checkCredentials(cr); answer != "" {
+		srv.events.log(log, hclog.Info, "login rejected", "login rejected: unacceptable credentials", "reason", answer)
+		return nil, sess.loginFailed(tag + " " + answer)
+	}
+	var addr string
+	if sess.cacheByAddr {
+		addr = sess.ip
+	}
+	digest := srv.digest(cr, addr)
 	set := srv.backends.Load()
 	if srv.userFull(user) {
 		return sess.userLimited(tag, log)
@@ -542,7 +583,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	candidates := set.ring.Order(pinUser, order[:0])
 	if len(candidates) == 0 {
 		srv.stats.failed.Add(1)
-		log.Warn("login failed: no backend available")
+		srv.events.log(log, hclog.Warn, "no backend available", "login failed: no backend available")
 		sess.writef("%s NO [UNAVAILABLE] No IMAP server available, try again later\r\n", tag)
 		return nil, nil
 	}
@@ -603,13 +644,13 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 		blog := withFields(log, "backend", b.ID)
 		if c.ID != candidates[0].ID {
 			srv.stats.failovers.Add(1)
-			blog.Info("failing over to the next backend", "preferred", candidates[0].ID)
+			srv.events.log(blog, hclog.Info, "failover:"+candidates[0].ID, "failing over to the next backend", "preferred", candidates[0].ID)
 		}
 		if pc, born, ok := table.Get(ctx, cacheKey, digest); ok {
 			return take(pc.(*upstream), b, table, born, true, blog)
 		}
 		if err := srv.pool.Reserve(); err != nil {
-			blog.Warn("login failed: connection limit reached", "error", err)
+			srv.events.log(blog, hclog.Warn, "connection limit", "login failed: connection limit reached", "error", err)
 			sess.writef("%s NO [UNAVAILABLE] Too many connections, try again later\r\n", tag)
 			return nil, true, nil
 		}
@@ -642,6 +683,18 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			m.backendLogin(b.ID, "error")
 			up.abort()
 			srv.pool.Release()
+			if !isTimeout(err) {
+				// The backend greeted, so it is up: a connection
+				// it ends in answer to a login is about this
+				// login (Dovecot drops one whose user name it
+				// cannot take), and must not send every user of
+				// the backend elsewhere, nor this one.
+				srv.stats.failed.Add(1)
+				m.login("failed", start)
+				srv.events.log(blog, hclog.Warn, "ended:"+b.ID, "login failed: backend ended the connection", "error", err)
+				return nil, true, sess.loginFailed(tag + " NO [UNAVAILABLE] IMAP server ended the connection during login")
+			}
+			// Greeting and not answering: the backend is sick.
 			srv.markDown(b.ID, fmt.Errorf("login: %w", err))
 			lastErr = err
 			return nil, false, nil
@@ -660,9 +713,8 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			srv.stats.refused.Add(1)
 			m.backendLogin(b.ID, "refused")
 			m.login("refused", start)
-			blog.Info("login refused by backend", "status", res.status)
-			sess.writef("%s %s %s\r\n", tag, clientStatus(res.status), sanitizeText(res.text))
-			return nil, true, nil
+			srv.events.log(blog, hclog.Info, "refused:"+b.ID, "login refused by backend", "status", res.status)
+			return nil, true, sess.loginFailed(fmt.Sprintf("%s %s %s", tag, clientStatus(res.status), sanitizeText(res.text)))
 		}
 		m.backendLogin(b.ID, "ok")
 		return take(up, b, table, up.born, false, blog)
@@ -675,20 +727,64 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	srv.stats.failed.Add(1)
 	m.login("failed", start)
 	if refusal != nil {
-		log.Warn("login failed: every backend refused as unavailable")
+		srv.events.log(log, hclog.Warn, "every backend unavailable", "login failed: every backend refused as unavailable")
 		sess.writef("%s %s %s\r\n", tag, clientStatus(refusal.status), sanitizeText(refusal.text))
 		return nil, nil
 	}
 	if len(srv.backends.Load().byID) == 0 {
 		// The backends left the set while the login was under way:
 		// answer as the next login will be answered.
-		log.Warn("login failed: no backend available", "error", lastErr)
+		srv.events.log(log, hclog.Warn, "no backend available", "login failed: no backend available", "error", lastErr)
 		sess.writef("%s NO [UNAVAILABLE] No IMAP server available, try again later\r\n", tag)
 		return nil, nil
 	}
-	log.Warn("login failed: no backend reachable", "error", lastErr)
+	srv.events.log(log, hclog.Warn, "no backend reachable", "login failed: no backend reachable", "error", lastErr)
 	sess.writef("%s NO [UNAVAILABLE] IMAP server unreachable, try again later\r\n", tag)
 	return nil, nil
+}
+
+// checkCredentials returns the answer to credentials that no backend
+// should see, "" for acceptable ones. NUL, CR and LF would change the
+// meaning of a SASL PLAIN message or a LOGIN line; over-long ones make
+// Dovecot drop the connection instead of answering.
+func (sess *session) checkCredentials(cr *credentials) string {
+	o := sess.srv.options()
+	switch {
+	case len(cr.user) > o.maxUserLength() || len(cr.authzid) > o.maxUserLength():
+		return fmt.Sprintf("NO [LIMIT] User name too long (at most %d bytes)", o.maxUserLength())
+	case len(cr.pass) > o.maxPasswordLength():
+		return fmt.Sprintf("NO [LIMIT] Password too long (at most %d bytes)", o.maxPasswordLength())
+	case bytes.ContainsAny(cr.user, "\x00\r\n") || bytes.ContainsAny(cr.authzid, "\x00\r\n"):
+		return "NO [AUTHENTICATIONFAILED] Invalid characters in user name"
+	case bytes.IndexByte(cr.pass, 0) >= 0:
+		return "NO [AUTHENTICATIONFAILED] Invalid characters in password"
+	}
+	return ""
+}
+
+// loginFailed answers a failed login (the tagged response in answer,
+// without CRLF) after LoginFailureDelay, and ends the session after
+// MaxLoginFailures of them: a client that guesses, or that sends what
+// makes a backend fail, gets few tries per connection and those slowly.
+func (sess *session) loginFailed(answer string) error {
+	o := sess.srv.options()
+	sess.nfail++
+	if d := o.loginFailureDelay(); d > 0 {
+		// Bounded by the delay; a drain or kill meanwhile finds the
+		// session at its next read.
+		t := time.NewTimer(d)
+		<-t.C
+	}
+	sess.writef("%s\r\n", answer)
+	if max := o.maxLoginFailures(); max > 0 && sess.nfail >= max {
+		return errTooManyFailures
+	}
+	return nil
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, errLoginTimeout) || errors.As(err, &ne) && ne.Timeout()
 }
 
 var (
@@ -720,7 +816,7 @@ func (sess *session) adopt(rl *relay, user string) error {
 
 func (sess *session) userLimited(tag string, log hclog.Logger) (*relay, error) {
 	sess.srv.stats.userLimited.Add(1)
-	log.Warn("login refused: too many sessions for this user")
+	sess.srv.events.log(log, hclog.Warn, "user limit", "login refused: too many sessions for this user")
 	sess.writef("%s NO [LIMIT] Too many sessions for this user\r\n", tag)
 	return nil, nil
 }

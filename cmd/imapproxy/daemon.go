@@ -235,7 +235,7 @@ func (d *daemon) openListeners(cfg *config.Config) (map[string]*runningListener,
 
 func listenerOptions(l config.Listener) proxy.ListenerOptions {
 	from, _ := proxyproto.ParseTrusted(l.ProxyProtocolFrom) // checked by config already
-	return proxy.ListenerOptions{TLS: l.TLS, ProxyProtocolFrom: from}
+	return proxy.ListenerOptions{TLS: l.TLS, ProxyProtocolFrom: from, CacheByClientAddress: l.CacheByClientAddress}
 }
 
 func (d *daemon) serve(rl *runningListener) {

@@ -246,11 +246,27 @@ func serverOptions(cfg *config.Config, log hclog.Logger, p *pool.Pool) (proxy.Op
 		MaxLiteralPreAuth:  cfg.Limits.MaxLiteralPreAuth,
 		MaxLiteral:         cfg.Limits.MaxLiteral,
 		MaxBadCommands:     cfg.Limits.MaxBadCommands,
+		MaxCommandPreAuth:  cfg.Limits.MaxCommandPreAuth,
+		MaxUserLength:      cfg.Limits.MaxUserLength,
+		MaxPasswordLength:  cfg.Limits.MaxPasswordLength,
+		// In the file 0 means none; in Options, the default.
+		MaxLoginFailures:   noneIfZero(cfg.Limits.MaxLoginFailures),
+		LoginFailureDelay:  noneIfZero(cfg.Limits.LoginFailureDelay),
+		MaxPreAuthPerIP:    noneIfZero(cfg.Limits.MaxPreAuthPerIP),
 		MaxClients:         cfg.Limits.MaxClients,
 		MaxClientsPerIP:    cfg.Limits.MaxClientsPerIP,
 		MaxPreAuth:         cfg.Limits.MaxPreAuth,
 		MaxSessionsPerUser: cfg.Limits.MaxSessionsPerUser,
 	}, nil
+}
+
+// noneIfZero turns a file's 0, "none", into the -1 that says so to
+// proxy.Options, where 0 means the default.
+func noneIfZero[T int | time.Duration](v T) T {
+	if v == 0 {
+		return -1
+	}
+	return v
 }
 
 func upstreamTLS(cfg *config.Config) (*tls.Config, error) {
