@@ -81,6 +81,11 @@ type relay struct {
 	// waiting is set while the client loop waits for the next command,
 	// the one place a drain or an eviction may cut a read short.
 	waiting atomic.Bool
+	// ending is set once the client loop has ended: from then on the
+	// session closes sockets under the pump itself (the client's when it
+	// left, the backend's when an answer is still owed), and the pump's
+	// failure that follows is that, not news about the backend.
+	ending atomic.Bool
 	// evictMsg is the last word of a session an operator or a backend
 	// drain ends; the client loop says it at the next command boundary.
 	evictMsg atomic.Pointer[string]
@@ -839,6 +844,7 @@ func (rl *relay) sayLast(msg string) {
 // finish decides the fate of the upstream connection: back to the pool
 // only if provably clean, else logged out and closed.
 func (rl *relay) finish(end endKind) {
+	rl.ending.Store(true)
 	reason, selected := rl.uncacheable(end)
 	// A clean session that logged out keeps its client until the backend
 	// connection is back in the pool, so that the same user's next login,
@@ -1050,7 +1056,7 @@ func (rl *relay) pump() {
 	} else if err != nil && !stopping && !evicted {
 		var ne net.Error
 		switch {
-		case errors.Is(err, errClientGone):
+		case errors.Is(err, errClientGone), rl.ending.Load():
 			rl.log.Debug("client connection lost", "error", err)
 			rl.say("* BYE Connection to IMAP server lost")
 		case errors.As(err, &ne) && ne.Timeout():

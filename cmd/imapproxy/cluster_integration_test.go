@@ -73,12 +73,7 @@ type cluster struct {
 
 func TestCluster(t *testing.T) {
 	requireDovecot(t)
-	if _, err := consultest.Binary(); err != nil {
-		if os.Getenv(consultest.RequireEnv) == "1" {
-			t.Fatalf("%v (%s=1)", err, consultest.RequireEnv)
-		}
-		t.Skipf("%v (set %s=1 to fail instead)", err, consultest.RequireEnv)
-	}
+	requireConsul(t)
 	c := &cluster{byName: map[string]*clusterBackend{}}
 	start := time.Now()
 	var (
@@ -91,7 +86,7 @@ func TestCluster(t *testing.T) {
 		defer wg.Done()
 		c.bin, buildErr = buildDaemon(binDir)
 	}()
-	c.startBackends(t, []int{1, 1, 2})
+	c.startBackends(t, []int{1, 1, 2}, dovecottest.Options{Users: clusterUsers, Messages: -1})
 	wg.Wait()
 	if buildErr != nil {
 		t.Fatal(buildErr)
@@ -132,6 +127,18 @@ func requireDovecot(t *testing.T) {
 	t.Skipf("%v (set %s=1 to fail instead)", err, dovecottest.RequireEnv)
 }
 
+// requireConsul skips t without a Consul agent binary, or fails it with
+// IMAPPROXY_REQUIRE_CONSUL=1.
+func requireConsul(t *testing.T) {
+	t.Helper()
+	if _, err := consultest.Binary(); err != nil {
+		if os.Getenv(consultest.RequireEnv) == "1" {
+			t.Fatalf("%v (%s=1)", err, consultest.RequireEnv)
+		}
+		t.Skipf("%v (set %s=1 to fail instead)", err, consultest.RequireEnv)
+	}
+}
+
 // buildDaemon builds this package's binary (without -race: that only
 // matters in the test process) into dir.
 func buildDaemon(dir string) (string, error) {
@@ -148,13 +155,14 @@ func buildDaemon(dir string) (string, error) {
 	return bin, nil
 }
 
-// startBackends starts one Dovecot per weight, concurrently, and stops
-// them when t ends.
-func (c *cluster) startBackends(t *testing.T, weights []int) {
+// startBackends starts one Dovecot per weight, concurrently, each with
+// the options base and its own name, and stops them when t ends.
+func (c *cluster) startBackends(t *testing.T, weights []int, base dovecottest.Options) {
 	t.Helper()
 	opts := make([]dovecottest.Options, len(weights))
 	for i := range opts {
-		opts[i] = dovecottest.Options{Name: "backend-" + strconv.Itoa(i+1), Users: clusterUsers, Messages: -1}
+		opts[i] = base
+		opts[i].Name = "backend-" + strconv.Itoa(i+1)
 	}
 	servers, err := dovecottest.StartAll(opts)
 	t.Cleanup(func() {
@@ -864,6 +872,8 @@ type daemonOptions struct {
 	rejoinHold string // cluster.rejoin_hold; "" is "1s", short for the tests that restore a backend
 	drain      string // cluster.backend_drain; "" is "1s"
 	consulAddr string // where the daemon finds Consul; "" is the agent's own address
+	upstream   string // the upstream block's body; "" is a 2 s dial timeout
+	timeouts   string // the timeouts block's body; "" is a 2 s check and a 5 s drain
 	extra      string // appended to the config file
 }
 
@@ -918,7 +928,7 @@ listener "imap" {
   address = %q
 }
 upstream {
-  dial_timeout = "2s"
+  %s
 }
 cache {
   enabled         = %t
@@ -927,8 +937,7 @@ cache {
   max_connections = 2000
 }
 timeouts {
-  check = "2s"
-  drain = "5s"
+  %s
 }
 cluster {
   down_time     = "2s"
@@ -943,7 +952,7 @@ consul {
 admin {
   address = %q
 }
-`, d.addr, o.cache, cmp.Or(o.drain, "1s"), cmp.Or(o.rejoinHold, "1s"), cmp.Or(o.consulAddr, agent.Addr), serviceName, d.admin) + o.extra
+`, d.addr, cmp.Or(o.upstream, `dial_timeout = "2s"`), o.cache, cmp.Or(o.timeouts, "check = \"2s\"\n  drain = \"5s\""), cmp.Or(o.drain, "1s"), cmp.Or(o.rejoinHold, "1s"), cmp.Or(o.consulAddr, agent.Addr), serviceName, d.admin) + o.extra
 	confPath := filepath.Join(dir, fmt.Sprintf("imapproxy-%d.hcl", attempt))
 	d.confPath, d.conf = confPath, conf
 	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
