@@ -59,7 +59,7 @@ func TestFramingProperty(t *testing.T) {
 	seed := fpEnvUint(t, "IMAPPROXY_FRAMING_SEED", uint64(time.Now().UnixNano()))
 	t.Logf("seed %d (IMAPPROXY_FRAMING_SEED=%d replays it), %d sessions", seed, seed, sessions)
 
-	dc := dovecottest.StartT(t, dovecottest.Options{Name: "framing", Users: fpUsers, Messages: fpMessages})
+	dc := dovecottest.StartT(t, dovecottest.Options{Name: "framing", Users: fpUsers, Messages: fpMessages, BigMessages: 1})
 	users := make([]fpUser, fpUsers)
 	for i := range users {
 		name := dovecottest.UserName(i + 1)
@@ -186,13 +186,14 @@ type fpScript struct {
 	// closeAfter without reading its answers (>= 0); else it closes at a
 	// command boundary.
 	logout     bool
+	pipeLogout bool
 	cut        int
 	closeAfter int
 }
 
 func (sc *fpScript) String() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "user %s, id %s, wild %v, logout %v, cut %d, closeAfter %d\n", sc.user, sc.id, sc.wild, sc.logout, sc.cut, sc.closeAfter)
+	fmt.Fprintf(&b, "user %s, id %s, wild %v, logout %v (pipelined %v), cut %d, closeAfter %d\n", sc.user, sc.id, sc.wild, sc.logout, sc.pipeLogout, sc.cut, sc.closeAfter)
 	for i, st := range sc.steps {
 		fmt.Fprintf(&b, "step %d:\n", i)
 		for _, c := range st {
@@ -236,8 +237,23 @@ type fpGen struct {
 	// expects in reply to the command it last saw with the tag, which a
 	// hidden command sharing the tag answers instead.
 	noSync bool
+	trick  int
 	n      int
 }
+
+// The tricks a wild session plays, each of which leaves the connection
+// other than a fresh login would.
+const (
+	fpTrickHidden       = iota // a command smuggled in a literal on NOOP
+	fpTrickHiddenShared        // the same, sharing the NOOP's tag
+	fpTrickEnable              // ENABLE CONDSTORE or QRESYNC
+	fpTrickModseq              // CONDSTORE switched on implicitly
+	fpTrickJunkLiteral         // a literal on CHECK, run as a command
+	fpTrickIdleJunk            // IDLE ended by something else than DONE
+	fpTrickSearchRes           // SEARCH RETURN (SAVE)
+	fpTrickTagInFlight         // two commands with one tag in flight
+	fpTricks
+)
 
 func (g *fpGen) next() string { g.n++; return strconv.Itoa(g.n) }
 
@@ -248,10 +264,16 @@ func fpGenerate(rng *rand.Rand, i int, u fpUser) *fpScript {
 	// leave state behind.
 	sc.wild = rng.IntN(2) == 0
 	g := &fpGen{rng: rng, id: sc.id, user: u.name, wild: sc.wild}
+	// A wild session plays one trick (among harmless commands), so that a
+	// relay that misses that trick, and only that one, caches the
+	// connection it leaves behind.
+	if sc.wild {
+		g.trick = rng.IntN(fpTricks)
+	}
 	// Smuggled commands that share their carrier's tag confuse any
 	// tracking by tag (the relay's and this client's): the session then
 	// makes do without synchronising literals.
-	shareHidden := sc.wild && rng.IntN(3) == 0
+	shareHidden := sc.wild && g.trick == fpTrickHiddenShared
 	g.noSync = shareHidden
 	var tagOf func() string
 	switch rng.IntN(3) {
@@ -280,6 +302,12 @@ func fpGenerate(rng *rand.Rand, i int, u fpUser) *fpScript {
 		}
 		sc.steps = append(sc.steps, st)
 	}
+	if sc.wild {
+		s := rng.IntN(len(sc.steps))
+		k := rng.IntN(len(sc.steps[s]) + 1)
+		trick := g.play(tagOf, hiddenTag)
+		sc.steps[s] = append(sc.steps[s][:k], append(trick, sc.steps[s][k:]...)...)
+	}
 	switch r := rng.IntN(8); {
 	case r < 2:
 		sc.cut = rng.IntN(sc.size() + 1)
@@ -289,13 +317,14 @@ func fpGenerate(rng *rand.Rand, i int, u fpUser) *fpScript {
 		// closed at a command boundary
 	default:
 		sc.logout = true
+		// Sometimes in the same write as the last step: the proxy
+		// must answer what came before first.
+		sc.pipeLogout = rng.IntN(3) == 0
 	}
 	return sc
 }
 
-// command generates one command (two where a smuggled command needs one
-// after it). Commands that leave state behind are generated only in wild
-// sessions.
+// command generates one command, or a wild session's trick.
 func (g *fpGen) command(tagOf func() string, hiddenTag func(string) string) []fpCmd {
 	rng := g.rng
 	tag := tagOf()
@@ -382,61 +411,70 @@ func (g *fpGen) command(tagOf func() string, hiddenTag func(string) string) []fp
 			if !g.noSync && rng.IntN(2) == 0 {
 				return []fpCmd{{tag: tag, pieces: []fpPiece{{data: tag + " NOOP {4}\r\n"}, {await: true, data: "abcd\r\n"}}}}
 			}
-			if !g.wild {
-				continue
-			}
-			h := hiddenTag(tag)
-			inner := h + " XYZZY"
-			return []fpCmd{{tag: tag, hidden: []string{h}, pieces: []fpPiece{{data: fmt.Sprintf("%s CHECK {%d+}\r\n%s\r\n", tag, len(inner), inner)}}}}
+			continue
 		case 20:
 			// A command proxy answers itself.
 			return line([]string{"LOGIN a b", "STARTTLS", "COMPRESS DEFLATE"}[rng.IntN(3)])
-		case 21, 22, 23:
-			if !g.wild {
-				continue
+		case 21, 22, 23, 24, 25, 26:
+			if g.wild && rng.IntN(2) == 0 {
+				return g.play(tagOf, hiddenTag)
 			}
-			// A command smuggled in a literal on NOOP: Dovecot runs
-			// it, the proxy cannot see it.
-			h := hiddenTag(tag)
-			inner := h + " " + []string{"ENABLE CONDSTORE", "SELECT INBOX", "EXAMINE Scratch", "STATUS INBOX (HIGHESTMODSEQ)", "FETCH 1 (MODSEQ)", "UNSELECT", "NOOP"}[rng.IntN(7)]
-			if rng.IntN(3) > 0 {
-				// The command's own CRLF ends the smuggled line.
-				return []fpCmd{{tag: tag, hidden: []string{h}, pieces: []fpPiece{{data: fmt.Sprintf("%s NOOP {%d+}\r\n%s\r\n", tag, len(inner), inner)}}}}
-			}
-			// The smuggled line ends inside the literal: what the
-			// client sends next is, to the proxy, the rest of the
-			// NOOP's line, and to Dovecot a command of its own.
-			// That command is as hidden from the proxy as the first, so
-			// it needs a tag of its own too.
-			inner += "\r\n"
-			tag2 := hiddenTag(tagOf())
-			return []fpCmd{
-				{tag: tag, hidden: []string{h}, pieces: []fpPiece{{data: fmt.Sprintf("%s NOOP {%d+}\r\n%s", tag, len(inner), inner)}}},
-				{tag: tag2, pieces: []fpPiece{{data: tag2 + " NOOP\r\n"}}},
-			}
-		case 24:
-			if !g.wild {
-				continue
-			}
-			return line([]string{"ENABLE CONDSTORE", "ENABLE QRESYNC", "SELECT INBOX (CONDSTORE)"}[rng.IntN(3)])
-		case 25:
-			if !g.wild {
-				continue
-			}
-			return line([]string{"FETCH 1 (FLAGS MODSEQ)", "UID SEARCH MODSEQ 1", "SEARCH RETURN (SAVE) ALL"}[rng.IntN(3)])
-		case 26:
-			if !g.wild || g.noSync {
-				continue
-			}
-			// IDLE ended by something else than DONE: Dovecot ends it
-			// with BAD.
-			return []fpCmd{{tag: tag, pieces: []fpPiece{{data: tag + " IDLE\r\n"}, {await: true, data: tag + " NOOP\r\n"}}}}
+			// Big: a response of 1 MiB, which a client may leave in
+			// the middle of.
+			return line([]string{"EXAMINE Big", "SELECT Big", "FETCH 1 (BODY.PEEK[])"}[rng.IntN(3)])
 		case 27:
 			return line([]string{"NAMESPACE", "CHECK", "ID NIL"}[rng.IntN(3)])
 		case 28:
 			return line(`STATUS {5+}` + "\r\nINBOX (UIDNEXT)")
 		case 29:
 			return line(`UID FETCH 1 (BODY.PEEK[])`)
+		}
+	}
+}
+
+// play generates the session's trick.
+func (g *fpGen) play(tagOf func() string, hiddenTag func(string) string) []fpCmd {
+	rng := g.rng
+	tag := tagOf()
+	line := func(s string) []fpCmd {
+		return []fpCmd{{tag: tag, pieces: []fpPiece{{data: tag + " " + s + "\r\n"}}}}
+	}
+	switch g.trick {
+	case fpTrickHidden, fpTrickHiddenShared:
+		h := hiddenTag(tag)
+		inner := h + " " + []string{"ENABLE CONDSTORE", "SELECT INBOX", "EXAMINE Scratch", "STATUS INBOX (HIGHESTMODSEQ)", "FETCH 1 (MODSEQ)", "UNSELECT", "NOOP"}[rng.IntN(7)]
+		if rng.IntN(3) > 0 {
+			// The command's own CRLF ends the smuggled line.
+			return []fpCmd{{tag: tag, hidden: []string{h}, pieces: []fpPiece{{data: fmt.Sprintf("%s NOOP {%d+}\r\n%s\r\n", tag, len(inner), inner)}}}}
+		}
+		// The smuggled line ends inside the literal: what the client
+		// sends next is, to the proxy, the rest of the NOOP's line, and
+		// to Dovecot a command of its own, as hidden from the proxy as
+		// the first, so it needs a tag of its own too.
+		inner += "\r\n"
+		tag2 := hiddenTag(tagOf())
+		return []fpCmd{
+			{tag: tag, hidden: []string{h}, pieces: []fpPiece{{data: fmt.Sprintf("%s NOOP {%d+}\r\n%s", tag, len(inner), inner)}}},
+			{tag: tag2, pieces: []fpPiece{{data: tag2 + " NOOP\r\n"}}},
+		}
+	case fpTrickEnable:
+		return line([]string{"ENABLE CONDSTORE", "ENABLE QRESYNC"}[rng.IntN(2)])
+	case fpTrickModseq:
+		return line([]string{"FETCH 1 (FLAGS MODSEQ)", "UID SEARCH MODSEQ 1", "SELECT INBOX (CONDSTORE)", "STATUS INBOX (HIGHESTMODSEQ)", "UID FETCH 1:* (FLAGS) (CHANGEDSINCE 1)"}[rng.IntN(5)])
+	case fpTrickJunkLiteral:
+		h := hiddenTag(tag)
+		inner := h + " XYZZY"
+		return []fpCmd{{tag: tag, hidden: []string{h}, pieces: []fpPiece{{data: fmt.Sprintf("%s CHECK {%d+}\r\n%s\r\n", tag, len(inner), inner)}}}}
+	case fpTrickIdleJunk:
+		return []fpCmd{{tag: tag, pieces: []fpPiece{{data: tag + " IDLE\r\n"}, {await: true, data: tag + " NOOP\r\n"}}}}
+	case fpTrickSearchRes:
+		return line("SEARCH RETURN (SAVE) ALL")
+	default: // fpTrickTagInFlight
+		first := []string{"SELECT INBOX", "EXAMINE Big", "FETCH 1:* (BODY.PEEK[])", "STATUS Big (MESSAGES)", "SELECT nx-" + g.id}[rng.IntN(5)]
+		second := []string{"STATUS nx-" + g.id + " (MESSAGES)", "LIST \"\" *", "UNSELECT", "SELECT INBOX", "NOOP"}[rng.IntN(5)]
+		return []fpCmd{
+			{tag: tag, pieces: []fpPiece{{data: tag + " " + first + "\r\n"}}},
+			{tag: tag, pieces: []fpPiece{{data: tag + " " + second + "\r\n"}}},
 		}
 	}
 }
@@ -488,10 +526,13 @@ type fpResult struct {
 // fpConn is the client side of one session: it knows which answers it is
 // owed, by tag, and checks every line it reads against that.
 type fpConn struct {
-	conn       net.Conn
-	r          *bufio.Reader
-	id, user   string
-	owed       map[string]int
+	conn     net.Conn
+	r        *bufio.Reader
+	id, user string
+	owed     map[string]int
+	// hidden counts the answers owed to smuggled commands, which the
+	// proxy cannot wait for before it answers LOGOUT.
+	hidden     map[string]int
 	tr         strings.Builder
 	written    int
 	cut        int
@@ -511,7 +552,7 @@ func fpRun(addr string, sc *fpScript) (res fpResult) {
 		return fpResult{err: err}
 	}
 	defer conn.Close()
-	c := &fpConn{conn: conn, r: bufio.NewReader(conn), id: sc.id, user: sc.user, owed: map[string]int{}, cut: -1, res: &res}
+	c := &fpConn{conn: conn, r: bufio.NewReader(conn), id: sc.id, user: sc.user, owed: map[string]int{}, hidden: map[string]int{}, cut: -1, res: &res}
 	defer func() { res.transcript = c.tr.String() }()
 	if _, err := c.readLine(); err != nil {
 		res.err = fmt.Errorf("greeting: %w", err)
@@ -538,7 +579,12 @@ func fpRun(addr string, sc *fpScript) (res fpResult) {
 		}
 	}
 	c.written, c.cut = 0, sc.cut
+	logoutTag := sc.id + ".logout"
 	for i, st := range sc.steps {
+		if i == len(sc.steps)-1 && sc.pipeLogout {
+			st = append(st[:len(st):len(st)], fpCmd{tag: logoutTag, pieces: []fpPiece{{data: logoutTag + " LOGOUT\r\n"}}})
+			c.loggingOut = true
+		}
 		err := c.step(st)
 		if errors.Is(err, errFPCut) {
 			res.cut = true
@@ -553,7 +599,7 @@ func fpRun(addr string, sc *fpScript) (res fpResult) {
 			res.cut = true
 			return res
 		}
-		if _, err := c.drain(); err != nil {
+		if lines, err = c.drain(); err != nil {
 			res.err = fmt.Errorf("step %d: %w", i, err)
 			return res
 		}
@@ -562,19 +608,20 @@ func fpRun(addr string, sc *fpScript) (res fpResult) {
 		c.tr.WriteString("C: <close>\n")
 		return res
 	}
-	tag := sc.id + ".logout"
-	c.owed[tag]++
-	c.loggingOut = true
-	if err := c.write(tag + " LOGOUT\r\n"); err != nil {
-		res.err = err
-		return res
+	if !sc.pipeLogout {
+		c.owed[logoutTag]++
+		c.loggingOut = true
+		if err := c.write(logoutTag + " LOGOUT\r\n"); err != nil {
+			res.err = err
+			return res
+		}
+		if lines, err = c.drain(); err != nil {
+			res.err = fmt.Errorf("LOGOUT: %w", err)
+			return res
+		}
 	}
-	lines, err = c.drain()
-	if err != nil {
-		res.err = fmt.Errorf("LOGOUT: %w", err)
-		return res
-	}
-	if last := lines[len(lines)-1]; !strings.HasPrefix(last, tag+" OK") {
+	// The proxy answers LOGOUT last, after everything before it.
+	if last := lines[len(lines)-1]; !strings.HasPrefix(last, logoutTag+" OK") {
 		res.err = fmt.Errorf("LOGOUT answered %q", last)
 		return res
 	}
@@ -594,6 +641,7 @@ func (c *fpConn) step(st fpStep) error {
 		c.owed[cmd.tag]++
 		for _, h := range cmd.hidden {
 			c.owed[h]++
+			c.hidden[h]++
 		}
 		for _, pc := range cmd.pieces {
 			if pc.await {
@@ -661,7 +709,11 @@ func (c *fpConn) readLine() (string, error) {
 		b.Write(buf)
 	}
 	l := b.String()
-	fmt.Fprintf(&c.tr, "S: %q\n", l)
+	if len(l) > 300 {
+		fmt.Fprintf(&c.tr, "S: %q... (%d bytes)\n", l[:300], len(l))
+	} else {
+		fmt.Fprintf(&c.tr, "S: %q\n", l)
+	}
 	for _, u := range fpUserRE.FindAllString(l, -1) {
 		if u != c.user {
 			return "", fmt.Errorf("a session of %s got a line naming %s: %q", c.user, u, l)
@@ -696,6 +748,11 @@ func (c *fpConn) next() (l string, cont bool, err error) {
 		return "", false, fmt.Errorf("tagged answer %q, but nothing with its tag is in flight (owed %v)", l, c.owed)
 	}
 	c.owed[tag]--
+	if c.loggingOut && strings.HasPrefix(l, c.id+".logout OK") {
+		for h, n := range c.hidden {
+			c.owed[h] -= min(n, c.owed[h])
+		}
+	}
 	return l, false, nil
 }
 
@@ -772,7 +829,7 @@ func fpProbeOne(addr, user, pass string, i int) (lines []string, reused bool, er
 		return nil, false, err
 	}
 	defer conn.Close()
-	c := &fpConn{conn: conn, r: bufio.NewReader(conn), id: fmt.Sprintf("p%dx", i), user: user, owed: map[string]int{}, cut: -1, res: &fpResult{}}
+	c := &fpConn{conn: conn, r: bufio.NewReader(conn), id: fmt.Sprintf("p%dx", i), user: user, owed: map[string]int{}, hidden: map[string]int{}, cut: -1, res: &fpResult{}}
 	defer func() {
 		if err != nil {
 			lines = append(lines, c.tr.String())
