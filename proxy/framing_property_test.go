@@ -252,6 +252,7 @@ const (
 	fpTrickIdleJunk            // IDLE ended by something else than DONE
 	fpTrickSearchRes           // SEARCH RETURN (SAVE)
 	fpTrickTagInFlight         // two commands with one tag in flight
+	fpTrickSyncNoArgs          // a synchronising literal on NOOP, refused
 	fpTricks
 )
 
@@ -405,13 +406,7 @@ func (g *fpGen) command(tagOf func() string, hiddenTag func(string) string) []fp
 			}
 			return []fpCmd{{tag: tag, pieces: []fpPiece{{data: tag + " IDLE\r\n"}, {await: true, data: "DONE\r\n"}}}}
 		case 19:
-			// A literal on a command that takes none, refused by
-			// Dovecot at once (it never says "+"), or sent anyway:
-			// Dovecot then runs the content as a command of its own.
-			if !g.noSync && rng.IntN(2) == 0 {
-				return []fpCmd{{tag: tag, pieces: []fpPiece{{data: tag + " NOOP {4}\r\n"}, {await: true, data: "abcd\r\n"}}}}
-			}
-			continue
+			return line("EXAMINE Scratch")
 		case 20:
 			// A command proxy answers itself.
 			return line([]string{"LOGIN a b", "STARTTLS", "COMPRESS DEFLATE"}[rng.IntN(3)])
@@ -460,7 +455,18 @@ func (g *fpGen) play(tagOf func() string, hiddenTag func(string) string) []fpCmd
 	case fpTrickEnable:
 		return line([]string{"ENABLE CONDSTORE", "ENABLE QRESYNC"}[rng.IntN(2)])
 	case fpTrickModseq:
-		return line([]string{"FETCH 1 (FLAGS MODSEQ)", "UID SEARCH MODSEQ 1", "SELECT INBOX (CONDSTORE)", "STATUS INBOX (HIGHESTMODSEQ)", "UID FETCH 1:* (FLAGS) (CHANGEDSINCE 1)"}[rng.IntN(5)])
+		// FETCH and SEARCH need a mailbox: one is selected first.
+		cmds := []string{"SELECT INBOX (CONDSTORE)", "STATUS INBOX (HIGHESTMODSEQ)",
+			"SELECT INBOX|FETCH 1 (FLAGS MODSEQ)", "EXAMINE Scratch|UID SEARCH MODSEQ 1",
+			"SELECT INBOX|UID FETCH 1:* (FLAGS) (CHANGEDSINCE 1)"}[rng.IntN(5)]
+		var out []fpCmd
+		for _, c := range strings.Split(cmds, "|") {
+			out = append(out, line(c)...)
+		}
+		return out
+	case fpTrickSyncNoArgs:
+		// Dovecot answers at once and never says "+".
+		return []fpCmd{{tag: tag, pieces: []fpPiece{{data: tag + " NOOP {4}\r\n"}, {await: true, data: "abcd\r\n"}}}}
 	case fpTrickJunkLiteral:
 		h := hiddenTag(tag)
 		inner := h + " XYZZY"
@@ -800,8 +806,11 @@ func (c *fpConn) drain() ([]string, error) {
 // fpProbeCmds show what a session inherits from its connection: pending
 // output (answers before NOOP's), a selected mailbox (FETCH not refused,
 // or EXAMINE reporting [CLOSED]), an enabled CONDSTORE or QRESYNC (MODSEQ
-// in FETCH), an IDLE in progress (NOOP refused).
-var fpProbeCmds = []string{"NOOP", "FETCH 1 (FLAGS)", "EXAMINE INBOX", "FETCH 1:* (FLAGS)", "NOOP"}
+// in the FETCH that a STORE changing a flag sends back: Dovecot shows it
+// nowhere else, not in FETCH FLAGS), an IDLE in progress (NOOP refused).
+// The STOREs leave the flags as they found them.
+var fpProbeCmds = []string{"NOOP", "FETCH 1 (FLAGS)", "EXAMINE INBOX", "SELECT INBOX",
+	`STORE 1 +FLAGS (\Answered)`, `STORE 1 -FLAGS (\Answered)`, "NOOP"}
 
 // fpProbe logs user in through the proxy and directly on Dovecot, runs the
 // same probe on both and compares the answers, normalised for what may
@@ -869,6 +878,7 @@ func fpProbeOne(addr, user, pass string, i int) (lines []string, reused bool, er
 var (
 	fpTimingRE = regexp.MustCompile(` \(\d+\.\d+ \+ \d+\.\d+(?: \+ \d+\.\d+)? secs\)`)
 	fpDigitsRE = regexp.MustCompile(`\d+`)
+	fpRecentRE = regexp.MustCompile(` ?\\Recent\b`)
 )
 
 // fpNormalise drops what differs between two fresh sessions: Dovecot's
@@ -878,7 +888,7 @@ func fpNormalise(lines []string) []string {
 	out := make([]string, len(lines))
 	for i, l := range lines {
 		l = fpTimingRE.ReplaceAllString(l, "")
-		l = strings.ReplaceAll(l, `\Recent`, "")
+		l = fpRecentRE.ReplaceAllString(l, "")
 		out[i] = fpDigitsRE.ReplaceAllString(l, "N")
 	}
 	return out
