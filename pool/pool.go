@@ -330,10 +330,11 @@ func (p *Pool) Reserve() error {
 			continue // someone else took it meanwhile
 		}
 		p.c.full.Add(1)
-		// The evicted conn's slot passes to the caller: for a moment
-		// its socket and the caller's are both open, at most
-		// maxClosers over the budget.
-		t.closeAsync(e.conn, false)
+		// The evicted conn's slot passes to the caller, so its socket
+		// goes at once, without LOGOUT: behind a hung backend's
+		// closers it would stay open, and sockets over the budget
+		// would pile up as fast as logins make room.
+		e.conn.Abort()
 		return nil
 	}
 }

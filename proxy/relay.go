@@ -90,10 +90,6 @@ type relay struct {
 	// drain ends; the client loop says it at the next command boundary.
 	evictMsg atomic.Pointer[string]
 
-	// cut is set once the session closes the backend under the pump
-	// (cutOff).
-	cut atomic.Bool
-
 	litCh    chan bool     // "+" arrived (true) or the command was refused (false)
 	progress chan struct{} // a command completed (edge, cap 1)
 	pumpDone chan struct{}
@@ -858,7 +854,7 @@ func (rl *relay) finish(end endKind) {
 			// A pump waiting on the backend may hold the client
 			// writer: cut the backend off first, so that a client
 			// that leaves mid-answer frees everything at once.
-			rl.cutOff()
+			rl.up.abort()
 		}
 		rl.bye()
 	}
@@ -1019,7 +1015,7 @@ func (rl *relay) close() {
 	busy := rl.owedLocked()
 	rl.mu.Unlock()
 	if busy {
-		rl.cutOff()
+		rl.up.abort()
 		<-rl.pumpDone
 		rl.release()
 		return
@@ -1049,14 +1045,14 @@ func (rl *relay) pump() {
 	rl.pumpErr = err
 	stopping, evicted := rl.stopping, rl.evictMsg.Load() != nil
 	rl.mu.Unlock()
-	if err != nil && rl.cut.Load() && !stopping && !evicted {
-		// The session ended on the client's side and closed the
-		// backend under the pump: not the backend's failure.
-		rl.log.Debug("backend connection closed with the session", "error", err)
-	} else if err != nil && !stopping && !evicted {
+	if err != nil && !stopping && !evicted {
 		var ne net.Error
 		switch {
-		case errors.Is(err, errClientGone), rl.ending.Load():
+		case rl.ending.Load():
+			// The session ended on the client's side and closed
+			// sockets under the pump: no news about the backend.
+			rl.log.Debug("backend connection closed with the session", "error", err)
+		case errors.Is(err, errClientGone):
 			rl.log.Debug("client connection lost", "error", err)
 			rl.say("* BYE Connection to IMAP server lost")
 		case errors.As(err, &ne) && ne.Timeout():
@@ -1453,13 +1449,6 @@ var errClientGone = errors.New("client connection lost")
 
 func clientGone(err error) error { return errors.Join(errClientGone, err) }
 
-// cutOff closes the backend connection under a pump that may be waiting
-// on it, for an end the session decided: the pump's error that follows
-// is no fault of the backend's.
-func (rl *relay) cutOff() {
-	rl.cut.Store(true)
-	rl.up.abort()
-}
 
 // release gives back the connection budget slot of a dropped upstream.
 func (rl *relay) release() { rl.sess.srv.pool.Release() }

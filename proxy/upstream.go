@@ -156,9 +156,8 @@ func (d *Dialer) dialOnce(ctx context.Context, b Backend) (*upstream, error) {
 		tc.SetNoDelay(true)
 	}
 	u := &upstream{backend: b.ID, conn: c, raw: c, checkLimit: d.checkTimeout(), tagPrefix: newTagPrefix()}
-	// The greeting and TLS have a deadline; ctx's end (Close) cuts them
-	// too.
-	stop := context.AfterFunc(ctx, func() { c.Close() })
+	// The greeting and TLS have a deadline; Close cuts them too.
+	stop := onCancel(ctx, func() { c.Close() })
 	defer stop()
 	c.SetDeadline(time.Now().Add(d.loginTimeout()))
 	mode := b.TLS
@@ -501,7 +500,7 @@ func (u *upstream) Check(ctx context.Context) error {
 	u.conn.SetDeadline(deadline)
 	defer u.conn.SetDeadline(time.Time{})
 	u.writeTimeout = time.Until(deadline)
-	stop := context.AfterFunc(ctx, u.abort)
+	stop := onCancel(ctx, u.abort)
 	err := u.roundTrip("NOOP")
 	if !stop() && err == nil {
 		err = ctx.Err()
@@ -563,8 +562,21 @@ func (u *upstream) Close() error {
 	return u.conn.Close()
 }
 
-// abort closes the connection without a LOGOUT.
-func (u *upstream) abort() { u.conn.Close() }
+// onCancel calls f when ctx is cancelled (the server's Close), but not
+// when its deadline passes: the socket has that deadline too, and a hung
+// backend must fail with a timeout, not with a socket closed under it.
+func onCancel(ctx context.Context, f func()) (stop func() bool) {
+	return context.AfterFunc(ctx, func() {
+		if errors.Is(ctx.Err(), context.Canceled) {
+			f()
+		}
+	})
+}
+
+// abort closes the connection without a LOGOUT, at once: the socket
+// itself, not TLS, whose close would first try to send an alert to a
+// backend that may not read.
+func (u *upstream) abort() { u.raw.Close() }
 
 func hasPrefixFold(b []byte, p string) bool {
 	return len(b) >= len(p) && strings.EqualFold(string(b[:len(p)]), p)
