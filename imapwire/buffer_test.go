@@ -130,6 +130,37 @@ func TestIdleHoldsNoBuffer(t *testing.T) {
 	}
 }
 
+// TestIdleDropsScratch: a line longer than the buffer is assembled in a
+// scratch buffer; a connection that then waits (Wait, or the next read on
+// a quiet socket) holds none of it, so one long command does not pin up
+// to 64 KiB for the rest of a session or a cached connection's life.
+func TestIdleDropsScratch(t *testing.T) {
+	client, server := tcpPair(t)
+	r := NewReader(server, 0)
+	long := "a UID STORE " + strings.Repeat("1,", 10000) + "1 +FLAGS (\\Seen)\r\n"
+	for _, wait := range []func() error{
+		r.Wait,
+		func() error { _, _, err := r.ReadLine(); return err },
+	} {
+		go client.Write([]byte(long))
+		line, _, err := r.ReadLine()
+		if err != nil || len(line) != len(long) {
+			t.Fatalf("ReadLine = %d bytes, %v; want %d", len(line), err, len(long))
+		}
+		if r.scratch == nil {
+			t.Fatal("no scratch for a line over the buffer: the test tests nothing")
+		}
+		server.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+		if err := wait(); !isTimeout(err) {
+			t.Fatalf("waiting on a quiet socket: %v, want a timeout", err)
+		}
+		if r.scratch != nil {
+			t.Errorf("reader kept %d bytes of scratch while waiting", cap(r.scratch))
+		}
+		server.SetReadDeadline(time.Time{})
+	}
+}
+
 func isTimeout(err error) bool {
 	ne, ok := err.(net.Error)
 	return ok && ne.Timeout()
