@@ -423,29 +423,9 @@ const maxInFlight = 1000
 // awaitRoom waits, when maxInFlight commands are in flight, until the
 // backend has answered one.
 func (rl *relay) awaitRoom() (end endKind, done bool) {
-	full := func() bool {
-		rl.mu.Lock()
-		defer rl.mu.Unlock()
+	return rl.awaitAnswers("no answer to pipelined commands", rl.sess.srv.options().responseTimeout(), func() bool {
 		return len(rl.inflight) >= maxInFlight
-	}
-	if !full() {
-		return 0, false
-	}
-	if err := rl.flushUp(); err != nil {
-		return rl.upstreamError(err), true
-	}
-	t := time.NewTimer(rl.sess.srv.options().responseTimeout())
-	defer t.Stop()
-	for full() {
-		select {
-		case <-rl.progress:
-		case <-rl.pumpDone:
-			return endPump, true
-		case <-t.C:
-			return rl.upstreamError(errors.New("no answer to pipelined commands")), true
-		}
-	}
-	return 0, false
+	})
 }
 
 // awaitTagFree waits, before a line announcing a synchronising literal
@@ -454,31 +434,40 @@ func (rl *relay) awaitRoom() (end endKind, done bool) {
 // waits for "+", surely refuse the literal rather than end the other
 // command. Clients that never reuse a tag do not wait.
 func (rl *relay) awaitTagFree(tag string, seq uint64) (end endKind, done bool) {
-	busy := func() bool {
-		rl.mu.Lock()
-		defer rl.mu.Unlock()
+	return rl.awaitAnswers("no answer to an earlier command with the same tag", rl.sess.srv.options().literalTimeout(), func() bool {
 		for _, p := range rl.inflight {
 			if p.tag == tag && p.seq != seq {
 				return true
 			}
 		}
 		return false
+	})
+}
+
+// awaitAnswers sends what is buffered for the backend and waits, while
+// blocked (checked under mu) holds, for the backend to answer commands:
+// at most timeout, which ends the session as a backend failure (what).
+func (rl *relay) awaitAnswers(what string, timeout time.Duration, blocked func() bool) (end endKind, done bool) {
+	check := func() bool {
+		rl.mu.Lock()
+		defer rl.mu.Unlock()
+		return blocked()
 	}
-	if !busy() {
+	if !check() {
 		return 0, false
 	}
 	if err := rl.flushUp(); err != nil {
 		return rl.upstreamError(err), true
 	}
-	t := time.NewTimer(rl.sess.srv.options().literalTimeout())
+	t := time.NewTimer(timeout)
 	defer t.Stop()
-	for busy() {
+	for check() {
 		select {
 		case <-rl.progress:
 		case <-rl.pumpDone:
 			return endPump, true
 		case <-t.C:
-			return rl.upstreamError(errors.New("no answer to an earlier command with the same tag")), true
+			return rl.upstreamError(errors.New(what)), true
 		}
 	}
 	return 0, false
