@@ -1,0 +1,68 @@
+package proxy
+
+// Attack tests from the second hostile review of issue 12 (branch
+// review2). Each test names the finding it demonstrates; a failing test
+// is a defect.
+
+import (
+	"testing"
+	"time"
+
+	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/pool"
+)
+
+// FINDING A (resource pinned; logins to healthy backends refused): when a
+// hung backend leaves the set, RemoveTable hands its cached connections
+// to the background closers, maxClosers (8) at a time, each waiting
+// CloseTimeout for a LOGOUT answer that never comes, and each keeping its
+// budget slot until then. n cached connections pin n slots for
+// ceil(n/8)*CloseTimeout (a few hundred in a large deployment: minutes at
+// the default 2s), slots Reserve cannot reclaim since they are no longer
+// in any table. Meanwhile a login to a HEALTHY backend is refused with
+// "Too many connections". Here: 24 cached connections, CloseTimeout 1s,
+// so 3s of refusals, where the first round timing out (or the backend
+// being taken out for failing) should have been enough to abort the rest.
+func TestAttack2HungBackendClosesPinBudget(t *testing.T) {
+	t.Parallel()
+	const users, perUser = 6, 4
+	hung := dovecottest.StartT(t, dovecottest.Options{Name: "hung", Users: users, Messages: 1})
+	healthy := dovecottest.StartT(t, dovecottest.Options{Name: "healthy", Users: 1, Messages: 1})
+	p := startProxy(t, []*dovecottest.Server{hung}, func(o *Options) {
+		o.Pool = pool.New(pool.Options{Logger: o.Logger.Named("pool"), MaxConns: users * perUser, CloseTimeout: time.Second})
+	})
+	for u := 1; u <= users; u++ {
+		user := dovecottest.UserName(u)
+		var cs []*testClient
+		for range perUser {
+			c := dialClient(t, p.addr)
+			c.mustLogin(user, hung.PasswordOf(user))
+			cs = append(cs, c)
+		}
+		for _, c := range cs {
+			c.logout()
+		}
+	}
+	p.waitIdle(t)
+	p.waitCached(t, users*perUser)
+
+	if err := hung.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { hung.Resume() })
+	// Discovery takes the hung backend out and puts a healthy one in.
+	p.srv.SetBackends([]Backend{{ID: healthy.Name, Addr: healthy.Addr, Weight: 1}})
+	start := time.Now()
+
+	user := dovecottest.UserName(1)
+	c := dialClient(t, p.addr)
+	res := c.login(user, healthy.PasswordOf(user))
+	if !res.ok() {
+		t.Errorf("login to the healthy backend %v after the hung one left: %s (pool: %+v)", time.Since(start).Round(time.Millisecond), res, p.srv.Pool().Stats())
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for p.srv.Pool().Stats().Open > 1 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Logf("slots of the hung backend's cached connections held for %v", time.Since(start).Round(100*time.Millisecond))
+}
