@@ -66,3 +66,32 @@ func TestAttack2HungBackendClosesPinBudget(t *testing.T) {
 	}
 	t.Logf("slots of the hung backend's cached connections held for %v", time.Since(start).Round(100*time.Millisecond))
 }
+
+// FINDING B (wrong state; cache lost for nothing): a client that ends an
+// IDLE before the backend's "+ idling" reached the relay (one write
+// "IDLE\r\nDONE\r\n", or DONE racing the "+") is within RFC 2177 as
+// Dovecot reads it: Dovecot answers "+ idling" and then the tagged OK.
+// The relay cleared idling when it passed DONE on, so the "+" that
+// follows is "unexpected continuation request", the connection is marked
+// dirty and never cached. Root cause: relay.continuation only accepts the
+// IDLE's "+" while idling is set; it should accept it while the IDLE is
+// in flight and not yet acknowledged (kindIdle entry present, !idleAcked).
+func TestAttack2QuickDoneLosesCache(t *testing.T) {
+	t.Parallel()
+	dc := dovecottest.StartT(t, dovecottest.Options{Users: 1, Messages: 1})
+	user := dovecottest.UserName(1)
+	pass := dc.PasswordOf(user)
+	p := startProxy(t, []*dovecottest.Server{dc}, nil)
+
+	c := dialClient(t, p.addr)
+	c.mustLogin(user, pass)
+	c.send("a IDLE\r\nDONE\r\n")
+	if res := c.readResponse("a"); !res.ok() {
+		t.Fatalf("IDLE: %s", res)
+	}
+	c.logout()
+	p.waitIdle(t)
+	if n := p.srv.Pool().Stats().Cached; n != 1 {
+		t.Errorf("an IDLE ended at once, answered OK, left the connection uncached (cached = %d): %s", n, grepLog(p.logs.String(), "not caching"))
+	}
+}
