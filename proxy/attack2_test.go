@@ -95,3 +95,31 @@ func TestAttack2QuickDoneLosesCache(t *testing.T) {
 		t.Errorf("an IDLE ended at once, answered OK, left the connection uncached (cached = %d): %s", n, grepLog(p.logs.String(), "not caching"))
 	}
 }
+
+// FINDING C (wrong state; cache lost for nothing): relay.tagged assumes a
+// BAD to SELECT/EXAMINE "was not executed and changes nothing"; Dovecot
+// closes the selected mailbox first ("* OK [CLOSED]") and then refuses
+// bad parameters with BAD. The relay still believes a mailbox selected,
+// the cleanup's UNSELECT expects OK, gets BAD, and the connection is not
+// cached. (The cleanup check is what keeps this from being a leak.) Fix:
+// on "* OK [CLOSED]" set selected = false, or treat a BAD to a select as
+// leaving the state unknown and clean with a command whose success does
+// not depend on it.
+func TestAttack2SelectBadClosesMailbox(t *testing.T) {
+	t.Parallel()
+	dc := dovecottest.StartT(t, dovecottest.Options{Users: 1, Messages: 1})
+	user := dovecottest.UserName(1)
+	p := startProxy(t, []*dovecottest.Server{dc}, nil)
+	c := dialClient(t, p.addr)
+	c.mustLogin(user, dc.PasswordOf(user))
+	if res := c.cmd("SELECT INBOX"); !res.ok() {
+		t.Fatalf("SELECT: %s", res)
+	}
+	res := c.cmd("SELECT INBOX (FOO)")
+	t.Logf("SELECT with a bad parameter:\n%s", res)
+	c.logout()
+	p.waitIdle(t)
+	if n := p.srv.Pool().Stats().Cached; n != 1 {
+		t.Errorf("a session that ended unselected was not cached: %s", grepLog(p.logs.String(), "not caching"))
+	}
+}
