@@ -148,8 +148,13 @@ type Pool struct {
 	// without starting.
 	closing   atomic.Int64  // closes not finished, waiting ones included
 	closeDone chan struct{} // a token after each close finishes; cap 1
-	stop      context.Context
-	abortAll  context.CancelFunc
+	// closes are the closes under way that hold a slot of the budget:
+	// Reserve takes one back, aborting its connection, before it
+	// refuses a login (see reclaim).
+	closesMu sync.Mutex
+	closes   map[*closeOp]struct{}
+	stop     context.Context
+	abortAll context.CancelFunc
 }
 
 // New returns a Pool. Call Run to start its sweeper.
@@ -162,6 +167,7 @@ func New(opts Options) *Pool {
 		log:       log,
 		tables:    make(map[string]*Table),
 		closeDone: make(chan struct{}, 1),
+		closes:    make(map[*closeOp]struct{}),
 	}
 	p.stop, p.abortAll = context.WithCancel(context.Background())
 	p.opts.Store(&opts)
@@ -174,7 +180,7 @@ func (p *Pool) Table(backend string) *Table {
 	defer p.mu.Unlock()
 	t := p.tables[backend]
 	if t == nil {
-		t = &Table{pool: p, name: backend, byUser: make(map[string][]*list.Element), closers: make(chan struct{}, maxClosers)}
+		t = &Table{pool: p, name: backend, byUser: make(map[string][]*list.Element), closers: make(chan struct{}, maxClosers), hung: make(chan struct{})}
 		t.closed = p.closed
 		p.tables[backend] = t
 	}
@@ -239,13 +245,64 @@ func (p *Pool) WaitCloses(ctx context.Context) error {
 // turns. With release, c's budget slot is given back once its socket is
 // closed; without, the caller has passed the slot on already.
 func (t *Table) closeAsync(c Conn, release bool) {
-	t.pool.closing.Add(1)
-	go t.pool.close(t.closers, c, release)
+	op := &closeOp{c: c}
+	p := t.pool
+	p.closing.Add(1)
+	if release {
+		p.closesMu.Lock()
+		p.closes[op] = struct{}{}
+		p.closesMu.Unlock()
+	} else {
+		op.state.Store(opNoSlot)
+	}
+	go p.close(t, op)
 }
 
-func (p *Pool) close(closers chan struct{}, c Conn, release bool) {
+// closeOp is one background close. Its slot of the budget is given back
+// by whoever moves state from opClosing: the close when it ends
+// (opDone), or Reserve taking the slot over (opReclaimed).
+type closeOp struct {
+	c     Conn
+	state atomic.Int32
+}
+
+const (
+	opClosing = iota
+	opDone
+	opReclaimed
+	opNoSlot // the slot was passed on before the close began
+)
+
+// reclaim aborts a background close that holds a slot and hands the slot
+// to the caller, so that LOGOUTs waiting on a hung backend never make the
+// pool refuse a login: a closing connection is as good as an idle one to
+// make room with. It reports whether there was one.
+func (p *Pool) reclaim() bool {
+	p.closesMu.Lock()
+	var op *closeOp
+	for o := range p.closes {
+		if o.state.CompareAndSwap(opClosing, opReclaimed) {
+			op = o
+			delete(p.closes, o)
+			break
+		}
+	}
+	p.closesMu.Unlock()
+	if op == nil {
+		return false
+	}
+	p.c.aborted.Add(1)
+	op.c.Abort()
+	return true
+}
+
+func (p *Pool) close(t *Table, op *closeOp) {
+	c := op.c
 	defer func() {
-		if release {
+		if op.state.CompareAndSwap(opClosing, opDone) {
+			p.closesMu.Lock()
+			delete(p.closes, op)
+			p.closesMu.Unlock()
 			p.Release()
 		}
 		p.closing.Add(-1)
@@ -254,17 +311,33 @@ func (p *Pool) close(closers chan struct{}, c Conn, release bool) {
 		default:
 		}
 	}()
-	if p.stop.Err() == nil {
-		select {
-		case closers <- struct{}{}:
-			defer func() { <-closers }()
-		case <-p.stop.Done():
-		}
-	}
-	if p.stop.Err() != nil {
+	abort := func() {
 		p.c.aborted.Add(1)
 		c.Abort()
+	}
+	hung := t.hungCh()
+	select {
+	case <-p.stop.Done():
+		abort()
 		return
+	case <-hung:
+		abort()
+		return
+	case t.closers <- struct{}{}:
+		defer func() { <-t.closers }()
+	}
+	if op.state.Load() == opReclaimed {
+		return // aborted by reclaim while it waited
+	}
+	// The turn may have come with the news.
+	select {
+	case <-p.stop.Done():
+		abort()
+		return
+	case <-t.hungCh():
+		abort()
+		return
+	default:
 	}
 	ctx, cancel := context.WithTimeout(p.stop, p.options().closeTimeout())
 	defer cancel()
@@ -274,8 +347,47 @@ func (p *Pool) close(closers chan struct{}, c Conn, release bool) {
 		c.Abort()
 	})
 	_ = c.Close()
+	if op.state.Load() == opReclaimed {
+		stop()
+		return // aborted by reclaim: says nothing of the backend
+	}
 	if !stop() && cut.Load() {
 		p.c.aborted.Add(1)
+		if p.stop.Err() == nil {
+			t.setHung(true)
+		}
+		return
+	}
+	t.setHung(false)
+}
+
+func (t *Table) hungCh() chan struct{} {
+	t.hungMu.Lock()
+	defer t.hungMu.Unlock()
+	if isClosed(t.hung) && time.Since(t.hungAt) > t.pool.options().closeTimeout() {
+		t.hung = make(chan struct{})
+	}
+	return t.hung
+}
+
+func (t *Table) setHung(hung bool) {
+	t.hungMu.Lock()
+	defer t.hungMu.Unlock()
+	switch {
+	case hung && !isClosed(t.hung):
+		close(t.hung)
+		t.hungAt = time.Now()
+	case !hung && isClosed(t.hung):
+		t.hung = make(chan struct{})
+	}
+}
+
+func isClosed(c chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
 	}
 }
 
@@ -324,6 +436,9 @@ func (p *Pool) Reserve() error {
 		}
 		t, e := p.oldest()
 		if e == nil {
+			if p.reclaim() {
+				return nil
+			}
 			return ErrFull
 		}
 		if !t.remove(e) {
@@ -465,6 +580,14 @@ type Table struct {
 	// under way: a backend's closes wait for each other, not for those
 	// of another backend.
 	closers chan struct{}
+	// hung is closed once a LOGOUT of this backend's runs out of
+	// CloseTimeout: the backend does not answer, and the closes queued
+	// then, and those begun within a CloseTimeout, abort at once instead
+	// of each waiting its turn and its timeout with a slot of the budget
+	// held. After that LOGOUT is tried again.
+	hungMu sync.Mutex
+	hung   chan struct{}
+	hungAt time.Time
 
 	mu     sync.Mutex
 	lru    list.List                  // of *entry, oldest first

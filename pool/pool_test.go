@@ -545,15 +545,57 @@ func TestCloseConcurrencyAndTimeout(t *testing.T) {
 		if n := inClose.Load(); n != maxClosers {
 			t.Fatalf("%d LOGOUTs under way at once, want %d", n, maxClosers)
 		}
-		time.Sleep(3 * 2 * time.Second) // three rounds: 8 + 8 + 4
+		// Once the first LOGOUTs ran out of time the backend is known
+		// not to answer: the 12 queued are aborted at once, not after
+		// two more rounds, so the budget is whole again after one
+		// CloseTimeout, however many were cached.
+		time.Sleep(2*time.Second + time.Millisecond)
 		synctest.Wait()
 		if st := p.Stats(); st.Open != 0 || st.Closing != 0 || st.CloseAborted != 20 {
-			t.Errorf("stats after 3 x CloseTimeout = %+v, want all 20 aborted and closed", st)
+			t.Errorf("stats after one CloseTimeout = %+v, want all 20 aborted and closed", st)
 		}
 		if m := most.Load(); m > maxClosers {
 			t.Errorf("up to %d LOGOUTs at once, want at most %d", m, maxClosers)
 		}
 		close(release)
+	})
+}
+
+// TestHungBackendClosesAbort: once a backend let a LOGOUT run out of time,
+// its next closes within a CloseTimeout abort at once; after that it gets
+// its LOGOUT again.
+func TestHungBackendClosesAbort(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := New(Options{CloseTimeout: 2 * time.Second})
+		release := make(chan struct{})
+		defer close(release)
+		tb := p.Table("slow")
+		first := &fakeConn{hang: release}
+		put(t, p, tb, "a", "pw", first)
+		p.Flush()
+		time.Sleep(2*time.Second + time.Millisecond)
+		synctest.Wait()
+		if !first.wasAborted() {
+			t.Fatal("a LOGOUT past CloseTimeout was not aborted")
+		}
+		next := &fakeConn{hang: release}
+		put(t, p, tb, "b", "pw", next)
+		p.Flush()
+		synctest.Wait() // no time passes
+		if !next.wasAborted() {
+			t.Fatal("a close right after a hung LOGOUT waited for its own timeout")
+		}
+		time.Sleep(2*time.Second + time.Millisecond)
+		later := &fakeConn{}
+		put(t, p, tb, "c", "pw", later)
+		p.Flush()
+		synctest.Wait()
+		if later.wasAborted() || !later.isClosed() {
+			t.Errorf("a close a CloseTimeout later: aborted %v, closed %v; want a LOGOUT", later.wasAborted(), later.isClosed())
+		}
+		if st := p.Stats(); st.Open != 0 {
+			t.Errorf("stats %+v: slots not back", st)
+		}
 	})
 }
 
@@ -650,4 +692,50 @@ func TestFailedCheckAborts(t *testing.T) {
 			t.Errorf("stats = %+v, want 0 open, 1 dead", st)
 		}
 	})
+}
+
+// TestReserveReclaimsClosing: with the budget spent on connections whose
+// LOGOUT hangs, Reserve aborts one of them and takes its slot rather
+// than refuse the login; sockets stay within the budget.
+func TestReserveReclaimsClosing(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := New(Options{MaxConns: 2, CloseTimeout: time.Minute})
+		release := make(chan struct{})
+		defer close(release)
+		tb := p.Table("hung")
+		a, b := &fakeConn{hang: release}, &fakeConn{hang: release}
+		put(t, p, tb, "a", "pw", a)
+		put(t, p, tb, "b", "pw", b)
+		p.Flush()
+		synctest.Wait()
+		if st := p.Stats(); st.Closing != 2 || st.Open != 2 {
+			t.Fatalf("stats %+v, want 2 closing holding the budget", st)
+		}
+		if err := p.Reserve(); err != nil {
+			t.Fatalf("Reserve with closes under way = %v, want a reclaimed slot", err)
+		}
+		if n := btoi(a.wasAborted()) + btoi(b.wasAborted()); n != 1 {
+			t.Fatalf("%d closes aborted, want the one whose slot was taken", n)
+		}
+		if st := p.Stats(); st.Open != 2 {
+			t.Errorf("Open = %d after the reclaim, want 2: the budget", st.Open)
+		}
+		if err := p.Reserve(); err != nil {
+			t.Fatalf("second Reserve = %v", err)
+		}
+		if err := p.Reserve(); !errors.Is(err, ErrFull) {
+			t.Fatalf("third Reserve = %v, want ErrFull: nothing left to reclaim", err)
+		}
+		synctest.Wait()
+		if st := p.Stats(); st.Open != 2 || st.Closing != 0 {
+			t.Errorf("stats %+v, want the 2 reserved slots and nothing closing", st)
+		}
+	})
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }

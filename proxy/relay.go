@@ -1088,6 +1088,14 @@ func (rl *relay) pumpLoop() error {
 				rl.setDirty("ENABLE")
 			case hasPrefixFold(l, "* OK"), hasPrefixFold(l, "* CAPABILITY"):
 				text = true
+				if hasPrefixFold(l, "* OK [CLOSED]") {
+					// The mailbox is left, even when the command
+					// that left it then fails (Dovecot: a SELECT
+					// refused with BAD for a bad modifier).
+					rl.mu.Lock()
+					rl.selected = false
+					rl.mu.Unlock()
+				}
 				if !more {
 					line = filterCaps(line)
 				}
@@ -1151,6 +1159,15 @@ func (rl *relay) armLocked(fresh bool) {
 	rl.up.conn.SetReadDeadline(now.Add(timeout))
 }
 
+func (rl *relay) idleInFlightLocked() bool {
+	for _, p := range rl.inflight {
+		if p.kind == kindIdle {
+			return true
+		}
+	}
+	return false
+}
+
 // owedLocked reports whether the backend owes an answer: a command is in
 // flight other than an IDLE it has acknowledged.
 func (rl *relay) owedLocked() bool {
@@ -1179,7 +1196,8 @@ func (rl *relay) continuation() {
 	case rl.litSeq != 0:
 		rl.litSeq = 0
 		rl.signalLit(true)
-	case rl.idling && !rl.idleAcked:
+	case !rl.idleAcked && rl.idleInFlightLocked():
+		// Also when the client sent DONE before the "+" came.
 		rl.idleAcked = true
 	default:
 		rl.dirtyLocked("unexpected continuation request")
@@ -1437,7 +1455,6 @@ const probeWait = 5 * time.Millisecond
 var errClientGone = errors.New("client connection lost")
 
 func clientGone(err error) error { return errors.Join(errClientGone, err) }
-
 
 // release gives back the connection budget slot of a dropped upstream.
 func (rl *relay) release() { rl.sess.srv.pool.Release() }
