@@ -32,6 +32,10 @@ FUZZTIME="${FUZZTIME:-}"
 # go.mod and go.sum must be as go mod tidy leaves them.
 go mod tidy -diff
 go vet ./...
+# The daemon builds on the platforms Go serves it to, not only on Linux.
+for os in darwin freebsd windows; do
+	GOOS=$os go build -o /dev/null ./cmd/imapproxy
+done
 go test -race -count=1 -timeout 20m ./...
 
 # Each fuzz target for a bounded number of runs; crashers land in testdata/fuzz/ and

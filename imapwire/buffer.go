@@ -63,7 +63,7 @@ func (b *lazyBuf) reset(src io.Reader) {
 	// would say nothing).
 	if sc, ok := src.(interface {
 		SyscallConn() (syscall.RawConn, error)
-	}); ok {
+	}); ok && rawReads {
 		if raw, err := sc.SyscallConn(); err == nil {
 			b.raw = raw
 			if b.readFn == nil {
@@ -131,26 +131,6 @@ func (b *lazyBuf) rawFill() error {
 	}
 	b.w += n
 	return nil
-}
-
-// readRaw is the callback of rawFill: false asks the runtime to wait for
-// readability and call again.
-func (b *lazyBuf) readRaw(fd uintptr) bool {
-	if b.buf == nil {
-		b.buf = getBuf()
-	}
-	for {
-		b.n, b.rerr = syscall.Read(int(fd), b.buf[b.w:])
-		if b.rerr != syscall.EINTR {
-			break
-		}
-	}
-	if b.rerr == syscall.EAGAIN {
-		b.n, b.rerr = 0, nil
-		b.release()
-		return false
-	}
-	return true
 }
 
 // wait reads into an empty buffer once the socket is readable.
