@@ -76,15 +76,7 @@ func (b *bench) compareCluster(ctx context.Context, rep *report, one, three *tar
 	if err != nil {
 		return err
 	}
-	var cps, p50 []float64
-	var perRound []string
-	for _, got := range res {
-		cps = append(cps, got[1].CyclesPerS/got[0].CyclesPerS)
-		if got[0].CycleMS.P50 > 0 {
-			p50 = append(p50, got[1].CycleMS.P50/got[0].CycleMS.P50)
-		}
-		perRound = append(perRound, fmt.Sprintf("%.0f/%.0f", got[1].CyclesPerS, got[0].CyclesPerS))
-	}
+	cps, p50, perRound := webmailRatios(res, 1, 0)
 	rep.notes = append(rep.notes, fmt.Sprintf(
 		"cluster-mode cost (webmail c8, warm, %d alternating rounds of %v, both instances up): "+
 			"cycles/s 3 via Consul / 1 static per round %s; median ratio of cycles/s %.3f, of cycle p50 %.3f",
@@ -170,15 +162,8 @@ func (b *bench) compareBaseline(ctx context.Context, rep *report) error {
 	if err != nil {
 		return err
 	}
-	var cps, p50 []float64
-	var perRound []string
-	for _, got := range res {
-		cps = append(cps, got[0].CyclesPerS/got[1].CyclesPerS)
-		if got[1].CycleMS.P50 > 0 {
-			p50 = append(p50, got[0].CycleMS.P50/got[1].CycleMS.P50)
-		}
-		perRound = append(perRound, fmt.Sprintf("%.0f/%.0f", got[0].CyclesPerS, got[1].CyclesPerS))
-	}
+	cps, p50, perRound := webmailRatios(res, 0, 1)
+	var mbs []float64
 	rep.notes = append(rep.notes, fmt.Sprintf(
 		"against %s (webmail c%d, warm, %d alternating rounds of %v, both up): cycles/s this / baseline per round %s; "+
 			"median ratio of cycles/s %.3f, of cycle p50 %.3f",
@@ -187,7 +172,6 @@ func (b *bench) compareBaseline(ctx context.Context, rep *report) error {
 	if err != nil {
 		return err
 	}
-	var mbs []float64
 	perRound = perRound[:0]
 	for _, got := range res {
 		if got[1].MBPerS > 0 {
@@ -199,6 +183,20 @@ func (b *bench) compareBaseline(ctx context.Context, rep *report) error {
 		"against %s (bulk c%d, %d alternating rounds of %v, both up): MB/s this / baseline per round %s; median ratio %.3f",
 		b.o.baseline, bulk.conc, rounds, bulk.dur, strings.Join(perRound, ", "), median(mbs)))
 	return nil
+}
+
+// webmailRatios are the per-round ratios of instance x to instance y in
+// alternating webmail rounds: cycles/s, cycle p50, and the rounds' cycles/s
+// as "x/y".
+func webmailRatios(res [][]*summary, x, y int) (cps, p50 []float64, perRound []string) {
+	for _, got := range res {
+		cps = append(cps, got[x].CyclesPerS/got[y].CyclesPerS)
+		if got[y].CycleMS.P50 > 0 {
+			p50 = append(p50, got[x].CycleMS.P50/got[y].CycleMS.P50)
+		}
+		perRound = append(perRound, fmt.Sprintf("%.0f/%.0f", got[x].CyclesPerS, got[y].CyclesPerS))
+	}
+	return cps, p50, perRound
 }
 
 func median(v []float64) float64 {
