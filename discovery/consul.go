@@ -251,32 +251,20 @@ func (w *Watcher) Run(ctx context.Context, update func([]Backend)) error {
 	defer w.running.Store(false)
 
 	var (
-		index      uint64    // WaitIndex of the next query
-		last       []Backend // last set delivered; nil before the first
-		failures   uint64
-		timer      = time.NewTimer(0)
-		minB, maxB = w.opts.minBackoff(), w.opts.maxBackoff()
+		index uint64    // WaitIndex of the next query
+		last  []Backend // last set delivered; nil before the first
 	)
-	timer.Stop() // Go 1.23+ timers: no stale tick after Stop or Reset
-	defer timer.Stop()
-	// pause waits d, or until ctx is done (then it reports false).
-	pause := func(d time.Duration) bool {
-		timer.Reset(d)
-		select {
-		case <-ctx.Done():
-			return false
-		case <-timer.C:
-			return true
-		}
+	loop := retryLoop{
+		minBackoff: w.opts.minBackoff(),
+		maxBackoff: w.opts.maxBackoff(),
+		failed:     w.queryFailed,
+		recovered: func(failures uint64) {
+			w.log.Info("consul query succeeded again", "failures", failures)
+		},
 	}
-
-	for {
+	loop.run(ctx, func(ctx context.Context) (time.Duration, error) {
 		start := time.Now()
 		entries, meta, err := w.query(ctx, index)
-		if ctx.Err() != nil {
-			w.log.Debug("consul watcher stopped")
-			return nil
-		}
 		if err != nil {
 			// The next query does not block: after losing contact the
 			// watcher cannot tell whether its index still belongs to the
@@ -284,24 +272,10 @@ func (w *Watcher) Run(ctx context.Context, update func([]Backend)) error {
 			// starts lower, and a query at the old index would hang until
 			// the new index passed it or WaitTime ran out.
 			index = 0
-			failures++
-			d := backoff(minB, maxB, failures, rand.Float64())
-			w.recordFailure(err, failures)
-			if failures == 1 {
-				w.log.Warn("consul query failed", "error", err, "retry_in", d)
-			} else {
-				w.log.Debug("consul query failed again", "error", err, "failures", failures, "retry_in", d)
-			}
-			w.observe()
-			if !pause(d) {
-				return nil
-			}
-			continue
+			return 0, err
 		}
-
-		if failures > 0 {
-			w.log.Info("consul query succeeded again", "failures", failures)
-			failures = 0
+		if ctx.Err() != nil {
+			return 0, ctx.Err() // an answer after cancel is not delivered
 		}
 		prev := index
 		index = nextIndex(prev, meta.LastIndex)
@@ -322,13 +296,13 @@ func (w *Watcher) Run(ctx context.Context, update func([]Backend)) error {
 			update(slices.Clone(set))
 		}
 		w.observe()
-
 		if wait := w.minInterval - time.Since(start); wait > 0 {
-			if !pause(wait + rand.N(queryJitter)) {
-				return nil
-			}
+			return wait + rand.N(queryJitter), nil
 		}
-	}
+		return 0, nil
+	})
+	w.log.Debug("consul watcher stopped")
+	return nil
 }
 
 // query is one blocking health query for the passing instances.
@@ -350,12 +324,21 @@ func (w *Watcher) query(ctx context.Context, index uint64) ([]*api.ServiceEntry,
 	return entries, meta, nil
 }
 
-func (w *Watcher) recordFailure(err error, failures uint64) {
+// queryFailed records and logs the failures-th failed query in a row:
+// a warning for the first of a streak, so that an agent that stays away
+// does not flood the log.
+func (w *Watcher) queryFailed(err error, failures uint64, retryIn time.Duration) {
 	w.mu.Lock()
-	defer w.mu.Unlock()
 	w.status.Healthy = false
 	w.status.LastError = err.Error()
 	w.status.Failures = failures
+	w.mu.Unlock()
+	if failures == 1 {
+		w.log.Warn("consul query failed", "error", err, "retry_in", retryIn)
+	} else {
+		w.log.Debug("consul query failed again", "error", err, "failures", failures, "retry_in", retryIn)
+	}
+	w.observe()
 }
 
 func (w *Watcher) recordSuccess(now time.Time, changed bool, n int) {
@@ -390,22 +373,6 @@ func nextIndex(prev, got uint64) uint64 {
 		return 1
 	}
 	return got
-}
-
-// backoff is the pause after the n-th consecutive failure (n >= 1): minB
-// doubled n-1 times, capped at maxB, less a random part of up to half of
-// it ("equal jitter"), so within (d/2, d]. r is uniform in [0, 1).
-func backoff(minB, maxB time.Duration, n uint64, r float64) time.Duration {
-	d := minB
-	for i := uint64(1); i < n && d < maxB; i++ {
-		if d > maxB/2 {
-			d = maxB
-			break
-		}
-		d *= 2
-	}
-	d = min(d, maxB)
-	return d - time.Duration(r*float64(d/2))
 }
 
 // problem is something in Consul's answer the watcher ignored, as an

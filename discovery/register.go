@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/netip"
@@ -320,42 +319,24 @@ func (r *Registrar) Run(ctx context.Context) error {
 	}
 	defer r.running.Store(false)
 
-	var (
-		registered bool // by this Run, and the agent has not said otherwise since
-		failures   uint64
-		timer      = time.NewTimer(0)
-		minB, maxB = r.opts.Consul.minBackoff(), r.opts.Consul.maxBackoff()
-	)
-	timer.Stop()
-	defer timer.Stop()
-
-	for ctx.Err() == nil {
+	registered := false // by this Run, and the agent has not said otherwise since
+	loop := retryLoop{
+		minBackoff: r.opts.Consul.minBackoff(),
+		maxBackoff: r.opts.Consul.maxBackoff(),
+		failed:     r.callFailed,
+		recovered: func(failures uint64) {
+			r.log.Info("consul registration succeeded again", "failures", failures)
+		},
+	}
+	loop.run(ctx, func(ctx context.Context) (time.Duration, error) {
 		var err error
 		registered, err = r.sync(ctx, registered)
-		if ctx.Err() != nil {
-			break
+		if err != nil || ctx.Err() != nil {
+			return 0, err // after cancel, deregister has the last word
 		}
-		d := r.opts.checkInterval()
-		if err != nil {
-			failures++
-			d = backoff(minB, maxB, failures, rand.Float64())
-			r.recordFailure(err, failures)
-			// The error names the agent's address and the service ID,
-			// never the token, which travels in a header.
-			r.log.Warn("consul registration failed", "error", err, "failures", failures, "retry_in", d)
-		} else {
-			if failures > 0 {
-				r.log.Info("consul registration succeeded again", "failures", failures)
-				failures = 0
-			}
-			r.recordSuccess(time.Now())
-		}
-		timer.Reset(d)
-		select {
-		case <-ctx.Done():
-		case <-timer.C:
-		}
-	}
+		r.recordSuccess(time.Now())
+		return r.opts.checkInterval(), nil
+	})
 	r.deregister(ctx)
 	return nil
 }
@@ -434,12 +415,16 @@ func notFound(err error) bool {
 	return errors.As(err, &se) && se.Code == http.StatusNotFound
 }
 
-func (r *Registrar) recordFailure(err error, failures uint64) {
+// callFailed records and logs the failures-th failed call in a row.
+func (r *Registrar) callFailed(err error, failures uint64, retryIn time.Duration) {
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	r.status.Registered = false
 	r.status.LastError = err.Error()
 	r.status.Failures = failures
+	r.mu.Unlock()
+	// The error names the agent's address and the service ID, never the
+	// token, which travels in a header.
+	r.log.Warn("consul registration failed", "error", err, "failures", failures, "retry_in", retryIn)
 }
 
 func (r *Registrar) recordSuccess(now time.Time) {
