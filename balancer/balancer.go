@@ -66,8 +66,8 @@ type Options struct {
 }
 
 // Ring is an immutable rendezvous table. A changed backend set gets a new
-// Ring (see Holder) rather than an edit, so lookups need no lock. The zero
-// Ring, and a nil *Ring, are empty.
+// Ring rather than an edit, published by swapping a pointer, so lookups
+// need no lock. The zero Ring, and a nil *Ring, are empty.
 type Ring struct {
 	backends []Backend // sorted by ID, weights normalised
 	// idHash[i] = Hash(backends[i].ID) and weight[i] = backends[i].Weight,

@@ -7,7 +7,6 @@ import (
 	"math/rand/v2"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/cespare/xxhash/v2"
@@ -543,47 +542,6 @@ func TestPickAllocs(t *testing.T) {
 				t.Errorf("%s: Order(%q) with room in dst allocates %v times, want 0", name, user, n)
 			}
 		}
-	}
-}
-
-func TestHolder(t *testing.T) {
-	var h Holder
-	if r := h.Load(); r == nil || r.Len() != 0 {
-		t.Fatalf("zero Holder: Load() = %v, want an empty ring", r)
-	}
-	if _, ok := h.Load().Pick("alice"); ok {
-		t.Errorf("zero Holder: Pick(%q) reported a backend", "alice")
-	}
-
-	rings := []*Ring{New(nodes(3, nil), Options{}), New(nodes(5, nil), Options{})}
-	var wg sync.WaitGroup
-	for g := range 4 {
-		wg.Go(func() {
-			for i := range 1000 {
-				if g == 0 {
-					h.Store(rings[i%2])
-					continue
-				}
-				r := h.Load()
-				if r == nil {
-					t.Error("Load() = nil")
-					return
-				}
-				if n := r.Len(); n != 0 && n != 3 && n != 5 {
-					t.Errorf("Load().Len() = %d, want 0, 3 or 5", n)
-					return
-				}
-				r.Pick("alice")
-			}
-		})
-	}
-	wg.Wait()
-	if got := h.Load(); got != rings[1] {
-		t.Errorf("after the last Store, Load() = %p, want %p", got, rings[1])
-	}
-	h.Store(nil)
-	if r := h.Load(); r == nil || r.Len() != 0 {
-		t.Errorf("after Store(nil): Load() = %v, want an empty ring", r)
 	}
 }
 
