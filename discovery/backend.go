@@ -1,7 +1,9 @@
 // Package discovery finds the upstream IMAP servers: a Consul watcher that
 // follows a service's healthy instances with blocking queries, and a static
 // list. Both emit sorted, de-duplicated backend sets through an update
-// callback; the package knows nothing of pools or balancers.
+// callback, which a Damper may stand between to hold back flapping
+// backends; the package knows nothing of pools or balancers. A Registrar
+// keeps the proxy's own service registered with the local Consul agent.
 package discovery
 
 import (
