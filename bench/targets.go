@@ -10,7 +10,9 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -203,6 +205,9 @@ func (b *bench) startImapproxyBin(ctx context.Context, bin, label string, bes []
 		if err := os.WriteFile(confPath, []byte(cfg.String()), 0o644); err != nil {
 			return nil, err
 		}
+		if err := fitConfig(ctx, bin, confPath); err != nil {
+			return nil, err
+		}
 		in, err := b.startGreeting("imapproxy "+label, strings.TrimSuffix(confPath, ".hcl")+".log", hostPort(port), bin, "-config", confPath)
 		if err != nil {
 			return nil, err
@@ -218,6 +223,43 @@ func (b *bench) startImapproxyBin(ctx context.Context, bin, label string, bes []
 		}
 		return in, nil
 	})
+}
+
+// fitConfig drops from the generated config at path the settings that
+// bin, a build of another revision (-baseline), does not know: the bench
+// lifts limits that later revisions added, and an older build must still
+// start with the rest. A config bin accepts is left as it is.
+func fitConfig(ctx context.Context, bin, path string) error {
+	unknown := regexp.MustCompile(`:(\d+): Unsupported argument; An argument named "[^"]+" is not expected here`)
+	for range 10 {
+		out, err := exec.CommandContext(ctx, bin, "-check-config", "-config", path).CombinedOutput()
+		if err == nil {
+			return nil
+		}
+		drop := map[int]bool{}
+		for _, m := range unknown.FindAllStringSubmatch(string(out), -1) {
+			n, _ := strconv.Atoi(m[1])
+			drop[n] = true
+		}
+		if len(drop) == 0 {
+			return fmt.Errorf("%s -check-config: %v\n%s", bin, err, out)
+		}
+		text, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		lines := strings.Split(string(text), "\n")
+		kept := lines[:0]
+		for i, l := range lines {
+			if !drop[i+1] {
+				kept = append(kept, l)
+			}
+		}
+		if err := os.WriteFile(path, []byte(strings.Join(kept, "\n")), 0o644); err != nil {
+			return err
+		}
+	}
+	return fmt.Errorf("%s -check-config: still failing after dropping unknown settings", bin)
 }
 
 const (
