@@ -143,18 +143,18 @@ type ErrorBody struct {
 }
 
 // api serves /api/.
-func (a *Handler) api() http.Handler {
+func (h *Handler) api() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /api/v1/status", a.getStatus)
-	mux.HandleFunc("GET /api/v1/backends", a.getBackends)
-	mux.HandleFunc("GET /api/v1/users/{user}", a.getUser)
-	mux.HandleFunc("POST /api/v1/backends/{id}/drain", a.drain)
-	mux.HandleFunc("DELETE /api/v1/backends/{id}/drain", a.undrain)
-	mux.HandleFunc("POST /api/v1/users/{user}/kick", a.kick)
-	mux.HandleFunc("POST /api/v1/cache/flush", a.flush)
-	mux.HandleFunc("GET /api/v1/traces", a.getTraces)
-	mux.HandleFunc("POST /api/v1/users/{user}/trace", a.startTrace)
-	mux.HandleFunc("DELETE /api/v1/users/{user}/trace", a.stopTrace)
+	mux.HandleFunc("GET /api/v1/status", h.getStatus)
+	mux.HandleFunc("GET /api/v1/backends", h.getBackends)
+	mux.HandleFunc("GET /api/v1/users/{user}", h.getUser)
+	mux.HandleFunc("POST /api/v1/backends/{id}/drain", h.drain)
+	mux.HandleFunc("DELETE /api/v1/backends/{id}/drain", h.undrain)
+	mux.HandleFunc("POST /api/v1/users/{user}/kick", h.kick)
+	mux.HandleFunc("POST /api/v1/cache/flush", h.flush)
+	mux.HandleFunc("GET /api/v1/traces", h.getTraces)
+	mux.HandleFunc("POST /api/v1/users/{user}/trace", h.startTrace)
+	mux.HandleFunc("DELETE /api/v1/users/{user}/trace", h.stopTrace)
 	// ServeMux answers a wrong method with a text 405 of its own; these
 	// less specific patterns catch it first and answer in JSON.
 	for path, allow := range map[string]string{
@@ -181,7 +181,7 @@ func (a *Handler) api() http.Handler {
 	csrf.SetDenyHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusForbidden, "cross-origin request refused")
 	}))
-	return a.authorize(csrf.Handler(mux))
+	return h.authorize(csrf.Handler(mux))
 }
 
 // hostAllowed guards a token-less API against DNS rebinding: a page whose
@@ -199,11 +199,11 @@ func hostAllowed(r *http.Request) bool {
 }
 
 // authorize requires the bearer token, when there is one.
-func (a *Handler) authorize(next http.Handler) http.Handler {
-	if a.tokenSum == nil {
+func (h *Handler) authorize(next http.Handler) http.Handler {
+	if h.tokenSum == nil {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if !hostAllowed(r) {
-				a.log.Warn("admin request refused: Host is a name and no token is set", "remote", r.RemoteAddr, "host", r.Host)
+				h.log.Warn("admin request refused: Host is a name and no token is set", "remote", r.RemoteAddr, "host", r.Host)
 				writeError(w, http.StatusForbidden, "Host must be an IP address or localhost (or set admin.token_file)")
 				return
 			}
@@ -213,8 +213,8 @@ func (a *Handler) authorize(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		tok, ok := bearerToken(r)
 		sum := sha256.Sum256([]byte(tok))
-		if !ok || subtle.ConstantTimeCompare(sum[:], a.tokenSum[:]) != 1 {
-			a.log.Warn("admin request refused: missing or wrong token", "remote", r.RemoteAddr, "method", r.Method, "path", r.URL.Path)
+		if !ok || subtle.ConstantTimeCompare(sum[:], h.tokenSum[:]) != 1 {
+			h.log.Warn("admin request refused: missing or wrong token", "remote", r.RemoteAddr, "method", r.Method, "path", r.URL.Path)
 			w.Header().Set("WWW-Authenticate", `Bearer realm="imapproxy admin"`)
 			writeError(w, http.StatusUnauthorized, "missing or wrong bearer token")
 			return
@@ -233,10 +233,10 @@ func bearerToken(r *http.Request) (string, bool) {
 	return strings.TrimSpace(tok), true
 }
 
-func (a *Handler) getStatus(w http.ResponseWriter, r *http.Request) {
-	st, ps, ds := a.srv.Stats(), a.srv.Pool().Stats(), a.opts.source()
+func (h *Handler) getStatus(w http.ResponseWriter, r *http.Request) {
+	st, ps, ds := h.srv.Stats(), h.srv.Pool().Stats(), h.opts.source()
 	out := Status{
-		UptimeSeconds: time.Since(a.start).Seconds(),
+		UptimeSeconds: time.Since(h.start).Seconds(),
 		Sessions:      st.Sessions,
 		Logins: Logins{
 			Client:      st.LoginsFresh + st.LoginsReused,
@@ -264,7 +264,7 @@ func (a *Handler) getStatus(w http.ResponseWriter, r *http.Request) {
 			LastSuccessAgeSeconds: time.Since(ds.LastSuccess).Seconds(),
 			Backends:              ds.Backends,
 		},
-		Backends: a.backends(),
+		Backends: h.backends(),
 	}
 	out.ReuseRatio = reuseRatio(st)
 	if n := ps.Hits + ps.Misses; n > 0 {
@@ -273,14 +273,14 @@ func (a *Handler) getStatus(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, out)
 }
 
-func (a *Handler) getBackends(w http.ResponseWriter, r *http.Request) {
+func (h *Handler) getBackends(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, struct {
 		Backends []Backend `json:"backends"`
-	}{a.backends()})
+	}{h.backends()})
 }
 
-func (a *Handler) backends() []Backend {
-	bs := a.srv.BackendStatus()
+func (h *Handler) backends() []Backend {
+	bs := h.srv.BackendStatus()
 	out := make([]Backend, 0, len(bs))
 	for _, b := range bs {
 		ab := Backend{
@@ -311,8 +311,8 @@ func backendState(down, drained bool) string {
 	return "up"
 }
 
-func (a *Handler) getUser(w http.ResponseWriter, r *http.Request) {
-	ui := a.srv.UserInfo(r.PathValue("user"))
+func (h *Handler) getUser(w http.ResponseWriter, r *http.Request) {
+	ui := h.srv.UserInfo(r.PathValue("user"))
 	out := User{
 		User: ui.User, HashKey: ui.Key, Backend: ui.Backend,
 		Order: []Choice{}, Sessions: []Session{}, Cached: []Cached{},
@@ -332,36 +332,36 @@ func (a *Handler) getUser(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, out)
 }
 
-func (a *Handler) drain(w http.ResponseWriter, r *http.Request) {
+func (h *Handler) drain(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	if err := a.srv.DrainBackend(id); err != nil {
+	if err := h.srv.DrainBackend(id); err != nil {
 		writeError(w, errorStatus(err), err.Error())
 		return
 	}
-	a.log.Info("admin: backend drained", "backend", id, "remote", r.RemoteAddr)
+	h.log.Info("admin: backend drained", "backend", id, "remote", r.RemoteAddr)
 	writeJSON(w, http.StatusOK, Drain{Backend: id, Drained: true})
 }
 
-func (a *Handler) undrain(w http.ResponseWriter, r *http.Request) {
+func (h *Handler) undrain(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	if err := a.srv.UndrainBackend(id); err != nil {
+	if err := h.srv.UndrainBackend(id); err != nil {
 		writeError(w, errorStatus(err), err.Error())
 		return
 	}
-	a.log.Info("admin: backend undrained", "backend", id, "remote", r.RemoteAddr)
+	h.log.Info("admin: backend undrained", "backend", id, "remote", r.RemoteAddr)
 	writeJSON(w, http.StatusOK, Drain{Backend: id, Drained: false})
 }
 
-func (a *Handler) kick(w http.ResponseWriter, r *http.Request) {
+func (h *Handler) kick(w http.ResponseWriter, r *http.Request) {
 	user := r.PathValue("user")
-	sessions, cached := a.srv.KickUser(user)
-	a.log.Info("admin: user kicked", "user", user, "sessions", sessions, "cached", cached, "remote", r.RemoteAddr)
+	sessions, cached := h.srv.KickUser(user)
+	h.log.Info("admin: user kicked", "user", user, "sessions", sessions, "cached", cached, "remote", r.RemoteAddr)
 	writeJSON(w, http.StatusOK, Kick{User: user, Sessions: sessions, Cached: cached})
 }
 
-func (a *Handler) flush(w http.ResponseWriter, r *http.Request) {
-	n := a.srv.FlushCache()
-	a.log.Info("admin: cache flushed", "closed", n, "remote", r.RemoteAddr)
+func (h *Handler) flush(w http.ResponseWriter, r *http.Request) {
+	n := h.srv.FlushCache()
+	h.log.Info("admin: cache flushed", "closed", n, "remote", r.RemoteAddr)
 	writeJSON(w, http.StatusOK, Flush{Closed: n})
 }
 
@@ -377,9 +377,9 @@ func toTrace(t proxy.TraceInfo) Trace {
 	return Trace{User: t.User, Path: t.Path, Started: t.Started.UTC(), Bytes: t.Bytes}
 }
 
-func (a *Handler) getTraces(w http.ResponseWriter, r *http.Request) {
+func (h *Handler) getTraces(w http.ResponseWriter, r *http.Request) {
 	out := []Trace{}
-	for _, t := range a.srv.Traces() {
+	for _, t := range h.srv.Traces() {
 		out = append(out, toTrace(t))
 	}
 	writeJSON(w, http.StatusOK, out)
@@ -388,9 +388,9 @@ func (a *Handler) getTraces(w http.ResponseWriter, r *http.Request) {
 // startTrace traces a user into a new file in admin.trace_dir. The file
 // name is made here, from the user name with anything unusual replaced:
 // an API caller never chooses a path.
-func (a *Handler) startTrace(w http.ResponseWriter, r *http.Request) {
+func (h *Handler) startTrace(w http.ResponseWriter, r *http.Request) {
 	user := r.PathValue("user")
-	if a.opts.TraceDir == "" {
+	if h.opts.TraceDir == "" {
 		writeError(w, http.StatusConflict, "tracing is disabled: set admin.trace_dir")
 		return
 	}
@@ -400,8 +400,8 @@ func (a *Handler) startTrace(w http.ResponseWriter, r *http.Request) {
 		}
 		return '_'
 	}, user)
-	path := filepath.Join(a.opts.TraceDir, name+"-"+time.Now().UTC().Format("20060102T150405.000Z")+".trace")
-	if err := a.srv.StartTrace(user, path); err != nil {
+	path := filepath.Join(h.opts.TraceDir, name+"-"+time.Now().UTC().Format("20060102T150405.000Z")+".trace")
+	if err := h.srv.StartTrace(user, path); err != nil {
 		code := http.StatusInternalServerError
 		switch {
 		case errors.Is(err, proxy.ErrTraceActive):
@@ -412,13 +412,13 @@ func (a *Handler) startTrace(w http.ResponseWriter, r *http.Request) {
 		writeError(w, code, err.Error())
 		return
 	}
-	a.log.Info("admin: trace started", "user", user, "path", path, "remote", r.RemoteAddr)
+	h.log.Info("admin: trace started", "user", user, "path", path, "remote", r.RemoteAddr)
 	writeJSON(w, http.StatusOK, Trace{User: user, Path: path, Started: time.Now().UTC()})
 }
 
-func (a *Handler) stopTrace(w http.ResponseWriter, r *http.Request) {
+func (h *Handler) stopTrace(w http.ResponseWriter, r *http.Request) {
 	user := r.PathValue("user")
-	info, err := a.srv.StopTrace(user)
+	info, err := h.srv.StopTrace(user)
 	if err != nil {
 		code := http.StatusInternalServerError
 		if errors.Is(err, proxy.ErrNoTrace) {
@@ -427,7 +427,7 @@ func (a *Handler) stopTrace(w http.ResponseWriter, r *http.Request) {
 		writeError(w, code, err.Error())
 		return
 	}
-	a.log.Info("admin: trace stopped", "user", user, "path", info.Path, "bytes", info.Bytes, "remote", r.RemoteAddr)
+	h.log.Info("admin: trace stopped", "user", user, "path", info.Path, "bytes", info.Bytes, "remote", r.RemoteAddr)
 	writeJSON(w, http.StatusOK, toTrace(info))
 }
 

@@ -226,3 +226,22 @@ func TestAdminAPIEndpoints(t *testing.T) {
 		t.Errorf("flush = %d %s", code, body)
 	}
 }
+
+// TestZeroOptions: a Handler with zero Options serves every path: no
+// source, listener state, registry or logger is needed, and no token.
+func TestZeroOptions(t *testing.T) {
+	srv := proxy.New(proxy.Options{})
+	srv.SetBackends([]proxy.Backend{{ID: "b0", Addr: "127.0.0.1:1", Weight: 1}})
+	h := New(srv, Options{})
+	for _, path := range []string{"/healthz", "/readyz", "/metrics", "/api/v1/status", "/api/v1/users/alice"} {
+		if code, _, body := call(h, "GET", path); code != http.StatusOK {
+			t.Errorf("GET %s = %d %s, want 200", path, code, body)
+		}
+	}
+	if code, _, body := call(h, "POST", "/api/v1/users/alice/trace"); code != http.StatusConflict {
+		t.Errorf("trace without a trace dir = %d %s, want 409", code, body)
+	}
+	if code, _, body := call(h, "POST", "/api/v1/backends/b0/drain"); code != http.StatusConflict {
+		t.Errorf("drain of the last backend = %d %s, want 409 (and a log line to nowhere)", code, body)
+	}
+}
