@@ -1,14 +1,24 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"net/http/httptest"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/imapproxy/imapproxy/admin"
+	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/pool"
+	"github.com/imapproxy/imapproxy/proxy"
 )
 
 // testAdminDrain drains one of the three backends through the admin API
@@ -118,6 +128,135 @@ func (c *cluster) testAdminDrain(t *testing.T) {
 	for u, r := range c.round(t, d, movers) {
 		if r.backend != drained.id {
 			t.Errorf("undrained: %s on %s, want %s", u, r.backend, drained.id)
+		}
+	}
+}
+
+// call serves one request and returns the status and body.
+func call(h http.Handler, method, path string, hdr ...string) (int, http.Header, string) {
+	req := httptest.NewRequest(method, path, nil)
+	req.Host = "127.0.0.1:9143" // as curl or `imapproxy status` would send
+	for i := 0; i+1 < len(hdr); i += 2 {
+		if hdr[i] == "Host" {
+			req.Host = hdr[i+1]
+			continue
+		}
+		req.Header.Set(hdr[i], hdr[i+1])
+	}
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, req)
+	return rec.Code, rec.Header(), rec.Body.String()
+}
+
+// TestAdminAPIAgainstDovecot: through the HTTP layer, a user's session and
+// cached connection show up, a kick ends the session with a BYE, and no
+// answer holds the password.
+func TestAdminAPIAgainstDovecot(t *testing.T) {
+	dc := dovecottest.StartT(t, dovecottest.Options{Name: "backend-1", Users: 1, Messages: 1})
+	user := dovecottest.UserName(1)
+	pass := dc.PasswordOf(user)
+	srv := proxy.New(proxy.Options{Pool: pool.New(pool.Options{}), Dialer: &proxy.Dialer{Timeout: 2 * time.Second, CheckTimeout: 2 * time.Second}})
+	srv.SetBackends([]proxy.Backend{{ID: dc.Name, Addr: dc.Addr, Weight: 1}})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln, proxy.TLSNone)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(ctx)
+	})
+	traceDir := t.TempDir()
+	h := admin.New(srv, admin.Options{
+		Source:   func() admin.SourceStatus { return admin.SourceStatus{Kind: "static", Healthy: true} },
+		TraceDir: traceDir,
+	})
+
+	login := func() *imapConn {
+		t.Helper()
+		c, err := dialIMAP(ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(c.close)
+		if res, err := c.login(user, pass); err != nil || !res.ok() {
+			t.Fatalf("LOGIN: %v %s", err, res)
+		}
+		return c
+	}
+	if err := login().logout(); err != nil {
+		t.Fatal(err)
+	}
+	// The second login reuses the first's connection; the third needs a
+	// new one, which its LOGOUT caches before it is answered.
+	active := login()
+	if err := login().logout(); err != nil {
+		t.Fatal(err)
+	}
+	var bodies []string
+	var u admin.User
+	_, _, body := call(h, "GET", "/api/v1/users/"+user)
+	bodies = append(bodies, body)
+	if err := json.Unmarshal([]byte(body), &u); err != nil {
+		t.Fatal(err)
+	}
+	if u.Active != 1 || len(u.Sessions) != 1 || len(u.Cached) != 1 || u.Sessions[0].Client != active.conn.LocalAddr().String() || u.Sessions[0].User != user {
+		t.Fatalf("user = %+v", u)
+	}
+	_, _, body = call(h, "GET", "/api/v1/status")
+	bodies = append(bodies, body)
+	var st admin.Status
+	if err := json.Unmarshal([]byte(body), &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Logins.Client != 3 || st.Logins.Backend != 2 || st.ReuseRatio != 1.5 || st.Backends[0].Active != 1 || st.Backends[0].Cached != 1 {
+		t.Errorf("status = %+v", st)
+	}
+
+	// A trace of the user, through the API: only inside trace_dir, no
+	// password in it.
+	code, _, body := call(h, "POST", "/api/v1/users/"+user+"/trace")
+	var tr admin.Trace
+	if code != 200 || json.Unmarshal([]byte(body), &tr) != nil || filepath.Dir(tr.Path) != traceDir {
+		t.Fatalf("start trace = %d %s", code, body)
+	}
+	if code, _, body := call(h, "POST", "/api/v1/users/"+user+"/trace"); code != http.StatusConflict {
+		t.Errorf("second start trace = %d %s, want 409", code, body)
+	}
+	traced := login()
+	if res, err := traced.cmd("SELECT INBOX"); err != nil || !res.ok() {
+		t.Fatalf("SELECT: %v %s", err, res)
+	}
+	if _, _, body := call(h, "GET", "/api/v1/traces"); !strings.Contains(body, tr.Path) {
+		t.Errorf("traces = %s, want %s listed", body, tr.Path)
+	}
+	code, _, body = call(h, "DELETE", "/api/v1/users/"+user+"/trace")
+	if code != 200 || json.Unmarshal([]byte(body), &tr) != nil || tr.Bytes == 0 {
+		t.Fatalf("stop trace = %d %s", code, body)
+	}
+	if code, _, _ := call(h, "DELETE", "/api/v1/users/"+user+"/trace"); code != http.StatusNotFound {
+		t.Errorf("second stop trace = %d, want 404", code)
+	}
+	b, err := os.ReadFile(tr.Path)
+	if err != nil || !strings.Contains(string(b), "SELECT INBOX") || strings.Contains(string(b), pass) {
+		t.Errorf("trace file (%v):\n%s", err, b)
+	}
+	traced.logout()
+
+	code, _, body = call(h, "POST", "/api/v1/users/"+user+"/kick")
+	bodies = append(bodies, body)
+	var k admin.Kick
+	if code != 200 || json.Unmarshal([]byte(body), &k) != nil || k.Sessions != 1 || k.Cached != 1 {
+		t.Fatalf("kick = %d %s", code, body)
+	}
+	lines, err := active.readToEOF()
+	if err != nil || len(lines) != 1 || !strings.HasPrefix(lines[0], "* BYE [UNAVAILABLE]") {
+		t.Errorf("kicked client got %q (%v), want a BYE [UNAVAILABLE] and EOF", lines, err)
+	}
+	for _, b := range bodies {
+		if strings.Contains(b, pass) {
+			t.Fatalf("an admin API answer holds the password: %s", b)
 		}
 	}
 }

@@ -17,6 +17,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/imapproxy/imapproxy/admin"
 	"github.com/imapproxy/imapproxy/config"
 )
 
@@ -140,7 +141,7 @@ func (c *adminClient) do(ctx context.Context, method, path string, v any) error 
 		return fmt.Errorf("%s %s: %w", method, path, err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		var e apiError
+		var e admin.ErrorBody
 		if json.Unmarshal(body, &e) == nil && e.Error != "" {
 			return fmt.Errorf("%s %s: %s: %s", method, path, resp.Status, e.Error)
 		}
@@ -176,7 +177,7 @@ func statusCmd(name string, args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if *once {
-		var st apiStatus
+		var st admin.Status
 		if err := c.do(ctx, http.MethodGet, "/api/v1/status", &st); err != nil {
 			return err
 		}
@@ -185,9 +186,9 @@ func statusCmd(name string, args []string) error {
 	}
 	tick := time.NewTicker(*interval)
 	defer tick.Stop()
-	var prev *apiStatus
+	var prev *admin.Status
 	for {
-		var st apiStatus
+		var st admin.Status
 		var out string
 		if err := c.do(ctx, http.MethodGet, "/api/v1/status", &st); err != nil {
 			if ctx.Err() != nil {
@@ -228,7 +229,7 @@ func mapCmd(args []string) error {
 	if err != nil {
 		return err
 	}
-	var u apiUser
+	var u admin.User
 	if err := c.do(context.Background(), http.MethodGet, "/api/v1/users/"+url.PathEscape(fs.Arg(0)), &u); err != nil {
 		return err
 	}
@@ -245,7 +246,7 @@ func parseErr(err error) error {
 
 // renderStatus is one screen of the status view. With prev, the status of
 // the refresh before, it shows rates over the time between the two.
-func renderStatus(st, prev *apiStatus) string {
+func renderStatus(st, prev *admin.Status) string {
 	var b strings.Builder
 	rate := "-"
 	if prev != nil {
@@ -280,7 +281,7 @@ func renderStatus(st, prev *apiStatus) string {
 }
 
 // renderUser is the output of the map subcommand.
-func renderUser(u *apiUser) string {
+func renderUser(u *admin.User) string {
 	var b strings.Builder
 	to := u.Backend
 	if to == "" {

@@ -11,7 +11,9 @@ import (
 	"sync/atomic"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/imapproxy/imapproxy/admin"
 	"github.com/imapproxy/imapproxy/config"
 	"github.com/imapproxy/imapproxy/discovery"
 	"github.com/imapproxy/imapproxy/internal/proxyproto"
@@ -41,7 +43,7 @@ type daemon struct {
 	reg atomic.Pointer[registration] // nil: not registered in Consul
 
 	discGen atomic.Uint64 // the discovery run whose updates count
-	status  atomic.Pointer[func() sourceStatus]
+	status  atomic.Pointer[func() admin.SourceStatus]
 
 	// adminAddr is the admin listener's address as bound at start (it
 	// changes only with a restart); "" without one.
@@ -143,11 +145,11 @@ func newDaemon(ctx context.Context, path string, cfg *config.Config, log hclog.L
 	return d, nil
 }
 
-func (d *daemon) sourceStatus() sourceStatus {
+func (d *daemon) sourceStatus() admin.SourceStatus {
 	if f := d.status.Load(); f != nil {
 		return (*f)()
 	}
-	return sourceStatus{}
+	return admin.SourceStatus{}
 }
 
 // startDiscovery starts a source for cfg and makes it the one whose sets
@@ -411,4 +413,34 @@ func (d *daemon) shutdown(ctx context.Context) error {
 // reloadStatus is what the metrics show of reloads.
 func (d *daemon) reloadCounts() (ok, failed uint64, lastFailed bool) {
 	return d.reloadsOK.Load(), d.reloadsFailed.Load(), d.lastReloadFailed.Load()
+}
+
+// registerReloadMetrics exposes the outcome of SIGHUP reloads, and the
+// proxy's own Consul registration.
+func registerReloadMetrics(reg prometheus.Registerer, d *daemon) {
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "imapproxy", Name: "consul_registered",
+		Help: "1 while Consul has this proxy's own registration (register block); 0 while it has not, and without the block."},
+		func() float64 {
+			if on, ok := d.registered(); on && ok {
+				return 1
+			}
+			return 0
+		}))
+	// One family, two series: the const label keeps the result apart.
+	for result, count := range map[string]func() uint64{
+		"success": func() uint64 { ok, _, _ := d.reloadCounts(); return ok },
+		"failure": func() uint64 { _, failed, _ := d.reloadCounts(); return failed },
+	} {
+		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "imapproxy", Name: "config_reloads_total",
+			Help: "Configuration reloads (SIGHUP), by result.", ConstLabels: prometheus.Labels{"result": result}},
+			func() float64 { return float64(count()) }))
+	}
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "imapproxy", Name: "config_last_reload_successful",
+		Help: "0 if the last configuration reload failed (the previous configuration is still running), else 1."},
+		func() float64 {
+			if _, _, failed := d.reloadCounts(); failed {
+				return 0
+			}
+			return 1
+		}))
 }

@@ -8,6 +8,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/imapproxy/imapproxy/admin"
 	"github.com/imapproxy/imapproxy/balancer"
 	"github.com/imapproxy/imapproxy/config"
 	"github.com/imapproxy/imapproxy/discovery"
@@ -19,15 +20,7 @@ type source interface {
 	Run(ctx context.Context, update func([]discovery.Backend)) error
 }
 
-// sourceStatus is what the admin view and metrics show of a source.
-type sourceStatus struct {
-	Kind        string // "static" or "consul"
-	Healthy     bool
-	LastSuccess time.Time
-	Backends    int
-}
-
-func newSource(cfg *config.Config, log hclog.Logger) (source, func() sourceStatus, error) {
+func newSource(cfg *config.Config, log hclog.Logger) (source, func() admin.SourceStatus, error) {
 	if cfg.Consul == nil {
 		bs := make([]discovery.Backend, 0, len(cfg.Backends))
 		for _, b := range cfg.Backends {
@@ -35,8 +28,8 @@ func newSource(cfg *config.Config, log hclog.Logger) (source, func() sourceStatu
 		}
 		start := time.Now()
 		n := len(discovery.Normalize(bs))
-		st := func() sourceStatus {
-			return sourceStatus{Kind: "static", Healthy: true, LastSuccess: start, Backends: n}
+		st := func() admin.SourceStatus {
+			return admin.SourceStatus{Kind: "static", Healthy: true, LastSuccess: start, Backends: n}
 		}
 		return &discovery.Static{Backends: bs}, st, nil
 	}
@@ -44,9 +37,9 @@ func newSource(cfg *config.Config, log hclog.Logger) (source, func() sourceStatu
 	if err != nil {
 		return nil, nil, err
 	}
-	st := func() sourceStatus {
+	st := func() admin.SourceStatus {
 		s := w.Status()
-		return sourceStatus{Kind: "consul", Healthy: s.Healthy, LastSuccess: s.LastSuccess, Backends: s.Backends}
+		return admin.SourceStatus{Kind: "consul", Healthy: s.Healthy, LastSuccess: s.LastSuccess, Backends: s.Backends}
 	}
 	return w, st, nil
 }

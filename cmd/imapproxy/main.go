@@ -25,6 +25,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/imapproxy/imapproxy/admin"
 	"github.com/imapproxy/imapproxy/config"
 	"github.com/imapproxy/imapproxy/pool"
 	"github.com/imapproxy/imapproxy/proxy"
@@ -112,26 +113,34 @@ func run(path string, cfg *config.Config) error {
 	waitFirst.Stop()
 
 	reg := prometheus.NewRegistry()
-	registerMetrics(reg, srv, d.sourceStatus)
+	admin.RegisterMetrics(reg, srv, d.sourceStatus)
 	registerReloadMetrics(reg, d)
 	reg.MustRegister(d.metrics.Collectors()...)
 	var listening atomic.Bool
-	var admin *http.Server
+	var adminSrv *http.Server
 	if cfg.Admin.Address != "" {
 		ln, err := net.Listen("tcp", cfg.Admin.Address)
 		if err != nil {
 			return fmt.Errorf("admin listener: %w", err)
 		}
-		api, err := newAdminAPI(srv, d.sourceStatus, cfg.Admin.TokenFile, cfg.Admin.TraceDir, log.Named("admin"))
-		if err != nil {
-			ln.Close()
-			return err
+		// The token is read once: a changed one needs a restart, as the
+		// rest of the admin block does.
+		opts := admin.Options{TraceDir: cfg.Admin.TraceDir, Source: d.sourceStatus, Listening: listening.Load,
+			Metrics: reg, Logger: log.Named("admin")}
+		if cfg.Admin.TokenFile != "" {
+			tok, err := config.ReadToken(cfg.Admin.TokenFile)
+			if err != nil {
+				ln.Close()
+				return fmt.Errorf("admin token_file: %w", err)
+			}
+			opts.Token = tok
 		}
-		admin = newAdminServer(adminHandler(reg, srv, &listening, api))
+		adminSrv = admin.NewServer(admin.New(srv, opts))
+		clear(opts.Token)
 		d.adminAddr = ln.Addr().String()
 		log.Info("admin listening", "address", ln.Addr().String())
 		d.wg.Go(func() {
-			if err := admin.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			if err := adminSrv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				log.Error("admin listener failed", "error", err)
 			}
 		})
@@ -168,8 +177,8 @@ loop:
 	if err := d.shutdown(sctx); err != nil {
 		log.Warn("drain deadline passed; remaining sessions were closed", "error", err)
 	}
-	if admin != nil {
-		admin.Shutdown(sctx)
+	if adminSrv != nil {
+		adminSrv.Shutdown(sctx)
 	}
 	stop()
 	d.wg.Wait()

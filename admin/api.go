@@ -1,48 +1,44 @@
-package main
+package admin
 
 import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"net"
 	"net/http"
 	"path/filepath"
 	"strings"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
-
-	"github.com/imapproxy/imapproxy/config"
 	"github.com/imapproxy/imapproxy/proxy"
 )
 
 // The admin API: JSON under /api/v1/ on the admin listener, for the
-// operator and for the status and map subcommands (cli.go), which decode
-// the same api* types. Reads are GET; changes are POST or DELETE, so that
-// no link or prefetch can change anything, and cross-origin browser
-// requests that would are refused. With admin.token_file set, every /api/
+// operator and for the status and map subcommands (cmd/imapproxy/cli.go),
+// which decode the exported types below. Reads are GET; changes are POST
+// or DELETE, so that no link or prefetch can change anything, and
+// cross-origin browser requests that would are refused. With admin.token_file set, every /api/
 // request needs the token as a bearer token.
 
-// apiStatus is GET /api/v1/status.
-type apiStatus struct {
-	UptimeSeconds float64   `json:"uptime_seconds"`
-	Sessions      int       `json:"sessions"` // client connections open
-	Logins        apiLogins `json:"logins"`
+// Status is GET /api/v1/status.
+type Status struct {
+	UptimeSeconds float64 `json:"uptime_seconds"`
+	Sessions      int     `json:"sessions"` // client connections open
+	Logins        Logins  `json:"logins"`
 	// ReuseRatio is client logins per backend login: how many logins the
 	// cache turned into one. 0 before the first backend login.
-	ReuseRatio          float64      `json:"reuse_ratio"`
-	ConnectionsRejected uint64       `json:"connections_rejected"`
-	BackendsMarkedDown  uint64       `json:"backends_marked_down"`
-	SessionsDrained     uint64       `json:"sessions_drained"`
-	Cache               apiCache     `json:"cache"`
-	Discovery           apiDiscovery `json:"discovery"`
-	Backends            []apiBackend `json:"backends"`
+	ReuseRatio          float64   `json:"reuse_ratio"`
+	ConnectionsRejected uint64    `json:"connections_rejected"`
+	BackendsMarkedDown  uint64    `json:"backends_marked_down"`
+	SessionsDrained     uint64    `json:"sessions_drained"`
+	Cache               Cache     `json:"cache"`
+	Discovery           Discovery `json:"discovery"`
+	Backends            []Backend `json:"backends"`
 }
 
-// apiLogins are cumulative counts since the start.
-type apiLogins struct {
+// Logins are cumulative counts since the start.
+type Logins struct {
 	Client      uint64 `json:"client"`  // logged in through the proxy: backend + reused
 	Backend     uint64 `json:"backend"` // served by a new backend login
 	Reused      uint64 `json:"reused"`  // served by a cached connection
@@ -52,7 +48,8 @@ type apiLogins struct {
 	UserLimited uint64 `json:"user_limited"`
 }
 
-type apiCache struct {
+// Cache is the pool of backend connections, in Status.
+type Cache struct {
 	Open     int               `json:"open"` // backend connections, active and cached
 	Cached   int               `json:"cached"`
 	Hits     uint64            `json:"hits"`
@@ -61,7 +58,8 @@ type apiCache struct {
 	Closed   map[string]uint64 `json:"closed"`    // cached connections closed, by cause
 }
 
-type apiDiscovery struct {
+// Discovery is the backend source, in Status.
+type Discovery struct {
 	Kind                  string    `json:"kind"` // static or consul
 	Healthy               bool      `json:"healthy"`
 	LastSuccess           time.Time `json:"last_success"`
@@ -69,7 +67,9 @@ type apiDiscovery struct {
 	Backends              int       `json:"backends"`
 }
 
-type apiBackend struct {
+// Backend is one backend of the set as this proxy sees it, in Status and
+// GET /api/v1/backends.
+type Backend struct {
 	ID        string     `json:"id"`
 	Address   string     `json:"address"`
 	Weight    int        `json:"weight"`
@@ -83,23 +83,25 @@ type apiBackend struct {
 	Cached    int        `json:"cached"`
 }
 
-// apiUser is GET /api/v1/users/{user}.
-type apiUser struct {
-	User     string       `json:"user"`
-	HashKey  string       `json:"hash_key"`
-	Backend  string       `json:"backend"` // where a login goes now; "" if none is in service
-	Order    []apiChoice  `json:"order"`
-	Active   int          `json:"active"`
-	Sessions []apiSession `json:"sessions"`
-	Cached   []apiCached  `json:"cached"`
+// User is GET /api/v1/users/{user}.
+type User struct {
+	User     string    `json:"user"`
+	HashKey  string    `json:"hash_key"`
+	Backend  string    `json:"backend"` // where a login goes now; "" if none is in service
+	Order    []Choice  `json:"order"`
+	Active   int       `json:"active"`
+	Sessions []Session `json:"sessions"`
+	Cached   []Cached  `json:"cached"`
 }
 
-type apiChoice struct {
+// Choice is one backend of a user's failover order, first first.
+type Choice struct {
 	ID    string `json:"id"`
 	State string `json:"state"`
 }
 
-type apiSession struct {
+// Session is a client session logged in through the proxy.
+type Session struct {
 	ID      string    `json:"id"`
 	User    string    `json:"user"`
 	AuthzID string    `json:"authzid,omitempty"`
@@ -108,73 +110,51 @@ type apiSession struct {
 	Since   time.Time `json:"since"`
 }
 
-type apiCached struct {
+// Cached is an idle backend connection kept for a user.
+type Cached struct {
 	Backend     string  `json:"backend"`
 	AgeSeconds  float64 `json:"age_seconds"`
 	IdleSeconds float64 `json:"idle_seconds"`
 }
 
-// apiDrain, apiKick and apiFlush answer the POST and DELETE endpoints.
-type apiDrain struct {
+// Drain, Kick and Flush answer the POST and DELETE endpoints.
+
+// Drain answers a drain or undrain of a backend.
+type Drain struct {
 	Backend string `json:"backend"`
 	Drained bool   `json:"drained"`
 }
 
-type apiKick struct {
+// Kick answers a kick of a user: what it closed.
+type Kick struct {
 	User     string `json:"user"`
 	Sessions int    `json:"sessions"`
 	Cached   int    `json:"cached"`
 }
 
-type apiFlush struct {
+// Flush answers a cache flush: how many cached connections it closed.
+type Flush struct {
 	Closed int `json:"closed"`
 }
 
-type apiError struct {
+// ErrorBody is every non-200 answer of the API.
+type ErrorBody struct {
 	Error string `json:"error"`
 }
 
-type adminAPI struct {
-	srv    *proxy.Server
-	status func() sourceStatus
-	log    hclog.Logger
-	start  time.Time
-	// tokenSum is the SHA-256 of the token, so that the compare takes
-	// the same time whatever the length of what a client sends; nil
-	// when no token is required.
-	tokenSum *[sha256.Size]byte
-	traceDir string // "" disables tracing
-}
-
-// newAdminAPI reads tokenFile, if not "", once: a changed token needs a
-// restart, as the rest of the admin block does.
-func newAdminAPI(srv *proxy.Server, status func() sourceStatus, tokenFile, traceDir string, log hclog.Logger) (*adminAPI, error) {
-	a := &adminAPI{srv: srv, status: status, log: log, start: time.Now(), traceDir: traceDir}
-	if tokenFile != "" {
-		tok, err := config.ReadToken(tokenFile)
-		if err != nil {
-			return nil, fmt.Errorf("admin token_file: %w", err)
-		}
-		sum := sha256.Sum256(tok)
-		clear(tok)
-		a.tokenSum = &sum
-	}
-	return a, nil
-}
-
-// handler serves /api/.
-func (a *adminAPI) handler() http.Handler {
+// api serves /api/.
+func (h *Handler) api() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /api/v1/status", a.getStatus)
-	mux.HandleFunc("GET /api/v1/backends", a.getBackends)
-	mux.HandleFunc("GET /api/v1/users/{user}", a.getUser)
-	mux.HandleFunc("POST /api/v1/backends/{id}/drain", a.drain)
-	mux.HandleFunc("DELETE /api/v1/backends/{id}/drain", a.undrain)
-	mux.HandleFunc("POST /api/v1/users/{user}/kick", a.kick)
-	mux.HandleFunc("POST /api/v1/cache/flush", a.flush)
-	mux.HandleFunc("GET /api/v1/traces", a.getTraces)
-	mux.HandleFunc("POST /api/v1/users/{user}/trace", a.startTrace)
-	mux.HandleFunc("DELETE /api/v1/users/{user}/trace", a.stopTrace)
+	mux.HandleFunc("GET /api/v1/status", h.getStatus)
+	mux.HandleFunc("GET /api/v1/backends", h.getBackends)
+	mux.HandleFunc("GET /api/v1/users/{user}", h.getUser)
+	mux.HandleFunc("POST /api/v1/backends/{id}/drain", h.drain)
+	mux.HandleFunc("DELETE /api/v1/backends/{id}/drain", h.undrain)
+	mux.HandleFunc("POST /api/v1/users/{user}/kick", h.kick)
+	mux.HandleFunc("POST /api/v1/cache/flush", h.flush)
+	mux.HandleFunc("GET /api/v1/traces", h.getTraces)
+	mux.HandleFunc("POST /api/v1/users/{user}/trace", h.startTrace)
+	mux.HandleFunc("DELETE /api/v1/users/{user}/trace", h.stopTrace)
 	// ServeMux answers a wrong method with a text 405 of its own; these
 	// less specific patterns catch it first and answer in JSON.
 	for path, allow := range map[string]string{
@@ -201,7 +181,7 @@ func (a *adminAPI) handler() http.Handler {
 	csrf.SetDenyHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusForbidden, "cross-origin request refused")
 	}))
-	return a.authorize(csrf.Handler(mux))
+	return h.authorize(csrf.Handler(mux))
 }
 
 // hostAllowed guards a token-less API against DNS rebinding: a page whose
@@ -219,11 +199,11 @@ func hostAllowed(r *http.Request) bool {
 }
 
 // authorize requires the bearer token, when there is one.
-func (a *adminAPI) authorize(next http.Handler) http.Handler {
-	if a.tokenSum == nil {
+func (h *Handler) authorize(next http.Handler) http.Handler {
+	if h.tokenSum == nil {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if !hostAllowed(r) {
-				a.log.Warn("admin request refused: Host is a name and no token is set", "remote", r.RemoteAddr, "host", r.Host)
+				h.log.Warn("admin request refused: Host is a name and no token is set", "remote", r.RemoteAddr, "host", r.Host)
 				writeError(w, http.StatusForbidden, "Host must be an IP address or localhost (or set admin.token_file)")
 				return
 			}
@@ -233,8 +213,8 @@ func (a *adminAPI) authorize(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		tok, ok := bearerToken(r)
 		sum := sha256.Sum256([]byte(tok))
-		if !ok || subtle.ConstantTimeCompare(sum[:], a.tokenSum[:]) != 1 {
-			a.log.Warn("admin request refused: missing or wrong token", "remote", r.RemoteAddr, "method", r.Method, "path", r.URL.Path)
+		if !ok || subtle.ConstantTimeCompare(sum[:], h.tokenSum[:]) != 1 {
+			h.log.Warn("admin request refused: missing or wrong token", "remote", r.RemoteAddr, "method", r.Method, "path", r.URL.Path)
 			w.Header().Set("WWW-Authenticate", `Bearer realm="imapproxy admin"`)
 			writeError(w, http.StatusUnauthorized, "missing or wrong bearer token")
 			return
@@ -253,12 +233,12 @@ func bearerToken(r *http.Request) (string, bool) {
 	return strings.TrimSpace(tok), true
 }
 
-func (a *adminAPI) getStatus(w http.ResponseWriter, r *http.Request) {
-	st, ps, ds := a.srv.Stats(), a.srv.Pool().Stats(), a.status()
-	out := apiStatus{
-		UptimeSeconds: time.Since(a.start).Seconds(),
+func (h *Handler) getStatus(w http.ResponseWriter, r *http.Request) {
+	st, ps, ds := h.srv.Stats(), h.srv.Pool().Stats(), h.opts.source()
+	out := Status{
+		UptimeSeconds: time.Since(h.start).Seconds(),
 		Sessions:      st.Sessions,
-		Logins: apiLogins{
+		Logins: Logins{
 			Client:      st.LoginsFresh + st.LoginsReused,
 			Backend:     st.LoginsFresh,
 			Reused:      st.LoginsReused,
@@ -270,21 +250,21 @@ func (a *adminAPI) getStatus(w http.ResponseWriter, r *http.Request) {
 		ConnectionsRejected: st.Rejected,
 		BackendsMarkedDown:  st.BackendsDown,
 		SessionsDrained:     st.BackendsDrained,
-		Cache: apiCache{
+		Cache: Cache{
 			Open:   ps.Open,
 			Cached: ps.Cached,
 			Hits:   ps.Hits,
 			Misses: ps.Misses,
 			Closed: closedByCause(ps),
 		},
-		Discovery: apiDiscovery{
+		Discovery: Discovery{
 			Kind:                  ds.Kind,
 			Healthy:               ds.Healthy,
 			LastSuccess:           ds.LastSuccess,
 			LastSuccessAgeSeconds: time.Since(ds.LastSuccess).Seconds(),
 			Backends:              ds.Backends,
 		},
-		Backends: a.backends(),
+		Backends: h.backends(),
 	}
 	out.ReuseRatio = reuseRatio(st)
 	if n := ps.Hits + ps.Misses; n > 0 {
@@ -293,17 +273,17 @@ func (a *adminAPI) getStatus(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, out)
 }
 
-func (a *adminAPI) getBackends(w http.ResponseWriter, r *http.Request) {
+func (h *Handler) getBackends(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, struct {
-		Backends []apiBackend `json:"backends"`
-	}{a.backends()})
+		Backends []Backend `json:"backends"`
+	}{h.backends()})
 }
 
-func (a *adminAPI) backends() []apiBackend {
-	bs := a.srv.BackendStatus()
-	out := make([]apiBackend, 0, len(bs))
+func (h *Handler) backends() []Backend {
+	bs := h.srv.BackendStatus()
+	out := make([]Backend, 0, len(bs))
 	for _, b := range bs {
-		ab := apiBackend{
+		ab := Backend{
 			ID: b.ID, Address: b.Address, Weight: b.Weight, TLS: b.TLS,
 			State: backendState(b.Down, b.Drained), Down: b.Down, Drained: b.Drained, Held: b.Held,
 			Active: b.Active, Cached: b.Cached,
@@ -331,76 +311,76 @@ func backendState(down, drained bool) string {
 	return "up"
 }
 
-func (a *adminAPI) getUser(w http.ResponseWriter, r *http.Request) {
-	ui := a.srv.UserInfo(r.PathValue("user"))
-	out := apiUser{
+func (h *Handler) getUser(w http.ResponseWriter, r *http.Request) {
+	ui := h.srv.UserInfo(r.PathValue("user"))
+	out := User{
 		User: ui.User, HashKey: ui.Key, Backend: ui.Backend,
-		Order: []apiChoice{}, Sessions: []apiSession{}, Cached: []apiCached{},
+		Order: []Choice{}, Sessions: []Session{}, Cached: []Cached{},
 		Active: len(ui.Sessions),
 	}
 	for _, c := range ui.Order {
-		out.Order = append(out.Order, apiChoice{ID: c.ID, State: backendState(c.Down, c.Drained)})
+		out.Order = append(out.Order, Choice{ID: c.ID, State: backendState(c.Down, c.Drained)})
 	}
 	for _, s := range ui.Sessions {
-		out.Sessions = append(out.Sessions, apiSession{
+		out.Sessions = append(out.Sessions, Session{
 			ID: s.ID, User: s.User, AuthzID: s.AuthzID, Backend: s.Backend, Client: s.Client, Since: s.Since,
 		})
 	}
 	for _, c := range ui.Cached {
-		out.Cached = append(out.Cached, apiCached{Backend: c.Backend, AgeSeconds: c.Age.Seconds(), IdleSeconds: c.Idle.Seconds()})
+		out.Cached = append(out.Cached, Cached{Backend: c.Backend, AgeSeconds: c.Age.Seconds(), IdleSeconds: c.Idle.Seconds()})
 	}
 	writeJSON(w, http.StatusOK, out)
 }
 
-func (a *adminAPI) drain(w http.ResponseWriter, r *http.Request) {
+func (h *Handler) drain(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	if err := a.srv.DrainBackend(id); err != nil {
+	if err := h.srv.DrainBackend(id); err != nil {
 		writeError(w, errorStatus(err), err.Error())
 		return
 	}
-	a.log.Info("admin: backend drained", "backend", id, "remote", r.RemoteAddr)
-	writeJSON(w, http.StatusOK, apiDrain{Backend: id, Drained: true})
+	h.log.Info("admin: backend drained", "backend", id, "remote", r.RemoteAddr)
+	writeJSON(w, http.StatusOK, Drain{Backend: id, Drained: true})
 }
 
-func (a *adminAPI) undrain(w http.ResponseWriter, r *http.Request) {
+func (h *Handler) undrain(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	if err := a.srv.UndrainBackend(id); err != nil {
+	if err := h.srv.UndrainBackend(id); err != nil {
 		writeError(w, errorStatus(err), err.Error())
 		return
 	}
-	a.log.Info("admin: backend undrained", "backend", id, "remote", r.RemoteAddr)
-	writeJSON(w, http.StatusOK, apiDrain{Backend: id, Drained: false})
+	h.log.Info("admin: backend undrained", "backend", id, "remote", r.RemoteAddr)
+	writeJSON(w, http.StatusOK, Drain{Backend: id, Drained: false})
 }
 
-func (a *adminAPI) kick(w http.ResponseWriter, r *http.Request) {
+func (h *Handler) kick(w http.ResponseWriter, r *http.Request) {
 	user := r.PathValue("user")
-	sessions, cached := a.srv.KickUser(user)
-	a.log.Info("admin: user kicked", "user", user, "sessions", sessions, "cached", cached, "remote", r.RemoteAddr)
-	writeJSON(w, http.StatusOK, apiKick{User: user, Sessions: sessions, Cached: cached})
+	sessions, cached := h.srv.KickUser(user)
+	h.log.Info("admin: user kicked", "user", user, "sessions", sessions, "cached", cached, "remote", r.RemoteAddr)
+	writeJSON(w, http.StatusOK, Kick{User: user, Sessions: sessions, Cached: cached})
 }
 
-func (a *adminAPI) flush(w http.ResponseWriter, r *http.Request) {
-	n := a.srv.FlushCache()
-	a.log.Info("admin: cache flushed", "closed", n, "remote", r.RemoteAddr)
-	writeJSON(w, http.StatusOK, apiFlush{Closed: n})
+func (h *Handler) flush(w http.ResponseWriter, r *http.Request) {
+	n := h.srv.FlushCache()
+	h.log.Info("admin: cache flushed", "closed", n, "remote", r.RemoteAddr)
+	writeJSON(w, http.StatusOK, Flush{Closed: n})
 }
 
-// apiTrace is a running or just stopped trace.
-type apiTrace struct {
+// Trace is a running or just stopped trace.
+type Trace struct {
 	User    string    `json:"user"`
 	Path    string    `json:"path"`
 	Started time.Time `json:"started"`
 	Bytes   int64     `json:"bytes"`
 }
 
-func toAPITrace(t proxy.TraceInfo) apiTrace {
-	return apiTrace{User: t.User, Path: t.Path, Started: t.Started.UTC(), Bytes: t.Bytes}
+func toTrace(t proxy.TraceInfo) Trace {
+	return Trace{User: t.User, Path: t.Path, Started: t.Started.UTC(), Bytes: t.Bytes}
 }
 
-func (a *adminAPI) getTraces(w http.ResponseWriter, r *http.Request) {
-	out := []apiTrace{}
-	for _, t := range a.srv.Traces() {
-		out = append(out, toAPITrace(t))
+func (h *Handler) getTraces(w http.ResponseWriter, r *http.Request) {
+	out := []Trace{}
+	for _, t := range h.srv.Traces() {
+		out = append(out, toTrace(t))
 	}
 	writeJSON(w, http.StatusOK, out)
 }
@@ -408,9 +388,9 @@ func (a *adminAPI) getTraces(w http.ResponseWriter, r *http.Request) {
 // startTrace traces a user into a new file in admin.trace_dir. The file
 // name is made here, from the user name with anything unusual replaced:
 // an API caller never chooses a path.
-func (a *adminAPI) startTrace(w http.ResponseWriter, r *http.Request) {
+func (h *Handler) startTrace(w http.ResponseWriter, r *http.Request) {
 	user := r.PathValue("user")
-	if a.traceDir == "" {
+	if h.opts.TraceDir == "" {
 		writeError(w, http.StatusConflict, "tracing is disabled: set admin.trace_dir")
 		return
 	}
@@ -420,8 +400,8 @@ func (a *adminAPI) startTrace(w http.ResponseWriter, r *http.Request) {
 		}
 		return '_'
 	}, user)
-	path := filepath.Join(a.traceDir, name+"-"+time.Now().UTC().Format("20060102T150405.000Z")+".trace")
-	if err := a.srv.StartTrace(user, path); err != nil {
+	path := filepath.Join(h.opts.TraceDir, name+"-"+time.Now().UTC().Format("20060102T150405.000Z")+".trace")
+	if err := h.srv.StartTrace(user, path); err != nil {
 		code := http.StatusInternalServerError
 		switch {
 		case errors.Is(err, proxy.ErrTraceActive):
@@ -432,13 +412,13 @@ func (a *adminAPI) startTrace(w http.ResponseWriter, r *http.Request) {
 		writeError(w, code, err.Error())
 		return
 	}
-	a.log.Info("admin: trace started", "user", user, "path", path, "remote", r.RemoteAddr)
-	writeJSON(w, http.StatusOK, apiTrace{User: user, Path: path, Started: time.Now().UTC()})
+	h.log.Info("admin: trace started", "user", user, "path", path, "remote", r.RemoteAddr)
+	writeJSON(w, http.StatusOK, Trace{User: user, Path: path, Started: time.Now().UTC()})
 }
 
-func (a *adminAPI) stopTrace(w http.ResponseWriter, r *http.Request) {
+func (h *Handler) stopTrace(w http.ResponseWriter, r *http.Request) {
 	user := r.PathValue("user")
-	info, err := a.srv.StopTrace(user)
+	info, err := h.srv.StopTrace(user)
 	if err != nil {
 		code := http.StatusInternalServerError
 		if errors.Is(err, proxy.ErrNoTrace) {
@@ -447,8 +427,8 @@ func (a *adminAPI) stopTrace(w http.ResponseWriter, r *http.Request) {
 		writeError(w, code, err.Error())
 		return
 	}
-	a.log.Info("admin: trace stopped", "user", user, "path", info.Path, "bytes", info.Bytes, "remote", r.RemoteAddr)
-	writeJSON(w, http.StatusOK, toAPITrace(info))
+	h.log.Info("admin: trace stopped", "user", user, "path", info.Path, "bytes", info.Bytes, "remote", r.RemoteAddr)
+	writeJSON(w, http.StatusOK, toTrace(info))
 }
 
 func errorStatus(err error) int {
@@ -473,5 +453,5 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 }
 
 func writeError(w http.ResponseWriter, code int, msg string) {
-	writeJSON(w, code, apiError{Error: msg})
+	writeJSON(w, code, ErrorBody{Error: msg})
 }

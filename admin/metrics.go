@@ -1,23 +1,22 @@
-package main
+package admin
 
 import (
-	"net/http"
-	"net/http/pprof"
-	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/imapproxy/imapproxy/pool"
 	"github.com/imapproxy/imapproxy/proxy"
 )
 
-// registerMetrics exposes the proxy's, the pool's and discovery's state.
-// Everything is read at scrape time from counters the packages keep anyway;
-// no metric has a user label.
-func registerMetrics(reg *prometheus.Registry, srv *proxy.Server, status func() sourceStatus) {
+// RegisterMetrics exposes the proxy's, the pool's and the backend source's
+// state on reg. Everything is read at scrape time from counters the
+// packages keep anyway; no metric has a user label. status may be nil.
+func RegisterMetrics(reg prometheus.Registerer, srv *proxy.Server, status func() SourceStatus) {
+	if status == nil {
+		status = func() SourceStatus { return SourceStatus{} }
+	}
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	counter := func(name, help string, f func() uint64) {
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "imapproxy", Name: name, Help: help},
@@ -105,84 +104,6 @@ func (c collectorFunc) Describe(ch chan<- *prometheus.Desc) {
 	}
 }
 func (c collectorFunc) Collect(ch chan<- prometheus.Metric) { c.collect(ch) }
-
-// The admin server's timeouts. Its requests are small and its answers
-// quick, except CPU profiles and execution traces, which stream for their
-// "seconds" (30 by default): the write timeout leaves room for those of up
-// to two minutes (pprof refuses longer ones with a clear error). Traces of
-// users go to files, not to a response. The idle timeout frees the
-// connections monitoring leaves open between scrapes.
-const (
-	adminReadHeaderTimeout = 10 * time.Second
-	adminReadTimeout       = 30 * time.Second
-	adminWriteTimeout      = 2*time.Minute + 10*time.Second
-	adminIdleTimeout       = 2 * time.Minute
-)
-
-// newAdminServer is the admin listener's HTTP server: no connection stays
-// open, idle or half-sent, longer than a timeout.
-func newAdminServer(h http.Handler) *http.Server {
-	return &http.Server{
-		Handler:           h,
-		ReadHeaderTimeout: adminReadHeaderTimeout,
-		ReadTimeout:       adminReadTimeout,
-		WriteTimeout:      adminWriteTimeout,
-		IdleTimeout:       adminIdleTimeout,
-	}
-}
-
-// adminHandler serves /metrics, /healthz, /readyz and, under /api/, the
-// admin API (adminapi.go), which alone needs admin.token_file's token.
-func adminHandler(reg *prometheus.Registry, srv *proxy.Server, listening *atomic.Bool, api *adminAPI) http.Handler {
-	mux := http.NewServeMux()
-	mux.Handle("/api/", api.handler())
-	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-	// Profiles, for the operator on the admin network (never user data).
-	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
-		w.Write([]byte("ok\n"))
-	})
-	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
-		switch {
-		case !listening.Load():
-			http.Error(w, "listeners not open", http.StatusServiceUnavailable)
-		case len(srv.Backends()) == 0:
-			http.Error(w, "no backends", http.StatusServiceUnavailable)
-		default:
-			w.Write([]byte("ready\n"))
-		}
-	})
-	return mux
-}
-
-// registerReloadMetrics exposes the outcome of SIGHUP reloads, and the
-// proxy's own Consul registration.
-func registerReloadMetrics(reg *prometheus.Registry, d *daemon) {
-	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "imapproxy", Name: "consul_registered",
-		Help: "1 while Consul has this proxy's own registration (register block); 0 while it has not, and without the block."},
-		func() float64 {
-			if on, ok := d.registered(); on && ok {
-				return 1
-			}
-			return 0
-		}))
-	reloads := prometheus.NewDesc("imapproxy_config_reloads_total", "Configuration reloads (SIGHUP), by result.", []string{"result"}, nil)
-	reg.MustRegister(collectorFunc{descs: []*prometheus.Desc{reloads}, collect: func(ch chan<- prometheus.Metric) {
-		ok, failed, _ := d.reloadCounts()
-		ch <- prometheus.MustNewConstMetric(reloads, prometheus.CounterValue, float64(ok), "success")
-		ch <- prometheus.MustNewConstMetric(reloads, prometheus.CounterValue, float64(failed), "failure")
-	}})
-	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "imapproxy", Name: "config_last_reload_successful",
-		Help: "0 if the last configuration reload failed (the previous configuration is still running), else 1."},
-		func() float64 {
-			if _, _, failed := d.reloadCounts(); failed {
-				return 0
-			}
-			return 1
-		}))
-}
 
 // closedByCause names the pool's close counters as the metrics and the
 // admin API both show them.

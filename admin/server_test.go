@@ -1,4 +1,4 @@
-package main
+package admin
 
 import (
 	"bufio"
@@ -16,7 +16,7 @@ import (
 // bounded: a client could hold a connection open for ever.
 func TestAdminServerTimeouts(t *testing.T) {
 	h, _ := newTestAdmin(t, true)
-	srv := newAdminServer(h)
+	srv := NewServer(h)
 	for name, d := range map[string]time.Duration{
 		"ReadHeaderTimeout": srv.ReadHeaderTimeout, "ReadTimeout": srv.ReadTimeout,
 		"WriteTimeout": srv.WriteTimeout, "IdleTimeout": srv.IdleTimeout,
@@ -62,7 +62,7 @@ func TestAdminServerTimeouts(t *testing.T) {
 	}
 
 	// A short profile streams fine under the write timeout.
-	srv2 := newAdminServer(h)
+	srv2 := NewServer(h)
 	ln2, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
