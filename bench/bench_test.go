@@ -23,26 +23,7 @@ import (
 // there, timeouts are allowed as long as some cycles completed.
 func TestQuick(t *testing.T) {
 	skipUnlessAvailable(t)
-	var (
-		mu  sync.Mutex
-		log bytes.Buffer
-	)
-	o := options{quick: true, command: "go test ./bench -run TestQuick", log: lockedWriter{&mu, &log}}
-	rep, err := run(t.Context(), o)
-	mu.Lock()
-	progress := log.String()
-	mu.Unlock()
-	if err != nil {
-		t.Fatalf("run: %v\nprogress:\n%s", err, progress)
-	}
-	out := filepath.Join(t.TempDir(), "bench.md")
-	if err := rep.write(out); err != nil {
-		t.Fatal(err)
-	}
-	text, err := os.ReadFile(out)
-	if err != nil {
-		t.Fatal(err)
-	}
+	text := runQuick(t, options{command: "go test ./bench -run TestQuick"})
 	t.Logf("report:\n%s", text)
 
 	table := parseTable(t, string(text))
@@ -169,11 +150,22 @@ func (l lockedWriter) Write(p []byte) (int, error) {
 // both ratios are reported.
 func TestQuickBaseline(t *testing.T) {
 	skipUnlessAvailable(t)
+	text := runQuick(t, options{baseline: "HEAD", command: "go test ./bench -run TestQuickBaseline"})
+	for _, re := range []string{`against HEAD \(webmail .*median ratio of cycles/s \d\.\d+`, `against HEAD \(bulk .*median ratio \d\.\d+`} {
+		if !regexp.MustCompile(re).Match(text) {
+			t.Errorf("report lacks %s:\n%s", re, text)
+		}
+	}
+}
+
+// runQuick runs the bench in quick mode with o and returns its report.
+func runQuick(t *testing.T, o options) []byte {
+	t.Helper()
 	var (
 		mu  sync.Mutex
 		log bytes.Buffer
 	)
-	o := options{quick: true, baseline: "HEAD", command: "go test ./bench -run TestQuickBaseline", log: lockedWriter{&mu, &log}}
+	o.quick, o.log = true, lockedWriter{&mu, &log}
 	rep, err := run(t.Context(), o)
 	mu.Lock()
 	progress := log.String()
@@ -189,9 +181,5 @@ func TestQuickBaseline(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, re := range []string{`against HEAD \(webmail .*median ratio of cycles/s \d\.\d+`, `against HEAD \(bulk .*median ratio \d\.\d+`} {
-		if !regexp.MustCompile(re).Match(text) {
-			t.Errorf("report lacks %s:\n%s", re, text)
-		}
-	}
+	return text
 }
