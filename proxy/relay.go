@@ -125,7 +125,7 @@ func (rl *relay) run() {
 	sess.wmu.Unlock()
 	defer sess.rl.Store(nil)
 	if err != nil {
-		rl.up.abort()
+		rl.up.Abort()
 		rl.release()
 		return
 	}
@@ -804,7 +804,7 @@ func (rl *relay) evict(msg string) {
 		// The backend first: a pump stuck reading a stalled backend
 		// holds the client writer, and must let go of it. Then any
 		// read of the client's, even mid-command: the session ends.
-		rl.up.abort()
+		rl.up.Abort()
 		rl.sess.raw.SetReadDeadline(time.Now())
 		return
 	}
@@ -843,7 +843,7 @@ func (rl *relay) finish(end endKind) {
 			// A pump waiting on the backend may hold the client
 			// writer: cut the backend off first, so that a client
 			// that leaves mid-answer frees everything at once.
-			rl.up.abort()
+			rl.up.Abort()
 		}
 		rl.bye()
 	}
@@ -951,7 +951,7 @@ func (rl *relay) cleanAndPut(selected bool) {
 		}
 		return
 	case broken:
-		rl.up.abort()
+		rl.up.Abort()
 		rl.release()
 	default:
 		rl.table.Discard(rl.up)
@@ -972,7 +972,7 @@ func (rl *relay) internalCommand(cmd string) (string, error) {
 	rl.up.conn.SetDeadline(time.Now().Add(rl.up.checkLimit))
 	rl.up.w.WriteString(tag + " " + cmd + "\r\n")
 	if err := rl.flushUp(); err != nil {
-		rl.up.abort()
+		rl.up.Abort()
 		<-rl.pumpDone
 		return "", err
 	}
@@ -994,7 +994,7 @@ func (rl *relay) internalCommand(cmd string) (string, error) {
 func (rl *relay) close() {
 	select {
 	case <-rl.pumpDone:
-		rl.up.abort()
+		rl.up.Abort()
 		rl.release()
 		return
 	default:
@@ -1004,7 +1004,7 @@ func (rl *relay) close() {
 	busy := rl.owedLocked()
 	rl.mu.Unlock()
 	if busy {
-		rl.up.abort()
+		rl.up.Abort()
 		<-rl.pumpDone
 		rl.release()
 		return
@@ -1013,7 +1013,7 @@ func (rl *relay) close() {
 		rl.up.w.WriteString("DONE\r\n")
 	}
 	rl.internalCommand("LOGOUT")
-	rl.up.abort()
+	rl.up.Abort()
 	rl.release()
 }
 

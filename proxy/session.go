@@ -680,14 +680,14 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 		}
 		// Close (the end of a shutdown's grace) cuts a login that
 		// waits on a hung backend, as it cuts sessions.
-		stop := context.AfterFunc(srv.ctx, up.abort)
+		stop := context.AfterFunc(srv.ctx, up.Abort)
 		res, err := up.login(srv.dialer(), cr, id)
 		if !stop() && err == nil {
 			err = srv.ctx.Err()
 		}
 		if err != nil {
 			m.backendLogin(b.ID, "error")
-			up.abort()
+			up.Abort()
 			srv.pool.Release()
 			if !isTimeout(err) {
 				// The backend greeted, so it is up: a connection
@@ -881,6 +881,6 @@ func (sess *session) evict(msg string) {
 func (sess *session) kill() {
 	sess.raw.Close()
 	if rl := sess.rl.Load(); rl != nil {
-		rl.up.abort()
+		rl.up.Abort()
 	}
 }

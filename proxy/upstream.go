@@ -500,7 +500,7 @@ func (u *upstream) Check(ctx context.Context) error {
 	u.conn.SetDeadline(deadline)
 	defer u.conn.SetDeadline(time.Time{})
 	u.writeTimeout = time.Until(deadline)
-	stop := onCancel(ctx, u.abort)
+	stop := onCancel(ctx, u.Abort)
 	err := u.roundTrip("NOOP")
 	if !stop() && err == nil {
 		err = ctx.Err()
@@ -573,10 +573,12 @@ func onCancel(ctx context.Context, f func()) (stop func() bool) {
 	})
 }
 
-// abort closes the connection without a LOGOUT, at once: the socket
+// Abort closes the connection without a LOGOUT, at once: the socket
 // itself, not TLS, whose close would first try to send an alert to a
-// backend that may not read.
-func (u *upstream) abort() { u.raw.Close() }
+// backend that may not read. The pool uses it for a cached connection
+// that failed its check or whose LOGOUT hangs; it is safe while Close
+// runs on another goroutine, whose wait it ends.
+func (u *upstream) Abort() { u.raw.Close() }
 
 func hasPrefixFold(b []byte, p string) bool {
 	return len(b) >= len(p) && strings.EqualFold(string(b[:len(p)]), p)
