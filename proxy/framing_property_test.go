@@ -138,8 +138,12 @@ func TestFramingProperty(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	// A run where no connection is ever handed on proves nothing about
-	// handing on: fail it rather than pass it.
-	if sessions >= 50 && (st.probesReused == 0 || st.sessionsReused == 0 || st.wildReused == 0) {
+	// handing on: fail it rather than pass it. A wild session's connection
+	// is handed on only when its trick left it clean, about 3 in 100 of
+	// them: a short run may see none by chance (CI's 150 did, once), a
+	// long one must.
+	if sessions >= 50 && (st.probesReused == 0 || st.sessionsReused == 0) ||
+		sessions >= 500 && st.wildReused == 0 {
 		t.Errorf("too few reuses to test anything: %s", st)
 	}
 }
