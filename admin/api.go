@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/proxy"
 )
 
@@ -70,17 +71,17 @@ type Discovery struct {
 // Backend is one backend of the set as this proxy sees it, in Status and
 // GET /api/v1/backends.
 type Backend struct {
-	ID        string     `json:"id"`
-	Address   string     `json:"address"`
-	Weight    int        `json:"weight"`
-	TLS       string     `json:"tls"`
-	State     string     `json:"state"` // up, down or drained
-	Down      bool       `json:"down"`
-	DownUntil *time.Time `json:"down_until,omitempty"`
-	Drained   bool       `json:"drained"`
-	Held      bool       `json:"held"` // healthy in discovery, held back by cluster.rejoin_hold
-	Active    int        `json:"active"`
-	Cached    int        `json:"cached"`
+	ID        string          `json:"id"`
+	Address   string          `json:"address"`
+	Weight    int             `json:"weight"`
+	TLS       backend.TLSMode `json:"tls"`
+	State     string          `json:"state"` // up, down or drained
+	Down      bool            `json:"down"`
+	DownUntil *time.Time      `json:"down_until,omitempty"`
+	Drained   bool            `json:"drained"`
+	Held      bool            `json:"held"` // healthy in discovery, held back by cluster.rejoin_hold
+	Active    int             `json:"active"`
+	Cached    int             `json:"cached"`
 }
 
 // User is GET /api/v1/users/{user}.

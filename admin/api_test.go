@@ -10,6 +10,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/proxy"
 )
 
@@ -20,9 +21,9 @@ const testToken = "tok-3f9c2e1a"
 func newTestAdmin(t *testing.T, withToken bool) (http.Handler, *proxy.Server) {
 	t.Helper()
 	srv := proxy.New(proxy.Options{})
-	srv.SetBackends([]proxy.Backend{
+	srv.SetBackends([]backend.Backend{
 		{ID: "b0", Addr: "127.0.0.1:1", Weight: 1},
-		{ID: "b1", Addr: "127.0.0.1:2", Weight: 2, TLS: proxy.TLSStartTLS},
+		{ID: "b1", Addr: "127.0.0.1:2", Weight: 2, TLS: backend.TLSStartTLS},
 	})
 	opts := Options{
 		Source: func() SourceStatus {
@@ -231,7 +232,7 @@ func TestAdminAPIEndpoints(t *testing.T) {
 // source, listener state, registry or logger is needed, and no token.
 func TestZeroOptions(t *testing.T) {
 	srv := proxy.New(proxy.Options{})
-	srv.SetBackends([]proxy.Backend{{ID: "b0", Addr: "127.0.0.1:1", Weight: 1}})
+	srv.SetBackends([]backend.Backend{{ID: "b0", Addr: "127.0.0.1:1", Weight: 1}})
 	h := New(srv, Options{})
 	for _, path := range []string{"/healthz", "/readyz", "/metrics", "/api/v1/status", "/api/v1/users/alice"} {
 		if code, _, body := call(h, "GET", path); code != http.StatusOK {

@@ -31,14 +31,9 @@ import (
 	"slices"
 
 	"github.com/cespare/xxhash/v2"
-)
 
-// Backend is one upstream IMAP server.
-type Backend struct {
-	ID     string // stable identity; the only field that feeds the hash
-	Addr   string
-	Weight int // relative share of users; values <= 0 count as 1
-}
+	"github.com/imapproxy/imapproxy/backend"
+)
 
 // KeyMode selects how a username is normalised into the hash key.
 type KeyMode int
@@ -69,7 +64,7 @@ type Options struct {
 // Ring rather than an edit, published by swapping a pointer, so lookups
 // need no lock. The zero Ring, and a nil *Ring, are empty.
 type Ring struct {
-	backends []Backend // sorted by ID, weights normalised
+	backends []backend.Backend // sorted by ID, weights normalised
 	// idHash[i] = Hash(backends[i].ID) and weight[i] = backends[i].Weight,
 	// in slices of their own so that the uniform Pick loop streams through
 	// 8 bytes per backend.
@@ -85,11 +80,11 @@ type Ring struct {
 
 // New builds a Ring from a copy of backends. The order of the input does not
 // matter; when IDs repeat, the first occurrence is kept.
-func New(backends []Backend, opts Options) *Ring {
+func New(backends []backend.Backend, opts Options) *Ring {
 	bs := slices.Clone(backends)
 	// Stable, so that "keep the first" refers to the caller's order.
-	slices.SortStableFunc(bs, func(a, b Backend) int { return cmp.Compare(a.ID, b.ID) })
-	bs = slices.CompactFunc(bs, func(a, b Backend) bool { return a.ID == b.ID })
+	slices.SortStableFunc(bs, func(a, b backend.Backend) int { return cmp.Compare(a.ID, b.ID) })
+	bs = slices.CompactFunc(bs, func(a, b backend.Backend) bool { return a.ID == b.ID })
 	bs = slices.Clip(bs)
 
 	r := &Ring{
@@ -123,7 +118,7 @@ func (r *Ring) Len() int {
 
 // Backends returns a copy of the backends sorted by ID, with weights as used
 // (<= 0 replaced by 1).
-func (r *Ring) Backends() []Backend {
+func (r *Ring) Backends() []backend.Backend {
 	if r == nil {
 		return nil
 	}
@@ -132,9 +127,9 @@ func (r *Ring) Backends() []Backend {
 
 // Pick returns the user's backend, or false when the ring is empty.
 // It takes no lock and does not allocate (with the default Hash).
-func (r *Ring) Pick(user string) (Backend, bool) {
+func (r *Ring) Pick(user string) (backend.Backend, bool) {
 	if r.Len() == 0 {
-		return Backend{}, false
+		return backend.Backend{}, false
 	}
 	kh := r.keyHash(user)
 	ids := r.idHash
@@ -172,7 +167,7 @@ func (r *Ring) Pick(user string) (Backend, bool) {
 // Order appends every backend to dst, best first: the user's failover
 // sequence. Order(u, nil)[0] is Pick(u), and Order(u, nil)[1] is what Pick
 // returns once the first is removed. It allocates only to grow dst.
-func (r *Ring) Order(user string, dst []Backend) []Backend {
+func (r *Ring) Order(user string, dst []backend.Backend) []backend.Backend {
 	n := r.Len()
 	if n == 0 {
 		return dst
@@ -199,9 +194,9 @@ func (r *Ring) Order(user string, dst []Backend) []Backend {
 	// carrying its backend's index in Weight until the final pass, so that
 	// Order needs no buffer of its own. Keys are recomputed per comparison.
 	for i := range out {
-		out[i] = Backend{Weight: i}
+		out[i] = backend.Backend{Weight: i}
 	}
-	slices.SortFunc(out, func(a, b Backend) int {
+	slices.SortFunc(out, func(a, b backend.Backend) int {
 		return compareRanked(ranked{r.rankKey(kh, a.Weight), a.Weight}, ranked{r.rankKey(kh, b.Weight), b.Weight})
 	})
 	for i := range out {

@@ -216,7 +216,7 @@ func TestNew(t *testing.T) {
 	}
 	saved := slices.Clone(in)
 	r := New(in, Options{})
-	want := []Backend{{"a", "a1", 1}, {"b", "b1", 1}, {"c", "c1", 2}}
+	want := []Backend{{ID: "a", Addr: "a1", Weight: 1}, {ID: "b", Addr: "b1", Weight: 1}, {ID: "c", Addr: "c1", Weight: 2}}
 	if got := r.Backends(); !slices.Equal(got, want) {
 		t.Errorf("Backends() = %v, want %v", got, want)
 	}

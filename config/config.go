@@ -13,6 +13,8 @@ import (
 	"github.com/hashicorp/hcl/v2"
 	"github.com/hashicorp/hcl/v2/gohcl"
 	"github.com/hashicorp/hcl/v2/hclsyntax"
+
+	"github.com/imapproxy/imapproxy/backend"
 )
 
 // Config is the whole configuration file.
@@ -22,7 +24,7 @@ type Config struct {
 	Listeners []Listener
 	ClientTLS ClientTLS
 	Upstream  Upstream
-	Backends  []Backend // the static backend set
+	Backends  []backend.Backend // the static backend set
 	Cache     Cache
 	Timeouts  Timeouts
 	Limits    Limits
@@ -39,8 +41,8 @@ type Config struct {
 // Listener is a client-facing address.
 type Listener struct {
 	Name    string
-	Address string // host:port
-	TLS     string // none|starttls|implicit
+	Address string          // host:port
+	TLS     backend.TLSMode // none|starttls|implicit
 	// ProxyProtocolFrom lists the addresses and prefixes whose
 	// connections start with a PROXY protocol header; empty: none do.
 	ProxyProtocolFrom []string
@@ -59,9 +61,9 @@ type ClientTLS struct {
 
 // Upstream is how the proxy connects and logs in to backends.
 type Upstream struct {
-	TLS                string // none|starttls|implicit, unless a backend overrides it
-	CAFile             string // "" means the system roots
-	ServerName         string // "" means the host part of the backend address
+	TLS                backend.TLSMode // none|starttls|implicit, unless a backend overrides it
+	CAFile             string          // "" means the system roots
+	ServerName         string          // "" means the host part of the backend address
 	InsecureSkipVerify bool
 	LoginMethod        string // auto|login|plain
 	DialTimeout        time.Duration
@@ -69,14 +71,6 @@ type Upstream struct {
 	RetryDelay         time.Duration
 	KeepAlive          time.Duration // 0 leaves the dialer's default
 	ForwardID          bool          // send the client's ID and x-originating-ip before LOGIN
-}
-
-// Backend is one IMAP server of the static set.
-type Backend struct {
-	Name    string
-	Address string // host:port
-	Weight  int
-	TLS     string // "" means Upstream.TLS
 }
 
 // Cache controls the pool of idle authenticated upstream connections.

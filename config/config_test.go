@@ -16,6 +16,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/imapproxy/imapproxy/backend"
 )
 
 // base is the smallest valid file; test cases append to it, so their first
@@ -40,7 +42,7 @@ func TestParseDefaults(t *testing.T) {
 			DialTimeout: 5 * time.Second, DialRetries: 2, RetryDelay: 200 * time.Millisecond,
 			KeepAlive: 30 * time.Second, ForwardID: true,
 		},
-		Backends: []Backend{{Name: "b1", Address: "127.0.0.1:10143", Weight: 1}},
+		Backends: []backend.Backend{{ID: "b1", Addr: "127.0.0.1:10143", Weight: 1}},
 		Cache: Cache{
 			Enabled: true, Expiration: 5 * time.Minute, SweepInterval: time.Minute,
 			ReuseMaxAge: time.Hour, MaxCachedPerUser: 4, MaxConnections: 1000,
@@ -69,10 +71,10 @@ func TestLoadExample(t *testing.T) {
 	if !reflect.DeepEqual(c.Listeners, wantListeners) {
 		t.Errorf("Listeners = %+v, want %+v", c.Listeners, wantListeners)
 	}
-	wantBackends := []Backend{
-		{Name: "backend-1", Address: "127.0.0.1:10143", Weight: 1},
-		{Name: "backend-2", Address: "127.0.0.1:10144", Weight: 1},
-		{Name: "backend-3", Address: "127.0.0.1:10145", Weight: 1},
+	wantBackends := []backend.Backend{
+		{ID: "backend-1", Addr: "127.0.0.1:10143", Weight: 1},
+		{ID: "backend-2", Addr: "127.0.0.1:10144", Weight: 1},
+		{ID: "backend-3", Addr: "127.0.0.1:10145", Weight: 1},
 	}
 	if !reflect.DeepEqual(c.Backends, wantBackends) {
 		t.Errorf("Backends = %+v, want %+v", c.Backends, wantBackends)
@@ -280,7 +282,7 @@ backend "b1" {
 func TestValidateWithoutPositions(t *testing.T) {
 	c := defaults()
 	c.Listeners = []Listener{{Name: "imap", Address: "127.0.0.1:1143", TLS: "none"}}
-	c.Backends = []Backend{{Name: "b1", Address: "127.0.0.1:10143", Weight: 1}}
+	c.Backends = []backend.Backend{{ID: "b1", Addr: "127.0.0.1:10143", Weight: 1}}
 	if err := c.Validate(); err != nil {
 		t.Fatalf("Validate(valid) = %v, want nil", err)
 	}

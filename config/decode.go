@@ -6,6 +6,8 @@ import (
 
 	"github.com/hashicorp/hcl/v2"
 	"github.com/hashicorp/hcl/v2/hclsyntax"
+
+	"github.com/imapproxy/imapproxy/backend"
 )
 
 // The hcl* types mirror the file. Every attribute is a pointer so that an
@@ -156,7 +158,7 @@ func (c *Config) apply(f *hclFile, ck *checker) {
 	for _, h := range f.Listeners {
 		l := Listener{Name: h.Name, TLS: "none"}
 		set(&l.Address, h.Address)
-		set(&l.TLS, h.TLS)
+		setTLS(&l.TLS, h.TLS)
 		l.ProxyProtocolFrom = h.ProxyProtocolFrom
 		set(&l.CacheByClientAddress, h.CacheByClientAddress)
 		c.Listeners = append(c.Listeners, l)
@@ -172,7 +174,7 @@ func (c *Config) apply(f *hclFile, ck *checker) {
 
 	if h := f.Upstream; h != nil {
 		u, k := &c.Upstream, top("upstream")
-		set(&u.TLS, h.TLS)
+		setTLS(&u.TLS, h.TLS)
 		set(&u.CAFile, h.CAFile)
 		set(&u.ServerName, h.ServerName)
 		set(&u.InsecureSkipVerify, h.InsecureSkipVerify)
@@ -185,10 +187,10 @@ func (c *Config) apply(f *hclFile, ck *checker) {
 	}
 
 	for _, h := range f.Backends {
-		b := Backend{Name: h.Name, Weight: 1}
-		set(&b.Address, h.Address)
+		b := backend.Backend{ID: h.Name, Weight: 1}
+		set(&b.Addr, h.Address)
 		set(&b.Weight, h.Weight)
-		set(&b.TLS, h.TLS)
+		setTLS(&b.TLS, h.TLS)
 		c.Backends = append(c.Backends, b)
 	}
 
@@ -289,6 +291,13 @@ func (c *Config) apply(f *hclFile, ck *checker) {
 func set[T any](dst, src *T) {
 	if src != nil {
 		*dst = *src
+	}
+}
+
+// setTLS takes the mode as written; Validate refuses what is no mode.
+func setTLS(dst *backend.TLSMode, src *string) {
+	if src != nil {
+		*dst = backend.TLSMode(*src)
 	}
 }
 

@@ -15,10 +15,9 @@ import (
 
 	"github.com/hashicorp/hcl/v2"
 
+	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/internal/proxyproto"
 )
-
-var tlsModes = []string{"none", "starttls", "implicit"}
 
 // Validate reports every problem in c at once, joined with errors.Join. When
 // c came from Parse, each problem starts with "file:line: ". It reads the
@@ -115,7 +114,7 @@ func (c *Config) checkListeners(ck *checker, addrs map[string]string) {
 		}
 		names[l.Name] = true
 		ck.address(k, l.Address, addrs, false)
-		ck.oneOf(k.dot("tls"), l.TLS, tlsModes...)
+		ck.tlsMode(k.dot("tls"), l.TLS)
 		if _, err := proxyproto.ParseTrusted(l.ProxyProtocolFrom); err != nil {
 			ck.addf(k.dot("proxy_protocol_from"), "%s", strings.ReplaceAll(err.Error(), "\n", "; "))
 		}
@@ -128,7 +127,7 @@ func (c *Config) checkClientTLS(ck *checker) {
 
 	needs := -1 // the first listener that needs a certificate
 	for i, l := range c.Listeners {
-		if l.TLS == "starttls" || l.TLS == "implicit" {
+		if l.TLS == backend.TLSStartTLS || l.TLS == backend.TLSImplicit {
 			needs = i
 			break
 		}
@@ -159,7 +158,7 @@ func (c *Config) checkClientTLS(ck *checker) {
 
 func (c *Config) checkUpstream(ck *checker) {
 	k, u := top("upstream"), c.Upstream
-	ck.oneOf(k.dot("tls"), u.TLS, tlsModes...)
+	ck.tlsMode(k.dot("tls"), u.TLS)
 	ck.oneOf(k.dot("login_method"), u.LoginMethod, "auto", "login", "plain")
 	if u.CAFile != "" {
 		pem, err := os.ReadFile(u.CAFile)
@@ -188,15 +187,15 @@ func (c *Config) checkBackends(ck *checker, addrs map[string]string) {
 	}
 	names := map[string]bool{}
 	for i, b := range c.Backends {
-		k := key{fmt.Sprintf("backend[%d]", i), "backend." + b.Name}
-		if names[b.Name] {
-			ck.addf(k, "duplicate backend name %q", b.Name)
+		k := key{fmt.Sprintf("backend[%d]", i), "backend." + b.ID}
+		if names[b.ID] {
+			ck.addf(k, "duplicate backend name %q", b.ID)
 		}
-		names[b.Name] = true
-		ck.address(k, b.Address, addrs, true)
+		names[b.ID] = true
+		ck.address(k, b.Addr, addrs, true)
 		ck.atLeast(k.dot("weight"), int64(b.Weight), 1)
 		if b.TLS != "" {
-			ck.oneOf(k.dot("tls"), b.TLS, tlsModes...)
+			ck.tlsMode(k.dot("tls"), b.TLS)
 		}
 	}
 }
@@ -365,6 +364,13 @@ func (ck *checker) err() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// tlsMode refuses what is not one of backend.Modes.
+func (ck *checker) tlsMode(k key, m backend.TLSMode) {
+	if !slices.Contains(backend.Modes, m) {
+		ck.addf(k, "invalid value %q (want none, starttls, implicit)", m)
+	}
 }
 
 func (ck *checker) oneOf(k key, v string, allowed ...string) {

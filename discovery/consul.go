@@ -15,6 +15,8 @@ import (
 
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/imapproxy/imapproxy/backend"
 )
 
 const (
@@ -76,7 +78,7 @@ type ConsulOptions struct {
 	// DefaultTLS is Backend.TLS for an instance without a valid imap_tls
 	// meta value: "" (leave it to the proxy), "none", "starttls" or
 	// "implicit".
-	DefaultTLS string
+	DefaultTLS backend.TLSMode
 
 	Logger hclog.Logger // default: no logging
 }
@@ -115,8 +117,8 @@ func (o ConsulOptions) validate() error {
 	if o.Service == "" {
 		errs = append(errs, ErrNoService)
 	}
-	if !validTLS(o.DefaultTLS) {
-		errs = append(errs, fmt.Errorf("discovery: default tls %q: want none, starttls or implicit", o.DefaultTLS))
+	if _, err := backend.ParseTLSMode(string(o.DefaultTLS)); err != nil {
+		errs = append(errs, fmt.Errorf("discovery: default tls: %w", err))
 	}
 	errs = append(errs, o.validateClient())
 	return errors.Join(errs...)
@@ -244,15 +246,15 @@ func (w *Watcher) Status() Status {
 // that a success resets, with a query that does not block (index 0).
 // Run returns nil when ctx is done, ErrRunning if the Watcher is already
 // running. update must not block for long: the next query waits for it.
-func (w *Watcher) Run(ctx context.Context, update func([]Backend)) error {
+func (w *Watcher) Run(ctx context.Context, update func([]backend.Backend)) error {
 	if !w.running.CompareAndSwap(false, true) {
 		return ErrRunning
 	}
 	defer w.running.Store(false)
 
 	var (
-		index uint64    // WaitIndex of the next query
-		last  []Backend // last set delivered; nil before the first
+		index uint64            // WaitIndex of the next query
+		last  []backend.Backend // last set delivered; nil before the first
 	)
 	loop := retryLoop{
 		minBackoff: w.opts.minBackoff(),
@@ -283,7 +285,7 @@ func (w *Watcher) Run(ctx context.Context, update func([]Backend)) error {
 			w.log.Debug("consul index went backwards; resetting", "index", meta.LastIndex, "previous", prev)
 		}
 		set, problems := backendsFromEntries(entries, w.opts.DefaultTLS)
-		changed := last == nil || !Equal(last, set)
+		changed := last == nil || !backend.Equal(last, set)
 		w.recordSuccess(time.Now(), changed, len(set))
 		if changed {
 			// Problems are logged with the set they shaped, not on every
@@ -383,9 +385,9 @@ type problem struct {
 }
 
 // backendsFromEntries converts a health answer into a normalized set.
-func backendsFromEntries(entries []*api.ServiceEntry, defaultTLS string) ([]Backend, []problem) {
+func backendsFromEntries(entries []*api.ServiceEntry, defaultTLS backend.TLSMode) ([]backend.Backend, []problem) {
 	var (
-		bs       = make([]Backend, 0, len(entries))
+		bs       = make([]backend.Backend, 0, len(entries))
 		problems []problem
 		seen     = make(map[string]string, len(entries)) // ID -> Addr
 	)
@@ -405,14 +407,14 @@ func backendsFromEntries(entries []*api.ServiceEntry, defaultTLS string) ([]Back
 		seen[b.ID] = b.Addr
 		bs = append(bs, b)
 	}
-	return Normalize(bs), problems
+	return backend.Normalize(bs), problems
 }
 
 // backendFromEntry converts one instance. ok is false when the instance
 // cannot be a backend (no ID, address or port).
-func backendFromEntry(e *api.ServiceEntry, defaultTLS string) (b Backend, problems []problem, ok bool) {
+func backendFromEntry(e *api.ServiceEntry, defaultTLS backend.TLSMode) (b backend.Backend, problems []problem, ok bool) {
 	if e == nil || e.Service == nil {
-		return Backend{}, nil, false
+		return backend.Backend{}, nil, false
 	}
 	s := e.Service
 	host := s.Address
@@ -421,13 +423,13 @@ func backendFromEntry(e *api.ServiceEntry, defaultTLS string) (b Backend, proble
 	}
 	switch {
 	case s.ID == "":
-		return Backend{}, []problem{{"ignoring service instance without id", []any{"addr", host}}}, false
+		return backend.Backend{}, []problem{{"ignoring service instance without id", []any{"addr", host}}}, false
 	case host == "":
-		return Backend{}, []problem{{"ignoring service instance without address", []any{"service_id", s.ID}}}, false
+		return backend.Backend{}, []problem{{"ignoring service instance without address", []any{"service_id", s.ID}}}, false
 	case s.Port <= 0 || s.Port > 65535:
-		return Backend{}, []problem{{"ignoring service instance without valid port", []any{"service_id", s.ID, "port", s.Port}}}, false
+		return backend.Backend{}, []problem{{"ignoring service instance without valid port", []any{"service_id", s.ID, "port", s.Port}}}, false
 	}
-	b = Backend{
+	b = backend.Backend{
 		ID:     s.ID,
 		Addr:   net.JoinHostPort(host, strconv.Itoa(s.Port)),
 		Weight: 1,
@@ -448,8 +450,8 @@ func backendFromEntry(e *api.ServiceEntry, defaultTLS string) (b Backend, proble
 	}
 
 	if v := strings.ToLower(strings.TrimSpace(s.Meta[metaTLS])); v != "" {
-		if validTLS(v) {
-			b.TLS = v
+		if m, err := backend.ParseTLSMode(v); err == nil {
+			b.TLS = m
 		} else {
 			problems = append(problems, problem{"ignoring invalid service meta",
 				[]any{"service_id", s.ID, "key", metaTLS, "value", s.Meta[metaTLS], "using", defaultTLS}})

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
+
+	"github.com/imapproxy/imapproxy/backend"
 )
 
 // entry builds a health entry of service ID id on a node at 10.0.0.1.
@@ -27,7 +29,7 @@ func TestBackendFromEntry(t *testing.T) {
 	tests := []struct {
 		name       string
 		e          *api.ServiceEntry
-		defaultTLS string
+		defaultTLS backend.TLSMode
 		want       Backend
 		ok         bool
 		problems   int

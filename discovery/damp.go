@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/imapproxy/imapproxy/backend"
 )
 
 // Damper delays the return of backends that left the set recently. It
@@ -41,16 +43,16 @@ type Damper struct {
 	Log hclog.Logger
 
 	hold   time.Duration
-	update func(in, held []Backend)
+	update func(in, held []backend.Backend)
 
 	// mu is held across each call of update as well: that is what keeps
 	// the calls from the source's goroutine and from the timer apart and
 	// in order, and lets Stop promise that none follows it.
 	mu       sync.Mutex
 	stopped  bool
-	src      []Backend            // the source's latest set, normalized
-	last     []Backend            // last set delivered; nil before the first
-	lastHeld []Backend            // last held set delivered
+	src      []backend.Backend    // the source's latest set, normalized
+	last     []backend.Backend    // last set delivered; nil before the first
+	lastHeld []backend.Backend    // last held set delivered
 	left     map[string]time.Time // ID -> when it last left src; pruned after hold
 	withheld map[string]time.Time // ID in src -> when it may be delivered
 	timer    *time.Timer          // armed for the earliest time in withheld
@@ -66,7 +68,7 @@ type Damper struct {
 // It is called from the goroutine that called Update, or from a timer's
 // own goroutine when a withheld backend is let in, with the Damper's lock
 // held: it must not call Update or Stop.
-func NewDamper(hold time.Duration, update func(in, held []Backend)) *Damper {
+func NewDamper(hold time.Duration, update func(in, held []backend.Backend)) *Damper {
 	return &Damper{
 		hold:     hold,
 		update:   update,
@@ -79,8 +81,8 @@ func NewDamper(hold time.Duration, update func(in, held []Backend)) *Damper {
 // normalized), and calls update at once if the set to deliver changed.
 // Its signature fits Watcher.Run and Static.Run. After Stop it does
 // nothing.
-func (d *Damper) Update(bs []Backend) {
-	set := Normalize(bs)
+func (d *Damper) Update(bs []backend.Backend) {
+	set := backend.Normalize(bs)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.stopped {
@@ -108,7 +110,7 @@ func (d *Damper) Stop() {
 
 // trackLocked notes, between d.src and the source's new set, the IDs that
 // left and those that came back soon enough to be withheld.
-func (d *Damper) trackLocked(set []Backend, now time.Time) {
+func (d *Damper) trackLocked(set []backend.Backend, now time.Time) {
 	for id, at := range d.left {
 		if now.Sub(at) >= d.hold {
 			delete(d.left, id) // a return from now on is not damped
@@ -143,8 +145,8 @@ func (d *Damper) trackLocked(set []Backend, now time.Time) {
 // at now, and those, unless that is what it delivered last, and arms the
 // timer for the next backend due.
 func (d *Damper) deliverLocked(now time.Time) {
-	out := make([]Backend, 0, len(d.src))
-	held := make([]Backend, 0, len(d.withheld))
+	out := make([]backend.Backend, 0, len(d.src))
+	held := make([]backend.Backend, 0, len(d.withheld))
 	var next time.Time
 	for _, b := range d.src {
 		if due, ok := d.withheld[b.ID]; ok {
@@ -185,7 +187,7 @@ func (d *Damper) deliverLocked(now time.Time) {
 		d.timer.Reset(next.Sub(now))
 	}
 
-	if d.last != nil && Equal(d.last, out) && Equal(d.lastHeld, held) {
+	if d.last != nil && backend.Equal(d.last, out) && backend.Equal(d.lastHeld, held) {
 		return
 	}
 	d.last, d.lastHeld = out, held
@@ -206,7 +208,7 @@ func (d *Damper) fire() {
 
 // containsID reports whether the normalized set bs holds a backend with
 // the given ID.
-func containsID(bs []Backend, id string) bool {
-	_, found := slices.BinarySearchFunc(bs, id, func(b Backend, id string) int { return cmp.Compare(b.ID, id) })
+func containsID(bs []backend.Backend, id string) bool {
+	_, found := slices.BinarySearchFunc(bs, id, func(b backend.Backend, id string) int { return cmp.Compare(b.ID, id) })
 	return found
 }

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/balancer"
 )
 
@@ -31,7 +32,7 @@ type BackendInfo struct {
 	ID      string
 	Address string
 	Weight  int
-	TLS     string // TLSNone, TLSStartTLS or TLSImplicit, the dialer's default applied
+	TLS     backend.TLSMode // the dialer's default applied
 
 	// Down is set while this proxy skips the backend after a failed dial
 	// or an UNAVAILABLE login, until DownUntil.
@@ -87,14 +88,8 @@ func (s *Server) BackendStatus() []BackendInfo {
 	return out
 }
 
-func (s *Server) tlsMode(b Backend) string {
-	switch {
-	case b.TLS != "":
-		return b.TLS
-	case s.dialer().TLS != "":
-		return s.dialer().TLS
-	}
-	return TLSNone
+func (s *Server) tlsMode(b backend.Backend) backend.TLSMode {
+	return b.TLS.Or(s.dialer().TLS).Or(backend.TLSNone)
 }
 
 // UserInfo is where a user's logins go and what the user holds now.
@@ -148,9 +143,9 @@ func (s *Server) UserInfo(user string) UserInfo {
 	// The set's own ring leaves drained backends out; the order among the
 	// others is the same in a ring of all, rendezvous scores being per
 	// backend.
-	members := make([]balancer.Backend, 0, len(set.all))
+	members := make([]backend.Backend, 0, len(set.all))
 	for _, b := range set.all {
-		members = append(members, balancer.Backend{ID: b.ID, Addr: b.Addr, Weight: b.Weight})
+		members = append(members, backend.Backend{ID: b.ID, Addr: b.Addr, Weight: b.Weight})
 	}
 	full := balancer.New(members, balancer.Options{Key: key})
 	ui := UserInfo{User: user, Key: full.Key(user)}
@@ -279,8 +274,8 @@ func (s *Server) UndrainBackend(id string) error {
 }
 
 // members returns the whole set, for a rebuild.
-func (set *backendSet) members() []Backend {
-	bs := make([]Backend, 0, len(set.all))
+func (set *backendSet) members() []backend.Backend {
+	bs := make([]backend.Backend, 0, len(set.all))
 	for _, b := range set.all {
 		bs = append(bs, b)
 	}
@@ -288,8 +283,8 @@ func (set *backendSet) members() []Backend {
 }
 
 // heldMembers returns the held backends, for a rebuild.
-func (set *backendSet) heldMembers() []Backend {
-	bs := make([]Backend, 0, len(set.held))
+func (set *backendSet) heldMembers() []backend.Backend {
+	bs := make([]backend.Backend, 0, len(set.held))
 	for _, b := range set.held {
 		bs = append(bs, b)
 	}
@@ -301,15 +296,15 @@ func (set *backendSet) heldMembers() []Backend {
 // it closes their cached connections but, unlike for a backend that left,
 // lets their sessions run. It forgets drains of backends that left the
 // set. The caller holds setMu.
-func (s *Server) drainedLocked(old, next *backendSet, gone []Backend) []Backend {
+func (s *Server) drainedLocked(old, next *backendSet, gone []backend.Backend) []backend.Backend {
 	for id := range s.drained {
 		if _, ok := next.all[id]; !ok {
 			delete(s.drained, id)
 		}
 	}
-	return slices.DeleteFunc(gone, func(ob Backend) bool {
+	return slices.DeleteFunc(gone, func(ob backend.Backend) bool {
 		nb, ok := next.all[ob.ID]
-		if !ok || !nb.same(ob) {
+		if !ok || !nb.Same(ob) {
 			return false
 		}
 		s.log.Info("backend drained; closing its cached connections", "backend", ob.ID)

@@ -13,6 +13,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/imapwire"
 	"github.com/imapproxy/imapproxy/pool"
 )
@@ -45,7 +46,7 @@ type pending struct {
 type relay struct {
 	sess    *session
 	up      *upstream
-	backend Backend
+	backend backend.Backend
 	table   *pool.Table
 	user    string
 	digest  pool.Digest
@@ -96,7 +97,7 @@ type relay struct {
 	pumpErr  error
 }
 
-func (sess *session) newRelay(up *upstream, b Backend, t *pool.Table, user string, d pool.Digest, born time.Time, log hclog.Logger) *relay {
+func (sess *session) newRelay(up *upstream, b backend.Backend, t *pool.Table, user string, d pool.Digest, born time.Time, log hclog.Logger) *relay {
 	return &relay{
 		sess: sess, up: up, backend: b, table: t, user: user, digest: d, born: born,
 		log:      log,

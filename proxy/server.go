@@ -22,6 +22,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/balancer"
 	"github.com/imapproxy/imapproxy/internal/proxyproto"
 	"github.com/imapproxy/imapproxy/pool"
@@ -162,38 +163,31 @@ type backendSet struct {
 	// drained. Sessions check their backend against it, so that a login
 	// under way to a drained backend moves on and a session on one does
 	// not cache its connection.
-	byID   map[string]Backend
-	all    map[string]Backend // the whole set, drained backends included
-	health map[string]*health // of all
+	byID   map[string]backend.Backend
+	all    map[string]backend.Backend // the whole set, drained backends included
+	health map[string]*health         // of all
 	// held are backends discovery finds healthy but holds back from the
 	// set for a while after a flap (cluster.rejoin_hold): they take no
 	// new login, but their sessions go on. Not in all.
-	held map[string]Backend
-}
-
-// same reports whether a and b are one backend: the same ID, address and
-// TLS mode. The weight only ranks users; a change of it is no reason to
-// drop a connection.
-func (b Backend) same(o Backend) bool {
-	return b.ID == o.ID && b.Addr == o.Addr && b.TLS == o.TLS
+	held map[string]backend.Backend
 }
 
 // serves reports whether b, as it is, is in service: in the set with the
 // same address and TLS mode, and not drained.
-func (set *backendSet) serves(b Backend) bool {
+func (set *backendSet) serves(b backend.Backend) bool {
 	cur, ok := set.byID[b.ID]
-	return ok && cur.same(b)
+	return ok && cur.Same(b)
 }
 
 // healthy reports whether discovery has b, as it is, as healthy: in
 // service, drained by an operator, or held back after a flap. Sessions on
 // a healthy backend are never ended for its sake.
-func (set *backendSet) healthy(b Backend) bool {
-	if cur, ok := set.all[b.ID]; ok && cur.same(b) {
+func (set *backendSet) healthy(b backend.Backend) bool {
+	if cur, ok := set.all[b.ID]; ok && cur.Same(b) {
 		return true
 	}
 	cur, ok := set.held[b.ID]
-	return ok && cur.same(b)
+	return ok && cur.Same(b)
 }
 
 // health is this proxy's own view of a backend, from failed dials and
@@ -280,7 +274,7 @@ func New(opts Options) *Server {
 	s.reserve, _ = os.Open(os.DevNull)
 	s.backends.Store(&backendSet{
 		ring:   balancer.New(nil, balancer.Options{Key: opts.HashKey}),
-		byID:   map[string]Backend{},
+		byID:   map[string]backend.Backend{},
 		health: map[string]*health{},
 	})
 	s.ctx, s.cancel = context.WithCancel(context.Background())
@@ -320,7 +314,7 @@ func (s *Server) SetOptions(opts Options) {
 // BYE, unless the backend is back by then. A change of weight only
 // re-ranks users. A backend drained by an operator stays drained while it
 // is in the set.
-func (s *Server) SetBackends(bs []Backend) {
+func (s *Server) SetBackends(bs []backend.Backend) {
 	s.SetBackendsHeld(bs, nil)
 }
 
@@ -328,7 +322,7 @@ func (s *Server) SetBackends(bs []Backend) {
 // healthy but holds back for now (see discovery.Damper): they take no new
 // login, but sessions on them are not ended; one that was in bs is
 // treated as having left it. A backend in both is in bs.
-func (s *Server) SetBackendsHeld(bs, held []Backend) {
+func (s *Server) SetBackendsHeld(bs, held []backend.Backend) {
 	s.setMu.Lock()
 	defer s.setMu.Unlock()
 	s.setBackendsLocked(bs, held)
@@ -337,21 +331,21 @@ func (s *Server) SetBackendsHeld(bs, held []Backend) {
 // setBackendsLocked installs bs less the drained backends, and held; the
 // caller holds setMu. It does no I/O: the pool closes what it is given in
 // the background, so a backend that hangs delays no later change.
-func (s *Server) setBackendsLocked(bs, held []Backend) {
+func (s *Server) setBackendsLocked(bs, held []backend.Backend) {
 	old := s.backends.Load()
 	next := &backendSet{
-		byID:   make(map[string]Backend, len(bs)),
-		all:    make(map[string]Backend, len(bs)),
+		byID:   make(map[string]backend.Backend, len(bs)),
+		all:    make(map[string]backend.Backend, len(bs)),
 		health: make(map[string]*health, len(bs)),
-		held:   make(map[string]Backend, len(held)),
+		held:   make(map[string]backend.Backend, len(held)),
 	}
-	rb := make([]balancer.Backend, 0, len(bs))
+	rb := make([]backend.Backend, 0, len(bs))
 	for _, b := range bs {
 		if _, dup := next.all[b.ID]; dup {
 			continue
 		}
 		next.all[b.ID] = b
-		if ob, ok := old.all[b.ID]; ok && ob.same(b) {
+		if ob, ok := old.all[b.ID]; ok && ob.Same(b) {
 			next.health[b.ID] = old.health[b.ID]
 		} else {
 			next.health[b.ID] = &health{}
@@ -360,7 +354,7 @@ func (s *Server) setBackendsLocked(bs, held []Backend) {
 			continue
 		}
 		next.byID[b.ID] = b
-		rb = append(rb, balancer.Backend{ID: b.ID, Addr: b.Addr, Weight: b.Weight})
+		rb = append(rb, backend.Backend{ID: b.ID, Addr: b.Addr, Weight: b.Weight})
 	}
 	for _, b := range held {
 		if _, in := next.all[b.ID]; !in {
@@ -369,9 +363,9 @@ func (s *Server) setBackendsLocked(bs, held []Backend) {
 	}
 	next.ring = balancer.New(rb, balancer.Options{Key: s.options().HashKey})
 	s.backends.Store(next)
-	var gone []Backend
+	var gone []backend.Backend
 	for id, ob := range old.byID {
-		if nb, ok := next.byID[id]; !ok || !nb.same(ob) {
+		if nb, ok := next.byID[id]; !ok || !nb.Same(ob) {
 			gone = append(gone, ob)
 		}
 	}
@@ -403,7 +397,7 @@ func (s *Server) setBackendsLocked(bs, held []Backend) {
 // a backend that left the set, unless discovery has it as healthy by then:
 // back in the set, or held back after a flap (its users' new logins go
 // elsewhere for a while, but its sessions are fine where they are).
-func (s *Server) scheduleDrain(b Backend) {
+func (s *Server) scheduleDrain(b backend.Backend) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.shutdown {
@@ -419,7 +413,7 @@ func (s *Server) scheduleDrain(b Backend) {
 		}
 		var victims []*session
 		for sess := range s.sessions {
-			if rl := sess.rl.Load(); rl != nil && rl.backend.same(b) {
+			if rl := sess.rl.Load(); rl != nil && rl.backend.Same(b) {
 				victims = append(victims, sess)
 			}
 		}
@@ -489,9 +483,9 @@ func (s *Server) Stats() Stats {
 
 // Backends returns the backends in service, sorted by ID: the current
 // set less those drained by an operator.
-func (s *Server) Backends() []Backend {
+func (s *Server) Backends() []backend.Backend {
 	set := s.backends.Load()
-	out := make([]Backend, 0, len(set.byID))
+	out := make([]backend.Backend, 0, len(set.byID))
 	for _, b := range set.ring.Backends() {
 		out = append(out, set.byID[b.ID])
 	}
@@ -554,13 +548,13 @@ func (s *Server) digest(cr *credentials, addr string) pool.Digest {
 // Serve accepts connections on l until it fails or the server shuts down.
 // tlsMode is the listener's client TLS: TLSNone, TLSStartTLS or
 // TLSImplicit.
-func (s *Server) Serve(l net.Listener, tlsMode string) error {
+func (s *Server) Serve(l net.Listener, tlsMode backend.TLSMode) error {
 	return s.ServeListener(l, ListenerOptions{TLS: tlsMode})
 }
 
 // ListenerOptions say how the connections of one listener begin.
 type ListenerOptions struct {
-	TLS string // TLSNone, TLSStartTLS or TLSImplicit
+	TLS backend.TLSMode
 	// ProxyProtocolFrom are the load balancers whose connections start
 	// with a PROXY protocol header (v1 or v2): the address in it is the
 	// client's from then on, for limits, logs and the ID sent to the
@@ -752,7 +746,7 @@ func isTemporary(err error) bool {
 	return errors.As(err, &t) && t.Temporary()
 }
 
-func (s *Server) newSession(c net.Conn, tlsMode string) *session {
+func (s *Server) newSession(c net.Conn, tlsMode backend.TLSMode) *session {
 	ip := remoteIP(c)
 	pnet := preAuthNet(ip)
 	s.mu.Lock()

@@ -17,7 +17,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
-	"github.com/imapproxy/imapproxy/balancer"
+	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/imapwire"
 	"github.com/imapproxy/imapproxy/internal/proxyproto"
 	"github.com/imapproxy/imapproxy/pool"
@@ -30,7 +30,7 @@ type session struct {
 	id      string
 	conn    net.Conn // the client; replaced by its TLS conn at STARTTLS
 	raw     net.Conn // the accepted socket, for other goroutines to wake or close
-	tlsMode string
+	tlsMode backend.TLSMode
 	log     hclog.Logger
 
 	r   *imapwire.Reader
@@ -79,7 +79,7 @@ func (sess *session) serve() {
 // start greets the client and runs the session up to its login; it
 // returns the relay of a logged-in session, nil when the session ended.
 func (sess *session) start() *relay {
-	if sess.tlsMode == TLSImplicit {
+	if sess.tlsMode == backend.TLSImplicit {
 		if sess.srv.options().TLSConfig == nil {
 			sess.log.Error("implicit TLS listener without a certificate")
 			return nil
@@ -111,7 +111,7 @@ func (sess *session) start() *relay {
 
 func (sess *session) capabilities() string {
 	o := sess.srv.options()
-	startTLS := sess.tlsMode == TLSStartTLS && !sess.tls && o.TLSConfig != nil
+	startTLS := sess.tlsMode == backend.TLSStartTLS && !sess.tls && o.TLSConfig != nil
 	loginDisabled := o.RequireTLSForLogin && !sess.tls
 	return preLoginCaps(sess.srv.backendCaps(), startTLS, loginDisabled)
 }
@@ -321,7 +321,7 @@ func (sess *session) preAuthCommand(cmd *imapwire.Command) (*relay, error) {
 func isString(t imapwire.Token) bool { return t.Kind == imapwire.String || t.Kind == imapwire.Atom }
 
 func (sess *session) startTLS(cmd *imapwire.Command) error {
-	if sess.tlsMode != TLSStartTLS || sess.tls || sess.srv.options().TLSConfig == nil {
+	if sess.tlsMode != backend.TLSStartTLS || sess.tls || sess.srv.options().TLSConfig == nil {
 		return sess.bad(cmd.Tag, "STARTTLS not available")
 	}
 	if sess.r.Buffered() > 0 {
@@ -579,7 +579,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	if len(cr.authzid) > 0 {
 		pinUser = string(cr.authzid)
 	}
-	var order [8]balancer.Backend
+	var order [8]backend.Backend
 	candidates := set.ring.Order(pinUser, order[:0])
 	if len(candidates) == 0 {
 		srv.stats.failed.Add(1)
@@ -594,7 +594,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	// Backends this proxy saw fail lately go last; if all did, all are
 	// tried anyway, in the user's order.
 	now := time.Now()
-	usable := make([]balancer.Backend, 0, len(candidates))
+	usable := make([]backend.Backend, 0, len(candidates))
 	for _, c := range candidates {
 		if h := set.health[c.ID]; h == nil || !h.down(now) {
 			usable = append(usable, c)
@@ -609,7 +609,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	start := time.Now()
 	// take gives the session a logged-in backend connection and answers
 	// the client; done is false when the login goes on to the next backend.
-	take := func(up *upstream, b Backend, table *pool.Table, born time.Time, reused bool, blog hclog.Logger) (rl *relay, done bool, err error) {
+	take := func(up *upstream, b backend.Backend, table *pool.Table, born time.Time, reused bool, blog hclog.Logger) (rl *relay, done bool, err error) {
 		rl = sess.newRelay(up, b, table, cacheKey, digest, born, blog)
 		if err := sess.adopt(rl, user); err != nil {
 			table.Discard(up)
@@ -634,7 +634,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	}
 	// attempt logs the user in on backend c: from the cache, else with a
 	// new connection.
-	attempt := func(c balancer.Backend) (rl *relay, done bool, err error) {
+	attempt := func(c backend.Backend) (rl *relay, done bool, err error) {
 		// Each backend gets the whole login timeout: one that hangs
 		// must not leave none for the user's next backend.
 		ctx, cancel := context.WithTimeout(srv.ctx, srv.dialer().loginTimeout())

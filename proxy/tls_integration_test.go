@@ -22,6 +22,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
 	"github.com/imapproxy/imapproxy/pool"
 )
@@ -61,7 +62,7 @@ func selfSignedCert(t testing.TB) (tls.Certificate, *x509.CertPool) {
 // startProxyListeners is startProxy with the backends given as they are,
 // one listener per client TLS mode, and no capability probe (a test may
 // mean its backend to fail). It returns the address of each listener.
-func startProxyListeners(t testing.TB, bs []Backend, mod func(*Options), modes ...string) (*testProxy, map[string]string) {
+func startProxyListeners(t testing.TB, bs []Backend, mod func(*Options), modes ...backend.TLSMode) (*testProxy, map[backend.TLSMode]string) {
 	t.Helper()
 	logs := &syncBuffer{}
 	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Trace, Output: logs})
@@ -75,7 +76,7 @@ func startProxyListeners(t testing.TB, bs []Backend, mod func(*Options), modes .
 	}
 	srv := New(opts)
 	srv.SetBackends(bs)
-	addrs := make(map[string]string)
+	addrs := make(map[backend.TLSMode]string)
 	var done []chan error
 	for _, mode := range modes {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -221,7 +222,7 @@ func TestBackendTLS(t *testing.T) {
 	cases := []struct {
 		name    string
 		backend Backend
-		dialTLS string // Dialer.TLS
+		dialTLS backend.TLSMode // Dialer.TLS
 		roots   *x509.CertPool
 		ok      bool
 	}{

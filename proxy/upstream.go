@@ -15,23 +15,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/imapwire"
 )
-
-// TLS modes of a connection to a backend or of a client listener.
-const (
-	TLSNone     = "none"
-	TLSStartTLS = "starttls"
-	TLSImplicit = "implicit"
-)
-
-// Backend is one upstream IMAP server.
-type Backend struct {
-	ID     string // stable identity: hash input and pool table name
-	Addr   string // host:port
-	Weight int
-	TLS    string // TLSNone, TLSStartTLS or TLSImplicit; "" = the dialer's default
-}
 
 var (
 	errBackendBye   = errors.New("backend said BYE")
@@ -100,8 +86,8 @@ type Dialer struct {
 	Retries    int           // extra attempts after a failed dial
 	RetryDelay time.Duration
 	KeepAlive  time.Duration
-	TLS        string      // default TLS mode
-	TLSConfig  *tls.Config // base config; ServerName is set per backend when empty
+	TLS        backend.TLSMode // default TLS mode
+	TLSConfig  *tls.Config     // base config; ServerName is set per backend when empty
 	// LoginTimeout bounds greeting, STARTTLS, ID and LOGIN together.
 	LoginTimeout time.Duration
 	LoginMethod  string // "auto", "login" or "plain"
@@ -122,7 +108,7 @@ func orDur(d, def time.Duration) time.Duration {
 }
 
 // dial connects to b, retrying as configured, and reads the greeting.
-func (d *Dialer) dial(ctx context.Context, b Backend) (*upstream, error) {
+func (d *Dialer) dial(ctx context.Context, b backend.Backend) (*upstream, error) {
 	var err error
 	for attempt := 0; attempt <= d.Retries; attempt++ {
 		if attempt > 0 && d.RetryDelay > 0 {
@@ -146,7 +132,7 @@ func (d *Dialer) dial(ctx context.Context, b Backend) (*upstream, error) {
 	return nil, err
 }
 
-func (d *Dialer) dialOnce(ctx context.Context, b Backend) (*upstream, error) {
+func (d *Dialer) dialOnce(ctx context.Context, b backend.Backend) (*upstream, error) {
 	nd := net.Dialer{Timeout: d.timeout(), KeepAlive: d.KeepAlive}
 	c, err := nd.DialContext(ctx, "tcp", b.Addr)
 	if err != nil {
@@ -160,11 +146,8 @@ func (d *Dialer) dialOnce(ctx context.Context, b Backend) (*upstream, error) {
 	stop := onCancel(ctx, func() { c.Close() })
 	defer stop()
 	c.SetDeadline(time.Now().Add(d.loginTimeout()))
-	mode := b.TLS
-	if mode == "" {
-		mode = d.TLS
-	}
-	if mode == TLSImplicit {
+	mode := b.TLS.Or(d.TLS)
+	if mode == backend.TLSImplicit {
 		if err := u.startTLS(ctx, d.tlsConfig(b)); err != nil {
 			c.Close()
 			return nil, err
@@ -176,7 +159,7 @@ func (d *Dialer) dialOnce(ctx context.Context, b Backend) (*upstream, error) {
 		c.Close()
 		return nil, fmt.Errorf("greeting: %w", err)
 	}
-	if mode == TLSStartTLS {
+	if mode == backend.TLSStartTLS {
 		if err := u.doStartTLS(ctx, d.tlsConfig(b)); err != nil {
 			c.Close()
 			return nil, err
@@ -193,7 +176,7 @@ func (d *Dialer) dialOnce(ctx context.Context, b Backend) (*upstream, error) {
 	return u, nil
 }
 
-func (d *Dialer) tlsConfig(b Backend) *tls.Config {
+func (d *Dialer) tlsConfig(b backend.Backend) *tls.Config {
 	var cfg *tls.Config
 	if d.TLSConfig != nil {
 		cfg = d.TLSConfig.Clone()

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/imapproxy/imapproxy/admin"
+	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
 	"github.com/imapproxy/imapproxy/pool"
 	"github.com/imapproxy/imapproxy/proxy"
@@ -156,12 +157,12 @@ func TestAdminAPIAgainstDovecot(t *testing.T) {
 	user := dovecottest.UserName(1)
 	pass := dc.PasswordOf(user)
 	srv := proxy.New(proxy.Options{Pool: pool.New(pool.Options{}), Dialer: &proxy.Dialer{Timeout: 2 * time.Second, CheckTimeout: 2 * time.Second}})
-	srv.SetBackends([]proxy.Backend{{ID: dc.Name, Addr: dc.Addr, Weight: 1}})
+	srv.SetBackends([]backend.Backend{{ID: dc.Name, Addr: dc.Addr, Weight: 1}})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	go srv.Serve(ln, proxy.TLSNone)
+	go srv.Serve(ln, backend.TLSNone)
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/imapproxy/imapproxy/admin"
+	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/proxy"
 )
 
@@ -19,9 +20,9 @@ const testToken = "tok-3f9c2e1a"
 func newTestAdmin(t *testing.T, withToken bool) (http.Handler, *proxy.Server) {
 	t.Helper()
 	srv := proxy.New(proxy.Options{})
-	srv.SetBackends([]proxy.Backend{
+	srv.SetBackends([]backend.Backend{
 		{ID: "b0", Addr: "127.0.0.1:1", Weight: 1},
-		{ID: "b1", Addr: "127.0.0.1:2", Weight: 2, TLS: proxy.TLSStartTLS},
+		{ID: "b1", Addr: "127.0.0.1:2", Weight: 2, TLS: backend.TLSStartTLS},
 	})
 	var opts admin.Options
 	if withToken {

@@ -34,6 +34,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/balancer"
 	"github.com/imapproxy/imapproxy/internal/consultest"
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
@@ -191,10 +192,10 @@ func (c *cluster) startBackends(t *testing.T, weights []int, base dovecottest.Op
 // ring is what every proxy should compute for the backends that are up:
 // built here from the Consul service IDs and weights alone.
 func (c *cluster) ring(except ...string) *balancer.Ring {
-	var bs []balancer.Backend
+	var bs []backend.Backend
 	for _, b := range c.backends {
 		if !slices.Contains(except, b.id) {
-			bs = append(bs, balancer.Backend{ID: b.id, Addr: b.srv.Addr, Weight: b.weight})
+			bs = append(bs, backend.Backend{ID: b.id, Addr: b.srv.Addr, Weight: b.weight})
 		}
 	}
 	return balancer.New(bs, balancer.Options{})
@@ -497,7 +498,7 @@ func (c *cluster) testFailureMovesOnlyItsUsers(t *testing.T) {
 	// Other backends' users keep their backend and their cached
 	// connection; the failed backend's users go to their second choice.
 	without := c.ring(failed.id)
-	orders := map[string][]balancer.Backend{}
+	orders := map[string][]backend.Backend{}
 	for _, u := range sample {
 		orders[u] = ring.Order(u, nil)
 	}

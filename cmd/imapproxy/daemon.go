@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/imapproxy/imapproxy/admin"
+	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/config"
 	"github.com/imapproxy/imapproxy/discovery"
 	"github.com/imapproxy/imapproxy/internal/proxyproto"
@@ -176,14 +177,14 @@ func (d *daemon) startDiscovery(cfg *config.Config, first chan<- struct{}) error
 	var probing atomic.Bool // a probe runs or succeeded
 	// A flapping backend returns only once it has stayed: see
 	// cluster.rejoin_hold.
-	damper := discovery.NewDamper(cfg.Cluster.RejoinHold, func(bs, held []discovery.Backend) {
+	damper := discovery.NewDamper(cfg.Cluster.RejoinHold, func(bs, held []backend.Backend) {
 		// The damper calls this one set at a time.
 		if d.discGen.Load() != gen {
 			return // a reload replaced this source
 		}
 		// Held backends are healthy in discovery: the proxy ends no
 		// session on them, it only sends them no new login yet.
-		d.srv.SetBackendsHeld(toProxy(bs), toProxy(held))
+		d.srv.SetBackendsHeld(bs, held)
 		if first != nil {
 			once.Do(func() { close(first) })
 		}

@@ -9,25 +9,22 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/imapproxy/imapproxy/admin"
+	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/balancer"
 	"github.com/imapproxy/imapproxy/config"
 	"github.com/imapproxy/imapproxy/discovery"
-	"github.com/imapproxy/imapproxy/proxy"
 )
 
 // source is where the backend set comes from: the file or Consul.
 type source interface {
-	Run(ctx context.Context, update func([]discovery.Backend)) error
+	Run(ctx context.Context, update func([]backend.Backend)) error
 }
 
 func newSource(cfg *config.Config, log hclog.Logger) (source, func() admin.SourceStatus, error) {
 	if cfg.Consul == nil {
-		bs := make([]discovery.Backend, 0, len(cfg.Backends))
-		for _, b := range cfg.Backends {
-			bs = append(bs, discovery.Backend{ID: b.Name, Addr: b.Address, Weight: b.Weight, TLS: b.TLS})
-		}
+		bs := cfg.Backends
 		start := time.Now()
-		n := len(discovery.Normalize(bs))
+		n := len(backend.Normalize(bs))
 		st := func() admin.SourceStatus {
 			return admin.SourceStatus{Kind: "static", Healthy: true, LastSuccess: start, Backends: n}
 		}
@@ -82,7 +79,7 @@ func registerOptions(cfg *config.Config, log hclog.Logger, adminAddr string) (di
 		ID:              r.ID,
 		Address:         cmp.Or(r.Address, l.Address),
 		Tags:            r.Tags,
-		Meta:            map[string]string{"listener": l.Name, "tls": l.TLS},
+		Meta:            map[string]string{"listener": l.Name, "tls": string(l.TLS)},
 		Check:           r.Check,
 		CheckInterval:   r.CheckInterval,
 		DeregisterAfter: r.DeregisterAfter,
@@ -97,15 +94,6 @@ func registerOptions(cfg *config.Config, log hclog.Logger, adminAddr string) (di
 		o.CheckHTTP = adminURL(adminAddr) + "/readyz"
 	}
 	return o, true
-}
-
-// toProxy converts a discovered set for the proxy.
-func toProxy(bs []discovery.Backend) []proxy.Backend {
-	out := make([]proxy.Backend, 0, len(bs))
-	for _, b := range bs {
-		out = append(out, proxy.Backend{ID: b.ID, Addr: b.Addr, Weight: b.Weight, TLS: b.TLS})
-	}
-	return out
 }
 
 func hashKey(s string) balancer.KeyMode {
