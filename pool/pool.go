@@ -7,7 +7,10 @@
 // for longer than the expiration, as up-imapproxy's sweeper thread does.
 //
 // Ownership: Get hands a connection to the caller; Put or Discard hands it
-// back. A connection in a table belongs to the table. No lock is held while
+// back. A connection in a table belongs to the table. A Lease (Table.Lease
+// for a new connection, Table.Take for a cached one) carries the
+// connection's slot of the budget with it, and settles it once whatever
+// the caller does twice: the proxy takes and gives back slots only so. No lock is held while
 // a connection does I/O: entries are taken out under the lock and checked
 // or closed outside it.
 //
@@ -107,6 +110,10 @@ type Stats struct {
 	Open    int // upstream conns open: active + cached + closing
 	Cached  int
 	Closing int // conns logging out in the background
+	// InUse counts the leases not settled: connections checked out with
+	// Take and slots taken with Table.Lease. It is back to 0 when every
+	// session has given its connection back.
+	InUse int
 
 	Hits   uint64 // Get returned a conn
 	Misses uint64 // Get found nothing reusable
@@ -135,7 +142,8 @@ type Pool struct {
 	opts atomic.Pointer[Options] // replaced whole by SetOptions
 	log  hclog.Logger
 
-	open atomic.Int64 // active + cached
+	open  atomic.Int64 // active + cached
+	inUse atomic.Int64 // leases not settled (see Lease)
 
 	mu     sync.Mutex // guards tables and closed
 	tables map[string]*Table
@@ -424,7 +432,8 @@ func (p *Pool) snapshotLocked() []*Table {
 // connection is dialled. When the budget is spent it closes the oldest
 // cached connection of any backend to make room, and fails with ErrFull if
 // there is none. Every successful Reserve is matched by a Release, or by a
-// Put of the connection that used the slot.
+// Put of the connection that used the slot: Table.Lease is the same slot
+// with that matching kept by the pool.
 func (p *Pool) Reserve() error {
 	for {
 		n := p.open.Load()
@@ -455,7 +464,8 @@ func (p *Pool) Reserve() error {
 }
 
 // Release gives back a slot taken by Reserve whose connection was never
-// cached (dial failed, login refused, session ended dirty).
+// cached (dial failed, login refused, session ended dirty). A Lease
+// releases its own slot, once.
 func (p *Pool) Release() { p.open.Add(-1) }
 
 func (p *Pool) oldest() (*Table, *entry) {
@@ -484,6 +494,7 @@ func (p *Pool) Stats() Stats {
 	s := Stats{
 		Open:              int(p.open.Load()),
 		Closing:           int(p.closing.Load()),
+		InUse:             int(p.inUse.Load()),
 		Hits:              p.c.hits.Load(),
 		Misses:            p.c.misses.Load(),
 		ClosedExpired:     p.c.expired.Load(),

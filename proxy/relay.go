@@ -47,7 +47,7 @@ type relay struct {
 	sess    *session
 	up      *upstream
 	backend backend.Backend
-	table   *pool.Table
+	lease   *pool.Lease // up's slot of the budget, settled by giveBack
 	user    string
 	digest  pool.Digest
 	born    time.Time
@@ -97,9 +97,9 @@ type relay struct {
 	pumpErr  error
 }
 
-func (sess *session) newRelay(up *upstream, b backend.Backend, t *pool.Table, user string, d pool.Digest, born time.Time, log hclog.Logger) *relay {
+func (sess *session) newRelay(up *upstream, b backend.Backend, l *pool.Lease, user string, d pool.Digest, born time.Time, log hclog.Logger) *relay {
 	return &relay{
-		sess: sess, up: up, backend: b, table: t, user: user, digest: d, born: born,
+		sess: sess, up: up, backend: b, lease: l, user: user, digest: d, born: born,
 		log:      log,
 		litCh:    make(chan bool, 1),
 		progress: make(chan struct{}, 1),
@@ -125,9 +125,11 @@ func (rl *relay) run() {
 	rl.running.Store(true)
 	sess.wmu.Unlock()
 	defer sess.rl.Store(nil)
+	// Every way out gives the connection back; this catches a panic's,
+	// and does nothing after the others (a lease settles once).
+	defer rl.giveBack(upAbort)
 	if err != nil {
-		rl.up.Abort()
-		rl.release()
+		rl.giveBack(upAbort)
 		return
 	}
 	go rl.pump()
@@ -848,12 +850,14 @@ func (rl *relay) finish(end endKind) {
 		}
 		rl.bye()
 	}
+	how := upAbort
 	if reason != "" {
 		rl.log.Debug("not caching backend connection", "reason", reason)
 		rl.close()
-		return
+	} else if reason, how = rl.clean(selected); reason != "" {
+		rl.log.Debug("not caching backend connection", "reason", reason)
 	}
-	rl.cleanAndPut(selected)
+	rl.giveBack(how)
 	if holdClient {
 		rl.bye()
 	}
@@ -904,9 +908,10 @@ func (rl *relay) uncacheable(end endKind) (reason string, selected bool) {
 	return reason, selected
 }
 
-// cleanAndPut brings the backend connection back to the state of a fresh
-// login and caches it, or closes it if that cannot be proven.
-func (rl *relay) cleanAndPut(selected bool) {
+// clean brings the backend connection back to the state of a fresh login.
+// It says how to give the connection back: cached, or with the reason it
+// cannot be and how it is closed.
+func (rl *relay) clean(selected bool) (reason string, how upEnd) {
 	// Leave the mailbox without expunging (never CLOSE), so the next
 	// session starts unselected as on a fresh login, whatever the relay
 	// believes: a command it could not see may have selected one. The
@@ -924,40 +929,53 @@ func (rl *relay) cleanAndPut(selected bool) {
 	rl.mu.Lock()
 	dirty := rl.dirty
 	rl.mu.Unlock()
-	// broken: the stream is in doubt, and a LOGOUT would only wait.
-	var reason string
-	broken := false
+	// upAbort: the stream is in doubt, and a LOGOUT would only wait.
 	switch {
 	case dirty != "":
-		reason = dirty
+		return dirty, upLogout
 	case err != nil:
-		reason, broken = "cleanup failed: "+err.Error(), true
+		return "cleanup failed: " + err.Error(), upAbort
 	case status != want:
-		reason = "cleanup answered " + status
+		return "cleanup answered " + status, upLogout
 	case rl.up.r.Buffered() > 0:
-		reason, broken = "unread data", true
+		return "unread data", upAbort
 	case rl.sess.srv.kickedSince(rl.user, rl.born):
-		reason = "user kicked by an operator"
+		return "user kicked by an operator", upLogout
 	}
-	switch {
-	case reason == "":
+	return "", upCache
+}
+
+// upEnd is what becomes of the backend connection when its session is
+// done with it.
+type upEnd int
+
+const (
+	upCache  upEnd = iota // clean: cached for the user's next login
+	upLogout              // closed with a LOGOUT, in the background
+	upAbort               // closed at once: its stream is in doubt, or it has logged out
+)
+
+// giveBack hands the backend connection and its slot of the budget back to
+// the pool: the one place a session does once it has a relay. The lease
+// settles once, so a second call does nothing.
+func (rl *relay) giveBack(how upEnd) {
+	switch how {
+	case upCache:
 		// Once cached the connection is the pool's: an eviction of
 		// this session must no longer find it.
 		rl.sess.rl.Store(nil)
-		rl.table.Put(rl.user, rl.digest, rl.up, rl.born)
+		rl.lease.Put(rl.user, rl.digest, rl.up, rl.born)
 		if rl.sess.srv.kickedSince(rl.user, rl.born) {
-			// A kick that came between the check above and the Put
-			// found neither this session nor the cached connection.
-			rl.table.CloseUser(rl.user)
+			// A kick that came between the check in clean and the
+			// Put found neither this session nor the cached
+			// connection.
+			rl.lease.Table().CloseUser(rl.user)
 		}
-		return
-	case broken:
-		rl.up.Abort()
-		rl.release()
+	case upLogout:
+		rl.lease.Discard(rl.up)
 	default:
-		rl.table.Discard(rl.up)
+		rl.lease.Abort(rl.up)
 	}
-	rl.log.Debug("not caching backend connection", "reason", reason)
 }
 
 // internalCommand sends a command of the proxy's own and lets the pump
@@ -991,12 +1009,10 @@ func (rl *relay) internalCommand(cmd string) (string, error) {
 }
 
 // close logs the upstream connection out when that can be done cleanly,
-// else drops it, and gives its slot back.
+// else cuts it off; the caller then gives it back with upAbort.
 func (rl *relay) close() {
 	select {
 	case <-rl.pumpDone:
-		rl.up.Abort()
-		rl.release()
 		return
 	default:
 	}
@@ -1005,17 +1021,15 @@ func (rl *relay) close() {
 	busy := rl.owedLocked()
 	rl.mu.Unlock()
 	if busy {
+		// The pump waits on the backend: cut it off to end the pump.
 		rl.up.Abort()
 		<-rl.pumpDone
-		rl.release()
 		return
 	}
 	if idling {
 		rl.up.w.WriteString("DONE\r\n")
 	}
 	rl.internalCommand("LOGOUT")
-	rl.up.Abort()
-	rl.release()
 }
 
 // pump copies backend responses to the client.
@@ -1456,6 +1470,3 @@ const probeWait = 5 * time.Millisecond
 var errClientGone = errors.New("client connection lost")
 
 func clientGone(err error) error { return errors.Join(errClientGone, err) }
-
-// release gives back the connection budget slot of a dropped upstream.
-func (rl *relay) release() { rl.sess.srv.pool.Release() }

@@ -609,10 +609,10 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	start := time.Now()
 	// take gives the session a logged-in backend connection and answers
 	// the client; done is false when the login goes on to the next backend.
-	take := func(up *upstream, b backend.Backend, table *pool.Table, born time.Time, reused bool, blog hclog.Logger) (rl *relay, done bool, err error) {
-		rl = sess.newRelay(up, b, table, cacheKey, digest, born, blog)
+	take := func(up *upstream, b backend.Backend, lease *pool.Lease, born time.Time, reused bool, blog hclog.Logger) (rl *relay, done bool, err error) {
+		rl = sess.newRelay(up, b, lease, cacheKey, digest, born, blog)
 		if err := sess.adopt(rl, user); err != nil {
-			table.Discard(up)
+			rl.giveBack(upLogout)
 			if err == errUserLimit {
 				rl, err := sess.userLimited(tag, log)
 				return rl, true, err
@@ -646,10 +646,11 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			srv.stats.failovers.Add(1)
 			srv.events.log(blog, hclog.Info, "failover:"+candidates[0].ID, "failing over to the next backend", "preferred", candidates[0].ID)
 		}
-		if pc, born, ok := table.Get(ctx, cacheKey, digest); ok {
-			return take(pc.(*upstream), b, table, born, true, blog)
+		if lease, ok := table.Take(ctx, cacheKey, digest); ok {
+			return take(lease.Conn().(*upstream), b, lease, lease.Born(), true, blog)
 		}
-		if err := srv.pool.Reserve(); err != nil {
+		lease, err := table.Lease()
+		if err != nil {
 			srv.events.log(blog, hclog.Warn, "connection limit", "login failed: connection limit reached", "error", err)
 			sess.writef("%s NO [UNAVAILABLE] Too many connections, try again later\r\n", tag)
 			return nil, true, nil
@@ -660,7 +661,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			m.dial(b.ID, dialStart, err)
 		}
 		if err != nil {
-			srv.pool.Release()
+			lease.Release()
 			if outOfFiles(err) {
 				// Our trouble, not the backend's: marking it down
 				// would move its users for nothing.
@@ -687,8 +688,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 		}
 		if err != nil {
 			m.backendLogin(b.ID, "error")
-			up.Abort()
-			srv.pool.Release()
+			lease.Abort(up)
 			if !isTimeout(err) {
 				// The backend greeted, so it is up: a connection
 				// it ends in answer to a login is about this
@@ -706,7 +706,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			return nil, false, nil
 		}
 		if !res.ok {
-			table.Discard(up)
+			lease.Discard(up)
 			if bytes.Contains(bytes.ToUpper(res.text), []byte("[UNAVAILABLE]")) {
 				// The server, not the user, is in trouble.
 				m.backendLogin(b.ID, "unavailable")
@@ -723,7 +723,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			return nil, true, sess.loginFailed(fmt.Sprintf("%s %s %s", tag, clientStatus(res.status), sanitizeText(res.text)))
 		}
 		m.backendLogin(b.ID, "ok")
-		return take(up, b, table, up.born, false, blog)
+		return take(up, b, lease, up.born, false, blog)
 	}
 	for _, c := range usable {
 		if rl, done, err := attempt(c); done {

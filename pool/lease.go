@@ -1,0 +1,104 @@
+package pool
+
+import (
+	"context"
+	"sync/atomic"
+	"time"
+)
+
+// Lease is a slot of the connection budget in a caller's hands: the slot
+// of a connection being dialled (Table.Lease) or of a cached one checked
+// out (Table.Take). It travels with the connection it pays for until Put,
+// Discard, Abort or Release settles it. The first of these settles it and
+// the others then do nothing, to the budget or to the connection they are
+// given: a caller with several ways out settles on each without keeping
+// count, and a slot is neither given back twice nor kept for ever. As with
+// database/sql's driverConn, the pool does the counting; the caller only
+// says what became of the connection.
+type Lease struct {
+	t       *Table
+	conn    Conn      // the cached connection Take handed out; nil from Lease
+	born    time.Time // conn's first authentication
+	settled atomic.Bool
+}
+
+// Lease takes a slot of the budget for a new connection to t's backend,
+// as Pool.Reserve does: when the budget is spent, the oldest cached
+// connection of any backend, or one logging out, makes room. It fails
+// with ErrFull when none can.
+func (t *Table) Lease() (*Lease, error) {
+	if err := t.pool.Reserve(); err != nil {
+		return nil, err
+	}
+	return t.newLease(nil, time.Time{}), nil
+}
+
+// Take is Get with the connection's lease: a cached connection of user
+// authenticated with digest d, proven alive, as l.Conn(). It reports false
+// when there is none; the caller then leases a slot for a new connection.
+func (t *Table) Take(ctx context.Context, user string, d Digest) (l *Lease, ok bool) {
+	c, born, ok := t.Get(ctx, user, d)
+	if !ok {
+		return nil, false
+	}
+	return t.newLease(c, born), true
+}
+
+func (t *Table) newLease(c Conn, born time.Time) *Lease {
+	t.pool.inUse.Add(1)
+	return &Lease{t: t, conn: c, born: born}
+}
+
+// Conn is the cached connection Take handed out with the lease, nil for a
+// lease of Table.Lease.
+func (l *Lease) Conn() Conn { return l.conn }
+
+// Born is when Conn was first authenticated.
+func (l *Lease) Born() time.Time { return l.born }
+
+// Table is the table the lease was taken from, whose backend its
+// connection belongs to.
+func (l *Lease) Table() *Table { return l.t }
+
+// Put caches c as Table.Put does, the slot going with it, and settles the
+// lease.
+func (l *Lease) Put(user string, d Digest, c Conn, born time.Time) {
+	if l.settle() {
+		l.t.Put(user, d, c, born)
+	}
+}
+
+// Discard closes c in the background as Table.Discard does, and settles
+// the lease: its slot comes back once c is closed.
+func (l *Lease) Discard(c Conn) {
+	if l.settle() {
+		l.t.Discard(c)
+	}
+}
+
+// Abort closes c at once, without a word to the server, and gives the
+// slot back: for a connection whose stream is in doubt, where a LOGOUT
+// would only wait, or one that has logged out already.
+func (l *Lease) Abort(c Conn) {
+	if l.settle() {
+		c.Abort()
+		l.t.pool.Release()
+	}
+}
+
+// Release gives the slot back: for a lease whose connection was never
+// made (a dial failed) or is closed already.
+func (l *Lease) Release() {
+	if l.settle() {
+		l.t.pool.Release()
+	}
+}
+
+// settle reports whether this call is the one that settles l.
+func (l *Lease) settle() bool {
+	if !l.settled.CompareAndSwap(false, true) {
+		return false
+	}
+	l.t.pool.inUse.Add(-1)
+	return true
+}
