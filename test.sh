@@ -45,6 +45,7 @@ while read -r pkg target budget; do
 done <<'TARGETS'
 ./imapwire FuzzReadCommand 200000x
 ./imapwire FuzzReadResponse 100000x
+./imapwire FuzzReadPart 100000x
 ./proxy FuzzPreAuth 10000x
 ./proxy FuzzSASLPlain 10000x
 ./internal/proxyproto FuzzRead 100000x

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"io"
 	"testing"
+
+	"strings"
 )
 
 // FuzzReadCommand feeds the pre-login command decoder arbitrary client
@@ -109,6 +111,15 @@ func FuzzReadPart(f *testing.F) {
 		"\" \\\" {3}\r\nabc\r\n",
 		"* SEARCH 1 2 3 ~{2}\r\nxy\r\n",
 		"x\\\"{3+}\r\n",
+		// A brace group too long for a literal length, opened before
+		// the last bytes a part reader keeps: an error either way.
+		"a {" + strings.Repeat("9", 40) + "}\r\n",
+		"a {" + strings.Repeat("x", 40) + "+}\r\n",
+		// Opened inside a quoted string: text either way.
+		"a \"{" + strings.Repeat("9", 40) + "\" }\r\n",
+		"a \"{\" " + strings.Repeat("9", 40) + "}\r\n",
+		// An earlier brace outside quotes, the last one inside.
+		"{ \"{" + strings.Repeat("9", 40) + "\"}\r\n",
 	} {
 		f.Add(uint16(10), []byte(s))
 	}

@@ -192,6 +192,10 @@ type longLine struct {
 	q    quoting // of the line up to tail
 	tail []byte  // the last bytes seen, at most maxTail
 	buf  [2 * maxTail]byte
+	// braceOut: the last '{' before the tail was outside a quoted
+	// string. A '}' that ends the line closes it over more bytes than a
+	// literal length has, which the whole line refuses as a bad length.
+	braceOut bool
 }
 
 // maxTail holds the longest literal announcement, "~{" 19 digits "+}"
@@ -232,7 +236,7 @@ func (r *Reader) ReadPart() (part []byte, more bool, lit *Literal, err error) {
 	l := r.long
 	r.long = nil
 	l.add(b)
-	lit, err = l.q.literalAtEnd(l.tail)
+	lit, err = l.literalAtEnd()
 	return b, false, lit, err
 }
 
@@ -240,8 +244,8 @@ func (r *Reader) ReadPart() (part []byte, more bool, lit *Literal, err error) {
 // tail, the ones pushed out of it go through the quoting state.
 func (l *longLine) add(p []byte) {
 	if len(p) >= maxTail {
-		l.q.scan(l.tail)
-		l.q.scan(p[:len(p)-maxTail])
+		l.pass(l.tail)
+		l.pass(p[:len(p)-maxTail])
 		l.tail = append(l.buf[:0], p[len(p)-maxTail:]...)
 		return
 	}
@@ -250,9 +254,35 @@ func (l *longLine) add(p []byte) {
 	}
 	l.tail = append(l.tail, p...)
 	if over := len(l.tail) - maxTail; over > 0 {
-		l.q.scan(l.tail[:over])
+		l.pass(l.tail[:over])
 		l.tail = append(l.buf[:0], l.tail[over:]...)
 	}
+}
+
+// pass takes bytes that leave the tail through the quoting state, noting
+// where the last '{' stood.
+func (l *longLine) pass(b []byte) {
+	for i := 0; i < len(b); {
+		j := bytes.IndexByte(b[i:], '{')
+		if j < 0 {
+			l.q.scan(b[i:])
+			return
+		}
+		l.q.scan(b[i : i+j])
+		l.braceOut = !l.q.in
+		l.q.scan(b[i+j : i+j+1]) // it may end an escape
+		i += j + 1
+	}
+}
+
+// literalAtEnd is literalAtEnd for the whole line, of which only the tail
+// is still at hand.
+func (l *longLine) literalAtEnd() (*Literal, error) {
+	t := TrimEOL(l.tail)
+	if len(t) > 0 && t[len(t)-1] == '}' && bytes.IndexByte(t, '{') < 0 && l.braceOut {
+		return nil, syntaxErrorf("bad literal length")
+	}
+	return l.q.literalAtEnd(l.tail)
 }
 
 // ReadLiteral reads a literal of n bytes into memory. If n > limit it reads
