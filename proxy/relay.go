@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"runtime/debug"
 	"sync"
@@ -16,6 +17,7 @@ import (
 	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/imapwire"
 	"github.com/imapproxy/imapproxy/pool"
+	"github.com/imapproxy/imapproxy/upstream"
 )
 
 // cmdKind is what the relay needs to know of a command in flight.
@@ -45,7 +47,7 @@ type pending struct {
 // the backend connection is back where a fresh login would leave it.
 type relay struct {
 	sess    *session
-	up      *upstream
+	up      *upstream.Conn
 	backend backend.Backend
 	lease   *pool.Lease // up's slot of the budget, settled by giveBack
 	user    string
@@ -97,7 +99,7 @@ type relay struct {
 	pumpErr  error
 }
 
-func (sess *session) newRelay(up *upstream, b backend.Backend, l *pool.Lease, user string, d pool.Digest, born time.Time, log hclog.Logger) *relay {
+func (sess *session) newRelay(up *upstream.Conn, b backend.Backend, l *pool.Lease, user string, d pool.Digest, born time.Time, log hclog.Logger) *relay {
 	return &relay{
 		sess: sess, up: up, backend: b, lease: l, user: user, digest: d, born: born,
 		log:      log,
@@ -119,7 +121,7 @@ func (rl *relay) setDirty(why string) {
 // back in the pool or closes it.
 func (rl *relay) run() {
 	sess := rl.sess
-	rl.up.writeTimeout = sess.srv.options().writeTimeout()
+	rl.up.SetWriteTimeout(sess.srv.options().writeTimeout())
 	sess.wmu.Lock()
 	err := sess.flush()
 	rl.running.Store(true)
@@ -365,7 +367,7 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 			rl.markNonSyncLocked(seq)
 			rl.mu.Unlock()
 		}
-		if _, err := rl.up.w.Write(line); err != nil {
+		if _, err := rl.up.Writer().Write(line); err != nil {
 			return rl.upstreamError(err), true
 		}
 	}
@@ -499,8 +501,9 @@ func (rl *relay) awaitContinuation() (accepted bool, end endKind, done bool) {
 // copyLiteralUp copies a literal of n bytes from the client to the
 // backend. The client has the literal timeout to send it (more for a big
 // one); the backend must take each write within the write timeout
-// (upDst), so that one that stops reading is found however slow the
-// client, and a slow client is never taken for a hung backend.
+// (upstream.Conn.Direct), so that one that stops reading is found
+// however slow the client, and a slow client is never taken for a hung
+// backend.
 func (rl *relay) copyLiteralUp(n int64) (end endKind, done bool) {
 	sess := rl.sess
 	o := sess.srv.options()
@@ -509,7 +512,7 @@ func (rl *relay) copyLiteralUp(n int64) (end endKind, done bool) {
 	}
 	// A big APPEND over a slow link gets 1s more per 64 KiB.
 	sess.conn.SetReadDeadline(time.Now().Add(o.literalTimeout() + time.Duration(n>>16)*time.Second))
-	dst := &literalDst{up: upDst{rl.up}}
+	dst := &literalDst{up: rl.up.Direct()}
 	for n > 0 {
 		k := min(n, literalChunk)
 		m, err := sess.r.CopyLiteral(dst, k, sess.conn)
@@ -530,7 +533,7 @@ func (rl *relay) copyLiteralUp(n int64) (end endKind, done bool) {
 // remembers a failed write, which CopyLiteral does not tell from a failed
 // read.
 type literalDst struct {
-	up  upDst
+	up  io.Writer
 	err error
 }
 
@@ -635,7 +638,7 @@ func (rl *relay) scan(cmd string, line []byte) {
 // toUpstream writes a client line to the backend, flushing when nothing
 // more is waiting from the client.
 func (rl *relay) toUpstream(line []byte, flush bool) error {
-	if _, err := rl.up.w.Write(line); err != nil {
+	if _, err := rl.up.Writer().Write(line); err != nil {
 		return err
 	}
 	if flush || rl.sess.r.Buffered() == 0 {
@@ -645,15 +648,15 @@ func (rl *relay) toUpstream(line []byte, flush bool) error {
 }
 
 // flushUp sends what is buffered for the backend, bounded by the write
-// timeout (upDst) so that a backend that stops reading cannot hold the
-// session.
+// timeout (upstream.Conn.SetWriteTimeout) so that a backend that stops
+// reading cannot hold the session.
 func (rl *relay) flushUp() error {
-	if rl.up.w.Buffered() == 0 {
+	if rl.up.Writer().Buffered() == 0 {
 		return nil
 	}
 	// Counted per flush, not per line: the counter is the whole server's.
-	rl.sess.srv.stats.bytesUp.Add(uint64(rl.up.w.Buffered()))
-	return rl.up.w.Flush()
+	rl.sess.srv.stats.bytesUp.Add(uint64(rl.up.Writer().Buffered()))
+	return rl.up.Writer().Flush()
 }
 
 // skipLiterals consumes the literals of a command the proxy answers
@@ -779,7 +782,7 @@ func (rl *relay) drainClient() endKind {
 	rl.armLocked(true) // the IDLE's answer is owed once DONE goes out
 	rl.mu.Unlock()
 	if idling {
-		rl.up.w.WriteString("DONE\r\n")
+		rl.up.Writer().WriteString("DONE\r\n")
 		rl.flushUp()
 	}
 	rl.waitQuiet(rl.sess.srv.options().logoutWait())
@@ -912,19 +915,9 @@ func (rl *relay) uncacheable(end endKind) (reason string, selected bool) {
 // It says how to give the connection back: cached, or with the reason it
 // cannot be and how it is closed.
 func (rl *relay) clean(selected bool) (reason string, how upEnd) {
-	// Leave the mailbox without expunging (never CLOSE), so the next
-	// session starts unselected as on a fresh login, whatever the relay
-	// believes: a command it could not see may have selected one. The
-	// answer also checks the belief: UNSELECT is refused (BAD) when no
-	// mailbox is selected, and one that disagrees is not cached.
-	cmd, want := "UNSELECT", "BAD"
-	switch {
-	case !hasCap(rl.up.postCaps, "UNSELECT"):
-		// A failed EXAMINE leaves no mailbox selected (RFC 3501 6.3.1).
-		cmd, want = "EXAMINE \"imapproxy/\\\"nonexistent\\\"/"+rl.up.nextTag()+"\"", "NO"
-	case selected:
-		want = "OK"
-	}
+	// Leave the mailbox without expunging, whatever the relay believes;
+	// the answer checks the belief (see CleanupCommand).
+	cmd, want := rl.up.CleanupCommand(selected)
 	status, err := rl.internalCommand(cmd)
 	rl.mu.Lock()
 	dirty := rl.dirty
@@ -937,7 +930,7 @@ func (rl *relay) clean(selected bool) (reason string, how upEnd) {
 		return "cleanup failed: " + err.Error(), upAbort
 	case status != want:
 		return "cleanup answered " + status, upLogout
-	case rl.up.r.Buffered() > 0:
+	case rl.up.Reader().Buffered() > 0:
 		return "unread data", upAbort
 	case rl.sess.srv.kickedSince(rl.user, rl.born):
 		return "user kicked by an operator", upLogout
@@ -981,27 +974,25 @@ func (rl *relay) giveBack(how upEnd) {
 // internalCommand sends a command of the proxy's own and lets the pump
 // stop after its tagged reply, so the proxy again owns the reader.
 func (rl *relay) internalCommand(cmd string) (string, error) {
-	tag := rl.up.nextTag()
+	tag := rl.up.NextTag()
 	rl.mu.Lock()
 	rl.seq++
 	rl.inflight = append(rl.inflight, pending{tag: tag, kind: kindInternal, seq: rl.seq})
 	rl.stopping = true
 	rl.mu.Unlock()
-	rl.up.writeTimeout = rl.up.checkLimit
-	rl.up.conn.SetDeadline(time.Now().Add(rl.up.checkLimit))
-	rl.up.w.WriteString(tag + " " + cmd + "\r\n")
+	rl.up.WriteCommand(tag, cmd)
 	if err := rl.flushUp(); err != nil {
 		rl.up.Abort()
 		<-rl.pumpDone
 		return "", err
 	}
 	<-rl.pumpDone
-	rl.up.conn.SetDeadline(time.Time{})
+	rl.up.NetConn().SetDeadline(time.Time{})
 	rl.mu.Lock()
 	defer rl.mu.Unlock()
 	if rl.internal == "" {
 		if rl.pumpErr == nil {
-			return "", errUnexpected
+			return "", upstream.ErrUnexpected
 		}
 		return "", rl.pumpErr
 	}
@@ -1027,7 +1018,7 @@ func (rl *relay) close() {
 		return
 	}
 	if idling {
-		rl.up.w.WriteString("DONE\r\n")
+		rl.up.Writer().WriteString("DONE\r\n")
 	}
 	rl.internalCommand("LOGOUT")
 }
@@ -1073,7 +1064,7 @@ func (rl *relay) pump() {
 }
 
 func (rl *relay) pumpLoop() error {
-	r := rl.up.r
+	r := rl.up.Reader()
 	for {
 		rl.mu.Lock()
 		rl.armLocked(false)
@@ -1158,7 +1149,7 @@ func (rl *relay) armLocked(fresh bool) {
 	if !rl.owedLocked() || rl.uploading {
 		if rl.armedAt != 0 {
 			rl.armedAt = 0
-			rl.up.conn.SetReadDeadline(time.Time{})
+			rl.up.NetConn().SetReadDeadline(time.Time{})
 		}
 		return
 	}
@@ -1171,7 +1162,7 @@ func (rl *relay) armLocked(fresh bool) {
 		return
 	}
 	rl.armedAt = now.UnixNano()
-	rl.up.conn.SetReadDeadline(now.Add(timeout))
+	rl.up.NetConn().SetReadDeadline(now.Add(timeout))
 }
 
 func (rl *relay) idleInFlightLocked() bool {
@@ -1322,7 +1313,7 @@ func (rl *relay) forward(line []byte, more bool, lit *imapwire.Literal, pass, te
 		if more {
 			rl.progressed()
 			var err error
-			if line, more, lit, err = up.r.ReadPart(); err != nil {
+			if line, more, lit, err = up.Reader().ReadPart(); err != nil {
 				return err
 			}
 			continue
@@ -1338,7 +1329,7 @@ func (rl *relay) forward(line []byte, more bool, lit *imapwire.Literal, pass, te
 			// The literal's first bytes came in with its line: they go
 			// out in the same write as the line, and a small literal
 			// (a header, a flag list) costs no write of its own.
-			head := up.r.Take(int(min(lit.Size, int64(sess.w.Available()))))
+			head := up.Reader().Take(int(min(lit.Size, int64(sess.w.Available()))))
 			if _, err := sess.w.Write(head); err != nil {
 				return clientGone(err)
 			}
@@ -1355,7 +1346,7 @@ func (rl *relay) forward(line []byte, more bool, lit *imapwire.Literal, pass, te
 			return err
 		}
 		var err error
-		line, more, lit, err = up.r.ReadPart()
+		line, more, lit, err = up.Reader().ReadPart()
 		if err != nil {
 			return err
 		}
@@ -1364,7 +1355,7 @@ func (rl *relay) forward(line []byte, more bool, lit *imapwire.Literal, pass, te
 		}
 		text = false
 	}
-	if out && up.r.Buffered() == 0 {
+	if out && up.Reader().Buffered() == 0 {
 		// Counted per burst, not per line: the counter is the whole
 		// server's.
 		sess.srv.stats.bytesDown.Add(uint64(rl.sent))
@@ -1391,10 +1382,10 @@ func (rl *relay) copyToClient(n int64) error {
 		rl.progressed()
 		deadline := time.Now().Add(sess.srv.options().writeTimeout())
 		sess.conn.SetWriteDeadline(deadline)
-		m, err := up.r.CopyLiteral(sess.conn, k, up.conn)
+		m, err := up.Reader().CopyLiteral(sess.conn, k, up.NetConn())
 		n -= m
 		if err != nil {
-			return attribute(err, deadline, up.conn)
+			return attribute(err, deadline, up.NetConn())
 		}
 	}
 	return nil
@@ -1406,7 +1397,7 @@ func (rl *relay) discardLiteral(n int64) error {
 	for n > 0 {
 		k := min(n, literalChunk)
 		rl.progressed()
-		if err := rl.up.r.DiscardLiteral(k); err != nil {
+		if err := rl.up.Reader().DiscardLiteral(k); err != nil {
 			return err
 		}
 		n -= k

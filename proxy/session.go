@@ -21,6 +21,7 @@ import (
 	"github.com/imapproxy/imapproxy/imapwire"
 	"github.com/imapproxy/imapproxy/internal/proxyproto"
 	"github.com/imapproxy/imapproxy/pool"
+	"github.com/imapproxy/imapproxy/upstream"
 )
 
 // session is one client connection. It owns conn, and the upstream
@@ -308,7 +309,7 @@ func (sess *session) preAuthCommand(cmd *imapwire.Command) (*relay, error) {
 			clear(cmd.Args[1].Value)
 			return nil, nil
 		}
-		cr := &credentials{user: cmd.Args[0].Value, pass: cmd.Args[1].Value}
+		cr := &upstream.Credentials{User: cmd.Args[0].Value, Pass: cmd.Args[1].Value}
 		return sess.login(cmd.Tag, cr)
 	case "AUTHENTICATE":
 		return sess.authenticate(cmd)
@@ -497,7 +498,7 @@ func (sess *session) authenticate(cmd *imapwire.Command) (*relay, error) {
 	if cancel || err != nil {
 		return fail(cancel, err)
 	}
-	return sess.login(cmd.Tag, &credentials{user: user, pass: pass})
+	return sess.login(cmd.Tag, &upstream.Credentials{User: user, Pass: pass})
 }
 
 var errBadBase64 = errors.New("bad base64")
@@ -505,14 +506,14 @@ var errBadBase64 = errors.New("bad base64")
 // parsePlain splits a SASL PLAIN message (RFC 4616): authzid NUL authcid
 // NUL passwd. The slices alias data. An authzid equal to the user is the
 // user logging in as themself, not an authorization request.
-func parsePlain(data []byte) (*credentials, bool) {
+func parsePlain(data []byte) (*upstream.Credentials, bool) {
 	parts := bytes.SplitN(data, []byte{0}, 3)
 	if len(parts) != 3 || len(parts[1]) == 0 || bytes.IndexByte(parts[2], 0) >= 0 {
 		return nil, false
 	}
-	cr := &credentials{authzid: parts[0], user: parts[1], pass: parts[2]}
-	if bytes.Equal(cr.authzid, cr.user) {
-		cr.authzid = nil
+	cr := &upstream.Credentials{Authzid: parts[0], User: parts[1], Pass: parts[2]}
+	if bytes.Equal(cr.Authzid, cr.User) {
+		cr.Authzid = nil
 	}
 	return cr, true
 }
@@ -555,10 +556,10 @@ func decodeSASL(b []byte) ([]byte, error) {
 // login authenticates the client through its backend: a cached
 // connection of the same user and credential if one is alive, otherwise a
 // new connection and a real LOGIN. The password is cleared before return.
-func (sess *session) login(tag string, cr *credentials) (*relay, error) {
-	defer clear(cr.pass)
+func (sess *session) login(tag string, cr *upstream.Credentials) (*relay, error) {
+	defer clear(cr.Pass)
 	srv := sess.srv
-	user := string(cr.user)
+	user := string(cr.User)
 	log := withFields(sess.log, "user", clip(user))
 	if answer := sess.checkCredentials(cr); answer != "" {
 		srv.events.log(log, hclog.Info, "login rejected", "login rejected: unacceptable credentials", "reason", answer)
@@ -576,8 +577,8 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	// The mailbox owner picks the backend: the authorization identity
 	// when a SASL client names one.
 	pinUser := user
-	if len(cr.authzid) > 0 {
-		pinUser = string(cr.authzid)
+	if len(cr.Authzid) > 0 {
+		pinUser = string(cr.Authzid)
 	}
 	var order [8]backend.Backend
 	candidates := set.ring.Order(pinUser, order[:0])
@@ -588,8 +589,8 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 		return nil, nil
 	}
 	cacheKey := user
-	if len(cr.authzid) > 0 {
-		cacheKey = string(cr.authzid) + "\x00" + user
+	if len(cr.Authzid) > 0 {
+		cacheKey = string(cr.Authzid) + "\x00" + user
 	}
 	// Backends this proxy saw fail lately go last; if all did, all are
 	// tried anyway, in the user's order.
@@ -604,12 +605,12 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 		usable = candidates
 	}
 	var lastErr error
-	var refusal *loginResult
+	var refusal *upstream.LoginResult
 	m := srv.options().Metrics
 	start := time.Now()
 	// take gives the session a logged-in backend connection and answers
 	// the client; done is false when the login goes on to the next backend.
-	take := func(up *upstream, b backend.Backend, lease *pool.Lease, born time.Time, reused bool, blog hclog.Logger) (rl *relay, done bool, err error) {
+	take := func(up *upstream.Conn, b backend.Backend, lease *pool.Lease, born time.Time, reused bool, blog hclog.Logger) (rl *relay, done bool, err error) {
 		rl = sess.newRelay(up, b, lease, cacheKey, digest, born, blog)
 		if err := sess.adopt(rl, user); err != nil {
 			rl.giveBack(upLogout)
@@ -629,7 +630,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 		}
 		m.login(served, start)
 		blog.Info("login", "reused", reused)
-		sess.writef("%s%s OK [CAPABILITY %s] Logged in\r\n", note, tag, postLoginCaps(up.postCaps))
+		sess.writef("%s%s OK [CAPABILITY %s] Logged in\r\n", note, tag, postLoginCaps(up.PostCaps()))
 		return rl, true, nil
 	}
 	// attempt logs the user in on backend c: from the cache, else with a
@@ -637,7 +638,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	attempt := func(c backend.Backend) (rl *relay, done bool, err error) {
 		// Each backend gets the whole login timeout: one that hangs
 		// must not leave none for the user's next backend.
-		ctx, cancel := context.WithTimeout(srv.ctx, srv.dialer().loginTimeout())
+		ctx, cancel := context.WithTimeout(srv.ctx, srv.dialer().LoginLimit())
 		defer cancel()
 		b := set.byID[c.ID]
 		table := srv.pool.Table(b.ID)
@@ -647,7 +648,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			srv.events.log(blog, hclog.Info, "failover:"+candidates[0].ID, "failing over to the next backend", "preferred", candidates[0].ID)
 		}
 		if lease, ok := table.Take(ctx, cacheKey, digest); ok {
-			return take(lease.Conn().(*upstream), b, lease, lease.Born(), true, blog)
+			return take(lease.Conn().(*upstream.Conn), b, lease, lease.Born(), true, blog)
 		}
 		lease, err := table.Lease()
 		if err != nil {
@@ -656,7 +657,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			return nil, true, nil
 		}
 		dialStart := time.Now()
-		up, err := srv.dialer().dial(ctx, b)
+		up, err := srv.dialer().Dial(ctx, b)
 		if !outOfFiles(err) {
 			m.dial(b.ID, dialStart, err)
 		}
@@ -673,7 +674,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			lastErr = err
 			return nil, false, nil
 		}
-		caps := up.preCaps
+		caps := up.PreCaps()
 		srv.preCaps.Store(&caps)
 		var id []byte
 		if srv.dialer().ForwardID {
@@ -681,11 +682,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 		}
 		// Close (the end of a shutdown's grace) cuts a login that
 		// waits on a hung backend, as it cuts sessions.
-		stop := context.AfterFunc(srv.ctx, up.Abort)
-		res, err := up.login(srv.dialer(), cr, id)
-		if !stop() && err == nil {
-			err = srv.ctx.Err()
-		}
+		res, err := up.Login(srv.ctx, cr, id)
 		if err != nil {
 			m.backendLogin(b.ID, "error")
 			lease.Abort(up)
@@ -705,12 +702,12 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			lastErr = err
 			return nil, false, nil
 		}
-		if !res.ok {
+		if !res.OK {
 			lease.Discard(up)
-			if bytes.Contains(bytes.ToUpper(res.text), []byte("[UNAVAILABLE]")) {
+			if bytes.Contains(bytes.ToUpper(res.Text), []byte("[UNAVAILABLE]")) {
 				// The server, not the user, is in trouble.
 				m.backendLogin(b.ID, "unavailable")
-				srv.markDown(b.ID, fmt.Errorf("login refused: %s", sanitizeText(res.text)))
+				srv.markDown(b.ID, fmt.Errorf("login refused: %s", sanitizeText(res.Text)))
 				refusal = &res
 				return nil, false, nil
 			}
@@ -719,11 +716,11 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			srv.stats.refused.Add(1)
 			m.backendLogin(b.ID, "refused")
 			m.login("refused", start)
-			srv.events.log(blog, hclog.Info, "refused:"+b.ID, "login refused by backend", "status", res.status)
-			return nil, true, sess.loginFailed(fmt.Sprintf("%s %s %s", tag, clientStatus(res.status), sanitizeText(res.text)))
+			srv.events.log(blog, hclog.Info, "refused:"+b.ID, "login refused by backend", "status", res.Status)
+			return nil, true, sess.loginFailed(fmt.Sprintf("%s %s %s", tag, clientStatus(res.Status), sanitizeText(res.Text)))
 		}
 		m.backendLogin(b.ID, "ok")
-		return take(up, b, lease, up.born, false, blog)
+		return take(up, b, lease, up.Born(), false, blog)
 	}
 	for _, c := range usable {
 		if rl, done, err := attempt(c); done {
@@ -734,7 +731,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	m.login("failed", start)
 	if refusal != nil {
 		srv.events.log(log, hclog.Warn, "every backend unavailable", "login failed: every backend refused as unavailable")
-		sess.writef("%s %s %s\r\n", tag, clientStatus(refusal.status), sanitizeText(refusal.text))
+		sess.writef("%s %s %s\r\n", tag, clientStatus(refusal.Status), sanitizeText(refusal.Text))
 		return nil, nil
 	}
 	if len(srv.backends.Load().byID) == 0 {
@@ -753,16 +750,16 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 // should see, "" for acceptable ones. NUL, CR and LF would change the
 // meaning of a SASL PLAIN message or a LOGIN line; over-long ones make
 // Dovecot drop the connection instead of answering.
-func (sess *session) checkCredentials(cr *credentials) string {
+func (sess *session) checkCredentials(cr *upstream.Credentials) string {
 	o := sess.srv.options()
 	switch {
-	case len(cr.user) > o.maxUserLength() || len(cr.authzid) > o.maxUserLength():
+	case len(cr.User) > o.maxUserLength() || len(cr.Authzid) > o.maxUserLength():
 		return fmt.Sprintf("NO [LIMIT] User name too long (at most %d bytes)", o.maxUserLength())
-	case len(cr.pass) > o.maxPasswordLength():
+	case len(cr.Pass) > o.maxPasswordLength():
 		return fmt.Sprintf("NO [LIMIT] Password too long (at most %d bytes)", o.maxPasswordLength())
-	case bytes.ContainsAny(cr.user, "\x00\r\n") || bytes.ContainsAny(cr.authzid, "\x00\r\n"):
+	case bytes.ContainsAny(cr.User, "\x00\r\n") || bytes.ContainsAny(cr.Authzid, "\x00\r\n"):
 		return "NO [AUTHENTICATIONFAILED] Invalid characters in user name"
-	case bytes.IndexByte(cr.pass, 0) >= 0:
+	case bytes.IndexByte(cr.Pass, 0) >= 0:
 		return "NO [AUTHENTICATIONFAILED] Invalid characters in password"
 	}
 	return ""
@@ -794,7 +791,7 @@ func (sess *session) loginFailed(answer string) error {
 
 func isTimeout(err error) bool {
 	var ne net.Error
-	return errors.Is(err, errLoginTimeout) || errors.As(err, &ne) && ne.Timeout()
+	return errors.Is(err, upstream.ErrLoginTimeout) || errors.As(err, &ne) && ne.Timeout()
 }
 
 var (
