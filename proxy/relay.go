@@ -91,7 +91,7 @@ type relay struct {
 	ending atomic.Bool
 	// evictMsg is the last word of a session an operator or a backend
 	// drain ends; the client loop says it at the next command boundary.
-	evictMsg atomic.Pointer[string]
+	evictMsg atomic.Pointer[imapwire.Status]
 
 	litCh    chan bool     // "+" arrived (true) or the command was refused (false)
 	progress chan struct{} // a command completed (edge, cap 1)
@@ -207,10 +207,10 @@ func (rl *relay) clientLoop() endKind {
 			var se *imapwire.SyntaxError
 			switch {
 			case errors.As(err, &se):
-				rl.answer("* BAD Error in IMAP command: " + se.Msg)
+				rl.answer(replyTo(se, loggedIn, ""))
 				continue
 			case errors.Is(err, imapwire.ErrLineTooLong):
-				rl.answer("* BAD Command line too long")
+				rl.answer(replyTo(err, loggedIn, ""))
 				continue
 			}
 			return rl.clientError(err)
@@ -253,7 +253,7 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 		if !rl.skipLiterals(lit) {
 			return endClient, true
 		}
-		rl.answer("* BAD Invalid tag")
+		rl.answer(badStatus("", "Invalid tag"))
 		return 0, false
 	}
 	name, args := imapwire.CutAtom(rest)
@@ -281,7 +281,7 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 			if !rl.skipLiterals(lit) {
 				return endClient, true
 			}
-			rl.answer(tag + " BAD LOGOUT takes no arguments")
+			rl.answer(badStatus(tag, "LOGOUT takes no arguments"))
 			return 0, false
 		}
 		return rl.logout(tag), true
@@ -291,7 +291,7 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 		if !rl.skipLiterals(lit) {
 			return endClient, true
 		}
-		rl.answer(tag + " BAD Command not available in authenticated state")
+		rl.answer(badStatus(tag, "Command not available in authenticated state"))
 		return 0, false
 	case "IDLE":
 		kind = kindIdle
@@ -311,10 +311,10 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 	}
 	if lit != nil && lit.Size > o.maxLiteral() {
 		if lit.NonSync {
-			rl.answer("* BYE [TOOBIG] Literal too big")
+			rl.answer(replyTo(imapwire.ErrNonSyncTooBig, loggedIn, ""))
 			return endClient, true
 		}
-		rl.answer(tag + " NO [TOOBIG] Literal too big")
+		rl.answer(replyTo(imapwire.ErrLiteralTooBig, loggedIn, tag))
 		return 0, false
 	}
 	rl.scan(cmd, line)
@@ -566,7 +566,7 @@ func (rl *relay) readContinuation(cmd string) (line []byte, lit *imapwire.Litera
 	if lit != nil && lit.Size > rl.sess.srv.options().maxLiteral() {
 		// Half the command is with the server already.
 		rl.setDirty("oversized literal")
-		rl.answer("* BYE [TOOBIG] Literal too big")
+		rl.answer(replyTo(imapwire.ErrNonSyncTooBig, loggedIn, ""))
 		return nil, nil, endClient, true
 	}
 	rl.scan(cmd, line)
@@ -668,7 +668,7 @@ func (rl *relay) skipLiterals(lit *imapwire.Literal) bool {
 			return true
 		}
 		if lit.Size > rl.sess.srv.options().maxLiteral() {
-			rl.answer("* BYE [TOOBIG] Literal too big")
+			rl.answer(replyTo(imapwire.ErrNonSyncTooBig, loggedIn, ""))
 			return false
 		}
 		if err := rl.sess.r.DiscardLiteral(lit.Size); err != nil {
@@ -683,21 +683,20 @@ func (rl *relay) skipLiterals(lit *imapwire.Literal) bool {
 }
 
 // answer writes a response of the proxy's own to the client.
-func (rl *relay) answer(line string) {
+func (rl *relay) answer(st imapwire.Status) {
 	sess := rl.sess
 	sess.wmu.Lock()
 	defer sess.wmu.Unlock()
 	if sess.silenced {
 		return
 	}
-	sess.w.WriteString(line)
-	sess.w.WriteString("\r\n")
+	sess.reply(st)
 	sess.flush()
 }
 
 // say writes the session's last words to the client and silences the
 // relay, so nothing from the backend follows them.
-func (rl *relay) say(lines ...string) {
+func (rl *relay) say(sts ...imapwire.Status) {
 	sess := rl.sess
 	sess.wmu.Lock()
 	defer sess.wmu.Unlock()
@@ -705,9 +704,8 @@ func (rl *relay) say(lines ...string) {
 		return
 	}
 	sess.silenced = true
-	for _, l := range lines {
-		sess.w.WriteString(l)
-		sess.w.WriteString("\r\n")
+	for _, st := range sts {
+		sess.reply(st)
 	}
 	sess.flush()
 }
@@ -718,7 +716,7 @@ func (rl *relay) clientError(err error) endKind {
 		if end, done := rl.interrupted(); done {
 			return end
 		}
-		rl.say("* BYE Autologout; idle for too long")
+		rl.say(replyTo(errIdle, loggedIn, ""))
 		rl.log.Debug("client timed out")
 	} else {
 		rl.log.Debug("client connection ended", "error", err)
@@ -730,11 +728,11 @@ func (rl *relay) upstreamError(err error) endKind {
 	rl.setDirty("backend write failed")
 	var ne net.Error
 	if errors.As(err, &ne) && ne.Timeout() {
-		rl.say("* BYE [UNAVAILABLE] IMAP server not responding")
+		rl.say(replyTo(errBackendTimeout, loggedIn, ""))
 		rl.log.Warn("backend not reading; session ended", "timeout", rl.sess.srv.options().writeTimeout())
 		return endPump
 	}
-	rl.say("* BYE Connection to IMAP server lost")
+	rl.say(replyTo(errBackendLost, loggedIn, ""))
 	rl.log.Warn("backend write failed", "error", err)
 	return endPump
 }
@@ -786,7 +784,7 @@ func (rl *relay) drainClient() endKind {
 		rl.flushUp()
 	}
 	rl.waitQuiet(rl.sess.srv.options().logoutWait())
-	rl.say("* BYE Server shutting down")
+	rl.say(replyTo(errShutdown, loggedIn, ""))
 	return endDraining
 }
 
@@ -800,7 +798,7 @@ func (rl *relay) drain() { rl.wake() }
 // session says its last words and ends on its own goroutine: an eviction
 // never waits on a client, so a drain of many sessions takes no longer
 // for the few whose clients do not read.
-func (rl *relay) evict(msg string) {
+func (rl *relay) evict(msg imapwire.Status) {
 	rl.setDirty("evicted")
 	rl.evictMsg.Store(&msg)
 	rl.mu.Lock()
@@ -819,7 +817,7 @@ func (rl *relay) evict(msg string) {
 
 // sayLast writes an eviction's last words, bounded short: the session
 // ends whether the client reads them or not.
-func (rl *relay) sayLast(msg string) {
+func (rl *relay) sayLast(msg imapwire.Status) {
 	sess := rl.sess
 	sess.wmu.Lock()
 	defer sess.wmu.Unlock()
@@ -828,7 +826,7 @@ func (rl *relay) sayLast(msg string) {
 	}
 	sess.silenced = true
 	sess.evicted = true // bounds the write to lastWordsTimeout
-	sess.w.WriteString(msg + "\r\n")
+	sess.reply(msg)
 	sess.w.Flush()
 }
 
@@ -870,7 +868,7 @@ func (rl *relay) finish(end endKind) {
 func (rl *relay) bye() {
 	rl.sess.srv.leaveUser(rl.sess)
 	if rl.logoutTag != "" {
-		rl.say("* BYE Logging out", rl.logoutTag+" OK LOGOUT completed")
+		rl.say(statusLogout, okStatus(rl.logoutTag, "LOGOUT completed"))
 	} else {
 		// Nothing more is due: closing first makes a pump blocked
 		// writing to a client that does not read let go of the writer.
@@ -1049,13 +1047,13 @@ func (rl *relay) pump() {
 			rl.log.Debug("backend connection closed with the session", "error", err)
 		case errors.Is(err, errClientGone):
 			rl.log.Debug("client connection lost", "error", err)
-			rl.say("* BYE Connection to IMAP server lost")
+			rl.say(replyTo(errBackendLost, loggedIn, ""))
 		case errors.As(err, &ne) && ne.Timeout():
 			rl.log.Warn("backend not responding; session ended", "timeout", rl.sess.srv.options().responseTimeout())
-			rl.say("* BYE [UNAVAILABLE] IMAP server not responding")
+			rl.say(replyTo(errBackendTimeout, loggedIn, ""))
 		default:
 			rl.log.Warn("backend connection lost", "error", err)
-			rl.say("* BYE Connection to IMAP server lost")
+			rl.say(replyTo(errBackendLost, loggedIn, ""))
 		}
 		// Wake the client reader.
 		rl.sess.conn.Close()

@@ -431,7 +431,7 @@ func (s *Server) scheduleDrain(b backend.Backend) {
 		}
 		s.stats.drained.Add(uint64(len(victims)))
 		for _, sess := range victims {
-			sess.evict("* BYE [UNAVAILABLE] IMAP server taken out of service, please reconnect")
+			sess.evict(replyTo(errDrained, loggedIn, ""))
 		}
 	})
 	s.drains[t] = struct{}{}
@@ -743,9 +743,7 @@ func (s *Server) shed(l net.Listener) bool {
 	}
 	s.stats.rejected.Add(1)
 	s.log.Warn("connection refused: out of file descriptors", "client", c.RemoteAddr().String())
-	c.SetWriteDeadline(time.Now().Add(time.Second))
-	c.Write([]byte("* BYE [UNAVAILABLE] Server out of resources, try again later\r\n"))
-	c.Close()
+	refuseConn(c, errOutOfFiles)
 	return true
 }
 
@@ -782,11 +780,7 @@ func (s *Server) newSession(c net.Conn, tlsMode backend.TLSMode) *session {
 		// deadline.
 		s.stats.rejected.Add(1)
 		s.events.log(s.log, hclog.Warn, "refused:"+over, "connection refused: limit reached", "limit", over, "client", c.RemoteAddr().String())
-		// A fresh socket takes a short line without blocking; the
-		// deadline is for the pathological case.
-		c.SetWriteDeadline(time.Now().Add(time.Second))
-		c.Write([]byte("* BYE [UNAVAILABLE] Too many connections, try again later\r\n"))
-		c.Close()
+		refuseConn(c, errTooManyClients)
 		return nil
 	}
 	defer s.mu.Unlock()
