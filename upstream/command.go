@@ -1,80 +1,78 @@
 package upstream
 
-import (
-	"strconv"
+import "github.com/imapproxy/imapproxy/imapwire"
 
-	"github.com/imapproxy/imapproxy/imapwire"
-)
-
-// The commands the proxy writes to a backend. Nothing here flushes but
-// command; a login's lines go out in one write.
+// The commands the proxy writes to a backend, through imapwire's
+// Encoder. Nothing here flushes but command and a login that must wait
+// for a continuation request; a login's lines go out in one write.
 
 // command writes "tag cmd" and flushes.
 func (c *Conn) command(tag, cmd string) error {
-	c.writeLine(tag, cmd)
+	if err := c.writeLine(tag, cmd); err != nil {
+		return err
+	}
 	return c.w.Flush()
 }
 
 // writeLine buffers "tag cmd"; cmd is well formed (atoms, quoted strings).
-func (c *Conn) writeLine(tag, cmd string) {
-	c.w.WriteString(tag)
-	c.w.WriteString(" ")
-	c.w.WriteString(cmd)
-	c.w.WriteString("\r\n")
+func (c *Conn) writeLine(tag, cmd string) error {
+	enc := imapwire.Encoder{W: c.w}
+	return enc.Atom(tag).SP().Atom(cmd).CRLF()
 }
 
-// writeID buffers "tag ID params"; params is the list as the client's ID
-// command had it, or as the proxy built it.
-func (c *Conn) writeID(tag string, params []byte) {
-	c.w.WriteString(tag)
-	c.w.WriteString(" ID ")
-	c.w.Write(params)
-	c.w.WriteString("\r\n")
+// writeID buffers "tag ID params"; params is the parenthesised list as
+// the proxy built it for the client.
+func (c *Conn) writeID(tag string, params []byte) error {
+	enc := imapwire.Encoder{W: c.w}
+	return enc.Atom(tag).SP().Atom("ID").SP().Atom(string(params)).CRLF()
 }
 
-// writeLogin buffers "tag LOGIN user password". The user must be
-// quotable; a password that is not goes as a literal, non-synchronising
-// where the backend takes LITERAL+, else synchronising: the bytes
-// returned are then to be sent after the backend's "+".
-func (c *Conn) writeLogin(tag string, cr *Credentials) (rest []byte) {
-	buf := make([]byte, 0, 64+2*len(cr.User)+2*len(cr.Pass))
-	buf = append(buf, tag...)
-	buf = append(buf, " LOGIN "...)
-	buf, _ = imapwire.AppendAString(buf, cr.User)
-	buf = append(buf, ' ')
-	if nb, ok := imapwire.AppendAString(buf, cr.Pass); ok {
-		buf = append(nb, "\r\n"...)
-	} else if HasCap(c.preCaps, "LITERAL+") {
-		buf = strconv.AppendInt(append(buf, '{'), int64(len(cr.Pass)), 10)
-		buf = append(buf, "+}\r\n"...)
-		buf = append(buf, cr.Pass...)
-		buf = append(buf, "\r\n"...)
-	} else {
-		buf = strconv.AppendInt(append(buf, '{'), int64(len(cr.Pass)), 10)
-		buf = append(buf, "}\r\n"...)
-		rest = append(append([]byte(nil), cr.Pass...), "\r\n"...)
+// writeLogin writes "tag LOGIN user password". The user must be
+// quotable (see quotable); a password that is not goes as a literal,
+// non-synchronising where the backend takes LITERAL+, else
+// synchronising: what is buffered is then flushed, before is called (to
+// read the answers due first) and the backend's "+" awaited before the
+// password is written.
+func (c *Conn) writeLogin(tag string, cr *Credentials, before func() error) error {
+	enc := imapwire.Encoder{
+		W:           c.w,
+		LiteralPlus: HasCap(c.preCaps, "LITERAL+"),
+		Continue: func() error {
+			if err := before(); err != nil {
+				return err
+			}
+			return c.awaitContinuation()
+		},
 	}
-	c.w.Write(buf)
-	clear(buf)
-	return rest
+	return enc.Atom(tag).SP().Atom("LOGIN").SP().AString(cr.User).SP().AString(cr.Pass).CRLF()
 }
 
-// writeAuthenticate buffers "tag AUTHENTICATE PLAIN", with the initial
-// response where the backend takes SASL-IR; else it returns the response
-// line to be sent after the backend's "+".
-func (c *Conn) writeAuthenticate(tag string, cr *Credentials) (rest []byte) {
+// writeAuthenticate writes "tag AUTHENTICATE PLAIN", with the initial
+// response where the backend takes SASL-IR. Else it flushes, calls
+// before, awaits the backend's "+" and writes the response on a line of
+// its own.
+func (c *Conn) writeAuthenticate(tag string, cr *Credentials, before func() error) error {
 	ir := PlainResponse(cr)
-	c.w.WriteString(tag)
-	c.w.WriteString(" AUTHENTICATE PLAIN")
-	if !HasCap(c.preCaps, "SASL-IR") {
-		c.w.WriteString("\r\n")
-		return append(ir, "\r\n"...)
+	defer clear(ir)
+	enc := imapwire.Encoder{W: c.w}
+	enc.Atom(tag).SP().Atom("AUTHENTICATE").SP().Atom("PLAIN")
+	// Base64 is made of atom characters: AString writes it as it is.
+	if HasCap(c.preCaps, "SASL-IR") {
+		return enc.SP().AString(ir).CRLF()
 	}
-	c.w.WriteString(" ")
-	c.w.Write(ir)
-	c.w.WriteString("\r\n")
-	clear(ir)
-	return nil
+	if err := enc.CRLF(); err != nil {
+		return err
+	}
+	if err := c.w.Flush(); err != nil {
+		return err
+	}
+	if err := before(); err != nil {
+		return err
+	}
+	if err := c.awaitContinuation(); err != nil {
+		return err
+	}
+	return enc.AString(ir).CRLF()
 }
 
 // quotable reports whether s can be sent as a quoted string (or an

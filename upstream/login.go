@@ -50,34 +50,31 @@ func (c *Conn) login(cr *Credentials, id []byte) (LoginResult, error) {
 		c.writeID(idTag, id)
 	}
 	tag := c.NextTag()
-	// rest is the end of the command, to be sent after the backend's
-	// continuation request.
-	var rest []byte
+	// The answer to ID is read before the login's, and before the
+	// continuation request a login may have to wait for.
+	idRead := idTag == ""
+	readID := func() error {
+		if idRead {
+			return nil
+		}
+		idRead = true
+		_, _, err := c.readTagged(idTag, nil)
+		return err
+	}
+	var err error
 	if method == "plain" {
-		rest = c.writeAuthenticate(tag, cr)
+		err = c.writeAuthenticate(tag, cr, readID)
 	} else {
-		rest = c.writeLogin(tag, cr)
+		err = c.writeLogin(tag, cr, readID)
 	}
-	defer clear(rest)
-	if err := c.w.Flush(); err != nil {
+	if err == nil {
+		err = c.w.Flush()
+	}
+	if err == nil {
+		err = readID()
+	}
+	if err != nil {
 		return LoginResult{}, err
-	}
-	if idTag != "" {
-		if _, _, err := c.readTagged(idTag, nil); err != nil {
-			return LoginResult{}, err
-		}
-	}
-	if rest != nil {
-		err := c.awaitContinuation()
-		if err == nil {
-			_, err = c.w.Write(rest)
-		}
-		if err == nil {
-			err = c.w.Flush()
-		}
-		if err != nil {
-			return LoginResult{}, err
-		}
 	}
 	return c.loginAnswer(tag)
 }
