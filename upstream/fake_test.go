@@ -170,7 +170,8 @@ func TestStartTLSRefusals(t *testing.T) {
 	})
 }
 
-// loginScript answers a login the way each test case's backend does.
+// TestLogin logs in by each method against a backend scripted to check
+// the bytes on the wire and answer.
 func TestLogin(t *testing.T) {
 	const user = "bob"
 	tests := []struct {
@@ -622,4 +623,33 @@ func TestInternalTagsUnguessable(t *testing.T) {
 	if a.NextTag() == ta {
 		t.Fatal("a connection repeats its tag")
 	}
+}
+
+// TestWriteTimeout: once set, the write timeout bounds each write to a
+// backend that does not read, buffered (Writer) or not (Direct).
+func TestWriteTimeout(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const limit = 2 * time.Second
+		hold := make(chan struct{})
+		c := loggedIn(t, &Dialer{LoginMethod: "login"}, "IMAP4rev1", func(p *peer) { <-hold })
+		t.Cleanup(func() { close(hold) }) // first: the peer drains, then the pipe closes
+		c.SetWriteTimeout(limit)
+		for _, w := range []struct {
+			name  string
+			write func() error
+		}{
+			{"Direct", func() error { _, err := c.Direct().Write([]byte("literal bytes")); return err }},
+			{"Writer", func() error { c.Writer().WriteString("a NOOP\r\n"); return c.Writer().Flush() }},
+		} {
+			start := time.Now()
+			err := w.write()
+			var ne net.Error
+			if !errors.As(err, &ne) || !ne.Timeout() {
+				t.Fatalf("%s to a backend that does not read: %v, want a timeout", w.name, err)
+			}
+			if took := time.Since(start); took != limit {
+				t.Errorf("%s gave up after %v, want the write timeout %v", w.name, took, limit)
+			}
+		}
+	})
 }

@@ -133,9 +133,6 @@ func (c *Conn) PostCaps() []string { return c.postCaps }
 // Born is when the login succeeded.
 func (c *Conn) Born() time.Time { return c.born }
 
-// CheckTimeout bounds each of the proxy's own round trips.
-func (c *Conn) CheckTimeout() time.Duration { return c.checkLimit }
-
 // SetWriteTimeout bounds each write to the backend from now on. Only the
 // connection's owner calls it, between writes.
 func (c *Conn) SetWriteTimeout(d time.Duration) { c.writeTimeout = d }
