@@ -24,9 +24,6 @@ var (
 	ErrLastBackend = errors.New("proxy: last backend in service")
 )
 
-// kickMessage is what a client hears when an operator ends its session.
-const kickMessage = "* BYE [UNAVAILABLE] Session ended by the administrator, please reconnect"
-
 // BackendInfo is one backend of the set as this proxy sees it.
 type BackendInfo struct {
 	ID      string
@@ -341,7 +338,7 @@ func (s *Server) KickUser(user string) (sessions, cached int) {
 	// Sessions first: an evicted session does not cache its connection,
 	// so the tables are emptied after the last of them could have.
 	for _, sess := range victims {
-		sess.evict(kickMessage)
+		sess.evict(replyTo(errKicked, loggedIn, ""))
 	}
 	for _, t := range s.pool.Tables() {
 		for key := range t.Users() {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/upstream"
 )
 
 // backendInfo returns the BackendStatus entry of id.
@@ -298,7 +299,7 @@ func TestUserInfo(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d := p.srv.digest(&credentials{user: []byte(user), pass: []byte(pass)}, "")
+	d := p.srv.digest(&upstream.Credentials{User: []byte(user), Pass: []byte(pass)}, "")
 	for _, secret := range []string{pass, hex.EncodeToString(d[:]), base64.StdEncoding.EncodeToString(d[:])} {
 		if strings.Contains(string(js), secret) {
 			t.Errorf("UserInfo JSON holds a secret (%q): %s", secret, js)

@@ -12,6 +12,7 @@ import (
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
 	"github.com/imapproxy/imapproxy/internal/faultnet"
+	"github.com/imapproxy/imapproxy/upstream"
 )
 
 // Short timeouts, so that every hang below is answered in about a second.
@@ -28,7 +29,7 @@ const (
 )
 
 func faultOptions(o *Options) {
-	o.Dialer = &Dialer{ForwardID: true, Timeout: faultDial, LoginTimeout: faultLogin, CheckTimeout: faultCheck}
+	o.Dialer = &upstream.Dialer{ForwardID: true, Timeout: faultDial, LoginTimeout: faultLogin, CheckTimeout: faultCheck}
 	o.ResponseTimeout = faultResponse
 	o.WriteTimeout = faultWrite
 	o.LiteralTimeout = faultLiteral

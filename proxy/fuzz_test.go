@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/imapproxy/imapproxy/upstream"
 )
 
 // FuzzPreAuth feeds arbitrary bytes to a session before login, with no
@@ -92,15 +94,15 @@ func FuzzSASLPlain(f *testing.F) {
 		if !ok {
 			return
 		}
-		if len(cr.user) == 0 {
+		if len(cr.User) == 0 {
 			t.Fatal("accepted an empty user name")
 		}
-		again, err := decodeSASL(plainResponse(cr))
+		again, err := decodeSASL(upstream.PlainResponse(cr))
 		if err != nil {
 			t.Fatalf("re-encoding failed: %v", err)
 		}
 		cr2, ok := parsePlain(again)
-		if !ok || string(cr2.user) != string(cr.user) || string(cr2.pass) != string(cr.pass) || string(cr2.authzid) != string(cr.authzid) {
+		if !ok || string(cr2.User) != string(cr.User) || string(cr2.Pass) != string(cr.Pass) || string(cr2.Authzid) != string(cr.Authzid) {
 			t.Fatalf("round trip changed the credentials")
 		}
 	})

@@ -14,6 +14,7 @@ import (
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
 	"github.com/imapproxy/imapproxy/pool"
+	"github.com/imapproxy/imapproxy/upstream"
 )
 
 // syncBuffer collects log output from concurrent goroutines.
@@ -61,7 +62,7 @@ func startServer(t testing.TB, bs []Backend, probe bool, mod func(*Options)) *te
 	opts := Options{
 		Logger: log,
 		Pool:   pool.New(pool.Options{Logger: log.Named("pool")}),
-		Dialer: &Dialer{ForwardID: true, Timeout: 2 * time.Second, CheckTimeout: 2 * time.Second},
+		Dialer: &upstream.Dialer{ForwardID: true, Timeout: 2 * time.Second, CheckTimeout: 2 * time.Second},
 		// Tests of the delay set it; the rest need no wait.
 		LoginFailureDelay: -1,
 	}

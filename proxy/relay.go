@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"runtime/debug"
 	"sync"
@@ -16,6 +17,7 @@ import (
 	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/imapwire"
 	"github.com/imapproxy/imapproxy/pool"
+	"github.com/imapproxy/imapproxy/upstream"
 )
 
 // cmdKind is what the relay needs to know of a command in flight.
@@ -45,7 +47,7 @@ type pending struct {
 // the backend connection is back where a fresh login would leave it.
 type relay struct {
 	sess    *session
-	up      *upstream
+	up      *upstream.Conn
 	backend backend.Backend
 	lease   *pool.Lease // up's slot of the budget, settled by giveBack
 	user    string
@@ -89,7 +91,7 @@ type relay struct {
 	ending atomic.Bool
 	// evictMsg is the last word of a session an operator or a backend
 	// drain ends; the client loop says it at the next command boundary.
-	evictMsg atomic.Pointer[string]
+	evictMsg atomic.Pointer[imapwire.Status]
 
 	litCh    chan bool     // "+" arrived (true) or the command was refused (false)
 	progress chan struct{} // a command completed (edge, cap 1)
@@ -97,7 +99,7 @@ type relay struct {
 	pumpErr  error
 }
 
-func (sess *session) newRelay(up *upstream, b backend.Backend, l *pool.Lease, user string, d pool.Digest, born time.Time, log hclog.Logger) *relay {
+func (sess *session) newRelay(up *upstream.Conn, b backend.Backend, l *pool.Lease, user string, d pool.Digest, born time.Time, log hclog.Logger) *relay {
 	return &relay{
 		sess: sess, up: up, backend: b, lease: l, user: user, digest: d, born: born,
 		log:      log,
@@ -119,7 +121,7 @@ func (rl *relay) setDirty(why string) {
 // back in the pool or closes it.
 func (rl *relay) run() {
 	sess := rl.sess
-	rl.up.writeTimeout = sess.srv.options().writeTimeout()
+	rl.up.SetWriteTimeout(sess.srv.options().writeTimeout())
 	sess.wmu.Lock()
 	err := sess.flush()
 	rl.running.Store(true)
@@ -205,10 +207,10 @@ func (rl *relay) clientLoop() endKind {
 			var se *imapwire.SyntaxError
 			switch {
 			case errors.As(err, &se):
-				rl.answer("* BAD Error in IMAP command: " + se.Msg)
+				rl.answer(replyTo(se, loggedIn, ""))
 				continue
 			case errors.Is(err, imapwire.ErrLineTooLong):
-				rl.answer("* BAD Command line too long")
+				rl.answer(replyTo(err, loggedIn, ""))
 				continue
 			}
 			return rl.clientError(err)
@@ -251,7 +253,7 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 		if !rl.skipLiterals(lit) {
 			return endClient, true
 		}
-		rl.answer("* BAD Invalid tag")
+		rl.answer(badStatus("", "Invalid tag"))
 		return 0, false
 	}
 	name, args := imapwire.CutAtom(rest)
@@ -279,7 +281,7 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 			if !rl.skipLiterals(lit) {
 				return endClient, true
 			}
-			rl.answer(tag + " BAD LOGOUT takes no arguments")
+			rl.answer(badStatus(tag, "LOGOUT takes no arguments"))
 			return 0, false
 		}
 		return rl.logout(tag), true
@@ -289,7 +291,7 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 		if !rl.skipLiterals(lit) {
 			return endClient, true
 		}
-		rl.answer(tag + " BAD Command not available in authenticated state")
+		rl.answer(badStatus(tag, "Command not available in authenticated state"))
 		return 0, false
 	case "IDLE":
 		kind = kindIdle
@@ -309,10 +311,10 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 	}
 	if lit != nil && lit.Size > o.maxLiteral() {
 		if lit.NonSync {
-			rl.answer("* BYE [TOOBIG] Literal too big")
+			rl.answer(replyTo(imapwire.ErrNonSyncTooBig, loggedIn, ""))
 			return endClient, true
 		}
-		rl.answer(tag + " NO [TOOBIG] Literal too big")
+		rl.answer(replyTo(imapwire.ErrLiteralTooBig, loggedIn, tag))
 		return 0, false
 	}
 	rl.scan(cmd, line)
@@ -365,7 +367,7 @@ func (rl *relay) command(line []byte, lit *imapwire.Literal, idling bool) (end e
 			rl.markNonSyncLocked(seq)
 			rl.mu.Unlock()
 		}
-		if _, err := rl.up.w.Write(line); err != nil {
+		if _, err := rl.up.Writer().Write(line); err != nil {
 			return rl.upstreamError(err), true
 		}
 	}
@@ -499,8 +501,9 @@ func (rl *relay) awaitContinuation() (accepted bool, end endKind, done bool) {
 // copyLiteralUp copies a literal of n bytes from the client to the
 // backend. The client has the literal timeout to send it (more for a big
 // one); the backend must take each write within the write timeout
-// (upDst), so that one that stops reading is found however slow the
-// client, and a slow client is never taken for a hung backend.
+// (upstream.Conn.Direct), so that one that stops reading is found
+// however slow the client, and a slow client is never taken for a hung
+// backend.
 func (rl *relay) copyLiteralUp(n int64) (end endKind, done bool) {
 	sess := rl.sess
 	o := sess.srv.options()
@@ -509,7 +512,7 @@ func (rl *relay) copyLiteralUp(n int64) (end endKind, done bool) {
 	}
 	// A big APPEND over a slow link gets 1s more per 64 KiB.
 	sess.conn.SetReadDeadline(time.Now().Add(o.literalTimeout() + time.Duration(n>>16)*time.Second))
-	dst := &literalDst{up: upDst{rl.up}}
+	dst := &literalDst{up: rl.up.Direct()}
 	for n > 0 {
 		k := min(n, literalChunk)
 		m, err := sess.r.CopyLiteral(dst, k, sess.conn)
@@ -530,7 +533,7 @@ func (rl *relay) copyLiteralUp(n int64) (end endKind, done bool) {
 // remembers a failed write, which CopyLiteral does not tell from a failed
 // read.
 type literalDst struct {
-	up  upDst
+	up  io.Writer
 	err error
 }
 
@@ -563,7 +566,7 @@ func (rl *relay) readContinuation(cmd string) (line []byte, lit *imapwire.Litera
 	if lit != nil && lit.Size > rl.sess.srv.options().maxLiteral() {
 		// Half the command is with the server already.
 		rl.setDirty("oversized literal")
-		rl.answer("* BYE [TOOBIG] Literal too big")
+		rl.answer(replyTo(imapwire.ErrNonSyncTooBig, loggedIn, ""))
 		return nil, nil, endClient, true
 	}
 	rl.scan(cmd, line)
@@ -635,7 +638,7 @@ func (rl *relay) scan(cmd string, line []byte) {
 // toUpstream writes a client line to the backend, flushing when nothing
 // more is waiting from the client.
 func (rl *relay) toUpstream(line []byte, flush bool) error {
-	if _, err := rl.up.w.Write(line); err != nil {
+	if _, err := rl.up.Writer().Write(line); err != nil {
 		return err
 	}
 	if flush || rl.sess.r.Buffered() == 0 {
@@ -645,15 +648,15 @@ func (rl *relay) toUpstream(line []byte, flush bool) error {
 }
 
 // flushUp sends what is buffered for the backend, bounded by the write
-// timeout (upDst) so that a backend that stops reading cannot hold the
-// session.
+// timeout (upstream.Conn.SetWriteTimeout) so that a backend that stops
+// reading cannot hold the session.
 func (rl *relay) flushUp() error {
-	if rl.up.w.Buffered() == 0 {
+	if rl.up.Writer().Buffered() == 0 {
 		return nil
 	}
 	// Counted per flush, not per line: the counter is the whole server's.
-	rl.sess.srv.stats.bytesUp.Add(uint64(rl.up.w.Buffered()))
-	return rl.up.w.Flush()
+	rl.sess.srv.stats.bytesUp.Add(uint64(rl.up.Writer().Buffered()))
+	return rl.up.Writer().Flush()
 }
 
 // skipLiterals consumes the literals of a command the proxy answers
@@ -665,7 +668,7 @@ func (rl *relay) skipLiterals(lit *imapwire.Literal) bool {
 			return true
 		}
 		if lit.Size > rl.sess.srv.options().maxLiteral() {
-			rl.answer("* BYE [TOOBIG] Literal too big")
+			rl.answer(replyTo(imapwire.ErrNonSyncTooBig, loggedIn, ""))
 			return false
 		}
 		if err := rl.sess.r.DiscardLiteral(lit.Size); err != nil {
@@ -680,21 +683,20 @@ func (rl *relay) skipLiterals(lit *imapwire.Literal) bool {
 }
 
 // answer writes a response of the proxy's own to the client.
-func (rl *relay) answer(line string) {
+func (rl *relay) answer(st imapwire.Status) {
 	sess := rl.sess
 	sess.wmu.Lock()
 	defer sess.wmu.Unlock()
 	if sess.silenced {
 		return
 	}
-	sess.w.WriteString(line)
-	sess.w.WriteString("\r\n")
+	sess.reply(st)
 	sess.flush()
 }
 
 // say writes the session's last words to the client and silences the
 // relay, so nothing from the backend follows them.
-func (rl *relay) say(lines ...string) {
+func (rl *relay) say(sts ...imapwire.Status) {
 	sess := rl.sess
 	sess.wmu.Lock()
 	defer sess.wmu.Unlock()
@@ -702,9 +704,8 @@ func (rl *relay) say(lines ...string) {
 		return
 	}
 	sess.silenced = true
-	for _, l := range lines {
-		sess.w.WriteString(l)
-		sess.w.WriteString("\r\n")
+	for _, st := range sts {
+		sess.reply(st)
 	}
 	sess.flush()
 }
@@ -715,7 +716,7 @@ func (rl *relay) clientError(err error) endKind {
 		if end, done := rl.interrupted(); done {
 			return end
 		}
-		rl.say("* BYE Autologout; idle for too long")
+		rl.say(replyTo(errIdle, loggedIn, ""))
 		rl.log.Debug("client timed out")
 	} else {
 		rl.log.Debug("client connection ended", "error", err)
@@ -727,11 +728,11 @@ func (rl *relay) upstreamError(err error) endKind {
 	rl.setDirty("backend write failed")
 	var ne net.Error
 	if errors.As(err, &ne) && ne.Timeout() {
-		rl.say("* BYE [UNAVAILABLE] IMAP server not responding")
+		rl.say(replyTo(errBackendTimeout, loggedIn, ""))
 		rl.log.Warn("backend not reading; session ended", "timeout", rl.sess.srv.options().writeTimeout())
 		return endPump
 	}
-	rl.say("* BYE Connection to IMAP server lost")
+	rl.say(replyTo(errBackendLost, loggedIn, ""))
 	rl.log.Warn("backend write failed", "error", err)
 	return endPump
 }
@@ -779,11 +780,11 @@ func (rl *relay) drainClient() endKind {
 	rl.armLocked(true) // the IDLE's answer is owed once DONE goes out
 	rl.mu.Unlock()
 	if idling {
-		rl.up.w.WriteString("DONE\r\n")
+		rl.up.Writer().WriteString("DONE\r\n")
 		rl.flushUp()
 	}
 	rl.waitQuiet(rl.sess.srv.options().logoutWait())
-	rl.say("* BYE Server shutting down")
+	rl.say(replyTo(errShutdown, loggedIn, ""))
 	return endDraining
 }
 
@@ -797,7 +798,7 @@ func (rl *relay) drain() { rl.wake() }
 // session says its last words and ends on its own goroutine: an eviction
 // never waits on a client, so a drain of many sessions takes no longer
 // for the few whose clients do not read.
-func (rl *relay) evict(msg string) {
+func (rl *relay) evict(msg imapwire.Status) {
 	rl.setDirty("evicted")
 	rl.evictMsg.Store(&msg)
 	rl.mu.Lock()
@@ -816,7 +817,7 @@ func (rl *relay) evict(msg string) {
 
 // sayLast writes an eviction's last words, bounded short: the session
 // ends whether the client reads them or not.
-func (rl *relay) sayLast(msg string) {
+func (rl *relay) sayLast(msg imapwire.Status) {
 	sess := rl.sess
 	sess.wmu.Lock()
 	defer sess.wmu.Unlock()
@@ -825,7 +826,7 @@ func (rl *relay) sayLast(msg string) {
 	}
 	sess.silenced = true
 	sess.evicted = true // bounds the write to lastWordsTimeout
-	sess.w.WriteString(msg + "\r\n")
+	sess.reply(msg)
 	sess.w.Flush()
 }
 
@@ -867,7 +868,7 @@ func (rl *relay) finish(end endKind) {
 func (rl *relay) bye() {
 	rl.sess.srv.leaveUser(rl.sess)
 	if rl.logoutTag != "" {
-		rl.say("* BYE Logging out", rl.logoutTag+" OK LOGOUT completed")
+		rl.say(statusLogout, okStatus(rl.logoutTag, "LOGOUT completed"))
 	} else {
 		// Nothing more is due: closing first makes a pump blocked
 		// writing to a client that does not read let go of the writer.
@@ -912,19 +913,9 @@ func (rl *relay) uncacheable(end endKind) (reason string, selected bool) {
 // It says how to give the connection back: cached, or with the reason it
 // cannot be and how it is closed.
 func (rl *relay) clean(selected bool) (reason string, how upEnd) {
-	// Leave the mailbox without expunging (never CLOSE), so the next
-	// session starts unselected as on a fresh login, whatever the relay
-	// believes: a command it could not see may have selected one. The
-	// answer also checks the belief: UNSELECT is refused (BAD) when no
-	// mailbox is selected, and one that disagrees is not cached.
-	cmd, want := "UNSELECT", "BAD"
-	switch {
-	case !hasCap(rl.up.postCaps, "UNSELECT"):
-		// A failed EXAMINE leaves no mailbox selected (RFC 3501 6.3.1).
-		cmd, want = "EXAMINE \"imapproxy/\\\"nonexistent\\\"/"+rl.up.nextTag()+"\"", "NO"
-	case selected:
-		want = "OK"
-	}
+	// Leave the mailbox without expunging, whatever the relay believes;
+	// the answer checks the belief (see CleanupCommand).
+	cmd, want := rl.up.CleanupCommand(selected)
 	status, err := rl.internalCommand(cmd)
 	rl.mu.Lock()
 	dirty := rl.dirty
@@ -937,7 +928,7 @@ func (rl *relay) clean(selected bool) (reason string, how upEnd) {
 		return "cleanup failed: " + err.Error(), upAbort
 	case status != want:
 		return "cleanup answered " + status, upLogout
-	case rl.up.r.Buffered() > 0:
+	case rl.up.Reader().Buffered() > 0:
 		return "unread data", upAbort
 	case rl.sess.srv.kickedSince(rl.user, rl.born):
 		return "user kicked by an operator", upLogout
@@ -981,27 +972,25 @@ func (rl *relay) giveBack(how upEnd) {
 // internalCommand sends a command of the proxy's own and lets the pump
 // stop after its tagged reply, so the proxy again owns the reader.
 func (rl *relay) internalCommand(cmd string) (string, error) {
-	tag := rl.up.nextTag()
+	tag := rl.up.NextTag()
 	rl.mu.Lock()
 	rl.seq++
 	rl.inflight = append(rl.inflight, pending{tag: tag, kind: kindInternal, seq: rl.seq})
 	rl.stopping = true
 	rl.mu.Unlock()
-	rl.up.writeTimeout = rl.up.checkLimit
-	rl.up.conn.SetDeadline(time.Now().Add(rl.up.checkLimit))
-	rl.up.w.WriteString(tag + " " + cmd + "\r\n")
+	rl.up.WriteCommand(tag, cmd)
 	if err := rl.flushUp(); err != nil {
 		rl.up.Abort()
 		<-rl.pumpDone
 		return "", err
 	}
 	<-rl.pumpDone
-	rl.up.conn.SetDeadline(time.Time{})
+	rl.up.NetConn().SetDeadline(time.Time{})
 	rl.mu.Lock()
 	defer rl.mu.Unlock()
 	if rl.internal == "" {
 		if rl.pumpErr == nil {
-			return "", errUnexpected
+			return "", upstream.ErrUnexpected
 		}
 		return "", rl.pumpErr
 	}
@@ -1027,7 +1016,7 @@ func (rl *relay) close() {
 		return
 	}
 	if idling {
-		rl.up.w.WriteString("DONE\r\n")
+		rl.up.Writer().WriteString("DONE\r\n")
 	}
 	rl.internalCommand("LOGOUT")
 }
@@ -1058,13 +1047,13 @@ func (rl *relay) pump() {
 			rl.log.Debug("backend connection closed with the session", "error", err)
 		case errors.Is(err, errClientGone):
 			rl.log.Debug("client connection lost", "error", err)
-			rl.say("* BYE Connection to IMAP server lost")
+			rl.say(replyTo(errBackendLost, loggedIn, ""))
 		case errors.As(err, &ne) && ne.Timeout():
 			rl.log.Warn("backend not responding; session ended", "timeout", rl.sess.srv.options().responseTimeout())
-			rl.say("* BYE [UNAVAILABLE] IMAP server not responding")
+			rl.say(replyTo(errBackendTimeout, loggedIn, ""))
 		default:
 			rl.log.Warn("backend connection lost", "error", err)
-			rl.say("* BYE Connection to IMAP server lost")
+			rl.say(replyTo(errBackendLost, loggedIn, ""))
 		}
 		// Wake the client reader.
 		rl.sess.conn.Close()
@@ -1073,7 +1062,7 @@ func (rl *relay) pump() {
 }
 
 func (rl *relay) pumpLoop() error {
-	r := rl.up.r
+	r := rl.up.Reader()
 	for {
 		rl.mu.Lock()
 		rl.armLocked(false)
@@ -1158,7 +1147,7 @@ func (rl *relay) armLocked(fresh bool) {
 	if !rl.owedLocked() || rl.uploading {
 		if rl.armedAt != 0 {
 			rl.armedAt = 0
-			rl.up.conn.SetReadDeadline(time.Time{})
+			rl.up.NetConn().SetReadDeadline(time.Time{})
 		}
 		return
 	}
@@ -1171,7 +1160,7 @@ func (rl *relay) armLocked(fresh bool) {
 		return
 	}
 	rl.armedAt = now.UnixNano()
-	rl.up.conn.SetReadDeadline(now.Add(timeout))
+	rl.up.NetConn().SetReadDeadline(now.Add(timeout))
 }
 
 func (rl *relay) idleInFlightLocked() bool {
@@ -1322,7 +1311,7 @@ func (rl *relay) forward(line []byte, more bool, lit *imapwire.Literal, pass, te
 		if more {
 			rl.progressed()
 			var err error
-			if line, more, lit, err = up.r.ReadPart(); err != nil {
+			if line, more, lit, err = up.Reader().ReadPart(); err != nil {
 				return err
 			}
 			continue
@@ -1338,7 +1327,7 @@ func (rl *relay) forward(line []byte, more bool, lit *imapwire.Literal, pass, te
 			// The literal's first bytes came in with its line: they go
 			// out in the same write as the line, and a small literal
 			// (a header, a flag list) costs no write of its own.
-			head := up.r.Take(int(min(lit.Size, int64(sess.w.Available()))))
+			head := up.Reader().Take(int(min(lit.Size, int64(sess.w.Available()))))
 			if _, err := sess.w.Write(head); err != nil {
 				return clientGone(err)
 			}
@@ -1355,7 +1344,7 @@ func (rl *relay) forward(line []byte, more bool, lit *imapwire.Literal, pass, te
 			return err
 		}
 		var err error
-		line, more, lit, err = up.r.ReadPart()
+		line, more, lit, err = up.Reader().ReadPart()
 		if err != nil {
 			return err
 		}
@@ -1364,7 +1353,7 @@ func (rl *relay) forward(line []byte, more bool, lit *imapwire.Literal, pass, te
 		}
 		text = false
 	}
-	if out && up.r.Buffered() == 0 {
+	if out && up.Reader().Buffered() == 0 {
 		// Counted per burst, not per line: the counter is the whole
 		// server's.
 		sess.srv.stats.bytesDown.Add(uint64(rl.sent))
@@ -1391,10 +1380,10 @@ func (rl *relay) copyToClient(n int64) error {
 		rl.progressed()
 		deadline := time.Now().Add(sess.srv.options().writeTimeout())
 		sess.conn.SetWriteDeadline(deadline)
-		m, err := up.r.CopyLiteral(sess.conn, k, up.conn)
+		m, err := up.Reader().CopyLiteral(sess.conn, k, up.NetConn())
 		n -= m
 		if err != nil {
-			return attribute(err, deadline, up.conn)
+			return attribute(err, deadline, up.NetConn())
 		}
 	}
 	return nil
@@ -1406,7 +1395,7 @@ func (rl *relay) discardLiteral(n int64) error {
 	for n > 0 {
 		k := min(n, literalChunk)
 		rl.progressed()
-		if err := rl.up.r.DiscardLiteral(k); err != nil {
+		if err := rl.up.Reader().DiscardLiteral(k); err != nil {
 			return err
 		}
 		n -= k

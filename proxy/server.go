@@ -26,6 +26,7 @@ import (
 	"github.com/imapproxy/imapproxy/balancer"
 	"github.com/imapproxy/imapproxy/internal/proxyproto"
 	"github.com/imapproxy/imapproxy/pool"
+	"github.com/imapproxy/imapproxy/upstream"
 )
 
 // ErrServerClosed is returned by Serve after Shutdown or Close.
@@ -35,8 +36,8 @@ var ErrServerClosed = errors.New("proxy: server closed")
 // given by SetBackends.
 type Options struct {
 	Logger hclog.Logger
-	Pool   *pool.Pool // nil: a pool with default options
-	Dialer *Dialer    // nil: defaults
+	Pool   *pool.Pool       // nil: a pool with default options
+	Dialer *upstream.Dialer // nil: defaults
 
 	// TLSConfig holds the client-facing certificate; nil disables
 	// STARTTLS and implicit TLS listeners.
@@ -147,6 +148,13 @@ func (o *Options) maxLiteral() int64 {
 		return o.MaxLiteral
 	}
 	return 64 << 20
+}
+
+func orDur(d, def time.Duration) time.Duration {
+	if d > 0 {
+		return d
+	}
+	return def
 }
 
 func orInt(n, def int) int {
@@ -265,7 +273,7 @@ func New(opts Options) *Server {
 	}
 	opts.Pool = s.pool
 	if opts.Dialer == nil {
-		opts.Dialer = &Dialer{}
+		opts.Dialer = &upstream.Dialer{}
 	}
 	s.opts.Store(&opts)
 	if _, err := rand.Read(s.key[:]); err != nil {
@@ -283,7 +291,7 @@ func New(opts Options) *Server {
 
 func (s *Server) options() *Options { return s.opts.Load() }
 
-func (s *Server) dialer() *Dialer { return s.options().Dialer }
+func (s *Server) dialer() *upstream.Dialer { return s.options().Dialer }
 
 // SetOptions replaces the options of a running server, as a
 // configuration reload does. Timeouts, limits, TLS and dialer settings
@@ -296,7 +304,7 @@ func (s *Server) SetOptions(opts Options) {
 	old := s.options()
 	opts.Logger, opts.Pool = old.Logger, old.Pool
 	if opts.Dialer == nil {
-		opts.Dialer = &Dialer{}
+		opts.Dialer = &upstream.Dialer{}
 	}
 	s.opts.Store(&opts)
 	if opts.HashKey != old.HashKey {
@@ -423,7 +431,7 @@ func (s *Server) scheduleDrain(b backend.Backend) {
 		}
 		s.stats.drained.Add(uint64(len(victims)))
 		for _, sess := range victims {
-			sess.evict("* BYE [UNAVAILABLE] IMAP server taken out of service, please reconnect")
+			sess.evict(replyTo(errDrained, loggedIn, ""))
 		}
 	})
 	s.drains[t] = struct{}{}
@@ -501,12 +509,12 @@ func (s *Server) ProbeCapabilities(ctx context.Context) error {
 	set := s.backends.Load()
 	var err error
 	for _, b := range set.ring.Backends() {
-		var u *upstream
-		u, err = s.dialer().dial(ctx, set.byID[b.ID])
+		var u *upstream.Conn
+		u, err = s.dialer().Dial(ctx, set.byID[b.ID])
 		if err != nil {
 			continue
 		}
-		caps := u.preCaps
+		caps := u.PreCaps()
 		s.preCaps.Store(&caps)
 		u.Close()
 		return nil
@@ -529,13 +537,13 @@ func (s *Server) backendCaps() []string {
 // A client address, when given, is bound in too: a cached connection is
 // then found only by logins from that address, while the pool still
 // files it under the user, where CloseUser and kicks find it.
-func (s *Server) digest(cr *credentials, addr string) pool.Digest {
+func (s *Server) digest(cr *upstream.Credentials, addr string) pool.Digest {
 	m := hmac.New(sha256.New, s.key[:])
-	m.Write(cr.user)
+	m.Write(cr.User)
 	m.Write([]byte{0})
-	m.Write(cr.authzid)
+	m.Write(cr.Authzid)
 	m.Write([]byte{0})
-	m.Write(cr.pass)
+	m.Write(cr.Pass)
 	if addr != "" {
 		m.Write([]byte{0})
 		m.Write([]byte(addr))
@@ -735,9 +743,7 @@ func (s *Server) shed(l net.Listener) bool {
 	}
 	s.stats.rejected.Add(1)
 	s.log.Warn("connection refused: out of file descriptors", "client", c.RemoteAddr().String())
-	c.SetWriteDeadline(time.Now().Add(time.Second))
-	c.Write([]byte("* BYE [UNAVAILABLE] Server out of resources, try again later\r\n"))
-	c.Close()
+	refuseConn(c, errOutOfFiles)
 	return true
 }
 
@@ -774,11 +780,7 @@ func (s *Server) newSession(c net.Conn, tlsMode backend.TLSMode) *session {
 		// deadline.
 		s.stats.rejected.Add(1)
 		s.events.log(s.log, hclog.Warn, "refused:"+over, "connection refused: limit reached", "limit", over, "client", c.RemoteAddr().String())
-		// A fresh socket takes a short line without blocking; the
-		// deadline is for the pathological case.
-		c.SetWriteDeadline(time.Now().Add(time.Second))
-		c.Write([]byte("* BYE [UNAVAILABLE] Too many connections, try again later\r\n"))
-		c.Close()
+		refuseConn(c, errTooManyClients)
 		return nil
 	}
 	defer s.mu.Unlock()

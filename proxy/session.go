@@ -21,6 +21,7 @@ import (
 	"github.com/imapproxy/imapproxy/imapwire"
 	"github.com/imapproxy/imapproxy/internal/proxyproto"
 	"github.com/imapproxy/imapproxy/pool"
+	"github.com/imapproxy/imapproxy/upstream"
 )
 
 // session is one client connection. It owns conn, and the upstream
@@ -97,7 +98,7 @@ func (sess *session) start() *relay {
 	sess.w = imapwire.NewWriter(clientDst{sess})
 	sess.conn.SetReadDeadline(time.Now().Add(sess.srv.options().preAuthTimeout()))
 
-	sess.writef("* OK [CAPABILITY %s] %s\r\n", sess.capabilities(), sess.srv.options().banner())
+	sess.reply(imapwire.Status{Type: imapwire.StatusOK, Code: imapwire.CodeCapability, Arg: sess.capabilities(), Text: sess.srv.options().banner()})
 	if err := sess.flush(); err != nil {
 		return nil
 	}
@@ -114,12 +115,6 @@ func (sess *session) capabilities() string {
 	startTLS := sess.tlsMode == backend.TLSStartTLS && !sess.tls && o.TLSConfig != nil
 	loginDisabled := o.RequireTLSForLogin && !sess.tls
 	return preLoginCaps(sess.srv.backendCaps(), startTLS, loginDisabled)
-}
-
-// writef queues a response for the client. Callers hold no lock: the
-// session goroutine is the only writer before login.
-func (sess *session) writef(format string, a ...any) {
-	fmt.Fprintf(sess.w, format, a...)
 }
 
 func (sess *session) flush() error { return sess.w.Flush() }
@@ -157,22 +152,22 @@ func (sess *session) endWithError(err error) {
 		sess.log.Debug("client closed connection")
 	case errors.As(err, &ne) && ne.Timeout():
 		if sess.draining.Load() {
-			sess.writef("* BYE Server shutting down\r\n")
+			sess.reply(replyTo(errShutdown, preLogin, ""))
 		} else {
-			sess.writef("* BYE Autologout; idle for too long\r\n")
+			sess.reply(replyTo(errIdle, preLogin, ""))
 		}
 		sess.flush()
 		sess.log.Debug("client timed out")
 	case errors.Is(err, imapwire.ErrNonSyncTooBig):
-		sess.writef("* BYE [TOOBIG] Literal too big\r\n")
+		sess.reply(replyTo(err, preLogin, ""))
 		sess.flush()
 		sess.log.Info("client sent an oversized literal")
 	case errors.Is(err, errTooManyBad):
-		sess.writef("* BYE Too many invalid commands\r\n")
+		sess.reply(replyTo(err, preLogin, ""))
 		sess.flush()
 		sess.srv.events.log(sess.log, hclog.Info, "too many invalid commands", "too many invalid commands")
 	case errors.Is(err, errTooManyFailures):
-		sess.writef("* BYE Too many failed logins\r\n")
+		sess.reply(replyTo(err, preLogin, ""))
 		sess.flush()
 		sess.srv.events.log(sess.log, hclog.Info, "too many failed logins", "too many failed logins")
 	case errors.Is(err, errLogout):
@@ -188,11 +183,8 @@ var (
 )
 
 // bad answers a command error and counts it; too many end the session.
-func (sess *session) bad(tag, text string) error {
-	if tag == "" {
-		tag = "*"
-	}
-	sess.writef("%s BAD %s\r\n", tag, text)
+func (sess *session) bad(st imapwire.Status) error {
+	sess.reply(st)
 	sess.nbad++
 	if sess.nbad >= sess.srv.options().maxBad() {
 		return errTooManyBad
@@ -210,13 +202,14 @@ func (sess *session) preAuth() (*relay, error) {
 		MaxCommand: o.maxCommandPreAuth(),
 		ArgLimit:   preAuthArgs,
 		Continue: func() error {
-			sess.writef("+ Ready for literal data\r\n")
+			enc := imapwire.Encoder{W: sess.w}
+			enc.Continuation("Ready for literal data")
 			return sess.flush()
 		},
 	}
 	for {
 		if sess.draining.Load() {
-			sess.writef("* BYE Server shutting down\r\n")
+			sess.reply(replyTo(errShutdown, preLogin, ""))
 			sess.flush()
 			return nil, errLogout
 		}
@@ -229,22 +222,22 @@ func (sess *session) preAuth() (*relay, error) {
 		switch {
 		case err == nil:
 		case errors.As(err, &se) && cmd.Name != "" && preAuthArgs(cmd.Name) < 0:
-			if err := sess.bad(cmd.Tag, "Command not valid before login"); err != nil {
+			if err := sess.bad(badStatus(cmd.Tag, "Command not valid before login")); err != nil {
 				return nil, err
 			}
 			continue
 		case errors.As(err, &se):
-			if err := sess.bad(cmd.Tag, "Error in IMAP command: "+se.Msg); err != nil {
+			if err := sess.bad(replyTo(se, preLogin, cmd.Tag)); err != nil {
 				return nil, err
 			}
 			continue
 		case errors.Is(err, imapwire.ErrLineTooLong):
-			if err := sess.bad("", "Command line too long"); err != nil {
+			if err := sess.bad(replyTo(err, preLogin, "")); err != nil {
 				return nil, err
 			}
 			continue
 		case errors.Is(err, imapwire.ErrLiteralTooBig):
-			sess.writef("%s NO [TOOBIG] Literal too big\r\n", cmd.Tag)
+			sess.reply(replyTo(err, preLogin, cmd.Tag))
 			if err := sess.flush(); err != nil {
 				return nil, err
 			}
@@ -286,13 +279,16 @@ func (sess *session) preAuthCommand(cmd *imapwire.Command) (*relay, error) {
 	switch cmd.Name {
 	case "CAPABILITY":
 		if len(cmd.Args) != 0 {
-			return nil, sess.bad(cmd.Tag, "CAPABILITY takes no arguments")
+			return nil, sess.bad(badStatus(cmd.Tag, "CAPABILITY takes no arguments"))
 		}
-		sess.writef("* CAPABILITY %s\r\n%s OK CAPABILITY completed\r\n", sess.capabilities(), cmd.Tag)
+		enc := imapwire.Encoder{W: sess.w}
+		enc.Atom("* CAPABILITY ").Atom(sess.capabilities()).CRLF()
+		sess.reply(okStatus(cmd.Tag, "CAPABILITY completed"))
 	case "NOOP":
-		sess.writef("%s OK NOOP completed\r\n", cmd.Tag)
+		sess.reply(okStatus(cmd.Tag, "NOOP completed"))
 	case "LOGOUT":
-		sess.writef("* BYE Logging out\r\n%s OK LOGOUT completed\r\n", cmd.Tag)
+		sess.reply(statusLogout)
+		sess.reply(okStatus(cmd.Tag, "LOGOUT completed"))
 		sess.flush()
 		return nil, errLogout
 	case "STARTTLS":
@@ -301,19 +297,19 @@ func (sess *session) preAuthCommand(cmd *imapwire.Command) (*relay, error) {
 		return nil, sess.idCommand(cmd)
 	case "LOGIN":
 		if len(cmd.Args) != 2 || !isString(cmd.Args[0]) || !isString(cmd.Args[1]) {
-			return nil, sess.bad(cmd.Tag, "LOGIN expects user name and password")
+			return nil, sess.bad(badStatus(cmd.Tag, "LOGIN expects user name and password"))
 		}
 		if o.RequireTLSForLogin && !sess.tls {
-			sess.writef("%s NO [PRIVACYREQUIRED] Use STARTTLS or implicit TLS before login\r\n", cmd.Tag)
+			sess.reply(replyTo(errNeedTLS, preLogin, cmd.Tag, "login"))
 			clear(cmd.Args[1].Value)
 			return nil, nil
 		}
-		cr := &credentials{user: cmd.Args[0].Value, pass: cmd.Args[1].Value}
+		cr := &upstream.Credentials{User: cmd.Args[0].Value, Pass: cmd.Args[1].Value}
 		return sess.login(cmd.Tag, cr)
 	case "AUTHENTICATE":
 		return sess.authenticate(cmd)
 	default:
-		return nil, sess.bad(cmd.Tag, "Command not valid before login")
+		return nil, sess.bad(badStatus(cmd.Tag, "Command not valid before login"))
 	}
 	return nil, nil
 }
@@ -322,16 +318,16 @@ func isString(t imapwire.Token) bool { return t.Kind == imapwire.String || t.Kin
 
 func (sess *session) startTLS(cmd *imapwire.Command) error {
 	if sess.tlsMode != backend.TLSStartTLS || sess.tls || sess.srv.options().TLSConfig == nil {
-		return sess.bad(cmd.Tag, "STARTTLS not available")
+		return sess.bad(badStatus(cmd.Tag, "STARTTLS not available"))
 	}
 	if sess.r.Buffered() > 0 {
 		// Commands pipelined behind STARTTLS were sent in the clear and
 		// could have been injected (CVE-2011-0411 and kin).
-		sess.writef("* BYE Pipelined data after STARTTLS\r\n")
+		sess.reply(replyTo(errPipelinedTLS, preLogin, ""))
 		sess.flush()
 		return errLogout
 	}
-	sess.writef("%s OK Begin TLS negotiation now\r\n", cmd.Tag)
+	sess.reply(okStatus(cmd.Tag, "Begin TLS negotiation now"))
 	if err := sess.flush(); err != nil {
 		return err
 	}
@@ -362,15 +358,15 @@ func (sess *session) idCommand(cmd *imapwire.Command) error {
 	case len(args) >= 2 && args[0].Kind == imapwire.ListStart && args[len(args)-1].Kind == imapwire.ListEnd:
 		inner := args[1 : len(args)-1]
 		if len(inner)%2 != 0 || len(inner)/2 > maxIDPairs {
-			return sess.bad(cmd.Tag, "Invalid ID parameters")
+			return sess.bad(badStatus(cmd.Tag, "Invalid ID parameters"))
 		}
 		for i := 0; i < len(inner); i += 2 {
 			k, v := inner[i], inner[i+1]
 			if k.Kind != imapwire.String || len(k.Value) > maxIDKeyLen || len(v.Value) > maxIDValueLen {
-				return sess.bad(cmd.Tag, "Invalid ID parameters")
+				return sess.bad(badStatus(cmd.Tag, "Invalid ID parameters"))
 			}
 			if v.Kind == imapwire.Atom && !strings.EqualFold(string(v.Value), "NIL") || v.Kind > imapwire.String {
-				return sess.bad(cmd.Tag, "Invalid ID parameters")
+				return sess.bad(badStatus(cmd.Tag, "Invalid ID parameters"))
 			}
 			// The proxy is trusted by the backend to tell it who the
 			// client is; a client must not tell it that itself.
@@ -384,10 +380,12 @@ func (sess *session) idCommand(cmd *imapwire.Command) error {
 			params = append(params, [2][]byte{k.Value, val})
 		}
 	default:
-		return sess.bad(cmd.Tag, "Invalid ID parameters")
+		return sess.bad(badStatus(cmd.Tag, "Invalid ID parameters"))
 	}
 	sess.idParams = params
-	sess.writef("* ID (\"name\" \"imapproxy\")\r\n%s OK ID completed\r\n", cmd.Tag)
+	enc := imapwire.Encoder{W: sess.w}
+	enc.Atom("* ID ").List(2, func(i int) { enc.String([]byte(serverID[i])) }).CRLF()
+	sess.reply(okStatus(cmd.Tag, "ID completed"))
 	return nil
 }
 
@@ -438,15 +436,15 @@ func (sess *session) backendID() []byte {
 // initial response (SASL-IR).
 func (sess *session) authenticate(cmd *imapwire.Command) (*relay, error) {
 	if len(cmd.Args) < 1 || len(cmd.Args) > 2 || cmd.Args[0].Kind != imapwire.Atom {
-		return nil, sess.bad(cmd.Tag, "AUTHENTICATE expects a mechanism")
+		return nil, sess.bad(badStatus(cmd.Tag, "AUTHENTICATE expects a mechanism"))
 	}
 	mech := strings.ToUpper(string(cmd.Args[0].Value))
 	if mech != "PLAIN" && mech != "LOGIN" {
-		sess.writef("%s NO [CANNOT] Unsupported authentication mechanism\r\n", cmd.Tag)
+		sess.reply(replyTo(errMechanism, preLogin, cmd.Tag))
 		return nil, nil
 	}
 	if sess.srv.options().RequireTLSForLogin && !sess.tls {
-		sess.writef("%s NO [PRIVACYREQUIRED] Use STARTTLS or implicit TLS before authentication\r\n", cmd.Tag)
+		sess.reply(replyTo(errNeedTLS, preLogin, cmd.Tag, "authentication"))
 		return nil, nil
 	}
 	// step reads one client response: the initial response on the
@@ -467,13 +465,13 @@ func (sess *session) authenticate(cmd *imapwire.Command) (*relay, error) {
 	fail := func(cancel bool, err error) (*relay, error) {
 		switch {
 		case cancel:
-			sess.writef("%s BAD AUTHENTICATE cancelled\r\n", cmd.Tag)
+			sess.reply(badStatus(cmd.Tag, "AUTHENTICATE cancelled"))
 			return nil, nil
 		case errors.Is(err, errBadBase64):
-			return nil, sess.bad(cmd.Tag, "Invalid base64 data in AUTHENTICATE")
+			return nil, sess.bad(badStatus(cmd.Tag, "Invalid base64 data in AUTHENTICATE"))
 		case errors.Is(err, imapwire.ErrLineTooLong):
 			// The reader skips the rest of the line; the exchange is over.
-			return nil, sess.bad(cmd.Tag, "AUTHENTICATE response too long")
+			return nil, sess.bad(badStatus(cmd.Tag, "AUTHENTICATE response too long"))
 		}
 		return nil, err
 	}
@@ -485,7 +483,7 @@ func (sess *session) authenticate(cmd *imapwire.Command) (*relay, error) {
 		defer clear(data)
 		cr, ok := parsePlain(data)
 		if !ok {
-			return nil, sess.bad(cmd.Tag, "Invalid PLAIN credentials")
+			return nil, sess.bad(badStatus(cmd.Tag, "Invalid PLAIN credentials"))
 		}
 		return sess.login(cmd.Tag, cr)
 	}
@@ -497,7 +495,7 @@ func (sess *session) authenticate(cmd *imapwire.Command) (*relay, error) {
 	if cancel || err != nil {
 		return fail(cancel, err)
 	}
-	return sess.login(cmd.Tag, &credentials{user: user, pass: pass})
+	return sess.login(cmd.Tag, &upstream.Credentials{User: user, Pass: pass})
 }
 
 var errBadBase64 = errors.New("bad base64")
@@ -505,14 +503,14 @@ var errBadBase64 = errors.New("bad base64")
 // parsePlain splits a SASL PLAIN message (RFC 4616): authzid NUL authcid
 // NUL passwd. The slices alias data. An authzid equal to the user is the
 // user logging in as themself, not an authorization request.
-func parsePlain(data []byte) (*credentials, bool) {
+func parsePlain(data []byte) (*upstream.Credentials, bool) {
 	parts := bytes.SplitN(data, []byte{0}, 3)
 	if len(parts) != 3 || len(parts[1]) == 0 || bytes.IndexByte(parts[2], 0) >= 0 {
 		return nil, false
 	}
-	cr := &credentials{authzid: parts[0], user: parts[1], pass: parts[2]}
-	if bytes.Equal(cr.authzid, cr.user) {
-		cr.authzid = nil
+	cr := &upstream.Credentials{Authzid: parts[0], User: parts[1], Pass: parts[2]}
+	if bytes.Equal(cr.Authzid, cr.User) {
+		cr.Authzid = nil
 	}
 	return cr, true
 }
@@ -520,7 +518,8 @@ func parsePlain(data []byte) (*credentials, bool) {
 // saslStep sends a continuation request with challenge and reads the
 // client's base64 answer; "*" cancels.
 func (sess *session) saslStep(challenge string) (data []byte, cancel bool, err error) {
-	sess.writef("+ %s\r\n", challenge)
+	enc := imapwire.Encoder{W: sess.w}
+	enc.Continuation(challenge)
 	if err := sess.flush(); err != nil {
 		return nil, false, err
 	}
@@ -555,14 +554,14 @@ func decodeSASL(b []byte) ([]byte, error) {
 // login authenticates the client through its backend: a cached
 // connection of the same user and credential if one is alive, otherwise a
 // new connection and a real LOGIN. The password is cleared before return.
-func (sess *session) login(tag string, cr *credentials) (*relay, error) {
-	defer clear(cr.pass)
+func (sess *session) login(tag string, cr *upstream.Credentials) (*relay, error) {
+	defer clear(cr.Pass)
 	srv := sess.srv
-	user := string(cr.user)
+	user := string(cr.User)
 	log := withFields(sess.log, "user", clip(user))
-	if answer := sess.checkCredentials(cr); answer != "" {
-		srv.events.log(log, hclog.Info, "login rejected", "login rejected: unacceptable credentials", "reason", answer)
-		return nil, sess.loginFailed(tag + " " + answer)
+	if answer, bad := sess.checkCredentials(tag, cr); bad {
+		srv.events.log(log, hclog.Info, "login rejected", "login rejected: unacceptable credentials", "reason", untaggedLine(answer))
+		return nil, sess.loginFailed(answer)
 	}
 	var addr string
 	if sess.cacheByAddr {
@@ -576,20 +575,20 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	// The mailbox owner picks the backend: the authorization identity
 	// when a SASL client names one.
 	pinUser := user
-	if len(cr.authzid) > 0 {
-		pinUser = string(cr.authzid)
+	if len(cr.Authzid) > 0 {
+		pinUser = string(cr.Authzid)
 	}
 	var order [8]backend.Backend
 	candidates := set.ring.Order(pinUser, order[:0])
 	if len(candidates) == 0 {
 		srv.stats.failed.Add(1)
 		srv.events.log(log, hclog.Warn, "no backend available", "login failed: no backend available")
-		sess.writef("%s NO [UNAVAILABLE] No IMAP server available, try again later\r\n", tag)
+		sess.reply(replyTo(errNoBackend, preLogin, tag))
 		return nil, nil
 	}
 	cacheKey := user
-	if len(cr.authzid) > 0 {
-		cacheKey = string(cr.authzid) + "\x00" + user
+	if len(cr.Authzid) > 0 {
+		cacheKey = string(cr.Authzid) + "\x00" + user
 	}
 	// Backends this proxy saw fail lately go last; if all did, all are
 	// tried anyway, in the user's order.
@@ -604,12 +603,12 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 		usable = candidates
 	}
 	var lastErr error
-	var refusal *loginResult
+	var refused *upstream.LoginResult
 	m := srv.options().Metrics
 	start := time.Now()
 	// take gives the session a logged-in backend connection and answers
 	// the client; done is false when the login goes on to the next backend.
-	take := func(up *upstream, b backend.Backend, lease *pool.Lease, born time.Time, reused bool, blog hclog.Logger) (rl *relay, done bool, err error) {
+	take := func(up *upstream.Conn, b backend.Backend, lease *pool.Lease, born time.Time, reused bool, blog hclog.Logger) (rl *relay, done bool, err error) {
 		rl = sess.newRelay(up, b, lease, cacheKey, digest, born, blog)
 		if err := sess.adopt(rl, user); err != nil {
 			rl.giveBack(upLogout)
@@ -620,16 +619,17 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			lastErr = err
 			return nil, false, nil
 		}
-		served, note := "fresh", ""
+		served := "fresh"
 		if reused {
-			served, note = "reused", "* OK [XPROXYREUSE] IMAP connection reused by imapproxy\r\n"
+			served = "reused"
+			sess.reply(statusReused)
 			srv.stats.reused.Add(1)
 		} else {
 			srv.stats.fresh.Add(1)
 		}
 		m.login(served, start)
 		blog.Info("login", "reused", reused)
-		sess.writef("%s%s OK [CAPABILITY %s] Logged in\r\n", note, tag, postLoginCaps(up.postCaps))
+		sess.reply(imapwire.Status{Tag: tag, Type: imapwire.StatusOK, Code: imapwire.CodeCapability, Arg: postLoginCaps(up.PostCaps()), Text: "Logged in"})
 		return rl, true, nil
 	}
 	// attempt logs the user in on backend c: from the cache, else with a
@@ -637,7 +637,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	attempt := func(c backend.Backend) (rl *relay, done bool, err error) {
 		// Each backend gets the whole login timeout: one that hangs
 		// must not leave none for the user's next backend.
-		ctx, cancel := context.WithTimeout(srv.ctx, srv.dialer().loginTimeout())
+		ctx, cancel := context.WithTimeout(srv.ctx, srv.dialer().LoginLimit())
 		defer cancel()
 		b := set.byID[c.ID]
 		table := srv.pool.Table(b.ID)
@@ -647,16 +647,16 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			srv.events.log(blog, hclog.Info, "failover:"+candidates[0].ID, "failing over to the next backend", "preferred", candidates[0].ID)
 		}
 		if lease, ok := table.Take(ctx, cacheKey, digest); ok {
-			return take(lease.Conn().(*upstream), b, lease, lease.Born(), true, blog)
+			return take(lease.Conn().(*upstream.Conn), b, lease, lease.Born(), true, blog)
 		}
 		lease, err := table.Lease()
 		if err != nil {
 			srv.events.log(blog, hclog.Warn, "connection limit", "login failed: connection limit reached", "error", err)
-			sess.writef("%s NO [UNAVAILABLE] Too many connections, try again later\r\n", tag)
+			sess.reply(replyTo(pool.ErrFull, preLogin, tag))
 			return nil, true, nil
 		}
 		dialStart := time.Now()
-		up, err := srv.dialer().dial(ctx, b)
+		up, err := srv.dialer().Dial(ctx, b)
 		if !outOfFiles(err) {
 			m.dial(b.ID, dialStart, err)
 		}
@@ -666,14 +666,14 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 				// Our trouble, not the backend's: marking it down
 				// would move its users for nothing.
 				blog.Error("login failed: out of file descriptors", "error", err)
-				sess.writef("%s NO [UNAVAILABLE] Server out of resources, try again later\r\n", tag)
+				sess.reply(replyTo(errOutOfFiles, preLogin, tag))
 				return nil, true, nil
 			}
 			srv.markDown(b.ID, fmt.Errorf("dial: %w", err))
 			lastErr = err
 			return nil, false, nil
 		}
-		caps := up.preCaps
+		caps := up.PreCaps()
 		srv.preCaps.Store(&caps)
 		var id []byte
 		if srv.dialer().ForwardID {
@@ -681,11 +681,7 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 		}
 		// Close (the end of a shutdown's grace) cuts a login that
 		// waits on a hung backend, as it cuts sessions.
-		stop := context.AfterFunc(srv.ctx, up.Abort)
-		res, err := up.login(srv.dialer(), cr, id)
-		if !stop() && err == nil {
-			err = srv.ctx.Err()
-		}
+		res, err := up.Login(srv.ctx, cr, id)
 		if err != nil {
 			m.backendLogin(b.ID, "error")
 			lease.Abort(up)
@@ -698,20 +694,20 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 				srv.stats.failed.Add(1)
 				m.login("failed", start)
 				srv.events.log(blog, hclog.Warn, "ended:"+b.ID, "login failed: backend ended the connection", "error", err)
-				return nil, true, sess.loginFailed(tag + " NO [UNAVAILABLE] IMAP server ended the connection during login")
+				return nil, true, sess.loginFailed(replyTo(errBackendEnded, preLogin, tag))
 			}
 			// Greeting and not answering: the backend is sick.
 			srv.markDown(b.ID, fmt.Errorf("login: %w", err))
 			lastErr = err
 			return nil, false, nil
 		}
-		if !res.ok {
+		if !res.OK {
 			lease.Discard(up)
-			if bytes.Contains(bytes.ToUpper(res.text), []byte("[UNAVAILABLE]")) {
+			if bytes.Contains(bytes.ToUpper(res.Text), []byte("[UNAVAILABLE]")) {
 				// The server, not the user, is in trouble.
 				m.backendLogin(b.ID, "unavailable")
-				srv.markDown(b.ID, fmt.Errorf("login refused: %s", sanitizeText(res.text)))
-				refusal = &res
+				srv.markDown(b.ID, fmt.Errorf("login refused: %s", sanitizeText(res.Text)))
+				refused = &res
 				return nil, false, nil
 			}
 			// The backend's answer stands: a wrong password is the
@@ -719,11 +715,11 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 			srv.stats.refused.Add(1)
 			m.backendLogin(b.ID, "refused")
 			m.login("refused", start)
-			srv.events.log(blog, hclog.Info, "refused:"+b.ID, "login refused by backend", "status", res.status)
-			return nil, true, sess.loginFailed(fmt.Sprintf("%s %s %s", tag, clientStatus(res.status), sanitizeText(res.text)))
+			srv.events.log(blog, hclog.Info, "refused:"+b.ID, "login refused by backend", "status", res.Status)
+			return nil, true, sess.loginFailed(refusal(tag, res.Status, res.Text))
 		}
 		m.backendLogin(b.ID, "ok")
-		return take(up, b, lease, up.born, false, blog)
+		return take(up, b, lease, up.Born(), false, blog)
 	}
 	for _, c := range usable {
 		if rl, done, err := attempt(c); done {
@@ -732,47 +728,47 @@ func (sess *session) login(tag string, cr *credentials) (*relay, error) {
 	}
 	srv.stats.failed.Add(1)
 	m.login("failed", start)
-	if refusal != nil {
+	if refused != nil {
 		srv.events.log(log, hclog.Warn, "every backend unavailable", "login failed: every backend refused as unavailable")
-		sess.writef("%s %s %s\r\n", tag, clientStatus(refusal.status), sanitizeText(refusal.text))
+		sess.reply(refusal(tag, refused.Status, refused.Text))
 		return nil, nil
 	}
 	if len(srv.backends.Load().byID) == 0 {
 		// The backends left the set while the login was under way:
 		// answer as the next login will be answered.
 		srv.events.log(log, hclog.Warn, "no backend available", "login failed: no backend available", "error", lastErr)
-		sess.writef("%s NO [UNAVAILABLE] No IMAP server available, try again later\r\n", tag)
+		sess.reply(replyTo(errNoBackend, preLogin, tag))
 		return nil, nil
 	}
 	srv.events.log(log, hclog.Warn, "no backend reachable", "login failed: no backend reachable", "error", lastErr)
-	sess.writef("%s NO [UNAVAILABLE] IMAP server unreachable, try again later\r\n", tag)
+	sess.reply(replyTo(errUnreachable, preLogin, tag))
 	return nil, nil
 }
 
 // checkCredentials returns the answer to credentials that no backend
-// should see, "" for acceptable ones. NUL, CR and LF would change the
-// meaning of a SASL PLAIN message or a LOGIN line; over-long ones make
+// should see, and false for acceptable ones. NUL, CR and LF would change
+// the meaning of a SASL PLAIN message or a LOGIN line; over-long ones make
 // Dovecot drop the connection instead of answering.
-func (sess *session) checkCredentials(cr *credentials) string {
+func (sess *session) checkCredentials(tag string, cr *upstream.Credentials) (imapwire.Status, bool) {
 	o := sess.srv.options()
 	switch {
-	case len(cr.user) > o.maxUserLength() || len(cr.authzid) > o.maxUserLength():
-		return fmt.Sprintf("NO [LIMIT] User name too long (at most %d bytes)", o.maxUserLength())
-	case len(cr.pass) > o.maxPasswordLength():
-		return fmt.Sprintf("NO [LIMIT] Password too long (at most %d bytes)", o.maxPasswordLength())
-	case bytes.ContainsAny(cr.user, "\x00\r\n") || bytes.ContainsAny(cr.authzid, "\x00\r\n"):
-		return "NO [AUTHENTICATIONFAILED] Invalid characters in user name"
-	case bytes.IndexByte(cr.pass, 0) >= 0:
-		return "NO [AUTHENTICATIONFAILED] Invalid characters in password"
+	case len(cr.User) > o.maxUserLength() || len(cr.Authzid) > o.maxUserLength():
+		return replyTo(errUserTooLong, preLogin, tag, o.maxUserLength()), true
+	case len(cr.Pass) > o.maxPasswordLength():
+		return replyTo(errPassTooLong, preLogin, tag, o.maxPasswordLength()), true
+	case bytes.ContainsAny(cr.User, "\x00\r\n") || bytes.ContainsAny(cr.Authzid, "\x00\r\n"):
+		return replyTo(errUserChars, preLogin, tag), true
+	case bytes.IndexByte(cr.Pass, 0) >= 0:
+		return replyTo(errPassChars, preLogin, tag), true
 	}
-	return ""
+	return imapwire.Status{}, false
 }
 
-// loginFailed answers a failed login (the tagged response in answer,
-// without CRLF) after LoginFailureDelay, and ends the session after
+// loginFailed answers a failed login with answer after
+// LoginFailureDelay, and ends the session after
 // MaxLoginFailures of them: a client that guesses, or that sends what
 // makes a backend fail, gets few tries per connection and those slowly.
-func (sess *session) loginFailed(answer string) error {
+func (sess *session) loginFailed(answer imapwire.Status) error {
 	o := sess.srv.options()
 	sess.nfail++
 	if d := o.loginFailureDelay(); d > 0 {
@@ -785,7 +781,7 @@ func (sess *session) loginFailed(answer string) error {
 			t.Stop()
 		}
 	}
-	sess.writef("%s\r\n", answer)
+	sess.reply(answer)
 	if max := o.maxLoginFailures(); max > 0 && sess.nfail >= max {
 		return errTooManyFailures
 	}
@@ -794,7 +790,7 @@ func (sess *session) loginFailed(answer string) error {
 
 func isTimeout(err error) bool {
 	var ne net.Error
-	return errors.Is(err, errLoginTimeout) || errors.As(err, &ne) && ne.Timeout()
+	return errors.Is(err, upstream.ErrLoginTimeout) || errors.As(err, &ne) && ne.Timeout()
 }
 
 var (
@@ -827,19 +823,14 @@ func (sess *session) adopt(rl *relay, user string) error {
 func (sess *session) userLimited(tag string, log hclog.Logger) (*relay, error) {
 	sess.srv.stats.userLimited.Add(1)
 	sess.srv.events.log(log, hclog.Warn, "user limit", "login refused: too many sessions for this user")
-	sess.writef("%s NO [LIMIT] Too many sessions for this user\r\n", tag)
+	sess.reply(replyTo(errUserLimit, preLogin, tag))
 	return nil, nil
 }
 
-func clientStatus(st string) string {
-	if st == "BAD" {
-		return "BAD"
-	}
-	return "NO"
-}
-
-// sanitizeText makes a backend's response text safe to pass on: one line,
-// printable, bounded.
+// sanitizeText bounds a backend's response text before it is passed on
+// or logged, and stands in for one with nothing printable. (The Encoder
+// leaves control characters out of any text it writes; this also drops
+// them for the logs and to find the empty ones.)
 func sanitizeText(b []byte) string {
 	if len(b) > 256 {
 		b = b[:256]
@@ -870,7 +861,7 @@ func (sess *session) drain() {
 
 // evict ends a logged-in session with a BYE of the proxy's own: its
 // backend left the set, or an operator asked (see relay.evict).
-func (sess *session) evict(msg string) {
+func (sess *session) evict(msg imapwire.Status) {
 	if rl := sess.rl.Load(); rl != nil {
 		rl.evict(msg)
 	}

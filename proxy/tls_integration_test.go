@@ -25,6 +25,7 @@ import (
 	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
 	"github.com/imapproxy/imapproxy/pool"
+	"github.com/imapproxy/imapproxy/upstream"
 )
 
 // selfSignedCert makes a certificate for 127.0.0.1 and the pool of roots
@@ -69,7 +70,7 @@ func startProxyListeners(t testing.TB, bs []Backend, mod func(*Options), modes .
 	opts := Options{
 		Logger: log,
 		Pool:   pool.New(pool.Options{Logger: log.Named("pool")}),
-		Dialer: &Dialer{ForwardID: true, Timeout: 2 * time.Second},
+		Dialer: &upstream.Dialer{ForwardID: true, Timeout: 2 * time.Second},
 	}
 	if mod != nil {
 		mod(&opts)

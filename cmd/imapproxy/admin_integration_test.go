@@ -20,6 +20,7 @@ import (
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
 	"github.com/imapproxy/imapproxy/pool"
 	"github.com/imapproxy/imapproxy/proxy"
+	"github.com/imapproxy/imapproxy/upstream"
 )
 
 // testAdminDrain drains one of the three backends through the admin API
@@ -156,7 +157,7 @@ func TestAdminAPIAgainstDovecot(t *testing.T) {
 	dc := dovecottest.StartT(t, dovecottest.Options{Name: "backend-1", Users: 1, Messages: 1})
 	user := dovecottest.UserName(1)
 	pass := dc.PasswordOf(user)
-	srv := proxy.New(proxy.Options{Pool: pool.New(pool.Options{}), Dialer: &proxy.Dialer{Timeout: 2 * time.Second, CheckTimeout: 2 * time.Second}})
+	srv := proxy.New(proxy.Options{Pool: pool.New(pool.Options{}), Dialer: &upstream.Dialer{Timeout: 2 * time.Second, CheckTimeout: 2 * time.Second}})
 	srv.SetBackends([]backend.Backend{{ID: dc.Name, Addr: dc.Addr, Weight: 1}})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -29,6 +29,7 @@ import (
 	"github.com/imapproxy/imapproxy/config"
 	"github.com/imapproxy/imapproxy/pool"
 	"github.com/imapproxy/imapproxy/proxy"
+	"github.com/imapproxy/imapproxy/upstream"
 )
 
 func main() {
@@ -227,7 +228,7 @@ func serverOptions(cfg *config.Config, log hclog.Logger, p *pool.Pool) (proxy.Op
 	return proxy.Options{
 		Logger: log.Named("proxy"),
 		Pool:   p,
-		Dialer: &proxy.Dialer{
+		Dialer: &upstream.Dialer{
 			Timeout:      cfg.Upstream.DialTimeout,
 			Retries:      cfg.Upstream.DialRetries,
 			RetryDelay:   cfg.Upstream.RetryDelay,
