@@ -432,3 +432,10 @@ func TestOrderAllocs(t *testing.T) {
 		t.Errorf("Order allocates %v times per call, want 0", n)
 	}
 }
+
+// TestZeroChange: the Change of a refused operation says nothing changed.
+func TestZeroChange(t *testing.T) {
+	if (Change{}).Changed() {
+		t.Error("the zero Change is Changed")
+	}
+}

@@ -75,11 +75,21 @@ func (s *Set) downAt(id string, now time.Time) (time.Time, bool) {
 // Ring returns the ring of the backends in service.
 func (s *Set) Ring() *balancer.Ring { return s.ring }
 
-// Len returns the number of backends in service.
-func (s *Set) Len() int { return len(s.serving) }
+// Len returns the number of backends in service; 0 for a nil Set.
+func (s *Set) Len() int {
+	if s == nil {
+		return 0
+	}
+	return len(s.serving)
+}
 
-// HeldLen returns the number of backends held back.
-func (s *Set) HeldLen() int { return len(s.held) }
+// HeldLen returns the number of backends held back; 0 for a nil Set.
+func (s *Set) HeldLen() int {
+	if s == nil {
+		return 0
+	}
+	return len(s.held)
+}
 
 // Serves reports whether b, as it is, is in service: a member with the
 // same address and TLS mode, and not drained.

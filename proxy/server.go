@@ -166,7 +166,7 @@ type Server struct {
 	pool *pool.Pool
 	key  [32]byte // HMAC key for credential digests, drawn at start
 
-	backends *cluster.Roster
+	backends *cluster.Roster          // the backend set, read by every login
 	preCaps  atomic.Pointer[[]string] // latest backend pre-login capabilities
 
 	nextID atomic.Uint64
