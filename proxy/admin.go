@@ -2,14 +2,12 @@ package proxy
 
 import (
 	"cmp"
-	"errors"
-	"fmt"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/imapproxy/imapproxy/backend"
-	"github.com/imapproxy/imapproxy/balancer"
+	"github.com/imapproxy/imapproxy/cluster"
 )
 
 // The operator's view and controls. Everything here returns plain values
@@ -18,10 +16,10 @@ import (
 
 var (
 	// ErrUnknownBackend is returned for a backend ID not in the set.
-	ErrUnknownBackend = errors.New("proxy: unknown backend")
+	ErrUnknownBackend = cluster.ErrUnknownBackend
 	// ErrLastBackend refuses to drain the last backend in service, which
 	// would make every login fail.
-	ErrLastBackend = errors.New("proxy: last backend in service")
+	ErrLastBackend = cluster.ErrLastBackend
 )
 
 // BackendInfo is one backend of the set as this proxy sees it.
@@ -57,31 +55,22 @@ func (s *Server) BackendStatus() []BackendInfo {
 	for _, ss := range s.activeSessions(func(*relay) bool { return true }) {
 		active[ss.Backend]++
 	}
-	now := time.Now()
-	out := make([]BackendInfo, 0, len(set.all))
-	for id, b := range set.all {
-		bi := BackendInfo{
-			ID:      id,
-			Address: b.Addr,
-			Weight:  max(b.Weight, 1), // as the ring counts it
-			TLS:     s.tlsMode(b),
-			Cached:  cached[id],
-			Active:  active[id],
-		}
-		_, inService := set.byID[id]
-		bi.Drained = !inService
-		if h := set.health[id]; h != nil && h.down(now) {
-			bi.Down, bi.DownUntil = true, time.Unix(0, h.downUntil.Load())
-		}
-		out = append(out, bi)
-	}
-	for id, b := range set.held {
+	members := set.Members()
+	out := make([]BackendInfo, 0, len(members))
+	for _, m := range members {
 		out = append(out, BackendInfo{
-			ID: id, Address: b.Addr, Weight: max(b.Weight, 1), TLS: s.tlsMode(b),
-			Held: true, Cached: cached[id], Active: active[id],
+			ID:        m.ID,
+			Address:   m.Addr,
+			Weight:    max(m.Weight, 1), // as the ring counts it
+			TLS:       s.tlsMode(m.Backend),
+			Down:      m.Down,
+			DownUntil: m.DownUntil,
+			Drained:   m.Drained,
+			Held:      m.Held,
+			Cached:    cached[m.ID],
+			Active:    active[m.ID],
 		})
 	}
-	slices.SortFunc(out, func(a, b BackendInfo) int { return cmp.Compare(a.ID, b.ID) })
 	return out
 }
 
@@ -135,34 +124,12 @@ type SessionInfo struct {
 // exactly; only the backend choice folds case, as cluster.hash_key says.
 // A SASL login on behalf of another user counts for both names.
 func (s *Server) UserInfo(user string) UserInfo {
-	set := s.backends.Load()
-	key := s.options().HashKey
-	// The set's own ring leaves drained backends out; the order among the
-	// others is the same in a ring of all, rendezvous scores being per
-	// backend.
-	members := make([]backend.Backend, 0, len(set.all))
-	for _, b := range set.all {
-		members = append(members, backend.Backend{ID: b.ID, Addr: b.Addr, Weight: b.Weight})
+	pl := s.backends.Load().Place(user)
+	ui := UserInfo{User: user, Key: pl.Key, Backend: pl.Backend}
+	for _, r := range pl.Order {
+		ui.Order = append(ui.Order, Choice{ID: r.ID, Down: r.Down, Drained: r.Drained})
 	}
-	full := balancer.New(members, balancer.Options{Key: key})
-	ui := UserInfo{User: user, Key: full.Key(user)}
 	now := time.Now()
-	first := ""
-	for _, b := range full.Order(user, nil) {
-		_, inService := set.byID[b.ID]
-		h := set.health[b.ID]
-		c := Choice{ID: b.ID, Drained: !inService, Down: h != nil && h.down(now)}
-		ui.Order = append(ui.Order, c)
-		if inService && first == "" {
-			first = b.ID
-		}
-		if inService && !c.Down && ui.Backend == "" {
-			ui.Backend = b.ID
-		}
-	}
-	if ui.Backend == "" {
-		ui.Backend = first // every backend in service is down: login tries them all
-	}
 	for _, t := range s.pool.Tables() {
 		for _, ci := range t.Conns() {
 			if ownsKey(user, ci.User) {
@@ -234,21 +201,11 @@ func ownsKey(user, key string) bool {
 func (s *Server) DrainBackend(id string) error {
 	s.setMu.Lock()
 	defer s.setMu.Unlock()
-	set := s.backends.Load()
-	if _, ok := set.all[id]; !ok {
-		return fmt.Errorf("%w %q", ErrUnknownBackend, id)
+	ch, err := s.backends.Drain(id)
+	if err != nil {
+		return err
 	}
-	if s.drained[id] {
-		return nil
-	}
-	if _, ok := set.byID[id]; ok && len(set.byID) == 1 {
-		return fmt.Errorf("%w: %q", ErrLastBackend, id)
-	}
-	if s.drained == nil {
-		s.drained = map[string]bool{}
-	}
-	s.drained[id] = true
-	s.setBackendsLocked(set.members(), set.heldMembers())
+	s.applyLocked(ch)
 	return nil
 }
 
@@ -257,57 +214,15 @@ func (s *Server) DrainBackend(id string) error {
 func (s *Server) UndrainBackend(id string) error {
 	s.setMu.Lock()
 	defer s.setMu.Unlock()
-	set := s.backends.Load()
-	if _, ok := set.all[id]; !ok {
-		return fmt.Errorf("%w %q", ErrUnknownBackend, id)
+	ch, err := s.backends.Undrain(id)
+	if err != nil {
+		return err
 	}
-	if !s.drained[id] {
-		return nil
+	s.applyLocked(ch)
+	if len(ch.Undrained) > 0 {
+		s.log.Info("backend back in service", "backend", id)
 	}
-	delete(s.drained, id)
-	s.setBackendsLocked(set.members(), set.heldMembers())
-	s.log.Info("backend back in service", "backend", id)
 	return nil
-}
-
-// members returns the whole set, for a rebuild.
-func (set *backendSet) members() []backend.Backend {
-	bs := make([]backend.Backend, 0, len(set.all))
-	for _, b := range set.all {
-		bs = append(bs, b)
-	}
-	return bs
-}
-
-// heldMembers returns the held backends, for a rebuild.
-func (set *backendSet) heldMembers() []backend.Backend {
-	bs := make([]backend.Backend, 0, len(set.held))
-	for _, b := range set.held {
-		bs = append(bs, b)
-	}
-	return bs
-}
-
-// drainedLocked is SetBackends' part for drains. Of the IDs that left the
-// ring (gone), it takes out those still in the set, which were drained:
-// it closes their cached connections but, unlike for a backend that left,
-// lets their sessions run. It forgets drains of backends that left the
-// set. The caller holds setMu.
-func (s *Server) drainedLocked(old, next *backendSet, gone []backend.Backend) []backend.Backend {
-	for id := range s.drained {
-		if _, ok := next.all[id]; !ok {
-			delete(s.drained, id)
-		}
-	}
-	return slices.DeleteFunc(gone, func(ob backend.Backend) bool {
-		nb, ok := next.all[ob.ID]
-		if !ok || !nb.Same(ob) {
-			return false
-		}
-		s.log.Info("backend drained; closing its cached connections", "backend", ob.ID)
-		s.pool.RemoveTable(ob.ID)
-		return true
-	})
 }
 
 // KickUser ends the user's sessions with a BYE and closes their cached

@@ -29,7 +29,7 @@ func startClusterProxy(t *testing.T, addrs []string, mod func(*Options)) *testPr
 // userOn returns a user name whose preferred backend is id.
 func (p *testProxy) userOn(t *testing.T, id string) string {
 	t.Helper()
-	ring := p.srv.backends.Load().ring
+	ring := p.srv.backends.Load().Ring()
 	for i := 0; i < 1000; i++ {
 		u := "user" + string(rune('a'+i%26)) + strings.Repeat("x", i/26)
 		if b, ok := ring.Pick(u); ok && b.ID == id {

@@ -57,7 +57,7 @@ func TestHungBackendLeaves(t *testing.T) {
 	}
 	p := startProxy(t, dcs, func(o *Options) { o.Dialer.CheckTimeout = 5 * time.Second })
 	set := p.srv.Backends()
-	ring := p.srv.backends.Load().ring
+	ring := p.srv.backends.Load().Ring()
 	var onHung, onOther []string
 	for i := 1; i <= 120; i++ {
 		u := dovecottest.UserName(i)

@@ -903,7 +903,7 @@ func (rl *relay) uncacheable(end endKind) (reason string, selected bool) {
 		}
 	default:
 	}
-	if reason == "" && !rl.sess.srv.backends.Load().serves(rl.backend) {
+	if reason == "" && !rl.sess.srv.backends.Load().Serves(rl.backend) {
 		reason = "backend left the set"
 	}
 	return reason, selected

@@ -24,6 +24,7 @@ import (
 
 	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/balancer"
+	"github.com/imapproxy/imapproxy/cluster"
 	"github.com/imapproxy/imapproxy/internal/proxyproto"
 	"github.com/imapproxy/imapproxy/pool"
 	"github.com/imapproxy/imapproxy/upstream"
@@ -164,49 +165,6 @@ func orInt(n, def int) int {
 	return def
 }
 
-// backendSet is the current set of backends and its ring, swapped as one.
-type backendSet struct {
-	ring *balancer.Ring
-	// byID holds the backends in service: the set less those an operator
-	// drained. Sessions check their backend against it, so that a login
-	// under way to a drained backend moves on and a session on one does
-	// not cache its connection.
-	byID   map[string]backend.Backend
-	all    map[string]backend.Backend // the whole set, drained backends included
-	health map[string]*health         // of all
-	// held are backends discovery finds healthy but holds back from the
-	// set for a while after a flap (cluster.rejoin_hold): they take no
-	// new login, but their sessions go on. Not in all.
-	held map[string]backend.Backend
-}
-
-// serves reports whether b, as it is, is in service: in the set with the
-// same address and TLS mode, and not drained.
-func (set *backendSet) serves(b backend.Backend) bool {
-	cur, ok := set.byID[b.ID]
-	return ok && cur.Same(b)
-}
-
-// healthy reports whether discovery has b, as it is, as healthy: in
-// service, drained by an operator, or held back after a flap. Sessions on
-// a healthy backend are never ended for its sake.
-func (set *backendSet) healthy(b backend.Backend) bool {
-	if cur, ok := set.all[b.ID]; ok && cur.Same(b) {
-		return true
-	}
-	cur, ok := set.held[b.ID]
-	return ok && cur.Same(b)
-}
-
-// health is this proxy's own view of a backend, from failed dials and
-// logins. Consul (or the file) decides the set; this only reorders
-// failover for a short while. Read and written without a lock.
-type health struct {
-	downUntil atomic.Int64 // unix nanoseconds
-}
-
-func (h *health) down(now time.Time) bool { return now.UnixNano() < h.downUntil.Load() }
-
 // Server accepts IMAP clients and proxies them.
 type Server struct {
 	// opts is replaced whole by SetOptions: a session reads it when it
@@ -216,7 +174,7 @@ type Server struct {
 	pool *pool.Pool
 	key  [32]byte // HMAC key for credential digests, drawn at start
 
-	backends atomic.Pointer[backendSet]
+	backends *cluster.Roster          // the backend set, read by every login
 	preCaps  atomic.Pointer[[]string] // latest backend pre-login capabilities
 
 	nextID atomic.Uint64
@@ -228,8 +186,9 @@ type Server struct {
 	cancel context.CancelFunc
 	events *eventLog // lines of events clients can repeat at will
 
-	setMu   sync.Mutex      // serialises SetBackends
-	drained map[string]bool // backend IDs drained by an operator; guarded by setMu
+	// setMu serialises changes of the backend set with acting on them,
+	// and SetOptions.
+	setMu sync.Mutex
 
 	// reserve is a descriptor held to be closed when accept runs out of
 	// them, so that one waiting client can be told so (see shed).
@@ -280,11 +239,7 @@ func New(opts Options) *Server {
 		panic("proxy: no randomness for the credential key: " + err.Error())
 	}
 	s.reserve, _ = os.Open(os.DevNull)
-	s.backends.Store(&backendSet{
-		ring:   balancer.New(nil, balancer.Options{Key: opts.HashKey}),
-		byID:   map[string]backend.Backend{},
-		health: map[string]*health{},
-	})
+	s.backends = cluster.New(cluster.Options{Key: opts.HashKey})
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s
 }
@@ -308,10 +263,7 @@ func (s *Server) SetOptions(opts Options) {
 	}
 	s.opts.Store(&opts)
 	if opts.HashKey != old.HashKey {
-		set := s.backends.Load()
-		next := *set
-		next.ring = balancer.New(set.ring.Backends(), balancer.Options{Key: opts.HashKey})
-		s.backends.Store(&next)
+		s.backends.SetKey(opts.HashKey)
 		s.log.Warn("hash_key changed: users are mapped anew", "from", old.HashKey, "to", opts.HashKey)
 	}
 }
@@ -333,71 +285,36 @@ func (s *Server) SetBackends(bs []backend.Backend) {
 func (s *Server) SetBackendsHeld(bs, held []backend.Backend) {
 	s.setMu.Lock()
 	defer s.setMu.Unlock()
-	s.setBackendsLocked(bs, held)
+	s.applyLocked(s.backends.Install(bs, held))
 }
 
-// setBackendsLocked installs bs less the drained backends, and held; the
-// caller holds setMu. It does no I/O: the pool closes what it is given in
-// the background, so a backend that hangs delays no later change.
-func (s *Server) setBackendsLocked(bs, held []backend.Backend) {
-	old := s.backends.Load()
-	next := &backendSet{
-		byID:   make(map[string]backend.Backend, len(bs)),
-		all:    make(map[string]backend.Backend, len(bs)),
-		health: make(map[string]*health, len(bs)),
-		held:   make(map[string]backend.Backend, len(held)),
+// applyLocked acts on a change of the backend set for the sessions and
+// the pool; the caller holds setMu. It does no I/O: the pool closes what
+// it is given in the background, so a backend that hangs delays no later
+// change.
+func (s *Server) applyLocked(ch cluster.Change) {
+	for _, id := range ch.Dropped {
+		s.options().Metrics.forget(id)
 	}
-	rb := make([]backend.Backend, 0, len(bs))
-	for _, b := range bs {
-		if _, dup := next.all[b.ID]; dup {
-			continue
-		}
-		next.all[b.ID] = b
-		if ob, ok := old.all[b.ID]; ok && ob.Same(b) {
-			next.health[b.ID] = old.health[b.ID]
-		} else {
-			next.health[b.ID] = &health{}
-		}
-		if s.drained[b.ID] {
-			continue
-		}
-		next.byID[b.ID] = b
-		rb = append(rb, backend.Backend{ID: b.ID, Addr: b.Addr, Weight: b.Weight})
+	// Drained backends lose their cached connections but, unlike those
+	// that left, keep their sessions.
+	for _, b := range ch.Drained {
+		s.log.Info("backend drained; closing its cached connections", "backend", b.ID)
+		s.pool.RemoveTable(b.ID)
 	}
-	for _, b := range held {
-		if _, in := next.all[b.ID]; !in {
-			next.held[b.ID] = b
-		}
-	}
-	next.ring = balancer.New(rb, balancer.Options{Key: s.options().HashKey})
-	s.backends.Store(next)
-	var gone []backend.Backend
-	for id, ob := range old.byID {
-		if nb, ok := next.byID[id]; !ok || !nb.Same(ob) {
-			gone = append(gone, ob)
-		}
-	}
-	for id := range old.all {
-		if _, ok := next.all[id]; !ok {
-			s.options().Metrics.forget(id)
-		}
-	}
-	gone = s.drainedLocked(old, next, gone)
-	for _, b := range gone {
+	for _, b := range ch.Left {
 		s.log.Info("backend left the set; closing its cached connections", "backend", b.ID, "drain", s.options().backendDrain())
 		s.pool.RemoveTable(b.ID)
 		s.scheduleDrain(b)
 	}
 	// A held backend that leaves may still have sessions from before it
 	// was held: they drain as for any backend that left.
-	for id, ob := range old.held {
-		if !next.healthy(ob) {
-			s.log.Info("held back backend left the set", "backend", id, "drain", s.options().backendDrain())
-			s.scheduleDrain(ob)
-		}
+	for _, b := range ch.HeldLeft {
+		s.log.Info("held back backend left the set", "backend", b.ID, "drain", s.options().backendDrain())
+		s.scheduleDrain(b)
 	}
-	if len(gone) > 0 || len(next.byID) != len(old.byID) || len(next.held) != len(old.held) {
-		s.log.Info("backend set changed", "backends", len(next.byID), "removed", len(gone), "held", len(next.held))
+	if ch.Changed() {
+		s.log.Info("backend set changed", "backends", ch.New.Len(), "removed", len(ch.Left), "held", ch.New.HeldLen())
 	}
 }
 
@@ -415,7 +332,7 @@ func (s *Server) scheduleDrain(b backend.Backend) {
 	t = time.AfterFunc(s.options().backendDrain(), func() {
 		s.mu.Lock()
 		delete(s.drains, t)
-		if s.backends.Load().healthy(b) {
+		if s.backends.Load().Healthy(b) {
 			s.mu.Unlock()
 			return
 		}
@@ -439,8 +356,7 @@ func (s *Server) scheduleDrain(b backend.Backend) {
 
 // markDown makes this proxy skip a backend for DownTime.
 func (s *Server) markDown(id string, why error) {
-	if h := s.backends.Load().health[id]; h != nil {
-		h.downUntil.Store(time.Now().Add(s.options().downTime()).UnixNano())
+	if s.backends.MarkDown(id, s.options().downTime()) {
 		s.stats.down.Add(1)
 		s.log.Warn("backend marked down", "backend", id, "for", s.options().downTime(), "error", why)
 	}
@@ -492,12 +408,7 @@ func (s *Server) Stats() Stats {
 // Backends returns the backends in service, sorted by ID: the current
 // set less those drained by an operator.
 func (s *Server) Backends() []backend.Backend {
-	set := s.backends.Load()
-	out := make([]backend.Backend, 0, len(set.byID))
-	for _, b := range set.ring.Backends() {
-		out = append(out, set.byID[b.ID])
-	}
-	return out
+	return s.backends.Load().Serving()
 }
 
 // Pool returns the server's connection pool.
@@ -506,11 +417,10 @@ func (s *Server) Pool() *pool.Pool { return s.pool }
 // ProbeCapabilities fetches a backend's pre-login capabilities for the
 // greeting. Later fresh connections refresh them.
 func (s *Server) ProbeCapabilities(ctx context.Context) error {
-	set := s.backends.Load()
 	var err error
-	for _, b := range set.ring.Backends() {
+	for _, b := range s.backends.Load().Serving() {
 		var u *upstream.Conn
-		u, err = s.dialer().Dial(ctx, set.byID[b.ID])
+		u, err = s.dialer().Dial(ctx, b)
 		if err != nil {
 			continue
 		}

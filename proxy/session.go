@@ -579,8 +579,8 @@ func (sess *session) login(tag string, cr *upstream.Credentials) (*relay, error)
 		pinUser = string(cr.Authzid)
 	}
 	var order [8]backend.Backend
-	candidates := set.ring.Order(pinUser, order[:0])
-	if len(candidates) == 0 {
+	candidates := set.Order(pinUser, order[:0])
+	if len(candidates.All) == 0 {
 		srv.stats.failed.Add(1)
 		srv.events.log(log, hclog.Warn, "no backend available", "login failed: no backend available")
 		sess.reply(replyTo(errNoBackend, preLogin, tag))
@@ -590,18 +590,9 @@ func (sess *session) login(tag string, cr *upstream.Credentials) (*relay, error)
 	if len(cr.Authzid) > 0 {
 		cacheKey = string(cr.Authzid) + "\x00" + user
 	}
-	// Backends this proxy saw fail lately go last; if all did, all are
-	// tried anyway, in the user's order.
-	now := time.Now()
-	usable := make([]backend.Backend, 0, len(candidates))
-	for _, c := range candidates {
-		if h := set.health[c.ID]; h == nil || !h.down(now) {
-			usable = append(usable, c)
-		}
-	}
-	if len(usable) == 0 {
-		usable = candidates
-	}
+	// Backends this proxy saw fail lately are skipped; if all did, all
+	// are tried anyway, in the user's order.
+	usable := candidates.Try()
 	var lastErr error
 	var refused *upstream.LoginResult
 	m := srv.options().Metrics
@@ -632,19 +623,18 @@ func (sess *session) login(tag string, cr *upstream.Credentials) (*relay, error)
 		sess.reply(imapwire.Status{Tag: tag, Type: imapwire.StatusOK, Code: imapwire.CodeCapability, Arg: postLoginCaps(up.PostCaps()), Text: "Logged in"})
 		return rl, true, nil
 	}
-	// attempt logs the user in on backend c: from the cache, else with a
+	// attempt logs the user in on backend b: from the cache, else with a
 	// new connection.
-	attempt := func(c backend.Backend) (rl *relay, done bool, err error) {
+	attempt := func(b backend.Backend) (rl *relay, done bool, err error) {
 		// Each backend gets the whole login timeout: one that hangs
 		// must not leave none for the user's next backend.
 		ctx, cancel := context.WithTimeout(srv.ctx, srv.dialer().LoginLimit())
 		defer cancel()
-		b := set.byID[c.ID]
 		table := srv.pool.Table(b.ID)
 		blog := withFields(log, "backend", b.ID)
-		if c.ID != candidates[0].ID {
+		if first := candidates.First().ID; b.ID != first {
 			srv.stats.failovers.Add(1)
-			srv.events.log(blog, hclog.Info, "failover:"+candidates[0].ID, "failing over to the next backend", "preferred", candidates[0].ID)
+			srv.events.log(blog, hclog.Info, "failover:"+first, "failing over to the next backend", "preferred", first)
 		}
 		if lease, ok := table.Take(ctx, cacheKey, digest); ok {
 			return take(lease.Conn().(*upstream.Conn), b, lease, lease.Born(), true, blog)
@@ -733,7 +723,7 @@ func (sess *session) login(tag string, cr *upstream.Credentials) (*relay, error)
 		sess.reply(refusal(tag, refused.Status, refused.Text))
 		return nil, nil
 	}
-	if len(srv.backends.Load().byID) == 0 {
+	if srv.backends.Load().Len() == 0 {
 		// The backends left the set while the login was under way:
 		// answer as the next login will be answered.
 		srv.events.log(log, hclog.Warn, "no backend available", "login failed: no backend available", "error", lastErr)
@@ -805,7 +795,7 @@ var (
 func (sess *session) adopt(rl *relay, user string) error {
 	sess.loginAt.Store(time.Now().UnixNano())
 	sess.rl.Store(rl)
-	if !sess.srv.backends.Load().serves(rl.backend) {
+	if !sess.srv.backends.Load().Serves(rl.backend) {
 		sess.rl.Store(nil)
 		return errBackendLeft
 	}

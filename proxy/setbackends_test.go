@@ -52,7 +52,7 @@ func TestWeightChangeKeepsBackend(t *testing.T) {
 	before := map[string]string{}
 	for i := range users {
 		users[i] = "u" + strconv.Itoa(i)
-		bk, _ := p.srv.backends.Load().ring.Pick(users[i])
+		bk, _ := p.srv.backends.Load().Ring().Pick(users[i])
 		before[users[i]] = bk.ID
 	}
 
@@ -71,7 +71,7 @@ func TestWeightChangeKeepsBackend(t *testing.T) {
 	}
 	moved := 0
 	for _, u := range users {
-		bk, _ := p.srv.backends.Load().ring.Pick(u)
+		bk, _ := p.srv.backends.Load().Ring().Pick(u)
 		if bk.ID != before[u] {
 			if bk.ID != "b0" {
 				t.Fatalf("%s moved from %s to %s when b0 got heavier", u, before[u], bk.ID)
