@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 // FuzzPreAuth feeds arbitrary bytes to a session before login, with no
@@ -27,7 +29,7 @@ func FuzzPreAuth(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, in []byte) {
-		logs := &syncBuffer{}
+		logs := &testkit.SyncBuffer{}
 		srv := New(Options{
 			Logger:            newTestLogger(logs),
 			PreAuthTimeout:    5 * time.Second,

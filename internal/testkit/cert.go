@@ -14,6 +14,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"testing"
 	"time"
 )
 
@@ -101,6 +102,16 @@ func NewCert(names ...string) (*Cert, error) {
 		CertPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
 		KeyPEM:  pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}),
 	}, nil
+}
+
+// NewCertT is NewCert that fails t on an error.
+func NewCertT(t testing.TB, names ...string) *Cert {
+	t.Helper()
+	c, err := NewCert(names...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
 }
 
 // createCert signs tmpl with parent's key, under a random serial number

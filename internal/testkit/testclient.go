@@ -34,6 +34,9 @@ func NewClient(t testing.TB, nc net.Conn) *Client {
 	return &Client{Conn: NewConn(nc), t: t}
 }
 
+// TB returns the test that c fails, for helpers built on c.
+func (c *Client) TB() testing.TB { return c.t }
+
 func (c *Client) check(err error) {
 	c.t.Helper()
 	if err != nil {
