@@ -21,8 +21,9 @@ import (
 )
 
 // fakeConsul answers /v1/health/service/NAME in lock step with the test:
-// each request is handed to the test (fakeConsul.next), which answers it
-// (fakeReq.answer / fail) or leaves it hanging like a blocking query.
+// each request is handed to the test (watchTest.next, registerTest.next),
+// which answers it (fakeReq.answer / fail) or leaves it hanging like a
+// blocking query.
 type fakeConsul struct {
 	reqs chan *fakeReq
 }

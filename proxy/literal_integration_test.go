@@ -19,7 +19,7 @@ import (
 )
 
 // literalOf returns the literal that follows item (e.g. "BODY[]") in a
-// response line read by readFull.
+// response line read by testkit's ReadFull.
 func literalOf(t testing.TB, line, item string) []byte {
 	t.Helper()
 	i := strings.Index(line, item+" {")
