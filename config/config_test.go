@@ -1,14 +1,7 @@
 package config
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
-	"math/big"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -18,6 +11,7 @@ import (
 	"time"
 
 	"github.com/imapproxy/imapproxy/backend"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 // base is the smallest valid file; test cases append to it, so their first
@@ -94,7 +88,10 @@ func TestLoadMissingFile(t *testing.T) {
 }
 
 func TestParseTLS(t *testing.T) {
-	cert, key := writeKeyPair(t)
+	_, cert, key, err := testkit.NewCertT(t, "localhost").WriteFiles(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
 	src := base + `listener "imaps" {
   address = "127.0.0.1:1993"
   tls     = "implicit"
@@ -312,41 +309,6 @@ func unwrap(err error) []error {
 		return []error{err}
 	}
 	return nil
-}
-
-// writeKeyPair writes a self-signed certificate and its key to a temporary
-// directory and returns their paths.
-func writeKeyPair(t *testing.T) (certFile, keyFile string) {
-	t.Helper()
-	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1),
-		Subject:      pkix.Name{CommonName: "imapproxy test"},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(time.Hour),
-		IsCA:         true,
-		DNSNames:     []string{"localhost"},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &priv.PublicKey, priv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, err := x509.MarshalPKCS8PrivateKey(priv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	certFile, keyFile = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
-	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return certFile, keyFile
 }
 
 func TestConsulBlock(t *testing.T) {

@@ -20,6 +20,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/imapproxy/imapproxy/internal/consultest"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 func TestRegisterOptionsValidate(t *testing.T) {
@@ -155,7 +156,7 @@ type registerTest struct {
 	t      *testing.T
 	fake   *fakeConsul
 	r      *Registrar
-	log    *syncBuffer
+	log    *testkit.SyncBuffer
 	cancel context.CancelFunc
 	done   chan error
 	ended  bool // Run has returned
@@ -165,7 +166,7 @@ const registerBound = time.Hour // of fake time: only passes if all else is stuc
 
 func startRegister(t *testing.T, o RegisterOptions) *registerTest {
 	t.Helper()
-	rt := &registerTest{t: t, fake: newFakeConsul(), log: &syncBuffer{}, done: make(chan error, 1)}
+	rt := &registerTest{t: t, fake: newFakeConsul(), log: &testkit.SyncBuffer{}, done: make(chan error, 1)}
 	o.Logger = hclog.New(&hclog.LoggerOptions{
 		Name:   "register",
 		Level:  hclog.Debug,

@@ -1,7 +1,6 @@
 package discovery
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"io"
@@ -17,11 +16,14 @@ import (
 
 	"github.com/hashicorp/consul/api"
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 // fakeConsul answers /v1/health/service/NAME in lock step with the test:
-// each request is handed to the test (fakeConsul.next), which answers it
-// (fakeReq.answer / fail) or leaves it hanging like a blocking query.
+// each request is handed to the test (watchTest.next, registerTest.next),
+// which answers it (fakeReq.answer / fail) or leaves it hanging like a
+// blocking query.
 type fakeConsul struct {
 	reqs chan *fakeReq
 }
@@ -96,31 +98,12 @@ func (r *fakeReq) fail(status int) {
 	r.reply <- fakeReply{status: status}
 }
 
-// syncBuffer is a log sink the watcher goroutine writes while the test
-// reads.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // watchTest runs a Watcher against a fakeConsul.
 type watchTest struct {
 	t       testing.TB
 	fake    *fakeConsul
 	w       *Watcher
-	log     *syncBuffer
+	log     *testkit.SyncBuffer
 	updates chan []Backend
 	bound   time.Duration // how long next and nextUpdate wait
 	cancel  context.CancelFunc
@@ -143,7 +126,7 @@ func startWatch(t testing.TB, tr transport, opts ConsulOptions) *watchTest {
 	wt := &watchTest{
 		t:       t,
 		fake:    newFakeConsul(),
-		log:     &syncBuffer{},
+		log:     &testkit.SyncBuffer{},
 		updates: make(chan []Backend, 16),
 		done:    make(chan error, 1),
 	}

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 	"github.com/imapproxy/imapproxy/upstream"
 )
 
@@ -35,11 +36,11 @@ func TestDrainBackend(t *testing.T) {
 	p := startClusterProxy(t, []string{a.addr(), b.addr()}, nil)
 	user := p.userOn(t, "b0")
 
-	active := dialClient(t, p.addr)
-	active.mustLogin(user, "secret")
-	c := dialClient(t, p.addr)
-	c.mustLogin(user, "secret")
-	c.logout()
+	active := testkit.Dial(t, p.addr)
+	active.MustLogin(user, "secret")
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin(user, "secret")
+	c.Logout()
 	p.waitCached(t, 1)
 
 	if err := p.srv.DrainBackend("b0"); err != nil {
@@ -63,19 +64,19 @@ func TestDrainBackend(t *testing.T) {
 		t.Errorf("Backends() = %+v, want only b1 in service", got)
 	}
 
-	if res := active.cmd("SELECT INBOX"); !res.ok() {
+	if res := active.Cmd("SELECT INBOX"); !res.OK() {
 		t.Fatalf("the session on the drained backend stopped working: %s", res)
 	}
-	c = dialClient(t, p.addr)
-	if res := c.mustLogin(user, "secret"); res.has("XPROXYREUSE") {
+	c = testkit.Dial(t, p.addr)
+	if res := c.MustLogin(user, "secret"); res.Has("XPROXYREUSE") {
 		t.Fatal("a login reused a connection after the drain")
 	}
 	if b.logins.Load() != 1 {
 		t.Fatalf("logins on the next backend = %d, want 1", b.logins.Load())
 	}
-	c.logout()
+	c.Logout()
 	p.waitCached(t, 1) // on b1
-	active.logout()
+	active.Logout()
 	p.waitSessions(t, 0)
 	if bi := p.backendInfo(t, "b0"); bi.Cached != 0 || bi.Active != 0 {
 		t.Errorf("b0 after its last session = %+v, want nothing cached, nothing active", bi)
@@ -88,12 +89,12 @@ func TestDrainBackend(t *testing.T) {
 		t.Fatalf("UndrainBackend(b0): %v", err)
 	}
 	before := a.logins.Load()
-	c = dialClient(t, p.addr)
-	c.mustLogin(user, "secret")
+	c = testkit.Dial(t, p.addr)
+	c.MustLogin(user, "secret")
 	if a.logins.Load() != before+1 {
 		t.Fatal("the user did not go back to its backend after the undrain")
 	}
-	c.logout()
+	c.Logout()
 	p.waitCached(t, 2)
 	if bi := p.backendInfo(t, "b0"); bi.Drained || bi.Cached != 1 {
 		t.Errorf("b0 after the undrain = %+v, want in service with 1 cached", bi)
@@ -175,15 +176,15 @@ func TestKickUser(t *testing.T) {
 	p := startProxy(t, []*dovecottest.Server{dc}, nil)
 	user, other := dovecottest.UserName(1), dovecottest.UserName(2)
 
-	active := dialClient(t, p.addr)
-	active.mustLogin(user, dc.PasswordOf(user))
-	if res := active.cmd("SELECT INBOX"); !res.ok() {
+	active := testkit.Dial(t, p.addr)
+	active.MustLogin(user, dc.PasswordOf(user))
+	if res := active.Cmd("SELECT INBOX"); !res.OK() {
 		t.Fatalf("SELECT: %s", res)
 	}
 	for _, u := range []string{user, other} {
-		c := dialClient(t, p.addr)
-		c.mustLogin(u, dc.PasswordOf(u))
-		c.logout()
+		c := testkit.Dial(t, p.addr)
+		c.MustLogin(u, dc.PasswordOf(u))
+		c.Logout()
 	}
 	p.waitCached(t, 2)
 
@@ -191,7 +192,7 @@ func TestKickUser(t *testing.T) {
 	if sessions != 1 || cached != 1 {
 		t.Fatalf("KickUser(%s) = %d sessions, %d cached; want 1, 1", user, sessions, cached)
 	}
-	lines := active.readToEOF()
+	lines := active.ReadToEOF()
 	if len(lines) != 1 || !strings.HasPrefix(lines[0], "* BYE [UNAVAILABLE]") {
 		t.Fatalf("kicked client got %q, want one BYE [UNAVAILABLE] and EOF", lines)
 	}
@@ -205,8 +206,8 @@ func TestKickUser(t *testing.T) {
 	if ui := p.srv.UserInfo(other); len(ui.Cached) != 1 {
 		t.Errorf("the other user's cache = %+v, want 1 connection", ui.Cached)
 	}
-	c := dialClient(t, p.addr)
-	if res := c.mustLogin(user, dc.PasswordOf(user)); res.has("XPROXYREUSE") {
+	c := testkit.Dial(t, p.addr)
+	if res := c.MustLogin(user, dc.PasswordOf(user)); res.Has("XPROXYREUSE") {
 		t.Error("the kicked user's next login reused a connection")
 	}
 
@@ -218,14 +219,14 @@ func TestKickUser(t *testing.T) {
 	p.srv.kicked[user] = time.Now()
 	p.srv.mu.Unlock()
 	before := p.srv.Pool().Stats().Cached
-	c.logout()
+	c.Logout()
 	p.waitSessions(t, 0)
 	if n := p.srv.Pool().Stats().Cached; n != before {
 		t.Errorf("a connection authenticated before a kick was cached (%d cached, %d before)", n, before)
 	}
-	c = dialClient(t, p.addr)
-	c.mustLogin(user, dc.PasswordOf(user))
-	c.logout()
+	c = testkit.Dial(t, p.addr)
+	c.MustLogin(user, dc.PasswordOf(user))
+	c.Logout()
 	p.waitCached(t, before+1) // one authenticated after the kick is cached again
 }
 
@@ -236,9 +237,9 @@ func TestFlushCache(t *testing.T) {
 	p := startFakeProxy(t, b, nil)
 	probeLogouts := b.logouts.Load()
 	for _, u := range []string{"alice", "bob"} {
-		c := dialClient(t, p.addr)
-		c.mustLogin(u, "secret")
-		c.logout()
+		c := testkit.Dial(t, p.addr)
+		c.MustLogin(u, "secret")
+		c.Logout()
 	}
 	p.waitCached(t, 2)
 	if n := p.srv.FlushCache(); n != 2 {
@@ -251,11 +252,11 @@ func TestFlushCache(t *testing.T) {
 	if st := p.srv.Pool().Stats(); st.Cached != 0 || st.Open != 0 || st.ClosedAdmin != 2 {
 		t.Errorf("pool after the flush = %+v", st)
 	}
-	c := dialClient(t, p.addr)
-	if res := c.mustLogin("alice", "secret"); res.has("XPROXYREUSE") {
+	c := testkit.Dial(t, p.addr)
+	if res := c.MustLogin("alice", "secret"); res.Has("XPROXYREUSE") {
 		t.Fatal("reused a connection after the flush")
 	}
-	c.logout()
+	c.Logout()
 	p.waitCached(t, 1)
 }
 
@@ -269,16 +270,16 @@ func TestUserInfo(t *testing.T) {
 	user := p.userOn(t, "b1")
 	mixed := strings.ToUpper(user[:1]) + user[1:]
 
-	active := dialClient(t, p.addr)
-	active.mustLogin(user, pass)
-	c := dialClient(t, p.addr)
-	c.mustLogin(user, pass)
-	c.logout()
+	active := testkit.Dial(t, p.addr)
+	active.MustLogin(user, pass)
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin(user, pass)
+	c.Logout()
 	p.waitCached(t, 1)
 	// Another spelling: the same backend, but its own cache entries.
-	c = dialClient(t, p.addr)
-	c.mustLogin(mixed, pass)
-	c.logout()
+	c = testkit.Dial(t, p.addr)
+	c.MustLogin(mixed, pass)
+	c.Logout()
 	p.waitCached(t, 2)
 
 	ui := p.srv.UserInfo(user)
@@ -288,8 +289,8 @@ func TestUserInfo(t *testing.T) {
 	if len(ui.Cached) != 1 || ui.Cached[0].Backend != "b1" || ui.Cached[0].Age < ui.Cached[0].Idle {
 		t.Errorf("Cached = %+v, want one on b1, older than it is idle", ui.Cached)
 	}
-	if len(ui.Sessions) != 1 || ui.Sessions[0].Backend != "b1" || ui.Sessions[0].Client != active.conn.LocalAddr().String() || ui.Sessions[0].Since.IsZero() {
-		t.Errorf("Sessions = %+v, want the active one on b1 from %s", ui.Sessions, active.conn.LocalAddr())
+	if len(ui.Sessions) != 1 || ui.Sessions[0].Backend != "b1" || ui.Sessions[0].Client != active.NetConn.LocalAddr().String() || ui.Sessions[0].Since.IsZero() {
+		t.Errorf("Sessions = %+v, want the active one on b1 from %s", ui.Sessions, active.NetConn.LocalAddr())
 	}
 	if mi := p.srv.UserInfo(mixed); mi.Key != user || mi.Backend != "b1" || len(mi.Cached) != 1 || len(mi.Sessions) != 0 {
 		t.Errorf("UserInfo(%q) = %+v, want the same key and backend, its own one cached connection", mixed, mi)

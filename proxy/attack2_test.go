@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 	"github.com/imapproxy/imapproxy/pool"
 )
 
@@ -33,14 +34,14 @@ func TestAttack2HungBackendClosesPinBudget(t *testing.T) {
 	})
 	for u := 1; u <= users; u++ {
 		user := dovecottest.UserName(u)
-		var cs []*testClient
+		var cs []*testkit.Client
 		for range perUser {
-			c := dialClient(t, p.addr)
-			c.mustLogin(user, hung.PasswordOf(user))
+			c := testkit.Dial(t, p.addr)
+			c.MustLogin(user, hung.PasswordOf(user))
 			cs = append(cs, c)
 		}
 		for _, c := range cs {
-			c.logout()
+			c.Logout()
 		}
 	}
 	p.waitIdle(t)
@@ -55,9 +56,9 @@ func TestAttack2HungBackendClosesPinBudget(t *testing.T) {
 	start := time.Now()
 
 	user := dovecottest.UserName(1)
-	c := dialClient(t, p.addr)
-	res := c.login(user, healthy.PasswordOf(user))
-	if !res.ok() {
+	c := testkit.Dial(t, p.addr)
+	res := c.Login(user, healthy.PasswordOf(user))
+	if !res.OK() {
 		t.Errorf("login to the healthy backend %v after the hung one left: %s (pool: %+v)", time.Since(start).Round(time.Millisecond), res, p.srv.Pool().Stats())
 	}
 	deadline := time.Now().Add(10 * time.Second)
@@ -83,13 +84,13 @@ func TestAttack2QuickDoneLosesCache(t *testing.T) {
 	pass := dc.PasswordOf(user)
 	p := startProxy(t, []*dovecottest.Server{dc}, nil)
 
-	c := dialClient(t, p.addr)
-	c.mustLogin(user, pass)
-	c.send("a IDLE\r\nDONE\r\n")
-	if res := c.readResponse("a"); !res.ok() {
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin(user, pass)
+	c.Send("a IDLE\r\nDONE\r\n")
+	if res := c.ReadResponse("a"); !res.OK() {
 		t.Fatalf("IDLE: %s", res)
 	}
-	c.logout()
+	c.Logout()
 	p.waitIdle(t)
 	if n := p.srv.Pool().Stats().Cached; n != 1 {
 		t.Errorf("an IDLE ended at once, answered OK, left the connection uncached (cached = %d): %s", n, grepLog(p.logs.String(), "not caching"))
@@ -110,14 +111,14 @@ func TestAttack2SelectBadClosesMailbox(t *testing.T) {
 	dc := dovecottest.StartT(t, dovecottest.Options{Users: 1, Messages: 1})
 	user := dovecottest.UserName(1)
 	p := startProxy(t, []*dovecottest.Server{dc}, nil)
-	c := dialClient(t, p.addr)
-	c.mustLogin(user, dc.PasswordOf(user))
-	if res := c.cmd("SELECT INBOX"); !res.ok() {
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin(user, dc.PasswordOf(user))
+	if res := c.Cmd("SELECT INBOX"); !res.OK() {
 		t.Fatalf("SELECT: %s", res)
 	}
-	res := c.cmd("SELECT INBOX (FOO)")
+	res := c.Cmd("SELECT INBOX (FOO)")
 	t.Logf("SELECT with a bad parameter:\n%s", res)
-	c.logout()
+	c.Logout()
 	p.waitIdle(t)
 	if n := p.srv.Pool().Stats().Cached; n != 1 {
 		t.Errorf("a session that ended unselected was not cached: %s", grepLog(p.logs.String(), "not caching"))

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 // hiddenCommandBurst builds a client burst whose framing the proxy and
@@ -47,39 +48,39 @@ func TestAttackHiddenCommandAfterParseError(t *testing.T) {
 	pass := dc.PasswordOf(user)
 	p := startProxy(t, []*dovecottest.Server{dc}, nil)
 
-	c := dialClient(t, p.addr)
-	c.mustLogin(user, pass)
-	if res := c.cmd("SELECT INBOX"); !res.ok() {
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin(user, pass)
+	if res := c.Cmd("SELECT INBOX"); !res.OK() {
 		t.Fatalf("SELECT: %s", res)
 	}
 	// Control: without CONDSTORE, Dovecot's STORE reply has no MODSEQ.
-	if res := c.cmd(`STORE 2 +FLAGS (\Flagged)`); !res.ok() || res.has("MODSEQ") {
+	if res := c.Cmd(`STORE 2 +FLAGS (\Flagged)`); !res.OK() || res.Has("MODSEQ") {
 		t.Fatalf("control STORE before the attack: %s", res)
 	}
-	c.send(hiddenCommandBurst("SEARCH MODSEQ 1 TEXT"))
-	a := c.readResponse("a")
+	c.Send(hiddenCommandBurst("SEARCH MODSEQ 1 TEXT"))
+	a := c.ReadResponse("a")
 	if !strings.HasPrefix(a.Tagged, "a BAD") {
 		t.Fatalf("a: %s", a)
 	}
-	h := c.readResponse("h")
+	h := c.ReadResponse("h")
 	t.Logf("hidden command's answer, taken by the client for its NOOP's:\n%s", h)
-	c.logout()
+	c.Logout()
 	p.waitIdle(t)
 
-	c = dialClient(t, p.addr)
-	res := c.mustLogin(user, pass)
-	if !res.has("[XPROXYREUSE]") {
+	c = testkit.Dial(t, p.addr)
+	res := c.MustLogin(user, pass)
+	if !res.Has("[XPROXYREUSE]") {
 		t.Skip("connection not cached: the attack did not get through")
 	}
-	if res := c.cmd("SELECT INBOX"); !res.ok() {
+	if res := c.Cmd("SELECT INBOX"); !res.OK() {
 		t.Fatalf("SELECT: %s", res)
 	}
-	f := c.cmd(`STORE 1 +FLAGS (\Flagged)`)
+	f := c.Cmd(`STORE 1 +FLAGS (\Flagged)`)
 	t.Logf("next session's STORE:\n%s", f)
-	if f.has("MODSEQ") {
+	if f.Has("MODSEQ") {
 		t.Errorf("a fresh-looking session on a cached connection has CONDSTORE on (left by the previous session's hidden command): %s", f)
 	}
-	c.logout()
+	c.Logout()
 }
 
 // FINDING 2 (session breaks; client input taken for backend failure): the
@@ -100,18 +101,18 @@ func TestAttackTagDovecotRejects(t *testing.T) {
 	const respTimeout = time.Second
 	p := startProxy(t, []*dovecottest.Server{dc}, func(o *Options) { o.ResponseTimeout = respTimeout })
 
-	c := dialClient(t, p.addr)
-	c.mustLogin(user, pass)
-	c.send("a]b NOOP\r\nz NOOP\r\n")
-	res := c.readResponse("z")
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin(user, pass)
+	c.Send("a]b NOOP\r\nz NOOP\r\n")
+	res := c.ReadResponse("z")
 	t.Logf("answers:\n%s", res)
 	// Nothing is owed: for twice the response timeout the proxy should
 	// send nothing, and then still relay.
-	c.conn.SetReadDeadline(time.Now().Add(2 * respTimeout))
-	if l, err := c.r.ReadString('\n'); err == nil || !isTimeoutErr(err) {
+	c.SetReadDeadline(time.Now().Add(2 * respTimeout))
+	if l, err := c.R.ReadString('\n'); err == nil || !isTimeoutErr(err) {
 		t.Errorf("a session whose client used a tag Dovecot refuses, on a healthy backend: got %q (%v), want silence", l, err)
 	}
-	c.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if strings.Contains(p.logs.String(), "backend not responding") {
 		t.Errorf("the proxy blamed a healthy backend for the client's tag: %s", grepLog(p.logs.String(), "backend not responding"))
 	}
@@ -146,8 +147,8 @@ func TestAttackShutdownDuringLoginToHungBackend(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { dc.Resume() })
-	c := dialClient(t, p.addr)
-	c.send("l LOGIN " + user + " " + pass + "\r\n")
+	c := testkit.Dial(t, p.addr)
+	c.Send("l LOGIN " + user + " " + pass + "\r\n")
 	// The session has taken its slot and dialled: it waits for a greeting
 	// that will not come.
 	deadline := time.Now().Add(5 * time.Second)
@@ -186,29 +187,29 @@ func TestAttackCleanupAnsweredByHiddenCommand(t *testing.T) {
 	pass := dc.PasswordOf(user)
 	p := startProxy(t, []*dovecottest.Server{dc}, nil)
 
-	c := dialClient(t, p.addr)
-	if res := c.mustLogin(user, pass); res.has("[XPROXYREUSE]") {
+	c := testkit.Dial(t, p.addr)
+	if res := c.MustLogin(user, pass); res.Has("[XPROXYREUSE]") {
 		t.Fatal("first login reused a connection")
 	}
-	if res := c.cmd("SELECT INBOX"); !res.ok() {
+	if res := c.Cmd("SELECT INBOX"); !res.OK() {
 		t.Fatalf("SELECT: %s", res)
 	}
 	const cleanup = "IMAPPROXY3 UNSELECT"
 	hidden := fmt.Sprintf("IMAPPROXY3 LIST \"\" {%d+}\r\n", len("\r\n"+cleanup))
-	c.send(fmt.Sprintf("a STATUS ) {%d+}\r\n%s\r\n", len(hidden), hidden))
-	if res := c.readResponse("a"); !strings.HasPrefix(res.Tagged, "a BAD") {
+	c.Send(fmt.Sprintf("a STATUS ) {%d+}\r\n%s\r\n", len(hidden), hidden))
+	if res := c.ReadResponse("a"); !strings.HasPrefix(res.Tagged, "a BAD") {
 		t.Fatalf("a: %s", res)
 	}
-	c.logout()
+	c.Logout()
 	p.waitIdle(t)
 
-	c = dialClient(t, p.addr)
-	res := c.mustLogin(user, pass)
-	if !res.has("[XPROXYREUSE]") {
+	c = testkit.Dial(t, p.addr)
+	res := c.MustLogin(user, pass)
+	if !res.Has("[XPROXYREUSE]") {
 		t.Skip("connection not cached: the attack did not get through")
 	}
-	if f := c.cmd("FETCH 1 (FLAGS)"); f.ok() {
+	if f := c.Cmd("FETCH 1 (FLAGS)"); f.OK() {
 		t.Errorf("a fresh-looking session on a cached connection has INBOX selected: FETCH without SELECT: %s", f)
 	}
-	c.logout()
+	c.Logout()
 }

@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 // authFailedRE matches imap-login's line for a connection that ended after
@@ -28,29 +29,29 @@ func TestWrongPasswordKeepsCachedConn(t *testing.T) {
 	wrong := "wrong-" + pass
 
 	p := startProxy(t, []*dovecottest.Server{dc}, nil)
-	c := dialClient(t, p.addr)
-	c.mustLogin(user, pass)
-	c.logout()
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin(user, pass)
+	c.Logout()
 	p.waitCached(t, 1)
 	waitLoginsFor(t, dc, user, 1)
 
 	cases := []struct {
 		name  string
-		login func(c *testClient) response
+		login func(c *testkit.Client) testkit.Response
 	}{
-		{"LOGIN", func(c *testClient) response { return c.login(user, wrong) }},
-		{"AUTHENTICATE PLAIN", func(c *testClient) response { return c.authPlain("", user, wrong, true) }},
-		{"AUTHENTICATE LOGIN", func(c *testClient) response { return c.authLogin(user, wrong) }},
+		{"LOGIN", func(c *testkit.Client) testkit.Response { return c.Login(user, wrong) }},
+		{"AUTHENTICATE PLAIN", func(c *testkit.Client) testkit.Response { return authPlain(c, "", user, wrong, true) }},
+		{"AUTHENTICATE LOGIN", func(c *testkit.Client) testkit.Response { return authLogin(c, user, wrong) }},
 	}
 	failRE := authFailedRE(user)
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			c := dialClient(t, p.addr)
+			c := testkit.Dial(t, p.addr)
 			res := tc.login(c)
 			if !strings.Contains(res.Tagged, " NO [AUTHENTICATIONFAILED]") {
 				t.Fatalf("wrong password: got %q, want a tagged NO [AUTHENTICATIONFAILED] from Dovecot", res)
 			}
-			if res.has("XPROXYREUSE") {
+			if res.Has("XPROXYREUSE") {
 				t.Fatalf("wrong password was answered from the cache:\n%s", res)
 			}
 			// The attempt reached Dovecot: it logs the failed auth.
@@ -62,11 +63,11 @@ func TestWrongPasswordKeepsCachedConn(t *testing.T) {
 			}
 			// The same session may try again, and the right password
 			// gets the cached connection.
-			res = c.mustLogin(user, pass)
-			if !res.has("[XPROXYREUSE]") {
+			res = c.MustLogin(user, pass)
+			if !res.Has("[XPROXYREUSE]") {
 				t.Fatalf("right password after a wrong one was not reused:\n%s", res)
 			}
-			c.logout()
+			c.Logout()
 			p.waitCached(t, 1)
 		})
 	}
@@ -76,17 +77,17 @@ func TestWrongPasswordKeepsCachedConn(t *testing.T) {
 // loginForm is one way for a client to present user name and password.
 type loginForm struct {
 	name  string
-	login func(c *testClient, user, pass string) response
+	login func(c *testkit.Client, user, pass string) testkit.Response
 }
 
 var loginForms = []loginForm{
-	{"LOGIN quoted", func(c *testClient, u, p string) response { return c.login(u, p) }},
-	{"LOGIN synchronising literals", func(c *testClient, u, p string) response { return c.loginLiteral(u, p, false) }},
-	{"LOGIN non-synchronising literals", func(c *testClient, u, p string) response { return c.loginLiteral(u, p, true) }},
-	{"AUTHENTICATE PLAIN SASL-IR", func(c *testClient, u, p string) response { return c.authPlain("", u, p, true) }},
-	{"AUTHENTICATE PLAIN continuation", func(c *testClient, u, p string) response { return c.authPlain("", u, p, false) }},
-	{"AUTHENTICATE PLAIN authzid = user", func(c *testClient, u, p string) response { return c.authPlain(u, u, p, true) }},
-	{"AUTHENTICATE LOGIN", func(c *testClient, u, p string) response { return c.authLogin(u, p) }},
+	{"LOGIN quoted", func(c *testkit.Client, u, p string) testkit.Response { return c.Login(u, p) }},
+	{"LOGIN synchronising literals", func(c *testkit.Client, u, p string) testkit.Response { return c.LoginLiteral(u, p, false) }},
+	{"LOGIN non-synchronising literals", func(c *testkit.Client, u, p string) testkit.Response { return c.LoginLiteral(u, p, true) }},
+	{"AUTHENTICATE PLAIN SASL-IR", func(c *testkit.Client, u, p string) testkit.Response { return authPlain(c, "", u, p, true) }},
+	{"AUTHENTICATE PLAIN continuation", func(c *testkit.Client, u, p string) testkit.Response { return authPlain(c, "", u, p, false) }},
+	{"AUTHENTICATE PLAIN authzid = user", func(c *testkit.Client, u, p string) testkit.Response { return authPlain(c, u, u, p, true) }},
+	{"AUTHENTICATE LOGIN", func(c *testkit.Client, u, p string) testkit.Response { return authLogin(c, u, p) }},
 }
 
 // TestLoginForms logs in with each form first (a real backend login), then
@@ -101,33 +102,33 @@ func TestLoginForms(t *testing.T) {
 			pass := dc.PasswordOf(user)
 			p := startProxy(t, []*dovecottest.Server{dc}, nil)
 
-			c := dialClient(t, p.addr)
+			c := testkit.Dial(t, p.addr)
 			res := f.login(c, user, pass)
-			if !res.ok() || res.has("XPROXYREUSE") {
+			if !res.OK() || res.Has("XPROXYREUSE") {
 				t.Fatalf("first login: got %q, want a fresh tagged OK", res)
 			}
 			if !strings.Contains(res.Tagged, "[CAPABILITY IMAP4rev1") {
 				t.Errorf("first login: tagged OK %q lacks the capability code", res.Tagged)
 			}
-			if st := c.cmd("STATUS INBOX (MESSAGES)"); !st.ok() || !st.has("MESSAGES 2") {
+			if st := c.Cmd("STATUS INBOX (MESSAGES)"); !st.OK() || !st.Has("MESSAGES 2") {
 				t.Fatalf("STATUS after login: %s", st)
 			}
-			c.logout()
+			c.Logout()
 			p.waitCached(t, 1)
 
-			c = dialClient(t, p.addr)
-			if res := c.mustLogin(user, pass); !res.has("[XPROXYREUSE]") {
+			c = testkit.Dial(t, p.addr)
+			if res := c.MustLogin(user, pass); !res.Has("[XPROXYREUSE]") {
 				t.Fatalf("quoted LOGIN after %s: not reused:\n%s", f.name, res)
 			}
-			c.logout()
+			c.Logout()
 			p.waitCached(t, 1)
 
-			c = dialClient(t, p.addr)
+			c = testkit.Dial(t, p.addr)
 			res = f.login(c, user, pass)
-			if !res.ok() || !res.has("[XPROXYREUSE]") {
+			if !res.OK() || !res.Has("[XPROXYREUSE]") {
 				t.Fatalf("%s after a quoted LOGIN: got %q, want the cached connection", f.name, res)
 			}
-			c.logout()
+			c.Logout()
 			p.waitCached(t, 1)
 
 			waitLoginsFor(t, dc, user, 1)
@@ -154,20 +155,20 @@ func TestPasswordNeedingQuotes(t *testing.T) {
 			}
 			p := startProxy(t, []*dovecottest.Server{dc}, func(o *Options) { o.Dialer.LoginMethod = method })
 			for j, f := range []loginForm{loginForms[1], loginForms[0], loginForms[2], loginForms[3]} {
-				c := dialClient(t, p.addr)
+				c := testkit.Dial(t, p.addr)
 				res := f.login(c, user, pass)
-				if !res.ok() {
+				if !res.OK() {
 					t.Fatalf("%s: %s", f.name, res)
 				}
-				if reused := res.has("[XPROXYREUSE]"); reused != (j > 0) {
+				if reused := res.Has("[XPROXYREUSE]"); reused != (j > 0) {
 					t.Fatalf("%s: XPROXYREUSE = %v, want %v", f.name, reused, j > 0)
 				}
-				c.logout()
+				c.Logout()
 				p.waitCached(t, 1)
 			}
 			// A wrong password that differs only in the escaped bytes.
-			c := dialClient(t, p.addr)
-			if res := c.login(user, strings.ReplaceAll(pass, `\`, "")); !strings.Contains(res.Tagged, " NO ") {
+			c := testkit.Dial(t, p.addr)
+			if res := c.Login(user, strings.ReplaceAll(pass, `\`, "")); !strings.Contains(res.Tagged, " NO ") {
 				t.Fatalf("password without the backslash: got %q, want NO", res)
 			}
 			waitLoginsFor(t, dc, user, 1)
@@ -186,68 +187,68 @@ func TestAuthenticateErrors(t *testing.T) {
 	cases := []struct {
 		name string
 		// run drives the exchange and returns the tagged reply.
-		run  func(c *testClient) string
+		run  func(c *testkit.Client) string
 		want string // prefix of the tagged reply after the tag
 	}{
-		{"PLAIN cancelled", func(c *testClient) string {
-			c.send("a1 AUTHENTICATE PLAIN\r\n")
-			c.expectContinuation()
-			c.send("*\r\n")
-			return c.readResponse("a1").Tagged
+		{"PLAIN cancelled", func(c *testkit.Client) string {
+			c.Send("a1 AUTHENTICATE PLAIN\r\n")
+			c.ExpectContinuation()
+			c.Send("*\r\n")
+			return c.ReadResponse("a1").Tagged
 		}, "BAD"},
-		{"LOGIN cancelled at user name", func(c *testClient) string {
-			c.send("a1 AUTHENTICATE LOGIN\r\n")
-			c.expectContinuation()
-			c.send("*\r\n")
-			return c.readResponse("a1").Tagged
+		{"LOGIN cancelled at user name", func(c *testkit.Client) string {
+			c.Send("a1 AUTHENTICATE LOGIN\r\n")
+			c.ExpectContinuation()
+			c.Send("*\r\n")
+			return c.ReadResponse("a1").Tagged
 		}, "BAD"},
-		{"LOGIN cancelled at password", func(c *testClient) string {
-			c.send("a1 AUTHENTICATE LOGIN\r\n")
-			c.expectContinuation()
-			c.send(b64(user) + "\r\n")
-			c.expectContinuation()
-			c.send("*\r\n")
-			return c.readResponse("a1").Tagged
+		{"LOGIN cancelled at password", func(c *testkit.Client) string {
+			c.Send("a1 AUTHENTICATE LOGIN\r\n")
+			c.ExpectContinuation()
+			c.Send(b64(user) + "\r\n")
+			c.ExpectContinuation()
+			c.Send("*\r\n")
+			return c.ReadResponse("a1").Tagged
 		}, "BAD"},
-		{"PLAIN bad base64 after continuation", func(c *testClient) string {
-			c.send("a1 AUTHENTICATE PLAIN\r\n")
-			c.expectContinuation()
-			c.send("!!not*base64\r\n")
-			return c.readResponse("a1").Tagged
+		{"PLAIN bad base64 after continuation", func(c *testkit.Client) string {
+			c.Send("a1 AUTHENTICATE PLAIN\r\n")
+			c.ExpectContinuation()
+			c.Send("!!not*base64\r\n")
+			return c.ReadResponse("a1").Tagged
 		}, "BAD"},
-		{"PLAIN bad base64 as SASL-IR", func(c *testClient) string {
-			c.send("a1 AUTHENTICATE PLAIN AAA-\r\n")
-			return c.readResponse("a1").Tagged
+		{"PLAIN bad base64 as SASL-IR", func(c *testkit.Client) string {
+			c.Send("a1 AUTHENTICATE PLAIN AAA-\r\n")
+			return c.ReadResponse("a1").Tagged
 		}, "BAD"},
-		{"LOGIN bad base64 password", func(c *testClient) string {
-			c.send("a1 AUTHENTICATE LOGIN\r\n")
-			c.expectContinuation()
-			c.send(b64(user) + "\r\n")
-			c.expectContinuation()
-			c.send("%%%\r\n")
-			return c.readResponse("a1").Tagged
+		{"LOGIN bad base64 password", func(c *testkit.Client) string {
+			c.Send("a1 AUTHENTICATE LOGIN\r\n")
+			c.ExpectContinuation()
+			c.Send(b64(user) + "\r\n")
+			c.ExpectContinuation()
+			c.Send("%%%\r\n")
+			return c.ReadResponse("a1").Tagged
 		}, "BAD"},
-		{"PLAIN without user name", func(c *testClient) string {
-			c.send("a1 AUTHENTICATE PLAIN " + saslPlain("", "", pass) + "\r\n")
-			return c.readResponse("a1").Tagged
+		{"PLAIN without user name", func(c *testkit.Client) string {
+			c.Send("a1 AUTHENTICATE PLAIN " + saslPlain("", "", pass) + "\r\n")
+			return c.ReadResponse("a1").Tagged
 		}, "BAD"},
-		{"unsupported mechanism", func(c *testClient) string {
-			c.send("a1 AUTHENTICATE CRAM-MD5\r\n")
-			return c.readResponse("a1").Tagged
+		{"unsupported mechanism", func(c *testkit.Client) string {
+			c.Send("a1 AUTHENTICATE CRAM-MD5\r\n")
+			return c.ReadResponse("a1").Tagged
 		}, "NO"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			c := dialClient(t, p.addr)
+			c := testkit.Dial(t, p.addr)
 			if got := tc.run(c); !strings.HasPrefix(got, "a1 "+tc.want+" ") {
 				t.Fatalf("got %q, want a1 %s", got, tc.want)
 			}
 			// The session is back at a command boundary, not logged in.
-			if res := c.cmd("SELECT INBOX"); !strings.Contains(res.Tagged, " BAD ") {
+			if res := c.Cmd("SELECT INBOX"); !strings.Contains(res.Tagged, " BAD ") {
 				t.Fatalf("SELECT after the failed AUTHENTICATE: got %q, want BAD (not logged in)", res)
 			}
-			c.mustLogin(user, pass)
-			c.logout()
+			c.MustLogin(user, pass)
+			c.Logout()
 		})
 	}
 	// None of them reached Dovecot's authentication.
@@ -262,7 +263,7 @@ func TestPreLoginCommands(t *testing.T) {
 	p := startProxy(t, []*dovecottest.Server{dc}, nil)
 
 	t.Run("greeting", func(t *testing.T) {
-		c := dialClient(t, p.addr)
+		c := testkit.Dial(t, p.addr)
 		for _, want := range []string{"* OK [CAPABILITY IMAP4rev1 ", " AUTH=PLAIN", " AUTH=LOGIN", " SASL-IR", " LITERAL+", " ID", "] imapproxy ready."} {
 			if !strings.Contains(c.Greeting, want) {
 				t.Errorf("greeting %q lacks %q", c.Greeting, want)
@@ -273,82 +274,82 @@ func TestPreLoginCommands(t *testing.T) {
 		}
 	})
 	t.Run("CAPABILITY", func(t *testing.T) {
-		c := dialClient(t, p.addr)
-		res := c.cmd("CAPABILITY")
-		if !res.ok() || len(res.Untagged) != 1 || !strings.HasPrefix(res.Untagged[0], "* CAPABILITY IMAP4rev1 ") || !res.has(" AUTH=PLAIN") {
+		c := testkit.Dial(t, p.addr)
+		res := c.Cmd("CAPABILITY")
+		if !res.OK() || len(res.Untagged) != 1 || !strings.HasPrefix(res.Untagged[0], "* CAPABILITY IMAP4rev1 ") || !res.Has(" AUTH=PLAIN") {
 			t.Fatalf("CAPABILITY: %s", res)
 		}
-		if res := c.cmd("CAPABILITY extra"); !strings.Contains(res.Tagged, " BAD ") {
+		if res := c.Cmd("CAPABILITY extra"); !strings.Contains(res.Tagged, " BAD ") {
 			t.Fatalf("CAPABILITY with an argument: got %q, want BAD", res)
 		}
 	})
 	t.Run("NOOP", func(t *testing.T) {
-		c := dialClient(t, p.addr)
-		if res := c.cmd("NOOP"); !res.ok() || len(res.Untagged) != 0 {
+		c := testkit.Dial(t, p.addr)
+		if res := c.Cmd("NOOP"); !res.OK() || len(res.Untagged) != 0 {
 			t.Fatalf("NOOP: %s", res)
 		}
 	})
 	t.Run("ID", func(t *testing.T) {
-		c := dialClient(t, p.addr)
+		c := testkit.Dial(t, p.addr)
 		for _, args := range []string{`("name" "test" "version" "1")`, "NIL"} {
-			res := c.cmd("ID %s", args)
-			if !res.ok() || len(res.Untagged) != 1 || !strings.HasPrefix(res.Untagged[0], "* ID (") {
+			res := c.Cmd("ID %s", args)
+			if !res.OK() || len(res.Untagged) != 1 || !strings.HasPrefix(res.Untagged[0], "* ID (") {
 				t.Fatalf("ID %s: got %q, want * ID (...) and OK", args, res)
 			}
 		}
-		if res := c.cmd(`ID ("name")`); !strings.Contains(res.Tagged, " BAD ") {
+		if res := c.Cmd(`ID ("name")`); !strings.Contains(res.Tagged, " BAD ") {
 			t.Fatalf("ID with an odd list: got %q, want BAD", res)
 		}
 	})
 	t.Run("unknown command", func(t *testing.T) {
-		c := dialClient(t, p.addr)
-		if res := c.cmd("XYZZY"); !strings.Contains(res.Tagged, " BAD ") {
+		c := testkit.Dial(t, p.addr)
+		if res := c.Cmd("XYZZY"); !strings.Contains(res.Tagged, " BAD ") {
 			t.Fatalf("XYZZY: got %q, want tagged BAD", res)
 		}
-		if res := c.cmd("SELECT INBOX"); !strings.Contains(res.Tagged, " BAD ") {
+		if res := c.Cmd("SELECT INBOX"); !strings.Contains(res.Tagged, " BAD ") {
 			t.Fatalf("SELECT before login: got %q, want tagged BAD", res)
 		}
 		// Two bad commands so far; a good one still works.
-		if res := c.cmd("NOOP"); !res.ok() {
+		if res := c.Cmd("NOOP"); !res.OK() {
 			t.Fatalf("NOOP: %s", res)
 		}
 	})
 	t.Run("three garbage lines", func(t *testing.T) {
-		c := dialClient(t, p.addr)
+		c := testkit.Dial(t, p.addr)
 		for i, g := range []string{"!!!", "(((", ")x"} {
-			c.send(g + "\r\n")
-			l := c.readLine()
+			c.Send(g + "\r\n")
+			l := c.ReadLine()
 			if !strings.Contains(l, "BAD") {
 				t.Fatalf("garbage %d %q: got %q, want BAD", i+1, g, l)
 			}
 		}
-		rest := c.readToEOF()
+		rest := c.ReadToEOF()
 		if len(rest) != 1 || !strings.HasPrefix(rest[0], "* BYE") {
 			t.Fatalf("after the third bad command: got %q, want one * BYE and the connection closed", rest)
 		}
 	})
 	t.Run("literal over the pre-login limit", func(t *testing.T) {
-		c := dialClient(t, p.addr)
-		c.send("l1 LOGIN {9000}\r\n")
-		if l := c.readLine(); !strings.HasPrefix(l, "l1 NO [TOOBIG]") {
+		c := testkit.Dial(t, p.addr)
+		c.Send("l1 LOGIN {9000}\r\n")
+		if l := c.ReadLine(); !strings.HasPrefix(l, "l1 NO [TOOBIG]") {
 			t.Fatalf("LOGIN with a 9000-byte literal: got %q, want l1 NO [TOOBIG] and no continuation", l)
 		}
-		if res := c.cmd("NOOP"); !res.ok() {
+		if res := c.Cmd("NOOP"); !res.OK() {
 			t.Fatalf("NOOP after the refused literal: %s", res)
 		}
 	})
 	t.Run("non-synchronising literal over the pre-login limit", func(t *testing.T) {
-		c := dialClient(t, p.addr)
-		c.send("l1 LOGIN {9000+}\r\n")
-		lines := c.readToEOF()
+		c := testkit.Dial(t, p.addr)
+		c.Send("l1 LOGIN {9000+}\r\n")
+		lines := c.ReadToEOF()
 		if len(lines) != 1 || !strings.HasPrefix(lines[0], "* BYE [TOOBIG]") {
 			t.Fatalf("LOGIN with a 9000-byte {n+} literal: got %q, want * BYE [TOOBIG] and close", lines)
 		}
 	})
 	t.Run("LOGOUT", func(t *testing.T) {
-		c := dialClient(t, p.addr)
-		c.send("z9 LOGOUT\r\n")
-		lines := c.readToEOF()
+		c := testkit.Dial(t, p.addr)
+		c.Send("z9 LOGOUT\r\n")
+		lines := c.ReadToEOF()
 		if len(lines) != 2 || !strings.HasPrefix(lines[0], "* BYE") || !strings.HasPrefix(lines[1], "z9 OK") {
 			t.Fatalf("LOGOUT before login: got %q, want * BYE, z9 OK, then close", lines)
 		}
@@ -371,12 +372,12 @@ func TestNoPasswordInLogs(t *testing.T) {
 
 	for _, f := range loginForms {
 		for _, pw := range []string{wrong, pass} {
-			c := dialClient(t, p.addr)
+			c := testkit.Dial(t, p.addr)
 			res := f.login(c, user, pw)
-			if res.ok() != (pw == pass) {
+			if res.OK() != (pw == pass) {
 				t.Fatalf("%s: %s", f.name, res)
 			}
-			c.logout()
+			c.Logout()
 		}
 	}
 	logs := p.logs.String()
@@ -416,13 +417,13 @@ func TestForwardID(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			user := dovecottest.UserName(i + 1)
 			p := startProxy(t, []*dovecottest.Server{dc}, func(o *Options) { o.Dialer.ForwardID = tc.forward })
-			c := dialClient(t, p.addr)
+			c := testkit.Dial(t, p.addr)
 			// A client cannot set the fields only the proxy may set.
-			if res := c.cmd(`ID ("name" "evil" "x-session-id" "evil-42" "x-originating-ip" "10.9.8.7")`); !res.ok() {
+			if res := c.Cmd(`ID ("name" "evil" "x-session-id" "evil-42" "x-originating-ip" "10.9.8.7")`); !res.OK() {
 				t.Fatalf("ID: %s", res)
 			}
-			c.mustLogin(user, dc.PasswordOf(user))
-			c.logout()
+			c.MustLogin(user, dc.PasswordOf(user))
+			c.Logout()
 			waitLoginsFor(t, dc, user, 1)
 
 			m := regexp.MustCompile(`(?m)^.* login: session=(\S+) .*user=` + user + ` backend=\S+ reused=false`).FindStringSubmatch(p.logs.String())
@@ -449,33 +450,33 @@ func saslPlain(authzid, user, pass string) string {
 
 // authPlain runs AUTHENTICATE PLAIN, with the response as SASL-IR when ir
 // is set, else after the empty continuation request.
-func (c *testClient) authPlain(authzid, user, pass string, ir bool) response {
-	c.t.Helper()
-	tag := c.nextTag()
+func authPlain(c *testkit.Client, authzid, user, pass string, ir bool) testkit.Response {
+	c.TB().Helper()
+	tag := c.NextTag()
 	if ir {
-		c.send(tag + " AUTHENTICATE PLAIN " + saslPlain(authzid, user, pass) + "\r\n")
-		return c.readResponse(tag)
+		c.Send(tag + " AUTHENTICATE PLAIN " + saslPlain(authzid, user, pass) + "\r\n")
+		return c.ReadResponse(tag)
 	}
-	c.send(tag + " AUTHENTICATE PLAIN\r\n")
-	if l := c.expectContinuation(); l != "+ " && l != "+" {
-		c.t.Fatalf("AUTHENTICATE PLAIN: continuation %q, want \"+ \"", l)
+	c.Send(tag + " AUTHENTICATE PLAIN\r\n")
+	if l := c.ExpectContinuation(); l != "+ " && l != "+" {
+		c.TB().Fatalf("AUTHENTICATE PLAIN: continuation %q, want \"+ \"", l)
 	}
-	c.send(saslPlain(authzid, user, pass) + "\r\n")
-	return c.readResponse(tag)
+	c.Send(saslPlain(authzid, user, pass) + "\r\n")
+	return c.ReadResponse(tag)
 }
 
 // authLogin runs AUTHENTICATE LOGIN, checking both challenges.
-func (c *testClient) authLogin(user, pass string) response {
-	c.t.Helper()
-	tag := c.nextTag()
-	c.send(tag + " AUTHENTICATE LOGIN\r\n")
-	if l := c.expectContinuation(); l != "+ VXNlcm5hbWU6" {
-		c.t.Fatalf("AUTHENTICATE LOGIN: first challenge %q, want %q", l, "+ VXNlcm5hbWU6")
+func authLogin(c *testkit.Client, user, pass string) testkit.Response {
+	c.TB().Helper()
+	tag := c.NextTag()
+	c.Send(tag + " AUTHENTICATE LOGIN\r\n")
+	if l := c.ExpectContinuation(); l != "+ VXNlcm5hbWU6" {
+		c.TB().Fatalf("AUTHENTICATE LOGIN: first challenge %q, want %q", l, "+ VXNlcm5hbWU6")
 	}
-	c.send(base64.StdEncoding.EncodeToString([]byte(user)) + "\r\n")
-	if l := c.expectContinuation(); l != "+ UGFzc3dvcmQ6" {
-		c.t.Fatalf("AUTHENTICATE LOGIN: second challenge %q, want %q", l, "+ UGFzc3dvcmQ6")
+	c.Send(base64.StdEncoding.EncodeToString([]byte(user)) + "\r\n")
+	if l := c.ExpectContinuation(); l != "+ UGFzc3dvcmQ6" {
+		c.TB().Fatalf("AUTHENTICATE LOGIN: second challenge %q, want %q", l, "+ UGFzc3dvcmQ6")
 	}
-	c.send(base64.StdEncoding.EncodeToString([]byte(pass)) + "\r\n")
-	return c.readResponse(tag)
+	c.Send(base64.StdEncoding.EncodeToString([]byte(pass)) + "\r\n")
+	return c.ReadResponse(tag)
 }

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 // TestBadInput sends hostile and broken input before login, each case on
@@ -115,12 +117,12 @@ func TestBadInput(t *testing.T) {
 	}
 
 	p.waitSessions(t, 0)
-	c := dialClient(t, p.addr)
-	c.mustLogin("alice", "secret")
-	if res := c.cmd("NOOP"); !res.ok() {
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin("alice", "secret")
+	if res := c.Cmd("NOOP"); !res.OK() {
 		t.Fatalf("a normal client after the bad input: %s", res)
 	}
-	c.logout()
+	c.Logout()
 	if st := p.srv.Stats(); st.Sessions > 1 {
 		t.Errorf("sessions left over: %+v", st)
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 // wireClient speaks IMAP without keeping what it reads: every response
@@ -118,7 +119,7 @@ func (w *wireClient) read(tag string) wireResult {
 			tailN = 0
 			continue
 		}
-		if n, ok := literalSize(string(bytes.TrimRight(tail[:tailN], "\r\n"))); ok {
+		if n, ok := testkit.LiteralSize(string(bytes.TrimRight(tail[:tailN], "\r\n"))); ok {
 			for left := n; left > 0; {
 				// Peek and Discard: io.CopyN would allocate a buffer.
 				b, err := w.br.Peek(min(left, w.br.Size()))
@@ -261,20 +262,20 @@ func TestBigMailboxByteForByte(t *testing.T) {
 
 	// The next session gets the same backend connection, and nothing of
 	// the last: no mailbox selected, no response left in the stream.
-	c := dialClient(t, p.addr)
-	if res := c.mustLogin(user, pass); !res.has("[XPROXYREUSE]") {
+	c := testkit.Dial(t, p.addr)
+	if res := c.MustLogin(user, pass); !res.Has("[XPROXYREUSE]") {
 		t.Fatalf("second login not served from the cache:\n%s", res)
 	}
-	if res := c.cmd("NOOP"); !res.ok() || len(res.Untagged) != 0 {
+	if res := c.Cmd("NOOP"); !res.OK() || len(res.Untagged) != 0 {
 		t.Errorf("NOOP on the reused connection:\n%s", res)
 	}
-	if res := c.cmd("FETCH 1 (FLAGS)"); res.ok() || !res.has("No mailbox selected") {
+	if res := c.Cmd("FETCH 1 (FLAGS)"); res.OK() || !res.Has("No mailbox selected") {
 		t.Errorf("FETCH without SELECT on the reused connection:\n%s", res)
 	}
-	if res := c.cmd("UID SEARCH ALL"); res.ok() {
+	if res := c.Cmd("UID SEARCH ALL"); res.OK() {
 		t.Errorf("UID SEARCH without SELECT on the reused connection:\n%s", res)
 	}
-	c.logout()
+	c.Logout()
 	p.waitCached(t, 1)
 	if n, err := dc.LoginsFor(user); err != nil || n != 3 {
 		// The priming session, the direct one and the proxy's one.

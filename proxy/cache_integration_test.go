@@ -18,6 +18,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 	"github.com/imapproxy/imapproxy/pool"
 )
 
@@ -74,13 +75,13 @@ var subjectRE = regexp.MustCompile(`Subject: (?:msg|big) \d+ for (\S+)`)
 
 // inboxOwners selects INBOX and returns the user named in each message's
 // Subject.
-func inboxOwners(t testing.TB, c *testClient) []string {
+func inboxOwners(t testing.TB, c *testkit.Client) []string {
 	t.Helper()
-	if res := c.cmd("SELECT INBOX"); !res.ok() {
+	if res := c.Cmd("SELECT INBOX"); !res.OK() {
 		t.Fatalf("SELECT INBOX: %s", res)
 	}
-	res := c.cmd("UID FETCH 1:* (BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
-	if !res.ok() {
+	res := c.Cmd("UID FETCH 1:* (BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+	if !res.OK() {
 		t.Fatalf("FETCH: %s", res)
 	}
 	var owners []string
@@ -111,10 +112,10 @@ func TestUserIsolation(t *testing.T) {
 	a, b := dovecottest.UserName(1), dovecottest.UserName(2)
 	p := startProxy(t, []*dovecottest.Server{dc}, nil)
 
-	c := dialClient(t, p.addr)
-	c.mustLogin(a, dc.PasswordOf(a))
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin(a, dc.PasswordOf(a))
 	checkOwners(t, inboxOwners(t, c), a, msgs)
-	c.logout()
+	c.Logout()
 	p.waitCached(t, 1)
 
 	cases := []struct {
@@ -128,22 +129,22 @@ func TestUserIsolation(t *testing.T) {
 	}
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			c := dialClient(t, p.addr)
-			res := c.login(b, tc.pass)
-			if res.ok() != tc.wantOK {
+			c := testkit.Dial(t, p.addr)
+			res := c.Login(b, tc.pass)
+			if res.OK() != tc.wantOK {
 				t.Fatalf("LOGIN %s: %s", b, res)
 			}
 			// Only B's own connection (cached by the case before) may
 			// be reused.
 			wantReuse := i == 2
-			if reused := res.has("XPROXYREUSE"); reused != wantReuse {
+			if reused := res.Has("XPROXYREUSE"); reused != wantReuse {
 				t.Fatalf("LOGIN %s: XPROXYREUSE = %v, want %v\n%s", b, reused, wantReuse, res)
 			}
 			if !tc.wantOK {
 				return
 			}
 			checkOwners(t, inboxOwners(t, c), b, msgs)
-			c.logout()
+			c.Logout()
 			p.waitCached(t, 2) // A's and B's
 		})
 	}
@@ -175,14 +176,14 @@ func TestUserIsolationStress(t *testing.T) {
 				t.Run(fmt.Sprintf("%s-%d", user, w), func(t *testing.T) {
 					t.Parallel()
 					for i := 0; i < iterations; i++ {
-						c := dialClient(t, p.addr)
-						res := c.mustLogin(user, pass)
-						if res.has("[XPROXYREUSE]") {
+						c := testkit.Dial(t, p.addr)
+						res := c.MustLogin(user, pass)
+						if res.Has("[XPROXYREUSE]") {
 							reused.Add(1)
 						}
 						sessions.Add(1)
 						checkOwners(t, inboxOwners(t, c), user, msgs)
-						c.logout()
+						c.Logout()
 					}
 				})
 			}
@@ -211,7 +212,7 @@ func TestUserIsolationStress(t *testing.T) {
 // dialSmallWindow connects with a small receive buffer, so that a large
 // response stalls in the proxy rather than landing in the client's kernel
 // buffer.
-func dialSmallWindow(t testing.TB, addr string) *testClient {
+func dialSmallWindow(t testing.TB, addr string) *testkit.Client {
 	t.Helper()
 	d := net.Dialer{Timeout: 5 * time.Second, Control: func(_, _ string, rc syscall.RawConn) error {
 		var serr error
@@ -226,8 +227,8 @@ func dialSmallWindow(t testing.TB, addr string) *testClient {
 	if err != nil {
 		t.Fatalf("dial %s: %v", addr, err)
 	}
-	c := newTestClient(t, conn)
-	c.Greeting = c.readLine()
+	c := testkit.NewClient(t, conn)
+	c.Greeting = c.ReadLine()
 	return c
 }
 
@@ -237,104 +238,104 @@ func TestNotCachedWhenDirty(t *testing.T) {
 	t.Parallel()
 	cases := []struct {
 		name string
-		dial func(t testing.TB, addr string) *testClient
+		dial func(t testing.TB, addr string) *testkit.Client
 		// run drives a logged-in session and ends it.
-		run    func(t *testing.T, c *testClient)
+		run    func(t *testing.T, c *testkit.Client)
 		cached bool
 	}{
-		{"dropped mid-FETCH", dialSmallWindow, func(t *testing.T, c *testClient) {
-			if res := c.cmd("SELECT Big"); !res.ok() {
+		{"dropped mid-FETCH", dialSmallWindow, func(t *testing.T, c *testkit.Client) {
+			if res := c.Cmd("SELECT Big"); !res.OK() {
 				t.Fatalf("SELECT Big: %s", res)
 			}
 			// About 6 MiB: more than the proxy's socket buffers hold.
-			c.send("f1 FETCH 1:* (BODY.PEEK[] BODY.PEEK[TEXT])\r\n")
-			if l := c.readLine(); !regexp.MustCompile(`^\* 1 FETCH .*\{\d+\}$`).MatchString(l) {
+			c.Send("f1 FETCH 1:* (BODY.PEEK[] BODY.PEEK[TEXT])\r\n")
+			if l := c.ReadLine(); !regexp.MustCompile(`^\* 1 FETCH .*\{\d+\}$`).MatchString(l) {
 				t.Fatalf("FETCH: first line %q", l)
 			}
-			c.conn.Close()
+			c.NetConn.Close()
 		}, false},
-		{"dropped in IDLE", dialClient, func(t *testing.T, c *testClient) {
-			c.send("i1 IDLE\r\n")
-			if l := c.readLine(); l != "+ idling" {
+		{"dropped in IDLE", testkit.Dial, func(t *testing.T, c *testkit.Client) {
+			c.Send("i1 IDLE\r\n")
+			if l := c.ReadLine(); l != "+ idling" {
 				t.Fatalf("IDLE: got %q, want + idling", l)
 			}
-			c.conn.Close()
+			c.NetConn.Close()
 		}, false},
-		{"ENABLE CONDSTORE", dialClient, func(t *testing.T, c *testClient) {
-			if res := c.cmd("ENABLE CONDSTORE"); !res.ok() || !res.has("* ENABLED CONDSTORE") {
+		{"ENABLE CONDSTORE", testkit.Dial, func(t *testing.T, c *testkit.Client) {
+			if res := c.Cmd("ENABLE CONDSTORE"); !res.OK() || !res.Has("* ENABLED CONDSTORE") {
 				t.Fatalf("ENABLE: %s", res)
 			}
-			c.logout()
+			c.Logout()
 		}, false},
-		{"SELECT with CONDSTORE", dialClient, func(t *testing.T, c *testClient) {
-			if res := c.cmd("SELECT INBOX (CONDSTORE)"); !res.ok() || !res.has("HIGHESTMODSEQ") {
+		{"SELECT with CONDSTORE", testkit.Dial, func(t *testing.T, c *testkit.Client) {
+			if res := c.Cmd("SELECT INBOX (CONDSTORE)"); !res.OK() || !res.Has("HIGHESTMODSEQ") {
 				t.Fatalf("SELECT (CONDSTORE): %s", res)
 			}
-			c.logout()
+			c.Logout()
 		}, false},
-		{"FETCH MODSEQ", dialClient, func(t *testing.T, c *testClient) {
-			if res := c.cmd("SELECT INBOX"); !res.ok() {
+		{"FETCH MODSEQ", testkit.Dial, func(t *testing.T, c *testkit.Client) {
+			if res := c.Cmd("SELECT INBOX"); !res.OK() {
 				t.Fatalf("SELECT: %s", res)
 			}
-			if res := c.cmd("FETCH 1 (FLAGS MODSEQ)"); !res.ok() || !res.has("MODSEQ (") {
+			if res := c.Cmd("FETCH 1 (FLAGS MODSEQ)"); !res.OK() || !res.Has("MODSEQ (") {
 				t.Fatalf("FETCH MODSEQ: %s", res)
 			}
-			c.logout()
+			c.Logout()
 		}, false},
-		{"dropped mid-APPEND literal", dialClient, func(t *testing.T, c *testClient) {
-			c.send("a1 APPEND INBOX {100}\r\n")
-			c.expectContinuation()
-			c.send("Subject: half\r\n\r\nonly part of the literal")
-			c.conn.Close()
+		{"dropped mid-APPEND literal", testkit.Dial, func(t *testing.T, c *testkit.Client) {
+			c.Send("a1 APPEND INBOX {100}\r\n")
+			c.ExpectContinuation()
+			c.Send("Subject: half\r\n\r\nonly part of the literal")
+			c.NetConn.Close()
 		}, false},
-		{"SEARCH RETURN (SAVE)", dialClient, func(t *testing.T, c *testClient) {
-			if res := c.cmd("SELECT INBOX"); !res.ok() {
+		{"SEARCH RETURN (SAVE)", testkit.Dial, func(t *testing.T, c *testkit.Client) {
+			if res := c.Cmd("SELECT INBOX"); !res.OK() {
 				t.Fatalf("SELECT: %s", res)
 			}
-			if res := c.cmd("SEARCH RETURN (SAVE) ALL"); !res.ok() {
+			if res := c.Cmd("SEARCH RETURN (SAVE) ALL"); !res.OK() {
 				t.Fatalf("SEARCH SAVE: %s", res)
 			}
-			c.logout()
+			c.Logout()
 		}, false},
-		{"NOTIFY SET", dialClient, func(t *testing.T, c *testClient) {
-			if res := c.cmd("NOTIFY SET (selected (MessageNew MessageExpunge))"); !res.ok() {
+		{"NOTIFY SET", testkit.Dial, func(t *testing.T, c *testkit.Client) {
+			if res := c.Cmd("NOTIFY SET (selected (MessageNew MessageExpunge))"); !res.OK() {
 				t.Fatalf("NOTIFY: %s", res)
 			}
-			c.logout()
+			c.Logout()
 		}, false},
-		{"pipelined commands then LOGOUT", dialClient, func(t *testing.T, c *testClient) {
-			c.send("p1 SELECT INBOX\r\np2 FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\np3 NOOP\r\np4 LOGOUT\r\n")
+		{"pipelined commands then LOGOUT", testkit.Dial, func(t *testing.T, c *testkit.Client) {
+			c.Send("p1 SELECT INBOX\r\np2 FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\np3 NOOP\r\np4 LOGOUT\r\n")
 			for _, tag := range []string{"p1", "p2", "p3"} {
-				if res := c.readResponse(tag); !res.ok() {
+				if res := c.ReadResponse(tag); !res.OK() {
 					t.Fatalf("%s: %s", tag, res)
 				}
 			}
-			if res := c.readResponse("p4"); !res.ok() || !res.has("* BYE") {
+			if res := c.ReadResponse("p4"); !res.OK() || !res.Has("* BYE") {
 				t.Fatalf("LOGOUT: %s", res)
 			}
 		}, true},
-		{"IDLE ended with DONE", dialClient, func(t *testing.T, c *testClient) {
-			if res := c.cmd("SELECT INBOX"); !res.ok() {
+		{"IDLE ended with DONE", testkit.Dial, func(t *testing.T, c *testkit.Client) {
+			if res := c.Cmd("SELECT INBOX"); !res.OK() {
 				t.Fatalf("SELECT: %s", res)
 			}
-			c.send("i1 IDLE\r\n")
-			if l := c.readLine(); l != "+ idling" {
+			c.Send("i1 IDLE\r\n")
+			if l := c.ReadLine(); l != "+ idling" {
 				t.Fatalf("IDLE: got %q, want + idling", l)
 			}
-			c.send("DONE\r\n")
-			if res := c.readResponse("i1"); !res.ok() {
+			c.Send("DONE\r\n")
+			if res := c.ReadResponse("i1"); !res.OK() {
 				t.Fatalf("IDLE: %s", res)
 			}
-			c.logout()
+			c.Logout()
 		}, true},
-		{"closed at a command boundary", dialClient, func(t *testing.T, c *testClient) {
-			if res := c.cmd("SELECT INBOX"); !res.ok() {
+		{"closed at a command boundary", testkit.Dial, func(t *testing.T, c *testkit.Client) {
+			if res := c.Cmd("SELECT INBOX"); !res.OK() {
 				t.Fatalf("SELECT: %s", res)
 			}
-			if res := c.cmd("FETCH 1:* FLAGS"); !res.ok() {
+			if res := c.Cmd("FETCH 1:* FLAGS"); !res.OK() {
 				t.Fatalf("FETCH: %s", res)
 			}
-			c.conn.Close()
+			c.NetConn.Close()
 		}, true},
 	}
 	dc := dovecottest.StartT(t, dovecottest.Options{Users: len(cases), Messages: 3, BigMessages: 3})
@@ -344,7 +345,7 @@ func TestNotCachedWhenDirty(t *testing.T) {
 			pass := dc.PasswordOf(user)
 			p := startProxy(t, []*dovecottest.Server{dc}, nil)
 			c := tc.dial(t, p.addr)
-			c.mustLogin(user, pass)
+			c.MustLogin(user, pass)
 			tc.run(t, c)
 			p.waitIdle(t)
 
@@ -357,16 +358,16 @@ func TestNotCachedWhenDirty(t *testing.T) {
 			}
 			waitLoginsFor(t, dc, user, 1)
 
-			c = dialClient(t, p.addr)
-			res := c.mustLogin(user, pass)
-			if reused := res.has("[XPROXYREUSE]"); reused != tc.cached {
+			c = testkit.Dial(t, p.addr)
+			res := c.MustLogin(user, pass)
+			if reused := res.Has("[XPROXYREUSE]"); reused != tc.cached {
 				t.Fatalf("next login: XPROXYREUSE = %v, want %v", reused, tc.cached)
 			}
 			// Whatever came before, the next session starts unselected.
-			if res := c.cmd("FETCH 1 FLAGS"); res.ok() {
+			if res := c.Cmd("FETCH 1 FLAGS"); res.OK() {
 				t.Fatalf("FETCH without SELECT in the next session: %s", res)
 			}
-			c.logout()
+			c.Logout()
 			p.waitCached(t, 1)
 			waitLoginsFor(t, dc, user, 2-want)
 		})
@@ -381,21 +382,21 @@ func TestSelectedMailboxDoesNotLeak(t *testing.T) {
 	dc := dovecottest.StartT(t, dovecottest.Options{Users: 2, Messages: 3, BigMessages: 1})
 	cases := []struct {
 		name    string
-		session func(t *testing.T, c *testClient)
+		session func(t *testing.T, c *testkit.Client)
 	}{
-		{"SELECT INBOX", func(t *testing.T, c *testClient) {
-			if res := c.cmd("SELECT INBOX"); !res.ok() || !res.has("* 3 EXISTS") {
+		{"SELECT INBOX", func(t *testing.T, c *testkit.Client) {
+			if res := c.Cmd("SELECT INBOX"); !res.OK() || !res.Has("* 3 EXISTS") {
 				t.Fatalf("SELECT: %s", res)
 			}
 		}},
-		{"EXAMINE Big after a STORE", func(t *testing.T, c *testClient) {
-			if res := c.cmd("SELECT INBOX"); !res.ok() {
+		{"EXAMINE Big after a STORE", func(t *testing.T, c *testkit.Client) {
+			if res := c.Cmd("SELECT INBOX"); !res.OK() {
 				t.Fatalf("SELECT: %s", res)
 			}
-			if res := c.cmd(`STORE 1 +FLAGS (\Flagged)`); !res.ok() {
+			if res := c.Cmd(`STORE 1 +FLAGS (\Flagged)`); !res.OK() {
 				t.Fatalf("STORE: %s", res)
 			}
-			if res := c.cmd("EXAMINE Big"); !res.ok() || !res.has("* 1 EXISTS") {
+			if res := c.Cmd("EXAMINE Big"); !res.OK() || !res.Has("* 1 EXISTS") {
 				t.Fatalf("EXAMINE: %s", res)
 			}
 		}},
@@ -405,32 +406,32 @@ func TestSelectedMailboxDoesNotLeak(t *testing.T) {
 			user := dovecottest.UserName(i + 1)
 			pass := dc.PasswordOf(user)
 			p := startProxy(t, []*dovecottest.Server{dc}, nil)
-			c := dialClient(t, p.addr)
-			c.mustLogin(user, pass)
+			c := testkit.Dial(t, p.addr)
+			c.MustLogin(user, pass)
 			tc.session(t, c)
-			c.logout()
+			c.Logout()
 			p.waitCached(t, 1)
 
-			c = dialClient(t, p.addr)
-			res := c.mustLogin(user, pass)
+			c = testkit.Dial(t, p.addr)
+			res := c.MustLogin(user, pass)
 			want := "* OK [XPROXYREUSE] IMAP connection reused by imapproxy"
 			if len(res.Untagged) != 1 || res.Untagged[0] != want {
 				t.Fatalf("reused login: untagged lines %q, want exactly %q", res.Untagged, want)
 			}
-			if res := c.cmd("NOOP"); !res.ok() || len(res.Untagged) != 0 {
+			if res := c.Cmd("NOOP"); !res.OK() || len(res.Untagged) != 0 {
 				t.Fatalf("NOOP on the reused connection: got %q, want a bare tagged OK", res)
 			}
-			res = c.cmd("FETCH 1 FLAGS")
+			res = c.Cmd("FETCH 1 FLAGS")
 			if !regexp.MustCompile(`^t\d+ (BAD|NO) `).MatchString(res.Tagged) || len(res.Untagged) != 0 {
 				t.Fatalf("FETCH with no mailbox selected: got %q, want a bare BAD or NO", res)
 			}
-			if res := c.cmd("SELECT INBOX"); !res.ok() || !res.has("* 3 EXISTS") {
+			if res := c.Cmd("SELECT INBOX"); !res.OK() || !res.Has("* 3 EXISTS") {
 				t.Fatalf("SELECT on the reused connection: %s", res)
 			}
-			if res := c.cmd("FETCH 1 FLAGS"); !res.ok() || !res.has("* 1 FETCH") {
+			if res := c.Cmd("FETCH 1 FLAGS"); !res.OK() || !res.Has("* 1 FETCH") {
 				t.Fatalf("FETCH after SELECT: %s", res)
 			}
-			c.logout()
+			c.Logout()
 			waitLoginsFor(t, dc, user, 1)
 		})
 	}
@@ -449,15 +450,15 @@ func TestCachedConnKilledByServer(t *testing.T) {
 		// The client sees the server's goodbye, and the connection
 		// is not cached.
 		user := dovecottest.UserName(2)
-		c := dialClient(t, p.addr)
-		c.mustLogin(user, dc.PasswordOf(user))
-		if res := c.cmd("SELECT INBOX"); !res.ok() {
+		c := testkit.Dial(t, p.addr)
+		c.MustLogin(user, dc.PasswordOf(user))
+		if res := c.Cmd("SELECT INBOX"); !res.OK() {
 			t.Fatalf("SELECT: %s", res)
 		}
 		if err := dc.Kick(user); err != nil {
 			t.Fatalf("Kick: %v", err)
 		}
-		lines := c.readToEOF()
+		lines := c.ReadToEOF()
 		if len(lines) == 0 || !strings.HasPrefix(lines[0], "* BYE") {
 			t.Fatalf("client of a kicked session got %q, want * BYE and close", lines)
 		}
@@ -467,9 +468,9 @@ func TestCachedConnKilledByServer(t *testing.T) {
 		}
 	})
 
-	c := dialClient(t, p.addr)
-	c.mustLogin(user, pass)
-	c.logout()
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin(user, pass)
+	c.Logout()
 	p.waitCached(t, 1)
 	waitLoginsFor(t, dc, user, 1)
 	deadBefore := p.srv.Pool().Stats().ClosedDead
@@ -486,19 +487,19 @@ func TestCachedConnKilledByServer(t *testing.T) {
 		t.Fatalf("the kicked session logged %d clean logouts, want 0", n)
 	}
 
-	c = dialClient(t, p.addr)
-	res := c.mustLogin(user, pass)
-	if res.has("XPROXYREUSE") {
+	c = testkit.Dial(t, p.addr)
+	res := c.MustLogin(user, pass)
+	if res.Has("XPROXYREUSE") {
 		t.Fatalf("login after Kick reused the dead connection:\n%s", res)
 	}
-	if res := c.cmd("STATUS INBOX (MESSAGES)"); !res.ok() || !res.has("MESSAGES 2") {
+	if res := c.Cmd("STATUS INBOX (MESSAGES)"); !res.OK() || !res.Has("MESSAGES 2") {
 		t.Fatalf("STATUS: %s", res)
 	}
 	waitLoginsFor(t, dc, user, 2)
 	if st := p.srv.Pool().Stats(); st.ClosedDead-deadBefore != 1 || st.ClosedDead != 1 || st.Cached != 0 || st.Open != 1 {
 		t.Errorf("stats after the dead connection: closed dead = %d, cached = %d, open = %d; want 1, 0, 1", st.ClosedDead, st.Cached, st.Open)
 	}
-	c.logout()
+	c.Logout()
 	p.waitCached(t, 1)
 }
 
@@ -530,9 +531,9 @@ func TestSweeper(t *testing.T) {
 				po.Logger = o.Logger.Named("pool")
 				o.Pool = pool.New(po)
 			})
-			c := dialClient(t, p.addr)
-			c.mustLogin(user, pass)
-			c.logout()
+			c := testkit.Dial(t, p.addr)
+			c.MustLogin(user, pass)
+			c.Logout()
 			p.waitCached(t, 1)
 			waitLoginsFor(t, dc, user, 1)
 			outRE := loggedOutRE(user)
@@ -557,12 +558,12 @@ func TestSweeper(t *testing.T) {
 				}
 			}
 
-			c = dialClient(t, p.addr)
-			res := c.mustLogin(user, pass)
-			if reused := res.has("[XPROXYREUSE]"); reused != (closed == 0) {
+			c = testkit.Dial(t, p.addr)
+			res := c.MustLogin(user, pass)
+			if reused := res.Has("[XPROXYREUSE]"); reused != (closed == 0) {
 				t.Fatalf("login after the sweep: XPROXYREUSE = %v, want %v", reused, closed == 0)
 			}
-			c.logout()
+			c.Logout()
 			p.waitCached(t, 1)
 			waitLoginsFor(t, dc, user, 1+closed)
 		})
@@ -577,11 +578,11 @@ func TestSweeper(t *testing.T) {
 		})
 		before := countLoginsFor(t, dc, user)
 		for i := 0; i < 2; i++ {
-			c := dialClient(t, p.addr)
-			if res := c.mustLogin(user, dc.PasswordOf(user)); res.has("XPROXYREUSE") {
+			c := testkit.Dial(t, p.addr)
+			if res := c.MustLogin(user, dc.PasswordOf(user)); res.Has("XPROXYREUSE") {
 				t.Fatalf("login %d reused a connection older than max age", i)
 			}
-			c.logout()
+			c.Logout()
 			p.waitIdle(t)
 		}
 		p.settle(t)
@@ -608,14 +609,14 @@ func TestPoolLimits(t *testing.T) {
 		user := dovecottest.UserName(1)
 		pass := dc.PasswordOf(user)
 		p := startProxy(t, []*dovecottest.Server{dc}, withPool(pool.Options{MaxPerUser: 2}))
-		var cs []*testClient
+		var cs []*testkit.Client
 		for i := 0; i < 3; i++ {
-			c := dialClient(t, p.addr)
-			c.mustLogin(user, pass)
+			c := testkit.Dial(t, p.addr)
+			c.MustLogin(user, pass)
 			cs = append(cs, c)
 		}
 		for i, c := range cs {
-			c.logout()
+			c.Logout()
 			p.waitCached(t, min(i+1, 2))
 		}
 		p.waitIdle(t)
@@ -630,25 +631,25 @@ func TestPoolLimits(t *testing.T) {
 	t.Run("global budget", func(t *testing.T) {
 		a, b, c3 := dovecottest.UserName(2), dovecottest.UserName(3), dovecottest.UserName(1)
 		p := startProxy(t, []*dovecottest.Server{dc}, withPool(pool.Options{MaxConns: 2}))
-		ca := dialClient(t, p.addr)
-		ca.mustLogin(a, dc.PasswordOf(a))
-		cb := dialClient(t, p.addr)
-		cb.mustLogin(b, dc.PasswordOf(b))
+		ca := testkit.Dial(t, p.addr)
+		ca.MustLogin(a, dc.PasswordOf(a))
+		cb := testkit.Dial(t, p.addr)
+		cb.MustLogin(b, dc.PasswordOf(b))
 
-		cc := dialClient(t, p.addr)
-		res := cc.login(c3, dc.PasswordOf(c3))
+		cc := testkit.Dial(t, p.addr)
+		res := cc.Login(c3, dc.PasswordOf(c3))
 		if !strings.Contains(res.Tagged, " NO [UNAVAILABLE]") {
 			t.Fatalf("login over the budget with every connection busy: got %q, want NO [UNAVAILABLE]", res)
 		}
 		// Once a's connection is cached, c's login pushes it out.
-		ca.logout()
+		ca.Logout()
 		p.waitCached(t, 1)
-		cc.mustLogin(c3, dc.PasswordOf(c3))
+		cc.MustLogin(c3, dc.PasswordOf(c3))
 		if st := p.srv.Pool().Stats(); st.Cached != 0 || st.Open != 2 || st.ClosedFull != 1 {
 			t.Fatalf("cached = %d, open = %d, closed for room = %d; want 0, 2, 1", st.Cached, st.Open, st.ClosedFull)
 		}
-		cb.logout()
-		cc.logout()
+		cb.Logout()
+		cc.Logout()
 		p.waitCached(t, 2)
 	})
 }

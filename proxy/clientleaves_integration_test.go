@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 // TestClientLeavingIsNotABackendFailure: a client that vanishes in IDLE or
@@ -25,18 +26,18 @@ func TestClientLeavingIsNotABackendFailure(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := startProxy(t, []*dovecottest.Server{dc}, nil)
-			c := dialClient(t, p.addr)
-			c.mustLogin(user, dc.PasswordOf(user))
-			if res := c.cmd("SELECT %s", tc.mailbox); !res.ok() {
+			c := testkit.Dial(t, p.addr)
+			c.MustLogin(user, dc.PasswordOf(user))
+			if res := c.Cmd("SELECT %s", tc.mailbox); !res.OK() {
 				t.Fatalf("SELECT %s: %s", tc.mailbox, res)
 			}
-			c.send("x " + tc.cmd + "\r\n")
+			c.Send("x " + tc.cmd + "\r\n")
 			if tc.first != "" {
-				if l := c.readLine(); !strings.HasPrefix(l, tc.first) {
+				if l := c.ReadLine(); !strings.HasPrefix(l, tc.first) {
 					t.Fatalf("%s: got %q, want %s...", tc.cmd, l, tc.first)
 				}
 			}
-			c.conn.Close()
+			c.NetConn.Close()
 			// The backend connection is dropped only once the pump has
 			// ended and said what it had to say, and cached only once
 			// it has stopped. (A FETCH whose answer fit in the socket

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 // startClusterProxy runs a Server in front of several scripted backends,
@@ -57,9 +59,9 @@ func TestFailoverOnDialFailure(t *testing.T) {
 	user := p.userOn(t, "b0")
 
 	for i := 0; i < 3; i++ {
-		c := dialClient(t, p.addr)
-		c.mustLogin(user, "secret")
-		c.logout()
+		c := testkit.Dial(t, p.addr)
+		c.MustLogin(user, "secret")
+		c.Logout()
 		p.waitCached(t, 1)
 	}
 	if n := live.logins.Load(); n != 1 {
@@ -84,8 +86,8 @@ func TestFailoverOnUnavailable(t *testing.T) {
 		return true
 	}
 	p := startClusterProxy(t, []string{sick.addr(), healthy.addr()}, nil)
-	c := dialClient(t, p.addr)
-	c.mustLogin(p.userOn(t, "b0"), "secret")
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin(p.userOn(t, "b0"), "secret")
 	if healthy.logins.Load() != 1 {
 		t.Fatalf("the login did not fail over")
 	}
@@ -94,8 +96,8 @@ func TestFailoverOnUnavailable(t *testing.T) {
 func TestWrongPasswordDoesNotFailOver(t *testing.T) {
 	a, b := newFakeBackend(t), newFakeBackend(t)
 	p := startClusterProxy(t, []string{a.addr(), b.addr()}, nil)
-	c := dialClient(t, p.addr)
-	res := c.login(p.userOn(t, "b0"), "wrong")
+	c := testkit.Dial(t, p.addr)
+	res := c.Login(p.userOn(t, "b0"), "wrong")
 	if !strings.Contains(res.Tagged, "[AUTHENTICATIONFAILED]") {
 		t.Fatalf("got %q", res.Tagged)
 	}
@@ -121,11 +123,11 @@ func TestBackendLeavesSet(t *testing.T) {
 
 	// One session stays logged in; a second one of the same user leaves
 	// its connection cached.
-	active := dialClient(t, p.addr)
-	active.mustLogin(cachedUser, "secret")
-	c := dialClient(t, p.addr)
-	c.mustLogin(cachedUser, "secret")
-	c.logout()
+	active := testkit.Dial(t, p.addr)
+	active.MustLogin(cachedUser, "secret")
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin(cachedUser, "secret")
+	c.Logout()
 	p.waitCached(t, 1)
 
 	p.srv.SetBackends(set[1:])
@@ -133,23 +135,23 @@ func TestBackendLeavesSet(t *testing.T) {
 	if a.logouts.Load() != 1 {
 		t.Errorf("cached connection not logged out when its backend left (logouts %d)", a.logouts.Load())
 	}
-	if got := active.readLine(); !strings.HasPrefix(got, "* BYE [UNAVAILABLE]") {
+	if got := active.ReadLine(); !strings.HasPrefix(got, "* BYE [UNAVAILABLE]") {
 		t.Fatalf("active session got %q, want a BYE after the drain", got)
 	}
 
-	c = dialClient(t, p.addr)
-	if res := c.mustLogin(cachedUser, "secret"); res.has("XPROXYREUSE") {
+	c = testkit.Dial(t, p.addr)
+	if res := c.MustLogin(cachedUser, "secret"); res.Has("XPROXYREUSE") {
 		t.Fatal("reused a connection of a backend that left")
 	}
-	c.logout()
+	c.Logout()
 	if b.logins.Load() != 1 {
 		t.Fatalf("logins on the next backend = %d, want 1", b.logins.Load())
 	}
 
 	p.srv.SetBackends(set)
 	before := a.logins.Load()
-	c = dialClient(t, p.addr)
-	if res := c.mustLogin(cachedUser, "secret"); res.has("XPROXYREUSE") {
+	c = testkit.Dial(t, p.addr)
+	if res := c.MustLogin(cachedUser, "secret"); res.Has("XPROXYREUSE") {
 		t.Fatal("reused the fallback's connection after the preferred backend came back")
 	}
 	if a.logins.Load() != before+1 {
@@ -175,13 +177,13 @@ func TestBackendLeavesDuringLogin(t *testing.T) {
 	}
 	p := startClusterProxy(t, []string{a.addr(), b.addr()}, nil)
 	user := p.userOn(t, "b0")
-	done := make(chan response, 1)
-	c := dialClient(t, p.addr)
-	go func() { done <- c.login(user, "secret") }()
+	done := make(chan testkit.Response, 1)
+	c := testkit.Dial(t, p.addr)
+	go func() { done <- c.Login(user, "secret") }()
 	<-inLogin
 	p.srv.SetBackends([]Backend{{ID: "b1", Addr: b.addr(), Weight: 1}})
 	close(release)
-	if res := <-done; !res.ok() {
+	if res := <-done; !res.OK() {
 		t.Fatalf("login: %s", res)
 	}
 	if b.logins.Load() != 1 {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
 	"github.com/imapproxy/imapproxy/internal/faultnet"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 	"github.com/imapproxy/imapproxy/upstream"
 )
 
@@ -43,7 +44,7 @@ type faultEnv struct {
 	dc      *dovecottest.Server
 	fn      *faultnet.Proxy
 	p       *testProxy
-	clients []*testClient
+	clients []*testkit.Client
 }
 
 func newFaultEnv(t *testing.T, dc *dovecottest.Server, mod func(*Options)) *faultEnv {
@@ -65,17 +66,17 @@ func newFaultEnv(t *testing.T, dc *dovecottest.Server, mod func(*Options)) *faul
 }
 
 // dial connects a client that settled closes.
-func (e *faultEnv) dial() *testClient {
+func (e *faultEnv) dial() *testkit.Client {
 	e.t.Helper()
-	c := dialClient(e.t, e.p.addr)
+	c := testkit.Dial(e.t, e.p.addr)
 	e.clients = append(e.clients, c)
 	return c
 }
 
-func (e *faultEnv) login(user string) *testClient {
+func (e *faultEnv) login(user string) *testkit.Client {
 	e.t.Helper()
 	c := e.dial()
-	c.mustLogin(user, e.dc.PasswordOf(user))
+	c.MustLogin(user, e.dc.PasswordOf(user))
 	return c
 }
 
@@ -103,19 +104,19 @@ func (a answer) String() string {
 // send writes "tag command" and waits, up to bound plus slack, for the
 // tagged reply or the end of the connection, whatever comes between
 // (a literal cut short included).
-func (e *faultEnv) send(c *testClient, tag, command string, bound time.Duration) answer {
+func (e *faultEnv) send(c *testkit.Client, tag, command string, bound time.Duration) answer {
 	e.t.Helper()
 	start := time.Now()
-	c.send(tag + " " + command + "\r\n")
+	c.Send(tag + " " + command + "\r\n")
 	return e.await(c, tag, start, bound)
 }
 
-func (e *faultEnv) await(c *testClient, tag string, start time.Time, bound time.Duration) answer {
+func (e *faultEnv) await(c *testkit.Client, tag string, start time.Time, bound time.Duration) answer {
 	e.t.Helper()
-	c.conn.SetReadDeadline(start.Add(bound + faultSlack))
+	c.SetReadDeadline(start.Add(bound + faultSlack))
 	var a answer
 	for {
-		l, err := c.r.ReadString('\n')
+		l, err := c.R.ReadString('\n')
 		if l != "" {
 			a.lines = append(a.lines, strings.TrimRight(l, "\r\n"))
 			if len(a.lines) > 4 {
@@ -143,7 +144,7 @@ func (e *faultEnv) await(c *testClient, tag string, start time.Time, bound time.
 func (e *faultEnv) settled(user string) {
 	e.t.Helper()
 	for _, c := range e.clients {
-		c.conn.Close()
+		c.NetConn.Close()
 	}
 	var st Stats
 	var ps = e.p.srv.Pool().Stats()
@@ -167,10 +168,10 @@ func (e *faultEnv) settled(user string) {
 		e.t.Fatal(err)
 	}
 	c := e.login(user)
-	if res := c.cmd("NOOP"); !res.ok() {
+	if res := c.Cmd("NOOP"); !res.OK() {
 		e.t.Fatalf("NOOP after the fault: %s", res)
 	}
-	c.logout()
+	c.Logout()
 	e.p.waitIdle(e.t)
 }
 
@@ -268,13 +269,13 @@ func TestHangMatrix(t *testing.T) {
 			name: "reuse check held", bound: faultCheck, want: "a OK",
 			mod: func(o *Options) { o.Dialer.LoginTimeout = faultCheck + faultLogin },
 			run: func(e *faultEnv, bound time.Duration) answer {
-				e.login(user).logout()
+				e.login(user).Logout()
 				e.p.waitCached(e.t, 1)
 				accepted := e.fn.Accepted()
 				e.fn.Pause(faultnet.Down)
 				c := e.dial()
 				start := time.Now()
-				c.send(fmt.Sprintf("a LOGIN %s %s\r\n", user, e.dc.PasswordOf(user)))
+				c.Send(fmt.Sprintf("a LOGIN %s %s\r\n", user, e.dc.PasswordOf(user)))
 				// The fresh connection gets its greeting.
 				waitUntil(e.t, bound+faultSlack, "a fresh connection after the failed check", func() bool { return e.fn.Accepted() > accepted })
 				e.fn.Resume(faultnet.Down)
@@ -282,7 +283,7 @@ func TestHangMatrix(t *testing.T) {
 				if a.has("XPROXYREUSE") {
 					e.t.Errorf("login served by the connection that failed its check: %v", a)
 				}
-				c.logout()
+				c.Logout()
 				return a
 			},
 		},
@@ -291,7 +292,7 @@ func TestHangMatrix(t *testing.T) {
 			// connection is tried.
 			name: "reuse check of a stopped Dovecot", bound: faultLogin, want: unreachable,
 			run: func(e *faultEnv, bound time.Duration) answer {
-				e.login(user).logout()
+				e.login(user).Logout()
 				e.p.waitCached(e.t, 1)
 				if err := e.dc.Pause(); err != nil {
 					e.t.Fatal(err)
@@ -304,7 +305,7 @@ func TestHangMatrix(t *testing.T) {
 			name: "cleanup at logout held", bound: faultCheck, want: "x OK LOGOUT",
 			run: func(e *faultEnv, bound time.Duration) answer {
 				c := e.login(user)
-				if res := c.cmd("SELECT INBOX"); !res.ok() {
+				if res := c.Cmd("SELECT INBOX"); !res.OK() {
 					e.t.Fatalf("SELECT: %s", res)
 				}
 				hit := e.fn.PauseOn(faultnet.Up, []byte("UNSELECT"))
@@ -317,7 +318,7 @@ func TestHangMatrix(t *testing.T) {
 			name: "logout to a stopped Dovecot", bound: faultCheck, want: "x OK LOGOUT",
 			run: func(e *faultEnv, bound time.Duration) answer {
 				c := e.login(user)
-				if res := c.cmd("SELECT INBOX"); !res.ok() {
+				if res := c.Cmd("SELECT INBOX"); !res.OK() {
 					e.t.Fatalf("SELECT: %s", res)
 				}
 				if err := e.dc.Pause(); err != nil {
@@ -330,7 +331,7 @@ func TestHangMatrix(t *testing.T) {
 			name: "command to a stopped Dovecot", bound: faultResponse, want: notResponding,
 			run: func(e *faultEnv, bound time.Duration) answer {
 				c := e.login(user)
-				if res := c.cmd("SELECT INBOX"); !res.ok() {
+				if res := c.Cmd("SELECT INBOX"); !res.OK() {
 					e.t.Fatalf("SELECT: %s", res)
 				}
 				if err := e.dc.Pause(); err != nil {
@@ -348,7 +349,7 @@ func TestHangMatrix(t *testing.T) {
 			mod: func(o *Options) { o.WriteTimeout = faultResponse / 2 },
 			run: func(e *faultEnv, bound time.Duration) answer {
 				c := e.login(user)
-				if res := c.cmd("SELECT Big"); !res.ok() {
+				if res := c.Cmd("SELECT Big"); !res.OK() {
 					e.t.Fatalf("SELECT: %s", res)
 				}
 				// A line of the body, well inside the literal.
@@ -363,11 +364,11 @@ func TestHangMatrix(t *testing.T) {
 			log: "[WARN]  backend connection lost", notLog: "client connection lost",
 			run: func(e *faultEnv, bound time.Duration) answer {
 				c := e.login(user)
-				if res := c.cmd("SELECT Big"); !res.ok() {
+				if res := c.Cmd("SELECT Big"); !res.OK() {
 					e.t.Fatalf("SELECT: %s", res)
 				}
 				hit := e.fn.PauseOn(faultnet.Down, []byte("XYZ+/0123456789ab\r\n0123"))
-				c.send("f FETCH 1 BODY[]\r\n")
+				c.Send("f FETCH 1 BODY[]\r\n")
 				mustHit(e.t, hit, "the literal")
 				start := time.Now()
 				e.fn.Reset()
@@ -383,13 +384,13 @@ func TestHangMatrix(t *testing.T) {
 			run: func(e *faultEnv, bound time.Duration) answer {
 				c := dialSmallWindow(e.t, e.p.addr)
 				e.clients = append(e.clients, c)
-				c.mustLogin(user, e.dc.PasswordOf(user))
-				if res := c.cmd("SELECT Big"); !res.ok() {
+				c.MustLogin(user, e.dc.PasswordOf(user))
+				if res := c.Cmd("SELECT Big"); !res.OK() {
 					e.t.Fatalf("SELECT: %s", res)
 				}
 				// 8 MiB: more than the socket buffers hold.
 				start := time.Now()
-				c.send("f FETCH 1:* BODY[]\r\n")
+				c.Send("f FETCH 1:* BODY[]\r\n")
 				waitUntil(e.t, bound+faultSlack, "end of the session", func() bool { return e.p.srv.Stats().Sessions == 0 })
 				return answer{took: time.Since(start)}
 			},
@@ -400,27 +401,27 @@ func TestHangMatrix(t *testing.T) {
 			log: "[DEBUG] client connection", notLog: "[WARN]",
 			run: func(e *faultEnv, bound time.Duration) answer {
 				c := e.login(user)
-				if res := c.cmd("SELECT Big"); !res.ok() {
+				if res := c.Cmd("SELECT Big"); !res.OK() {
 					e.t.Fatalf("SELECT: %s", res)
 				}
 				hit := e.fn.PauseOn(faultnet.Down, []byte("XYZ+/0123456789ab\r\n0123"))
-				c.send("f FETCH 1 BODY[]\r\n")
+				c.Send("f FETCH 1 BODY[]\r\n")
 				mustHit(e.t, hit, "the literal")
 				// Everything up to the stall has reached the client,
 				// so the proxy is surely waiting on the backend.
-				c.conn.SetReadDeadline(time.Now().Add(faultSlack))
+				c.SetReadDeadline(time.Now().Add(faultSlack))
 				for l := ""; !strings.HasPrefix(l, "0123456789abcdef"); {
-					l = c.readLine()
+					l = c.ReadLine()
 				}
-				if b, err := c.r.Peek(4); string(b) != "0123" {
+				if b, err := c.R.Peek(4); string(b) != "0123" {
 					e.t.Fatalf("after the first line of the body: %q, %v", b, err)
 				}
 				// The backend stays stalled: the proxy learns of the
 				// reset reading the client, and closes the backend
 				// under the pump, which must not take that for the
 				// backend's failure.
-				c.conn.(*net.TCPConn).SetLinger(0)
-				c.conn.Close()
+				c.NetConn.(*net.TCPConn).SetLinger(0)
+				c.NetConn.Close()
 				start := time.Now()
 				waitUntil(e.t, bound+faultSlack, "end of the session", func() bool { return e.p.srv.Stats().Sessions == 0 })
 				return answer{took: time.Since(start)}
@@ -433,7 +434,7 @@ func TestHangMatrix(t *testing.T) {
 			name: "drip of a long line", want: "f OK",
 			run: func(e *faultEnv, _ time.Duration) answer {
 				c := e.login(dovecottest.LargeUser)
-				if res := c.cmd("SELECT Recipients"); !res.ok() {
+				if res := c.Cmd("SELECT Recipients"); !res.OK() {
 					e.t.Fatalf("SELECT: %s", res)
 				}
 				// 168 KB at 4 KiB every 50 ms: over two seconds.
@@ -446,10 +447,10 @@ func TestHangMatrix(t *testing.T) {
 				if len(a.lines) != 2 || len(a.lines[0]) < 4000*40 || !strings.HasSuffix(a.lines[0], "))") {
 					e.t.Errorf("ENVELOPE of %d lines, the first of %d bytes", len(a.lines), len(a.lines[0]))
 				}
-				if res := c.cmd("NOOP"); !res.ok() {
+				if res := c.Cmd("NOOP"); !res.OK() {
 					e.t.Fatalf("NOOP after the drip: %s", res)
 				}
-				c.logout()
+				c.Logout()
 				e.p.waitCached(e.t, 1)
 				return a
 			},
@@ -462,18 +463,18 @@ func TestHangMatrix(t *testing.T) {
 			run: func(e *faultEnv, bound time.Duration) answer {
 				c := e.login(user)
 				msg := "Subject: slow upload\r\n\r\nHello.\r\n"
-				c.send(fmt.Sprintf("a APPEND INBOX {%d}\r\n", len(msg)))
-				c.expectContinuation()
+				c.Send(fmt.Sprintf("a APPEND INBOX {%d}\r\n", len(msg)))
+				c.ExpectContinuation()
 				// Longer than the response timeout, shorter than the
 				// literal's.
-				c.conn.SetReadDeadline(time.Now().Add(3 * faultResponse))
-				if b, err := c.r.ReadByte(); !isTimeoutErr(err) {
+				c.SetReadDeadline(time.Now().Add(3 * faultResponse))
+				if b, err := c.R.ReadByte(); !isTimeoutErr(err) {
 					e.t.Fatalf("while the client holds its literal back: read %q, %v; want silence", b, err)
 				}
 				start := time.Now()
-				c.send(msg + "\r\n")
+				c.Send(msg + "\r\n")
 				a := e.await(c, "a", start, bound)
-				c.logout()
+				c.Logout()
 				e.p.waitCached(e.t, 1)
 				return a
 			},
@@ -486,20 +487,20 @@ func TestHangMatrix(t *testing.T) {
 				// backend buffer, so that the proxy's writes block.
 				const size = 24 << 20
 				hit := e.fn.PauseOn(faultnet.Up, []byte("XYZZY"))
-				c.send(fmt.Sprintf("a APPEND INBOX {%d}\r\n", size))
-				c.expectContinuation()
+				c.Send(fmt.Sprintf("a APPEND INBOX {%d}\r\n", size))
+				c.ExpectContinuation()
 				msg := append([]byte("Subject: stalled upload\r\n\r\nXYZZY\r\n"), bytes.Repeat([]byte("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde\r\n"), size/64)...)
 				msg = msg[:size]
 				wrote := make(chan error, 1)
 				go func() {
-					c.conn.SetWriteDeadline(time.Now().Add(bound + 2*faultSlack))
-					_, err := c.conn.Write(append(msg, "\r\n"...))
+					c.NetConn.SetWriteDeadline(time.Now().Add(bound + 2*faultSlack))
+					_, err := c.NetConn.Write(append(msg, "\r\n"...))
 					wrote <- err
 				}()
 				mustHit(e.t, hit, "the literal")
 				start := time.Now()
 				a := e.await(c, "a", start, bound)
-				c.conn.Close()
+				c.NetConn.Close()
 				<-wrote
 				// The Proxy sees the proxy's close once Up flows again.
 				e.fn.Resume(faultnet.Up)
@@ -593,17 +594,17 @@ func TestIdleOutlivesStalledBackend(t *testing.T) {
 	user := dovecottest.UserName(1)
 	e := newFaultEnv(t, dc, nil)
 	c := e.login(user)
-	if res := c.cmd("SELECT INBOX"); !res.ok() {
+	if res := c.Cmd("SELECT INBOX"); !res.OK() {
 		t.Fatalf("SELECT: %s", res)
 	}
-	c.send("i IDLE\r\n")
-	c.expectContinuation()
+	c.Send("i IDLE\r\n")
+	c.ExpectContinuation()
 	if err := dc.Pause(); err != nil {
 		t.Fatal(err)
 	}
 	// Silence for three response timeouts: neither BYE nor close.
-	c.conn.SetReadDeadline(time.Now().Add(3 * faultResponse))
-	if b, err := c.r.ReadByte(); !isTimeoutErr(err) {
+	c.SetReadDeadline(time.Now().Add(3 * faultResponse))
+	if b, err := c.R.ReadByte(); !isTimeoutErr(err) {
 		t.Fatalf("in IDLE with the backend stopped: read %q, %v; want silence", b, err)
 	}
 	if n := e.p.srv.Stats().Sessions; n != 1 {
@@ -612,24 +613,24 @@ func TestIdleOutlivesStalledBackend(t *testing.T) {
 	if err := dc.Resume(); err != nil {
 		t.Fatal(err)
 	}
-	c.conn.SetDeadline(time.Now().Add(10 * time.Second))
-	c.send("DONE\r\n")
-	if res := c.readResponse("i"); !res.ok() {
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c.Send("DONE\r\n")
+	if res := c.ReadResponse("i"); !res.OK() {
 		t.Fatalf("DONE after the backend resumed: %s", res)
 	}
-	if res := c.cmd("NOOP"); !res.ok() {
+	if res := c.Cmd("NOOP"); !res.OK() {
 		t.Fatalf("NOOP: %s", res)
 	}
 
 	// IDLE again; DONE now owes an answer that a stopped backend never
 	// gives.
-	c.send("j IDLE\r\n")
-	c.expectContinuation()
+	c.Send("j IDLE\r\n")
+	c.ExpectContinuation()
 	if err := dc.Pause(); err != nil {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	c.send("DONE\r\n")
+	c.Send("DONE\r\n")
 	a := e.await(c, "j", start, faultResponse)
 	t.Logf("DONE to a stopped backend: answered %v (bound %v)", a, faultResponse)
 	if !a.eof || !a.has("* BYE [UNAVAILABLE] IMAP server not responding") {

@@ -42,6 +42,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 	"github.com/imapproxy/imapproxy/pool"
 )
 
@@ -66,17 +67,17 @@ func TestFramingProperty(t *testing.T) {
 		users[i] = fpUser{name: name, pass: dc.PasswordOf(name)}
 		// APPENDs go to Scratch, so that INBOX keeps its fixed messages
 		// and CLOSE (never a \Deleted flag) expunges nothing anywhere.
-		c := dialClient(t, dc.Addr)
-		c.mustLogin(name, users[i].pass)
-		if res := c.cmd("CREATE Scratch"); !res.ok() {
+		c := testkit.Dial(t, dc.Addr)
+		c.MustLogin(name, users[i].pass)
+		if res := c.Cmd("CREATE Scratch"); !res.OK() {
 			t.Fatalf("CREATE Scratch for %s: %s", name, res)
 		}
-		c.logout()
+		c.Logout()
 	}
 	// Debug, not trace: hundreds of sessions at trace level would be
 	// most of the test's memory; debug says why a connection was not
 	// cached, which is what a failure needs.
-	logs := &syncBuffer{}
+	logs := &testkit.SyncBuffer{}
 	p := startProxy(t, []*dovecottest.Server{dc}, func(o *Options) {
 		o.Logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Debug, Output: logs})
 		o.Pool = pool.New(pool.Options{Logger: o.Logger.Named("pool")})
@@ -570,7 +571,7 @@ func fpRun(addr string, sc *fpScript) (res fpResult) {
 	}
 	login := sc.id + ".login"
 	c.owed[login] = 1
-	if err := c.write(fmt.Sprintf("%s LOGIN %s %s\r\n", login, quote(sc.user), quote(sc.pass))); err != nil {
+	if err := c.write(fmt.Sprintf("%s LOGIN %s %s\r\n", login, testkit.Quote(sc.user), testkit.Quote(sc.pass))); err != nil {
 		res.err = err
 		return res
 	}
@@ -708,7 +709,7 @@ func (c *fpConn) readLine() (string, error) {
 		}
 		l = strings.TrimSuffix(l, "\r\n")
 		b.WriteString(l)
-		n, ok := literalSize(l)
+		n, ok := testkit.LiteralSize(l)
 		if !ok {
 			break
 		}
@@ -858,7 +859,7 @@ func fpProbeOne(addr, user, pass string, i int) (lines []string, reused bool, er
 		}
 		return c.drain()
 	}
-	res, err := run("P0", fmt.Sprintf("LOGIN %s %s", quote(user), quote(pass)))
+	res, err := run("P0", fmt.Sprintf("LOGIN %s %s", testkit.Quote(user), testkit.Quote(pass)))
 	if err != nil {
 		return nil, false, err
 	}

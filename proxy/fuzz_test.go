@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imapproxy/imapproxy/internal/testkit"
 	"github.com/imapproxy/imapproxy/upstream"
 )
 
@@ -29,7 +30,7 @@ func FuzzPreAuth(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, in []byte) {
-		logs := &syncBuffer{}
+		logs := &testkit.SyncBuffer{}
 		srv := New(Options{
 			Logger:            newTestLogger(logs),
 			PreAuthTimeout:    5 * time.Second,

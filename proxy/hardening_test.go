@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 	"github.com/imapproxy/imapproxy/pool"
 )
 
@@ -66,8 +67,8 @@ func TestHungBackends(t *testing.T) {
 			p := startClusterProxy(t, []string{tt.addr, good.addr()}, func(o *Options) {
 				o.Dialer.LoginTimeout = 300 * time.Millisecond
 			})
-			c := dialClient(t, p.addr)
-			c.mustLogin(p.userOn(t, "b0"), "secret")
+			c := testkit.Dial(t, p.addr)
+			c.MustLogin(p.userOn(t, "b0"), "secret")
 			if good.logins.Load() != 1 {
 				t.Fatal("login did not fail over to the next backend")
 			}
@@ -86,20 +87,20 @@ func TestHungBackends(t *testing.T) {
 func TestByeOnCachedConn(t *testing.T) {
 	b := newFakeBackend(t)
 	p := startFakeProxy(t, b, nil)
-	c := dialClient(t, p.addr)
-	c.mustLogin("alice", "secret")
-	c.logout()
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin("alice", "secret")
+	c.Logout()
 	p.waitCached(t, 1)
 	cached := b.conn(1)
 	cached.write("* BYE Server shutting down\r\n")
 	cached.conn.Close()
 
-	c = dialClient(t, p.addr)
-	res := c.mustLogin("alice", "secret")
-	if res.has("BYE") || res.has("XPROXYREUSE") {
+	c = testkit.Dial(t, p.addr)
+	res := c.MustLogin("alice", "secret")
+	if res.Has("BYE") || res.Has("XPROXYREUSE") {
 		t.Fatalf("the dead cached connection leaked into the login:\n%s", res)
 	}
-	if r := c.cmd("NOOP"); !r.ok() {
+	if r := c.Cmd("NOOP"); !r.OK() {
 		t.Fatalf("NOOP after login: %s", r)
 	}
 }
@@ -113,17 +114,17 @@ func TestSlowloris(t *testing.T) {
 		o.PreAuthTimeout = 300 * time.Millisecond
 		o.MaxPreAuth = 1
 	})
-	c := dialClient(t, p.addr)
-	c.send("a LOG")
+	c := testkit.Dial(t, p.addr)
+	c.Send("a LOG")
 	// Keep trickling until the server hangs up; each write is answered
 	// by nothing, so the loop is bounded by the deadline, not by us.
 	var got string
 	for i := 0; i < 1000; i++ {
-		if _, err := c.conn.Write([]byte("I")); err != nil {
+		if _, err := c.NetConn.Write([]byte("I")); err != nil {
 			break
 		}
-		c.conn.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
-		l, err := c.r.ReadString('\n')
+		c.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+		l, err := c.R.ReadString('\n')
 		got += l
 		if err == nil || !isTimeoutErr(err) {
 			break
@@ -134,7 +135,7 @@ func TestSlowloris(t *testing.T) {
 	}
 	p.waitSessions(t, 0)
 	// Its pre-auth slot is free again.
-	c2 := dialClient(t, p.addr)
+	c2 := testkit.Dial(t, p.addr)
 	if strings.HasPrefix(c2.Greeting, "* BYE") {
 		t.Fatalf("slot not given back: %q", c2.Greeting)
 	}
@@ -171,10 +172,10 @@ func TestBurstAfterQuietSpell(t *testing.T) {
 		return true
 	}
 	p := startFakeProxy(t, b, func(o *Options) { o.WriteTimeout = writeTimeout })
-	c := dialClient(t, p.addr)
-	c.mustLogin("alice", "secret")
-	res := c.cmd("FETCH 1:40 (BODY.PEEK[HEADER] FLAGS)")
-	if !res.ok() || len(res.Untagged) != 80 {
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin("alice", "secret")
+	res := c.Cmd("FETCH 1:40 (BODY.PEEK[HEADER] FLAGS)")
+	if !res.OK() || len(res.Untagged) != 80 {
 		t.Fatalf("FETCH after a quiet spell: %d untagged, tagged %q; want 80 and OK", len(res.Untagged), res.Tagged)
 	}
 	if got := literalOf(t, res.Untagged[79], "BODY[HEADER]"); len(got) != 2000 {
@@ -208,11 +209,11 @@ func TestClientStopsReading(t *testing.T) {
 		return true
 	}
 	p := startFakeProxy(t, b, func(o *Options) { o.WriteTimeout = 200 * time.Millisecond })
-	c := dialClient(t, p.addr)
-	c.mustLogin("alice", "secret")
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin("alice", "secret")
 	// A small receive window, and then nothing is read.
-	c.conn.(*net.TCPConn).SetReadBuffer(4096)
-	c.send("f FETCH 1 BODY[]\r\n")
+	c.NetConn.(*net.TCPConn).SetReadBuffer(4096)
+	c.Send("f FETCH 1 BODY[]\r\n")
 	p.waitSessions(t, 0)
 	if st := p.srv.Pool().Stats(); st.Open != 0 || st.Cached != 0 {
 		t.Errorf("upstream conns open %d cached %d, want none", st.Open, st.Cached)
@@ -223,7 +224,8 @@ func TestClientStopsReading(t *testing.T) {
 // only; an old client is refused in the handshake.
 func TestClientTLSVersions(t *testing.T) {
 	b := newFakeBackend(t)
-	cert, roots := selfSignedCert(t)
+	kit := testkit.NewCertT(t, "127.0.0.1")
+	cert, roots := kit.KeyPair, kit.Roots
 	_, addrs := startProxyListeners(t, []Backend{{ID: "fake", Addr: b.addr(), Weight: 1}}, func(o *Options) {
 		o.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}, TLSImplicit)
@@ -267,9 +269,9 @@ func TestPasswordChangeTakesEffect(t *testing.T) {
 		o.Pool = pool.New(pool.Options{MaxAge: 10 * time.Minute})
 	})
 	user, old := dovecottest.UserName(1), dc.PasswordOf(dovecottest.UserName(1))
-	c := dialClient(t, p.addr)
-	c.mustLogin(user, old)
-	c.logout()
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin(user, old)
+	c.Logout()
 	p.waitCached(t, 1)
 
 	if err := dc.SetPassword(user, "a-new-secret"); err != nil {
@@ -277,19 +279,19 @@ func TestPasswordChangeTakesEffect(t *testing.T) {
 	}
 	// Within reuse_max_age the cached connection still serves the old
 	// password: that is the documented window.
-	c = dialClient(t, p.addr)
-	if res := c.mustLogin(user, old); !res.has("XPROXYREUSE") {
+	c = testkit.Dial(t, p.addr)
+	if res := c.MustLogin(user, old); !res.Has("XPROXYREUSE") {
 		t.Fatalf("want the cached connection within reuse_max_age:\n%s", res)
 	}
-	c.logout()
+	c.Logout()
 	p.waitCached(t, 1)
 
 	// Past reuse_max_age the sweeper closes it, and the old password
 	// meets the backend.
 	p.srv.Pool().Sweep(time.Now().Add(11 * time.Minute))
-	c = dialClient(t, p.addr)
-	if res := c.login(user, old); !strings.Contains(res.Tagged, "NO [AUTHENTICATIONFAILED]") {
+	c = testkit.Dial(t, p.addr)
+	if res := c.Login(user, old); !strings.Contains(res.Tagged, "NO [AUTHENTICATIONFAILED]") {
 		t.Fatalf("old password after reuse_max_age: %q, want the backend's refusal", res.Tagged)
 	}
-	c.mustLogin(user, "a-new-secret")
+	c.MustLogin(user, "a-new-secret")
 }

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 // hang freezes a Dovecot started by dovecottest, master and sessions with
@@ -71,9 +72,9 @@ func TestHungBackendLeaves(t *testing.T) {
 		t.Fatalf("users on hung = %d, on other = %d; want %d and some", len(onHung), len(onOther), cached)
 	}
 	for _, u := range onHung[:cached] {
-		c := dialClient(t, p.addr)
-		c.mustLogin(u, dcs[0].PasswordOf(u))
-		c.logout()
+		c := testkit.Dial(t, p.addr)
+		c.MustLogin(u, dcs[0].PasswordOf(u))
+		c.Logout()
 	}
 	p.waitIdle(t)
 	p.waitCached(t, cached)
@@ -84,9 +85,9 @@ func TestHungBackendLeaves(t *testing.T) {
 	first := time.Since(start)
 	// Logins of users of the remaining backend go on meanwhile.
 	u := onOther[0]
-	c := dialClient(t, p.addr)
-	c.mustLogin(u, dcs[1].PasswordOf(u))
-	c.logout()
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin(u, dcs[1].PasswordOf(u))
+	c.Logout()
 	start = time.Now()
 	p.srv.SetBackends(nil)
 	second := time.Since(start)

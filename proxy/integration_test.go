@@ -1,44 +1,25 @@
 package proxy
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"net"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 	"github.com/imapproxy/imapproxy/pool"
 	"github.com/imapproxy/imapproxy/upstream"
 )
 
-// syncBuffer collects log output from concurrent goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 type testProxy struct {
 	srv  *Server
 	addr string
-	logs *syncBuffer
+	logs *testkit.SyncBuffer
 }
 
 // startProxy runs a Server on 127.0.0.1 in front of the given Dovecot
@@ -57,7 +38,7 @@ func startProxy(t testing.TB, backends []*dovecottest.Server, mod func(*Options)
 // probe, it reads the backends' capabilities first, as the daemon does.
 func startServer(t testing.TB, bs []Backend, probe bool, mod func(*Options)) *testProxy {
 	t.Helper()
-	logs := &syncBuffer{}
+	logs := &testkit.SyncBuffer{}
 	log := newTestLogger(logs)
 	opts := Options{
 		Logger: log,
@@ -138,27 +119,27 @@ func TestReuseAgainstDovecot(t *testing.T) {
 
 	const rounds = 5
 	for i := 0; i < rounds; i++ {
-		c := dialClient(t, p.addr)
+		c := testkit.Dial(t, p.addr)
 		if !strings.Contains(c.Greeting, "[CAPABILITY IMAP4rev1") || !strings.Contains(c.Greeting, "AUTH=PLAIN") {
 			t.Fatalf("greeting %q lacks capabilities", c.Greeting)
 		}
-		res := c.mustLogin(user, pass)
-		reused := res.has("[XPROXYREUSE]")
+		res := c.MustLogin(user, pass)
+		reused := res.Has("[XPROXYREUSE]")
 		if reused != (i > 0) {
 			t.Fatalf("login %d: XPROXYREUSE = %v, want %v\n%s", i, reused, i > 0, res)
 		}
 		if !strings.Contains(res.Tagged, "[CAPABILITY ") || !strings.Contains(res.Tagged, "SORT") || strings.Contains(res.Tagged, "COMPRESS") {
 			t.Fatalf("login %d: tagged OK %q should carry post-login capabilities without COMPRESS", i, res.Tagged)
 		}
-		sel := c.cmd("SELECT INBOX")
-		if !sel.ok() || !sel.has("* 5 EXISTS") {
+		sel := c.Cmd("SELECT INBOX")
+		if !sel.OK() || !sel.Has("* 5 EXISTS") {
 			t.Fatalf("SELECT: %s", sel)
 		}
-		f := c.cmd("UID FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
-		if !f.ok() || !f.has("msg 1 for "+user) {
+		f := c.Cmd("UID FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+		if !f.OK() || !f.Has("msg 1 for "+user) {
 			t.Fatalf("FETCH: %s", f)
 		}
-		c.logout()
+		c.Logout()
 		p.waitCached(t, 1)
 	}
 	n, err := dc.WaitLogins(1, 5*time.Second)
@@ -170,7 +151,7 @@ func TestReuseAgainstDovecot(t *testing.T) {
 	}
 }
 
-func newTestLogger(w *syncBuffer) hclog.Logger {
+func newTestLogger(w *testkit.SyncBuffer) hclog.Logger {
 	return hclog.New(&hclog.LoggerOptions{Level: hclog.Trace, Output: w})
 }
 

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imapproxy/imapproxy/internal/testkit"
 	"github.com/imapproxy/imapproxy/pool"
 )
 
@@ -48,11 +49,11 @@ func TestSessionEndsGiveSlotsBack(t *testing.T) {
 		logouts     int32 // the backend connections closed with LOGOUT, not cut off
 	}{
 		{name: "login refused", logouts: 1, run: func(t *testing.T, p *testProxy) {
-			c := dialClient(t, p.addr)
-			if res := c.login("alice", "wrong"); !strings.Contains(res.Tagged, "NO [AUTHENTICATIONFAILED]") {
+			c := testkit.Dial(t, p.addr)
+			if res := c.Login("alice", "wrong"); !strings.Contains(res.Tagged, "NO [AUTHENTICATIONFAILED]") {
 				t.Fatalf("wrong password: %q", res.Tagged)
 			}
-			c.conn.Close()
+			c.NetConn.Close()
 		}},
 		{name: "backend ends the login",
 			hook: func(c *fakeConn, tag, cmd, line string) bool {
@@ -63,43 +64,43 @@ func TestSessionEndsGiveSlotsBack(t *testing.T) {
 				return false
 			},
 			run: func(t *testing.T, p *testProxy) {
-				c := dialClient(t, p.addr)
-				if res := c.login("alice", "secret"); !strings.Contains(res.Tagged, "NO [UNAVAILABLE]") {
+				c := testkit.Dial(t, p.addr)
+				if res := c.Login("alice", "secret"); !strings.Contains(res.Tagged, "NO [UNAVAILABLE]") {
 					t.Fatalf("login on a backend that hangs up: %q", res.Tagged)
 				}
-				c.conn.Close()
+				c.NetConn.Close()
 			}},
 		{name: "backend unreachable", unreachable: true,
 			run: func(t *testing.T, p *testProxy) {
-				c := dialClient(t, p.addr)
-				if res := c.login("alice", "secret"); !strings.Contains(res.Tagged, "NO [UNAVAILABLE]") {
+				c := testkit.Dial(t, p.addr)
+				if res := c.Login("alice", "secret"); !strings.Contains(res.Tagged, "NO [UNAVAILABLE]") {
 					t.Fatalf("login with no backend to dial: %q", res.Tagged)
 				}
-				c.conn.Close()
+				c.NetConn.Close()
 			}},
 		{name: "logout, cached", cached: 1, run: func(t *testing.T, p *testProxy) {
 			for i := range 2 { // the second on the cached connection
-				c := dialClient(t, p.addr)
-				if res := c.mustLogin("alice", "secret"); res.has("XPROXYREUSE") != (i == 1) {
+				c := testkit.Dial(t, p.addr)
+				if res := c.MustLogin("alice", "secret"); res.Has("XPROXYREUSE") != (i == 1) {
 					t.Fatalf("login %d: %s", i+1, res)
 				}
-				c.logout()
+				c.Logout()
 			}
 		}},
 		{name: "logout, caching off", logouts: 1,
 			mod: func(o *Options) { o.Pool = pool.New(pool.Options{Disabled: true}) },
 			run: func(t *testing.T, p *testProxy) {
-				c := dialClient(t, p.addr)
-				c.mustLogin("alice", "secret")
-				c.logout()
+				c := testkit.Dial(t, p.addr)
+				c.MustLogin("alice", "secret")
+				c.Logout()
 			}},
 		{name: "logout in a mailbox", cached: 1, run: func(t *testing.T, p *testProxy) {
-			c := dialClient(t, p.addr)
-			c.mustLogin("alice", "secret")
-			if res := c.cmd("SELECT INBOX"); !res.ok() {
+			c := testkit.Dial(t, p.addr)
+			c.MustLogin("alice", "secret")
+			if res := c.Cmd("SELECT INBOX"); !res.OK() {
 				t.Fatalf("SELECT: %s", res)
 			}
-			c.logout()
+			c.Logout()
 		}},
 		{name: "logout, clean-up refused", logouts: 1,
 			hook: func(c *fakeConn, tag, cmd, line string) bool {
@@ -110,14 +111,14 @@ func TestSessionEndsGiveSlotsBack(t *testing.T) {
 				return false
 			},
 			run: func(t *testing.T, p *testProxy) {
-				c := dialClient(t, p.addr)
-				c.mustLogin("alice", "secret")
-				c.logout()
+				c := testkit.Dial(t, p.addr)
+				c.MustLogin("alice", "secret")
+				c.Logout()
 			}},
 		{name: "client leaves after login", cached: 1, run: func(t *testing.T, p *testProxy) {
-			c := dialClient(t, p.addr)
-			c.mustLogin("alice", "secret")
-			c.conn.Close()
+			c := testkit.Dial(t, p.addr)
+			c.MustLogin("alice", "secret")
+			c.NetConn.Close()
 		}},
 		{name: "client leaves in IDLE", logouts: 1,
 			hook: func(c *fakeConn, tag, cmd, line string) bool {
@@ -128,13 +129,13 @@ func TestSessionEndsGiveSlotsBack(t *testing.T) {
 				return false
 			},
 			run: func(t *testing.T, p *testProxy) {
-				c := dialClient(t, p.addr)
-				c.mustLogin("alice", "secret")
-				c.send("i IDLE\r\n")
-				if l := c.readLine(); l != "+ idling" {
+				c := testkit.Dial(t, p.addr)
+				c.MustLogin("alice", "secret")
+				c.Send("i IDLE\r\n")
+				if l := c.ReadLine(); l != "+ idling" {
 					t.Fatalf("IDLE: %q", l)
 				}
-				c.conn.Close()
+				c.NetConn.Close()
 			}},
 		{name: "backend fails mid-session",
 			hook: func(c *fakeConn, tag, cmd, line string) bool {
@@ -145,10 +146,10 @@ func TestSessionEndsGiveSlotsBack(t *testing.T) {
 				return false
 			},
 			run: func(t *testing.T, p *testProxy) {
-				c := dialClient(t, p.addr)
-				c.mustLogin("alice", "secret")
-				c.send("f FETCH 1 BODY[]\r\n")
-				c.readToEOF()
+				c := testkit.Dial(t, p.addr)
+				c.MustLogin("alice", "secret")
+				c.Send("f FETCH 1 BODY[]\r\n")
+				c.ReadToEOF()
 			}},
 	}
 	for _, tt := range tests {
@@ -196,14 +197,14 @@ func TestClientLeavesMidLogin(t *testing.T) {
 				return false
 			}
 			p := startFakeProxy(t, b, nil)
-			c := dialClient(t, p.addr)
-			c.send("t1 LOGIN alice secret\r\n")
+			c := testkit.Dial(t, p.addr)
+			c.Send("t1 LOGIN alice secret\r\n")
 			select {
 			case <-authing:
 			case <-time.After(5 * time.Second):
 				t.Fatal("the login never reached the backend")
 			}
-			c.conn.Close()
+			c.NetConn.Close()
 			close(left)
 			p.waitIdle(t)
 			p.waitSlotsBack(t, -1) // cached or not, as the relay found it

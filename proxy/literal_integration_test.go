@@ -15,10 +15,11 @@ import (
 	"testing"
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 // literalOf returns the literal that follows item (e.g. "BODY[]") in a
-// response line read by readFull.
+// response line read by testkit's ReadFull.
 func literalOf(t testing.TB, line, item string) []byte {
 	t.Helper()
 	i := strings.Index(line, item+" {")
@@ -60,54 +61,54 @@ func TestAppendLiterals(t *testing.T) {
 	cases := []struct {
 		name string
 		// send appends msg and returns the tagged reply.
-		send func(c *testClient, msg []byte) response
+		send func(c *testkit.Client, msg []byte) testkit.Response
 		n    int // messages appended
 	}{
-		{"synchronising", func(c *testClient, msg []byte) response {
-			tag := c.nextTag()
-			c.send(fmt.Sprintf("%s APPEND INBOX (\\Seen) {%d}\r\n", tag, len(msg)))
-			c.expectContinuation()
-			c.send(string(msg) + "\r\n")
-			return c.readResponse(tag)
+		{"synchronising", func(c *testkit.Client, msg []byte) testkit.Response {
+			tag := c.NextTag()
+			c.Send(fmt.Sprintf("%s APPEND INBOX (\\Seen) {%d}\r\n", tag, len(msg)))
+			c.ExpectContinuation()
+			c.Send(string(msg) + "\r\n")
+			return c.ReadResponse(tag)
 		}, 1},
-		{"non-synchronising", func(c *testClient, msg []byte) response {
-			tag := c.nextTag()
-			c.send(fmt.Sprintf("%s APPEND INBOX {%d+}\r\n%s\r\n", tag, len(msg), msg))
-			return c.readResponse(tag)
+		{"non-synchronising", func(c *testkit.Client, msg []byte) testkit.Response {
+			tag := c.NextTag()
+			c.Send(fmt.Sprintf("%s APPEND INBOX {%d+}\r\n%s\r\n", tag, len(msg), msg))
+			return c.ReadResponse(tag)
 		}, 1},
-		{"non-synchronising, pipelined with NOOP", func(c *testClient, msg []byte) response {
-			tag := c.nextTag()
-			noop := c.nextTag()
-			c.send(fmt.Sprintf("%s APPEND INBOX {%d+}\r\n%s\r\n%s NOOP\r\n", tag, len(msg), msg, noop))
-			res := c.readResponse(tag)
-			if n := c.readResponse(noop); !n.ok() {
-				c.t.Fatalf("NOOP after APPEND: %s", n)
+		{"non-synchronising, pipelined with NOOP", func(c *testkit.Client, msg []byte) testkit.Response {
+			tag := c.NextTag()
+			noop := c.NextTag()
+			c.Send(fmt.Sprintf("%s APPEND INBOX {%d+}\r\n%s\r\n%s NOOP\r\n", tag, len(msg), msg, noop))
+			res := c.ReadResponse(tag)
+			if n := c.ReadResponse(noop); !n.OK() {
+				c.TB().Fatalf("NOOP after APPEND: %s", n)
 			}
 			return res
 		}, 1},
-		{"MULTIAPPEND, mixed literals", func(c *testClient, msg []byte) response {
-			tag := c.nextTag()
-			c.send(fmt.Sprintf("%s APPEND INBOX {%d+}\r\n%s {%d}\r\n", tag, len(msg), msg, len(msg)))
-			c.expectContinuation()
-			c.send(string(msg) + "\r\n")
-			return c.readResponse(tag)
+		{"MULTIAPPEND, mixed literals", func(c *testkit.Client, msg []byte) testkit.Response {
+			tag := c.NextTag()
+			c.Send(fmt.Sprintf("%s APPEND INBOX {%d+}\r\n%s {%d}\r\n", tag, len(msg), msg, len(msg)))
+			c.ExpectContinuation()
+			c.Send(string(msg) + "\r\n")
+			return c.ReadResponse(tag)
 		}, 2},
 	}
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			c := dialClient(t, p.addr)
-			c.mustLogin(user, pass)
+			c := testkit.Dial(t, p.addr)
+			c.MustLogin(user, pass)
 			msg := testMessage(fmt.Sprintf("append %d", i), 2000)
 			res := tc.send(c, msg)
 			m := appendUIDRE.FindStringSubmatch(res.Tagged)
-			if !res.ok() || m == nil {
+			if !res.OK() || m == nil {
 				t.Fatalf("APPEND: got %q, want OK [APPENDUID ...]", res)
 			}
-			if res := c.cmd("SELECT INBOX"); !res.ok() {
+			if res := c.Cmd("SELECT INBOX"); !res.OK() {
 				t.Fatalf("SELECT: %s", res)
 			}
-			f := c.cmd("UID FETCH %s (RFC822.SIZE BODY.PEEK[])", m[1])
-			if !f.ok() || len(f.Untagged) != tc.n {
+			f := c.Cmd("UID FETCH %s (RFC822.SIZE BODY.PEEK[])", m[1])
+			if !f.OK() || len(f.Untagged) != tc.n {
 				t.Fatalf("UID FETCH %s: %d messages, want %d: %.300q", m[1], len(f.Untagged), tc.n, f)
 			}
 			for _, l := range f.Untagged {
@@ -119,7 +120,7 @@ func TestAppendLiterals(t *testing.T) {
 					t.Errorf("FETCH %.100q: RFC822.SIZE is not %d", l, len(msg))
 				}
 			}
-			c.logout()
+			c.Logout()
 			p.waitCached(t, 1)
 		})
 	}
@@ -134,28 +135,28 @@ func TestLiteralRunIntact(t *testing.T) {
 	dc := dovecottest.StartT(t, dovecottest.Options{Users: 1, Messages: 1})
 	user := dovecottest.UserName(1)
 	p := startProxy(t, []*dovecottest.Server{dc}, nil)
-	c := dialClient(t, p.addr)
-	c.mustLogin(user, dc.PasswordOf(user))
-	if res := c.cmd("CREATE Run"); !res.ok() {
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin(user, dc.PasswordOf(user))
+	if res := c.Cmd("CREATE Run"); !res.OK() {
 		t.Fatalf("CREATE: %s", res)
 	}
 	var msgs [][]byte
 	for i, lines := range []int{0, 1, 60, 64, 65, 66, 67, 68, 130, 131, 132, 200, 2} {
 		msg := testMessage(fmt.Sprintf("run %d", i), lines)
-		tag := c.nextTag()
-		c.send(fmt.Sprintf("%s APPEND Run {%d}\r\n", tag, len(msg)))
-		c.expectContinuation()
-		c.send(string(msg) + "\r\n")
-		if res := c.readResponse(tag); !res.ok() {
+		tag := c.NextTag()
+		c.Send(fmt.Sprintf("%s APPEND Run {%d}\r\n", tag, len(msg)))
+		c.ExpectContinuation()
+		c.Send(string(msg) + "\r\n")
+		if res := c.ReadResponse(tag); !res.OK() {
 			t.Fatalf("APPEND of %d bytes: %s", len(msg), res)
 		}
 		msgs = append(msgs, msg)
 	}
-	if res := c.cmd("SELECT Run"); !res.ok() {
+	if res := c.Cmd("SELECT Run"); !res.OK() {
 		t.Fatalf("SELECT: %s", res)
 	}
-	f := c.cmd("FETCH 1:* (BODY.PEEK[])")
-	if !f.ok() || len(f.Untagged) != len(msgs) {
+	f := c.Cmd("FETCH 1:* (BODY.PEEK[])")
+	if !f.OK() || len(f.Untagged) != len(msgs) {
 		t.Fatalf("FETCH: %d responses, want %d: %.300q", len(f.Untagged), len(msgs), f)
 	}
 	for i, l := range f.Untagged {
@@ -189,16 +190,16 @@ func TestBigMessageIntact(t *testing.T) {
 
 	for _, round := range []string{"fresh", "reused"} {
 		t.Run(round, func(t *testing.T) {
-			c := dialClient(t, p.addr)
-			res := c.mustLogin(user, pass)
-			if reused := res.has("[XPROXYREUSE]"); reused != (round == "reused") {
+			c := testkit.Dial(t, p.addr)
+			res := c.MustLogin(user, pass)
+			if reused := res.Has("[XPROXYREUSE]"); reused != (round == "reused") {
 				t.Fatalf("XPROXYREUSE = %v", reused)
 			}
-			if res := c.cmd("EXAMINE Big"); !res.ok() || !res.has("* 2 EXISTS") {
+			if res := c.Cmd("EXAMINE Big"); !res.OK() || !res.Has("* 2 EXISTS") {
 				t.Fatalf("EXAMINE Big: %s", res)
 			}
-			f := c.cmd("FETCH 2 (RFC822.SIZE BODY.PEEK[])")
-			if !f.ok() || len(f.Untagged) != 1 {
+			f := c.Cmd("FETCH 2 (RFC822.SIZE BODY.PEEK[])")
+			if !f.OK() || len(f.Untagged) != 1 {
 				t.Fatalf("FETCH: %d untagged, %q", len(f.Untagged), f.Tagged)
 			}
 			line := f.Untagged[0]
@@ -217,7 +218,7 @@ func TestBigMessageIntact(t *testing.T) {
 			if !strings.HasSuffix(line, ")") {
 				t.Fatalf("FETCH response does not end after the literal: %q", line[len(line)-min(len(line), 40):])
 			}
-			c.logout()
+			c.Logout()
 			p.waitCached(t, 1)
 		})
 	}
@@ -233,31 +234,31 @@ func TestAppendRefused(t *testing.T) {
 	pass := dc.PasswordOf(user)
 	p := startProxy(t, []*dovecottest.Server{dc}, nil)
 
-	c := dialClient(t, p.addr)
-	c.mustLogin(user, pass)
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin(user, pass)
 	msg := testMessage("refused", 10)
-	c.send(fmt.Sprintf("a1 APPEND NoSuchBox {%d}\r\n", len(msg)))
-	l := c.readFull()
+	c.Send(fmt.Sprintf("a1 APPEND NoSuchBox {%d}\r\n", len(msg)))
+	l := c.ReadFull()
 	if strings.HasPrefix(l, "+") {
-		c.send(string(msg) + "\r\n")
-		l = c.readResponse("a1").Tagged
+		c.Send(string(msg) + "\r\n")
+		l = c.ReadResponse("a1").Tagged
 	}
 	if !strings.HasPrefix(l, "a1 NO [TRYCREATE]") {
 		t.Fatalf("APPEND to a missing mailbox: got %q, want a1 NO [TRYCREATE]", l)
 	}
-	if res := c.cmd("STATUS INBOX (MESSAGES)"); !res.ok() || !res.has("MESSAGES 1") {
+	if res := c.Cmd("STATUS INBOX (MESSAGES)"); !res.OK() || !res.Has("MESSAGES 1") {
 		t.Fatalf("STATUS after the refused APPEND: %s", res)
 	}
-	c.logout()
+	c.Logout()
 	p.waitCached(t, 1)
-	c = dialClient(t, p.addr)
-	if res := c.mustLogin(user, pass); !res.has("[XPROXYREUSE]") {
+	c = testkit.Dial(t, p.addr)
+	if res := c.MustLogin(user, pass); !res.Has("[XPROXYREUSE]") {
 		t.Fatalf("login after the refused APPEND was not reused:\n%s", res)
 	}
-	if res := c.cmd("NOOP"); !res.ok() || len(res.Untagged) != 0 {
+	if res := c.Cmd("NOOP"); !res.OK() || len(res.Untagged) != 0 {
 		t.Fatalf("NOOP on the reused connection: %s", res)
 	}
-	c.logout()
+	c.Logout()
 }
 
 // TestLiteralLimits: a client literal over MaxLiteral never reaches
@@ -269,38 +270,38 @@ func TestLiteralLimits(t *testing.T) {
 
 	t.Run("synchronising", func(t *testing.T) {
 		user := dovecottest.UserName(1)
-		c := dialClient(t, p.addr)
-		c.mustLogin(user, dc.PasswordOf(user))
-		c.send("a1 APPEND INBOX {1001}\r\n")
-		if l := c.readLine(); !strings.HasPrefix(l, "a1 NO [TOOBIG]") {
+		c := testkit.Dial(t, p.addr)
+		c.MustLogin(user, dc.PasswordOf(user))
+		c.Send("a1 APPEND INBOX {1001}\r\n")
+		if l := c.ReadLine(); !strings.HasPrefix(l, "a1 NO [TOOBIG]") {
 			t.Fatalf("APPEND of 1001 bytes: got %q, want a1 NO [TOOBIG] and no continuation", l)
 		}
 		msg := testMessage("small", 5)
-		res := c.cmd("APPEND INBOX {%d+}\r\n%s", len(msg), msg)
-		if !res.ok() {
+		res := c.Cmd("APPEND INBOX {%d+}\r\n%s", len(msg), msg)
+		if !res.OK() {
 			t.Fatalf("APPEND of %d bytes: %s", len(msg), res)
 		}
-		if res := c.cmd("STATUS INBOX (MESSAGES)"); !res.ok() || !res.has("MESSAGES 2") {
+		if res := c.Cmd("STATUS INBOX (MESSAGES)"); !res.OK() || !res.Has("MESSAGES 2") {
 			t.Fatalf("STATUS: got %q, want 2 messages (1 seeded, 1 appended)", res)
 		}
-		c.logout()
+		c.Logout()
 		p.waitCached(t, 1)
 	})
 	t.Run("non-synchronising", func(t *testing.T) {
 		user := dovecottest.UserName(2)
-		c := dialClient(t, p.addr)
-		c.mustLogin(user, dc.PasswordOf(user))
-		c.send("a1 APPEND INBOX {1001+}\r\n")
-		lines := c.readToEOF()
+		c := testkit.Dial(t, p.addr)
+		c.MustLogin(user, dc.PasswordOf(user))
+		c.Send("a1 APPEND INBOX {1001+}\r\n")
+		lines := c.ReadToEOF()
 		if len(lines) != 1 || !strings.HasPrefix(lines[0], "* BYE [TOOBIG]") {
 			t.Fatalf("APPEND of a 1001-byte {n+} literal: got %q, want * BYE [TOOBIG] and close", lines)
 		}
 		p.waitIdle(t)
-		c = dialClient(t, p.addr)
-		c.mustLogin(user, dc.PasswordOf(user))
-		if res := c.cmd("STATUS INBOX (MESSAGES)"); !res.ok() || !res.has("MESSAGES 1") {
+		c = testkit.Dial(t, p.addr)
+		c.MustLogin(user, dc.PasswordOf(user))
+		if res := c.Cmd("STATUS INBOX (MESSAGES)"); !res.OK() || !res.Has("MESSAGES 1") {
 			t.Fatalf("STATUS: got %q, want the 1 seeded message only", res)
 		}
-		c.logout()
+		c.Logout()
 	})
 }

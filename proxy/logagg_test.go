@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 // TestEventLog: of N events of a kind in an interval, the first is
@@ -15,7 +17,7 @@ import (
 // interval ends the run, so the next event is logged at once again.
 func TestEventLog(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		var buf syncBuffer
+		var buf testkit.SyncBuffer
 		log := hclog.New(&hclog.LoggerOptions{Output: &buf, Level: hclog.Info, DisableTime: true})
 		e := newEventLog(10 * time.Second)
 		lines := func() []string {
@@ -74,11 +76,11 @@ func TestOutageLogsBounded(t *testing.T) {
 	p := startServer(t, nil, false, nil)
 	const n = 200
 	for range n {
-		c := dialClient(t, p.addr)
-		if res := c.login("alice", "secret"); !strings.Contains(res.Tagged, "NO [UNAVAILABLE]") {
+		c := testkit.Dial(t, p.addr)
+		if res := c.Login("alice", "secret"); !strings.Contains(res.Tagged, "NO [UNAVAILABLE]") {
 			t.Fatalf("login during the outage: %q", res.Tagged)
 		}
-		c.conn.Close()
+		c.NetConn.Close()
 	}
 	if k := strings.Count(p.logs.String(), "login failed: no backend available"); k != 1 {
 		t.Errorf("%d lines for %d refused logins, want 1 until the interval ends", k, n)

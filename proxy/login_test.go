@@ -11,6 +11,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 // TestCredentialsCheckedFirst: credentials a backend must not see (too
@@ -23,33 +24,33 @@ func TestCredentialsCheckedFirst(t *testing.T) {
 	long := strings.Repeat("x", 20000)
 	tests := []struct {
 		name  string
-		login func(c *testClient) response
+		login func(c *testkit.Client) testkit.Response
 		want  string
 	}{
-		{"20,000-byte user name", func(c *testClient) response { return c.login(long, "secret") },
+		{"20,000-byte user name", func(c *testkit.Client) testkit.Response { return c.Login(long, "secret") },
 			"NO [LIMIT] User name too long (at most 256 bytes)"},
-		{"257-byte user name", func(c *testClient) response { return c.login(long[:257], "secret") },
+		{"257-byte user name", func(c *testkit.Client) testkit.Response { return c.Login(long[:257], "secret") },
 			"NO [LIMIT] User name too long (at most 256 bytes)"},
-		{"long password", func(c *testClient) response { return c.authLogin("alice", strings.Repeat("p", 4097)) },
+		{"long password", func(c *testkit.Client) testkit.Response { return authLogin(c, "alice", strings.Repeat("p", 4097)) },
 			"NO [LIMIT] Password too long (at most 4096 bytes)"},
-		{"long authorization identity", func(c *testClient) response { return c.authPlain(long[:300], "alice", "secret", true) },
+		{"long authorization identity", func(c *testkit.Client) testkit.Response { return authPlain(c, long[:300], "alice", "secret", true) },
 			"NO [LIMIT] User name too long (at most 256 bytes)"},
-		{"NUL in user name", func(c *testClient) response { return c.loginLiteral("al\x00ice", "secret", true) },
+		{"NUL in user name", func(c *testkit.Client) testkit.Response { return c.LoginLiteral("al\x00ice", "secret", true) },
 			"NO [AUTHENTICATIONFAILED] Invalid characters in user name"},
-		{"LF in user name", func(c *testClient) response { return c.loginLiteral("alice\nbob", "secret", false) },
+		{"LF in user name", func(c *testkit.Client) testkit.Response { return c.LoginLiteral("alice\nbob", "secret", false) },
 			"NO [AUTHENTICATIONFAILED] Invalid characters in user name"},
-		{"CR in user name", func(c *testClient) response { return c.authPlain("", "alice\r", "secret", false) },
+		{"CR in user name", func(c *testkit.Client) testkit.Response { return authPlain(c, "", "alice\r", "secret", false) },
 			"NO [AUTHENTICATIONFAILED] Invalid characters in user name"},
-		{"CR in authorization identity", func(c *testClient) response { return c.authPlain("bob\r", "alice", "secret", true) },
+		{"CR in authorization identity", func(c *testkit.Client) testkit.Response { return authPlain(c, "bob\r", "alice", "secret", true) },
 			"NO [AUTHENTICATIONFAILED] Invalid characters in user name"},
-		{"NUL in password", func(c *testClient) response { return c.authLogin("alice", "sec\x00ret") },
+		{"NUL in password", func(c *testkit.Client) testkit.Response { return authLogin(c, "alice", "sec\x00ret") },
 			"NO [AUTHENTICATIONFAILED] Invalid characters in password"},
-		{"NUL in password literal", func(c *testClient) response { return c.loginLiteral("alice", "sec\x00ret", true) },
+		{"NUL in password literal", func(c *testkit.Client) testkit.Response { return c.LoginLiteral("alice", "sec\x00ret", true) },
 			"NO [AUTHENTICATIONFAILED] Invalid characters in password"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			c := dialClient(t, p.addr)
+			c := testkit.Dial(t, p.addr)
 			res := tt.login(c)
 			if want := "t1 " + tt.want; res.Tagged != want {
 				t.Fatalf("got %q, want %q", res.Tagged, want)
@@ -88,8 +89,8 @@ func TestBackendEndsLoginNotDown(t *testing.T) {
 	}
 	good := newFakeBackend(t)
 	p := startClusterProxy(t, []string{dropper.addr(), good.addr()}, nil)
-	c := dialClient(t, p.addr)
-	res := c.login(p.userOn(t, "b0"), "secret")
+	c := testkit.Dial(t, p.addr)
+	res := c.Login(p.userOn(t, "b0"), "secret")
 	if want := "t1 NO [UNAVAILABLE] IMAP server ended the connection during login"; res.Tagged != want {
 		t.Fatalf("got %q, want %q", res.Tagged, want)
 	}
@@ -104,8 +105,8 @@ func TestBackendEndsLoginNotDown(t *testing.T) {
 	}
 	// Its other users log in as before.
 	drop.Store(false)
-	c2 := dialClient(t, p.addr)
-	c2.mustLogin(p.userOn(t, "b0"), "secret")
+	c2 := testkit.Dial(t, p.addr)
+	c2.MustLogin(p.userOn(t, "b0"), "secret")
 }
 
 // TestLoginFailuresEndSession: the third failed login on a connection is
@@ -113,14 +114,14 @@ func TestBackendEndsLoginNotDown(t *testing.T) {
 func TestLoginFailuresEndSession(t *testing.T) {
 	b := newFakeBackend(t)
 	p := startFakeProxy(t, b, nil)
-	c := dialClient(t, p.addr)
+	c := testkit.Dial(t, p.addr)
 	for i := range 2 {
-		if res := c.login("alice", "wrong"); !strings.Contains(res.Tagged, "NO [AUTHENTICATIONFAILED]") {
+		if res := c.Login("alice", "wrong"); !strings.Contains(res.Tagged, "NO [AUTHENTICATIONFAILED]") {
 			t.Fatalf("failure %d: %q", i+1, res.Tagged)
 		}
 	}
-	c.send("t3 LOGIN alice wrong\r\n")
-	lines := c.readToEOF()
+	c.Send("t3 LOGIN alice wrong\r\n")
+	lines := c.ReadToEOF()
 	want := []string{"t3 NO [AUTHENTICATIONFAILED] Authentication failed.", "* BYE Too many failed logins"}
 	if strings.Join(lines, "|") != strings.Join(want, "|") {
 		t.Fatalf("third failure: got %q, want %q", lines, want)
@@ -197,16 +198,16 @@ func TestHugeUserNameAgainstDovecot(t *testing.T) {
 	p := startProxy(t, []*dovecottest.Server{dc1, dc2}, nil)
 	before := len(p.logs.String())
 	long := strings.Repeat("x", 20000)
-	for _, login := range []func(c *testClient) response{
-		func(c *testClient) response { return c.login(long, "secret") },
-		func(c *testClient) response { return c.authPlain("", long, "secret", false) },
+	for _, login := range []func(c *testkit.Client) testkit.Response{
+		func(c *testkit.Client) testkit.Response { return c.Login(long, "secret") },
+		func(c *testkit.Client) testkit.Response { return authPlain(c, "", long, "secret", false) },
 	} {
-		c := dialClient(t, p.addr)
+		c := testkit.Dial(t, p.addr)
 		res := login(c)
 		if want := "t1 NO [LIMIT] User name too long (at most 256 bytes)"; res.Tagged != want {
 			t.Fatalf("got %q, want %q", res.Tagged, want)
 		}
-		c.logout()
+		c.Logout()
 	}
 	if n := p.srv.Stats().BackendsDown; n != 0 {
 		t.Errorf("BackendsDown = %d, want 0", n)
@@ -226,20 +227,20 @@ func TestHugeUserNameAgainstDovecot(t *testing.T) {
 	}
 	// Real users are served by both backends as before.
 	u := dovecottest.UserName(1)
-	c := dialClient(t, p.addr)
-	c.mustLogin(u, dc1.PasswordOf(u))
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin(u, dc1.PasswordOf(u))
 }
 
 // dialFrom connects to addr from the loopback address local.
-func dialFrom(t *testing.T, addr, local string) *testClient {
+func dialFrom(t *testing.T, addr, local string) *testkit.Client {
 	t.Helper()
 	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(local)}, Timeout: 5 * time.Second}
 	c, err := d.Dial("tcp", addr)
 	if err != nil {
 		t.Fatalf("dial %s from %s: %v", addr, local, err)
 	}
-	tc := newTestClient(t, c)
-	tc.Greeting = tc.readLine()
+	tc := testkit.NewClient(t, c)
+	tc.Greeting = tc.ReadLine()
 	return tc
 }
 
@@ -261,10 +262,10 @@ func TestCacheByClientAddress(t *testing.T) {
 	cycle := func(addr, from string) bool {
 		t.Helper()
 		c := dialFrom(t, addr, from)
-		res := c.mustLogin("alice", "secret")
-		c.logout()
+		res := c.MustLogin("alice", "secret")
+		c.Logout()
 		p.waitIdle(t)
-		return res.has("[XPROXYREUSE]")
+		return res.Has("[XPROXYREUSE]")
 	}
 	cycle(p.addr, "127.0.0.1")
 	if !cycle(p.addr, "127.0.0.2") {

@@ -3,6 +3,8 @@ package proxy
 import (
 	"strings"
 	"testing"
+
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 // TestLoginInFlightWhenSetEmpties: a login under way when its backend
@@ -21,15 +23,15 @@ func TestLoginInFlightWhenSetEmpties(t *testing.T) {
 		return true
 	}
 	p := startClusterProxy(t, []string{a.addr()}, nil)
-	done := make(chan response, 1)
-	c := dialClient(t, p.addr)
-	go func() { done <- c.login("alice", "secret") }()
+	done := make(chan testkit.Response, 1)
+	c := testkit.Dial(t, p.addr)
+	go func() { done <- c.Login("alice", "secret") }()
 	<-inLogin
 	p.srv.SetBackends(nil)
 	close(release)
 	res := <-done
-	next := dialClient(t, p.addr).login("alice", "secret")
-	text := func(r response) string { _, s, _ := strings.Cut(r.Tagged, " "); return s }
+	next := testkit.Dial(t, p.addr).Login("alice", "secret")
+	text := func(r testkit.Response) string { _, s, _ := strings.Cut(r.Tagged, " "); return s }
 	if text(res) != text(next) || !strings.Contains(text(next), "No IMAP server available") {
 		t.Errorf("login in flight got %q, the next login %q; want the same, No IMAP server available", res.Tagged, next.Tagged)
 	}

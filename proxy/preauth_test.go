@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 	"unsafe"
+
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 // TestPreAuthMemoryBounded: connections that each send the longest chain
@@ -136,23 +138,23 @@ func TestPreAuthNet(t *testing.T) {
 func TestPreAuthPerIPDefault(t *testing.T) {
 	b := newFakeBackend(t)
 	p := startFakeProxy(t, b, nil)
-	var cs []*testClient
+	var cs []*testkit.Client
 	for range 100 {
-		c := dialClient(t, p.addr)
+		c := testkit.Dial(t, p.addr)
 		if strings.HasPrefix(c.Greeting, "* BYE") {
 			t.Fatalf("connection %d refused: %q", len(cs)+1, c.Greeting)
 		}
 		cs = append(cs, c)
 	}
-	c := dialClient(t, p.addr)
+	c := testkit.Dial(t, p.addr)
 	if c.Greeting != "* BYE [UNAVAILABLE] Too many connections, try again later" {
 		t.Fatalf("connection 101 greeted %q, want the BYE", c.Greeting)
 	}
 	if n := p.srv.Stats().Rejected; n != 1 {
 		t.Errorf("Rejected = %d, want 1", n)
 	}
-	cs[0].mustLogin("alice", "secret")
-	c = dialClient(t, p.addr)
+	cs[0].MustLogin("alice", "secret")
+	c = testkit.Dial(t, p.addr)
 	if strings.HasPrefix(c.Greeting, "* BYE") {
 		t.Fatalf("no room after a login: %q", c.Greeting)
 	}

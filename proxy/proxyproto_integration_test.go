@@ -16,6 +16,7 @@ import (
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
 	"github.com/imapproxy/imapproxy/internal/proxyproto"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 // startProxiedListener adds to p a listener whose connections from
@@ -46,7 +47,7 @@ func startProxiedListener(t *testing.T, p *testProxy) string {
 
 // dialProxied connects to addr and sends header before anything else, as
 // a load balancer does.
-func dialProxied(t *testing.T, addr string, header []byte) *testClient {
+func dialProxied(t *testing.T, addr string, header []byte) *testkit.Client {
 	t.Helper()
 	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
 	if err != nil {
@@ -55,8 +56,8 @@ func dialProxied(t *testing.T, addr string, header []byte) *testClient {
 	if _, err := c.Write(header); err != nil {
 		t.Fatal(err)
 	}
-	tc := newTestClient(t, c)
-	tc.Greeting = tc.readLine()
+	tc := testkit.NewClient(t, c)
+	tc.Greeting = tc.ReadLine()
 	return tc
 }
 
@@ -112,23 +113,23 @@ func TestProxyProtocol(t *testing.T) {
 
 	t.Run("v1", func(t *testing.T) {
 		c := dialProxied(t, addr, v1Header("203.0.113.7:40000", "192.0.2.1:143"))
-		c.mustLogin(u1, dc.PasswordOf(u1))
+		c.MustLogin(u1, dc.PasswordOf(u1))
 		waitLog(t, dc, fmt.Sprintf("Login: user=<%s>, method=PLAIN, rip=203.0.113.7, lip=192.0.2.1", u1))
 		if !strings.Contains(p.logs.String(), "client=203.0.113.7:40000") {
 			t.Errorf("the proxy did not log the client address from the header")
 		}
-		c.logout()
+		c.Logout()
 	})
 	t.Run("v2 IPv6", func(t *testing.T) {
 		c := dialProxied(t, addr, v2Header("[2001:db8::7]:40001", "[2001:db8::1]:993"))
-		c.mustLogin(u2, dc.PasswordOf(u2))
+		c.MustLogin(u2, dc.PasswordOf(u2))
 		waitLog(t, dc, fmt.Sprintf("Login: user=<%s>, method=PLAIN, rip=2001:db8::7, lip=2001:db8::1", u2))
-		c.logout()
+		c.Logout()
 	})
 	t.Run("reused connection logs the new client", func(t *testing.T) {
 		p.waitCached(t, 2)
 		c := dialProxied(t, addr, v1Header("198.51.100.9:40002", "192.0.2.1:143"))
-		if res := c.mustLogin(u1, dc.PasswordOf(u1)); !res.has("XPROXYREUSE") {
+		if res := c.MustLogin(u1, dc.PasswordOf(u1)); !res.Has("XPROXYREUSE") {
 			t.Fatalf("login not served from the cache: %s", res)
 		}
 		var found bool
@@ -140,7 +141,7 @@ func TestProxyProtocol(t *testing.T) {
 		if !found {
 			t.Errorf("no log line of the reused login with the header's client address")
 		}
-		c.logout()
+		c.Logout()
 	})
 	t.Run("limit per address counts the header's address", func(t *testing.T) {
 		a := dialProxied(t, addr, v1Header("203.0.113.20:1000", "192.0.2.1:143"))
@@ -176,9 +177,9 @@ func TestProxyProtocol(t *testing.T) {
 	t.Run("header from an untrusted peer is not honoured", func(t *testing.T) {
 		// p.addr serves without PROXY protocol: the header is just a
 		// line that is not IMAP.
-		c := dialClient(t, p.addr)
-		c.send(string(v1Header("203.0.113.66:1", "192.0.2.1:143")))
-		if l := c.readLine(); !strings.HasPrefix(l, "PROXY BAD") {
+		c := testkit.Dial(t, p.addr)
+		c.Send(string(v1Header("203.0.113.66:1", "192.0.2.1:143")))
+		if l := c.ReadLine(); !strings.HasPrefix(l, "PROXY BAD") {
 			t.Errorf("got %q, want the header refused as a command", l)
 		}
 		if strings.Contains(p.logs.String(), "203.0.113.66") {
@@ -274,20 +275,20 @@ backend proxy_v2
 		if err != nil {
 			t.Fatalf("haproxy frontend %s: %v", front, err)
 		}
-		c := newTestClient(t, conn)
-		c.Greeting = c.readLine()
+		c := testkit.NewClient(t, conn)
+		c.Greeting = c.ReadLine()
 		if !strings.HasPrefix(c.Greeting, "* OK") {
 			t.Fatalf("v%d: greeting %q", i+1, c.Greeting)
 		}
 		u := dc.Users()[i]
-		c.mustLogin(u, dc.PasswordOf(u))
+		c.MustLogin(u, dc.PasswordOf(u))
 		// The client's own socket address, which only the PROXY
 		// header can have told the proxy.
 		want := "client=" + conn.LocalAddr().String()
 		if !strings.Contains(p.logs.String(), want) {
 			t.Errorf("v%d: the proxy's log has no %q (the client's address through HAProxy)", i+1, want)
 		}
-		c.logout()
+		c.Logout()
 	}
 }
 
@@ -309,7 +310,7 @@ func TestSetListenerOptions(t *testing.T) {
 			t.Errorf("ServeListener: %v", err)
 		}
 	})
-	if c := dialClient(t, ln.Addr().String()); !strings.HasPrefix(c.Greeting, "* OK") {
+	if c := testkit.Dial(t, ln.Addr().String()); !strings.HasPrefix(c.Greeting, "* OK") {
 		t.Fatalf("before: %q", c.Greeting)
 	}
 	from, _ := proxyproto.ParseTrusted([]string{"127.0.0.1"})
@@ -329,7 +330,7 @@ func TestSetListenerOptions(t *testing.T) {
 		t.Fatalf("with a header after the change: %q", c.Greeting)
 	}
 	u := dc.Users()[0]
-	c.mustLogin(u, dc.PasswordOf(u))
+	c.MustLogin(u, dc.PasswordOf(u))
 	if !strings.Contains(p.logs.String(), "client=203.0.113.44:4444") {
 		t.Errorf("the header's address was not used after the change")
 	}

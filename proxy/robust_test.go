@@ -11,6 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 // hugeLine is a response line far over any buffer, with the traps a
@@ -44,18 +46,18 @@ func TestHugeResponseLine(t *testing.T) {
 		return true
 	}
 	p := startFakeProxy(t, b, nil)
-	c := dialClient(t, p.addr)
-	c.mustLogin("alice", "secret")
-	c.cmd("SELECT INBOX")
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin("alice", "secret")
+	c.Cmd("SELECT INBOX")
 
 	var before, after runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&before)
-	c.send("f1 FETCH 1 (ENVELOPE BODY[])\r\n")
+	c.Send("f1 FETCH 1 (ENVELOPE BODY[])\r\n")
 	// Read as a hash, not a string: the test's own memory must not hide
 	// the proxy's.
 	h := sha256.New()
-	br := bufio.NewReaderSize(c.r, 64<<10)
+	br := bufio.NewReaderSize(c.R, 64<<10)
 	if _, err := io.CopyN(h, br, int64(len(line))); err != nil {
 		t.Fatalf("reading the long line: %v", err)
 	}
@@ -63,17 +65,17 @@ func TestHugeResponseLine(t *testing.T) {
 	if got, want := fmt.Sprintf("%x", h.Sum(nil)), fmt.Sprintf("%x", sha256.Sum256([]byte(line))); got != want {
 		t.Fatal("the long line reached the client changed")
 	}
-	c.r = br
-	if got := c.readLine(); got != "f1 OK fetched" {
+	c.R = br
+	if got := c.ReadLine(); got != "f1 OK fetched" {
 		t.Fatalf("after the long line: %q", got)
 	}
 	if alloc := after.TotalAlloc - before.TotalAlloc; alloc > 1<<20 {
 		t.Errorf("passing a %d-byte line allocated %d bytes", len(line), alloc)
 	}
-	if res := c.cmd("NOOP"); !res.ok() {
+	if res := c.Cmd("NOOP"); !res.OK() {
 		t.Fatalf("NOOP after the long line: %s", res)
 	}
-	c.logout()
+	c.Logout()
 	p.waitCached(t, 1)
 }
 
@@ -91,9 +93,9 @@ func TestUpstreamWriteAfterQuietSpell(t *testing.T) {
 		return true
 	}
 	p := startFakeProxy(t, b, func(o *Options) { o.WriteTimeout = 100 * time.Millisecond })
-	c := dialClient(t, p.addr)
-	c.mustLogin("alice", "secret")
-	c.cmd("SELECT INBOX")
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin("alice", "secret")
+	c.Cmd("SELECT INBOX")
 	quiet := func() {
 		// The quiet spell is the scenario, not synchronisation.
 		time.Sleep(300 * time.Millisecond)
@@ -103,7 +105,7 @@ func TestUpstreamWriteAfterQuietSpell(t *testing.T) {
 	for i := 1; set.Len() < 10000; i += 2 {
 		fmt.Fprintf(&set, "%d,", i)
 	}
-	if res := c.cmd("UID STORE %s1 +FLAGS (\\Seen)", set.String()); !res.ok() {
+	if res := c.Cmd("UID STORE %s1 +FLAGS (\\Seen)", set.String()); !res.OK() {
 		t.Fatalf("long UID STORE after a quiet spell: %s", res)
 	}
 	quiet()
@@ -111,9 +113,9 @@ func TestUpstreamWriteAfterQuietSpell(t *testing.T) {
 	for i := 0; i < 200; i++ {
 		fmt.Fprintf(&burst, "p%d UID STORE %d +FLAGS (\\Seen)\r\n", i, i+1)
 	}
-	c.send(burst.String())
+	c.Send(burst.String())
 	for i := 0; i < 200; i++ {
-		if res := c.readResponse(fmt.Sprintf("p%d", i)); !res.ok() {
+		if res := c.ReadResponse(fmt.Sprintf("p%d", i)); !res.OK() {
 			t.Fatalf("pipelined command %d after a quiet spell: %s", i, res)
 		}
 	}
@@ -140,16 +142,16 @@ func TestTagReuse(t *testing.T) {
 		return true
 	}
 	p := startFakeProxy(t, b, nil)
-	c := dialClient(t, p.addr)
-	c.mustLogin("alice", "secret")
-	c.send("a NOOP\r\na APPEND INBOX {5}\r\n")
-	if l := c.readLine(); l != "a OK NOOP done" {
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin("alice", "secret")
+	c.Send("a NOOP\r\na APPEND INBOX {5}\r\n")
+	if l := c.ReadLine(); l != "a OK NOOP done" {
 		t.Fatalf("first answer %q", l)
 	}
-	if l := c.readLine(); !strings.HasPrefix(l, "+") {
+	if l := c.ReadLine(); !strings.HasPrefix(l, "+") {
 		t.Fatalf("got %q, want the continuation for the literal", l)
 	}
-	c.send("hello\r\n")
+	c.Send("hello\r\n")
 	select {
 	case got := <-appended:
 		if got != "hello\r\n" {
@@ -158,10 +160,10 @@ func TestTagReuse(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("the literal never reached the backend")
 	}
-	if l := c.readLine(); l != "a OK appended" {
+	if l := c.ReadLine(); l != "a OK appended" {
 		t.Fatalf("APPEND answer %q", l)
 	}
-	if res := c.cmd("NOOP"); !res.ok() {
+	if res := c.Cmd("NOOP"); !res.OK() {
 		t.Fatalf("NOOP after: %s", res)
 	}
 }
@@ -192,19 +194,19 @@ func TestAmbiguousFramingNotCached(t *testing.T) {
 				return true
 			}
 			p := startFakeProxy(t, b, nil)
-			c := dialClient(t, p.addr)
-			c.mustLogin("alice", "secret")
-			c.send(tt.client)
+			c := testkit.Dial(t, p.addr)
+			c.MustLogin("alice", "secret")
+			c.Send(tt.client)
 			for {
-				if l := c.readLine(); strings.HasPrefix(l, tt.wait) {
+				if l := c.ReadLine(); strings.HasPrefix(l, tt.wait) {
 					break
 				}
 			}
 			// The stream is still framed: the next command is answered.
-			if res := c.cmd("NOOP"); !res.ok() {
+			if res := c.Cmd("NOOP"); !res.OK() {
 				t.Fatalf("NOOP after: %s", res)
 			}
-			c.logout()
+			c.Logout()
 			p.waitIdle(t)
 			if n := p.srv.Pool().Stats().Cached; n != 0 {
 				t.Errorf("cached %d connections, want none", n)
@@ -235,25 +237,25 @@ func TestStalledBackend(t *testing.T) {
 	}
 	p := startFakeProxy(t, b, func(o *Options) { o.ResponseTimeout = 200 * time.Millisecond })
 
-	c := dialClient(t, p.addr)
-	c.mustLogin("alice", "secret")
-	c.send("i IDLE\r\n")
-	if l := c.readLine(); l != "+ idling" {
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin("alice", "secret")
+	c.Send("i IDLE\r\n")
+	if l := c.ReadLine(); l != "+ idling" {
 		t.Fatalf("IDLE: %q", l)
 	}
 	// Longer than the response timeout: the scenario, not
 	// synchronisation.
 	time.Sleep(600 * time.Millisecond)
-	c.send("DONE\r\n")
-	if l := c.readLine(); l != "i OK idle done" {
+	c.Send("DONE\r\n")
+	if l := c.ReadLine(); l != "i OK idle done" {
 		t.Fatalf("IDLE answer after a quiet spell: %q", l)
 	}
 
 	start := time.Now()
-	c.send("f FETCH 1 BODY[]\r\n")
+	c.Send("f FETCH 1 BODY[]\r\n")
 	var last string
 	for {
-		l, err := c.r.ReadString('\n')
+		l, err := c.R.ReadString('\n')
 		if err != nil {
 			break
 		}
@@ -284,13 +286,13 @@ func TestClientLeavesDuringStall(t *testing.T) {
 		return true
 	}
 	p := startFakeProxy(t, b, func(o *Options) { o.ResponseTimeout = time.Hour })
-	c := dialClient(t, p.addr)
-	c.mustLogin("alice", "secret")
-	c.send("f FETCH 1 BODY[]\r\n")
-	if l := c.readLine(); !strings.HasPrefix(l, "* 1 FETCH") {
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin("alice", "secret")
+	c.Send("f FETCH 1 BODY[]\r\n")
+	if l := c.ReadLine(); !strings.HasPrefix(l, "* 1 FETCH") {
 		t.Fatalf("got %q", l)
 	}
-	c.conn.Close()
+	c.NetConn.Close()
 	p.waitIdle(t) // fails after 5 s
 	if st := p.srv.Pool().Stats(); st.Open != 0 {
 		t.Errorf("pool stats %+v: slot not given back", st)
@@ -310,15 +312,15 @@ func TestCapabilityFiltered(t *testing.T) {
 		return true
 	}
 	p := startFakeProxy(t, b, nil)
-	c := dialClient(t, p.addr)
-	login := c.mustLogin("alice", "secret")
+	c := testkit.Dial(t, p.addr)
+	login := c.MustLogin("alice", "secret")
 	_, after, _ := strings.Cut(login.Tagged, "[CAPABILITY ")
 	want, _, _ := strings.Cut(after, "]")
-	res := c.cmd("CAPABILITY")
+	res := c.Cmd("CAPABILITY")
 	if len(res.Untagged) != 1 || res.Untagged[0] != "* CAPABILITY "+want {
 		t.Errorf("CAPABILITY = %q, want %q as on the login OK", res.Untagged, want)
 	}
-	res = c.cmd("XCAPS")
+	res = c.Cmd("XCAPS")
 	for _, l := range append(res.Untagged, res.Tagged) {
 		if !strings.Contains(l, "[CAPABILITY "+want+"]") {
 			t.Errorf("%q: code not the login's list %q", l, want)
@@ -350,13 +352,13 @@ func TestDrainLetsAppendFinish(t *testing.T) {
 		return true
 	}
 	p := startFakeProxy(t, b, nil)
-	c := dialClient(t, p.addr)
-	c.mustLogin("alice", "secret")
-	c.send("a APPEND INBOX {1000}\r\n")
-	if l := c.readLine(); !strings.HasPrefix(l, "+") {
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin("alice", "secret")
+	c.Send("a APPEND INBOX {1000}\r\n")
+	if l := c.ReadLine(); !strings.HasPrefix(l, "+") {
 		t.Fatalf("got %q", l)
 	}
-	c.send(strings.Repeat("y", 500))
+	c.Send(strings.Repeat("y", 500))
 	// The session is in the middle of the literal before the drain.
 	select {
 	case <-half:
@@ -379,11 +381,11 @@ func TestDrainLetsAppendFinish(t *testing.T) {
 		}
 		time.Sleep(time.Millisecond)
 	}
-	c.send(strings.Repeat("y", 500) + "\r\n")
-	if l := c.readLine(); l != "a OK appended" {
+	c.Send(strings.Repeat("y", 500) + "\r\n")
+	if l := c.ReadLine(); l != "a OK appended" {
 		t.Fatalf("APPEND during a drain: %q", l)
 	}
-	if l := c.readLine(); l != "* BYE Server shutting down" {
+	if l := c.ReadLine(); l != "* BYE Server shutting down" {
 		t.Fatalf("then %q", l)
 	}
 	if err := <-done; err != nil {
@@ -407,17 +409,17 @@ func TestEvictLogsOut(t *testing.T) {
 		return true
 	}
 	p := startFakeProxy(t, b, nil)
-	c := dialClient(t, p.addr)
-	c.mustLogin("alice", "secret")
-	c.send("i IDLE\r\n")
-	if l := c.readLine(); l != "+ idling" {
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin("alice", "secret")
+	c.Send("i IDLE\r\n")
+	if l := c.ReadLine(); l != "+ idling" {
 		t.Fatalf("IDLE: %q", l)
 	}
 	before := b.logouts.Load()
 	if n, _ := p.srv.KickUser("alice"); n != 1 {
 		t.Fatalf("KickUser = %d, want 1", n)
 	}
-	if l := c.readLine(); !strings.HasPrefix(l, "* BYE") {
+	if l := c.ReadLine(); !strings.HasPrefix(l, "* BYE") {
 		t.Fatalf("got %q, want BYE", l)
 	}
 	p.waitIdle(t)
@@ -444,14 +446,14 @@ func TestPipelineFlood(t *testing.T) {
 	// Runs before the proxy's and the backend's cleanup, which would wait
 	// for the held command.
 	t.Cleanup(func() { once.Do(func() { close(release) }) })
-	c := dialClient(t, p.addr)
-	c.mustLogin("alice", "secret")
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin("alice", "secret")
 	const n = 3 * maxInFlight
 	var burst strings.Builder
 	for i := 0; i < n; i++ {
 		fmt.Fprintf(&burst, "f%d NOOP\r\n", i)
 	}
-	go c.conn.Write([]byte(burst.String()))
+	go c.NetConn.Write([]byte(burst.String()))
 	inflight := func() int {
 		p.srv.mu.Lock()
 		defer p.srv.mu.Unlock()
@@ -477,7 +479,7 @@ func TestPipelineFlood(t *testing.T) {
 	}
 	once.Do(func() { close(release) })
 	for i := 0; i < n; i++ {
-		if l := c.readLine(); l != fmt.Sprintf("f%d OK NOOP done", i) {
+		if l := c.ReadLine(); l != fmt.Sprintf("f%d OK NOOP done", i) {
 			t.Fatalf("answer %d: %q", i, l)
 		}
 	}

@@ -6,6 +6,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 // startFakeProxy runs a Server in front of a scripted backend.
@@ -17,7 +19,7 @@ func startFakeProxy(t *testing.T, b *fakeBackend, mod func(*Options)) *testProxy
 func TestGreetingCapabilities(t *testing.T) {
 	b := newFakeBackend(t)
 	p := startFakeProxy(t, b, nil)
-	c := dialClient(t, p.addr)
+	c := testkit.Dial(t, p.addr)
 	g := c.Greeting
 	for _, want := range []string{"[CAPABILITY IMAP4rev1 ", " IDLE", " ENABLE", " AUTH=PLAIN", " AUTH=LOGIN", " SASL-IR", " ID", " LITERAL+"} {
 		if !strings.Contains(g, want) {
@@ -29,7 +31,7 @@ func TestGreetingCapabilities(t *testing.T) {
 			t.Errorf("greeting %q offers %q, which the proxy cannot do here", g, bad)
 		}
 	}
-	res := c.mustLogin("alice", "secret")
+	res := c.MustLogin("alice", "secret")
 	for _, want := range []string{"SORT", "THREAD=REFERENCES", "UNSELECT", "CONDSTORE"} {
 		if !strings.Contains(res.Tagged, want) {
 			t.Errorf("login OK %q lacks %q", res.Tagged, want)
@@ -46,19 +48,19 @@ func TestGreetingCapabilities(t *testing.T) {
 func TestPoisonedConnDiscarded(t *testing.T) {
 	b := newFakeBackend(t)
 	p := startFakeProxy(t, b, nil)
-	c := dialClient(t, p.addr)
-	c.mustLogin("alice", "secret")
-	c.logout()
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin("alice", "secret")
+	c.Logout()
 	p.waitCached(t, 1)
 
 	b.conn(1).write("* 7 EXISTS\r\n") // conn 0 was the capability probe
 
-	c = dialClient(t, p.addr)
-	res := c.mustLogin("alice", "secret")
-	if res.has("XPROXYREUSE") || res.has("EXISTS") {
+	c = testkit.Dial(t, p.addr)
+	res := c.MustLogin("alice", "secret")
+	if res.Has("XPROXYREUSE") || res.Has("EXISTS") {
 		t.Fatalf("poisoned connection was reused:\n%s", res)
 	}
-	if r := c.cmd("NOOP"); r.has("EXISTS") {
+	if r := c.Cmd("NOOP"); r.Has("EXISTS") {
 		t.Fatalf("stale data reached the new session:\n%s", r)
 	}
 	if st := p.srv.Pool().Stats(); st.ClosedDead != 1 {
@@ -85,13 +87,13 @@ func TestPipelinedLogout(t *testing.T) {
 		return true
 	}
 	p := startFakeProxy(t, b, nil)
-	c := dialClient(t, p.addr)
-	c.mustLogin("alice", "secret")
-	c.send("s1 SEARCH ALL\r\ns2 LOGOUT\r\n")
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin("alice", "secret")
+	c.Send("s1 SEARCH ALL\r\ns2 LOGOUT\r\n")
 	close(release)
 	want := []string{"* SEARCH 1 2", "s1 OK search done", "* BYE Logging out", "s2 OK LOGOUT completed"}
 	for _, w := range want {
-		if got := c.readLine(); got != w {
+		if got := c.ReadLine(); got != w {
 			t.Fatalf("got %q, want %q", got, w)
 		}
 	}
@@ -111,29 +113,29 @@ func TestRefusedLiteral(t *testing.T) {
 		return true
 	}
 	p := startFakeProxy(t, b, nil)
-	c := dialClient(t, p.addr)
-	c.mustLogin("alice", "secret")
-	c.send("a1 APPEND INBOX {99999}\r\n")
-	if got := c.readLine(); got != "a1 NO [TOOBIG] too big" {
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin("alice", "secret")
+	c.Send("a1 APPEND INBOX {99999}\r\n")
+	if got := c.ReadLine(); got != "a1 NO [TOOBIG] too big" {
 		t.Fatalf("APPEND: got %q", got)
 	}
-	if r := c.cmd("NOOP"); !r.ok() {
+	if r := c.Cmd("NOOP"); !r.OK() {
 		t.Fatalf("NOOP after refused literal: %s", r)
 	}
-	c.logout()
+	c.Logout()
 	p.waitCached(t, 1)
 }
 
 func TestLoginRefusalRelayed(t *testing.T) {
 	b := newFakeBackend(t)
 	p := startFakeProxy(t, b, nil)
-	c := dialClient(t, p.addr)
-	res := c.login("alice", "wrong")
+	c := testkit.Dial(t, p.addr)
+	res := c.Login("alice", "wrong")
 	if want := "t1 NO [AUTHENTICATIONFAILED] Authentication failed."; res.Tagged != want {
 		t.Fatalf("got %q, want %q", res.Tagged, want)
 	}
 	// The session stays in the not-authenticated state.
-	c.mustLogin("alice", "secret")
+	c.MustLogin("alice", "secret")
 	if st := p.srv.Pool().Stats(); st.Open != 1 {
 		t.Errorf("open upstream conns = %d, want 1 (the refused one closed)", st.Open)
 	}
@@ -149,13 +151,13 @@ func TestBackendDiesMidSession(t *testing.T) {
 		return true
 	}
 	p := startFakeProxy(t, b, nil)
-	c := dialClient(t, p.addr)
-	c.mustLogin("alice", "secret")
-	c.send("x STATUS INBOX (MESSAGES)\r\n")
-	if got := c.readLine(); !strings.HasPrefix(got, "* BYE") {
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin("alice", "secret")
+	c.Send("x STATUS INBOX (MESSAGES)\r\n")
+	if got := c.ReadLine(); !strings.HasPrefix(got, "* BYE") {
 		t.Fatalf("got %q, want * BYE", got)
 	}
-	if _, err := c.r.ReadByte(); err == nil {
+	if _, err := c.R.ReadByte(); err == nil {
 		t.Fatal("connection still open after BYE")
 	}
 	p.waitIdle(t)
@@ -185,12 +187,12 @@ func TestDirtyStateNotCached(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			b := newFakeBackend(t)
 			p := startFakeProxy(t, b, nil)
-			c := dialClient(t, p.addr)
-			c.mustLogin("alice", "secret")
+			c := testkit.Dial(t, p.addr)
+			c.MustLogin("alice", "secret")
 			for _, cmd := range tt.cmds {
-				c.cmd("%s", cmd)
+				c.Cmd("%s", cmd)
 			}
-			c.logout()
+			c.Logout()
 			p.waitIdle(t)
 			if got := p.srv.Pool().Stats().Cached == 1; got != tt.cached {
 				t.Fatalf("after %q: cached = %v, want %v", tt.cmds, got, tt.cached)
@@ -207,14 +209,14 @@ func TestCommandsRefusedAfterLogin(t *testing.T) {
 		return false
 	}
 	p := startFakeProxy(t, b, nil)
-	c := dialClient(t, p.addr)
-	c.mustLogin("alice", "secret")
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin("alice", "secret")
 	for _, cmd := range []string{"COMPRESS DEFLATE", "STARTTLS", "UNAUTHENTICATE", "LOGIN a b", "AUTHENTICATE PLAIN"} {
-		if r := c.cmd("%s", cmd); !strings.Contains(r.Tagged, " BAD ") {
+		if r := c.Cmd("%s", cmd); !strings.Contains(r.Tagged, " BAD ") {
 			t.Errorf("%s after login: %q, want BAD", cmd, r.Tagged)
 		}
 	}
-	c.logout()
+	c.Logout()
 	p.waitCached(t, 1)
 	for _, f := range forwarded {
 		switch f {
@@ -229,14 +231,14 @@ func TestCommandsRefusedAfterLogin(t *testing.T) {
 func TestShutdownDrains(t *testing.T) {
 	b := newFakeBackend(t)
 	p := startFakeProxy(t, b, nil)
-	c := dialClient(t, p.addr)
-	c.mustLogin("alice", "secret")
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin("alice", "secret")
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := p.srv.Shutdown(ctx); err != nil {
 		t.Fatalf("Shutdown: %v", err)
 	}
-	if got := c.readLine(); got != "* BYE Server shutting down" {
+	if got := c.ReadLine(); got != "* BYE Server shutting down" {
 		t.Fatalf("got %q, want the shutdown BYE", got)
 	}
 	// 1 from the capability probe, 1 from the drained session.
@@ -258,13 +260,13 @@ func TestClientLimits(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			b := newFakeBackend(t)
 			p := startFakeProxy(t, b, tt.mod)
-			c1 := dialClient(t, p.addr)
-			c2 := dialClient(t, p.addr)
-			c3 := dialClient(t, p.addr)
+			c1 := testkit.Dial(t, p.addr)
+			c2 := testkit.Dial(t, p.addr)
+			c3 := testkit.Dial(t, p.addr)
 			if !strings.HasPrefix(c3.Greeting, "* BYE [UNAVAILABLE]") {
 				t.Fatalf("third connection greeted %q, want a BYE", c3.Greeting)
 			}
-			if _, err := c3.r.ReadByte(); err == nil {
+			if _, err := c3.R.ReadByte(); err == nil {
 				t.Fatal("refused connection left open")
 			}
 			if p.srv.Stats().Rejected != 1 {
@@ -273,12 +275,12 @@ func TestClientLimits(t *testing.T) {
 			// Room again once a connection ends (or, for max_preauth,
 			// logs in).
 			if tt.name == "max preauth" {
-				c1.mustLogin("alice", "secret")
+				c1.MustLogin("alice", "secret")
 			} else {
-				c1.logout()
+				c1.Logout()
 				p.waitSessions(t, 1)
 			}
-			c4 := dialClient(t, p.addr)
+			c4 := testkit.Dial(t, p.addr)
 			if strings.HasPrefix(c4.Greeting, "* BYE") {
 				t.Fatalf("no room after a connection left: %q", c4.Greeting)
 			}
@@ -290,20 +292,20 @@ func TestClientLimits(t *testing.T) {
 func TestSessionsPerUser(t *testing.T) {
 	b := newFakeBackend(t)
 	p := startFakeProxy(t, b, func(o *Options) { o.MaxSessionsPerUser = 1 })
-	c1 := dialClient(t, p.addr)
-	c1.mustLogin("alice", "secret")
-	c2 := dialClient(t, p.addr)
-	if res := c2.login("alice", "secret"); res.Tagged != "t1 NO [LIMIT] Too many sessions for this user" {
+	c1 := testkit.Dial(t, p.addr)
+	c1.MustLogin("alice", "secret")
+	c2 := testkit.Dial(t, p.addr)
+	if res := c2.Login("alice", "secret"); res.Tagged != "t1 NO [LIMIT] Too many sessions for this user" {
 		t.Fatalf("second session: %q", res.Tagged)
 	}
 	if n := b.logins.Load(); n != 1 {
 		t.Errorf("backend logins = %d, want 1: the refused login must not reach it", n)
 	}
-	c2.mustLogin("bob", "secret") // other users are not affected
-	c1.logout()
+	c2.MustLogin("bob", "secret") // other users are not affected
+	c1.Logout()
 	p.waitSessions(t, 1)
-	c3 := dialClient(t, p.addr)
-	c3.mustLogin("alice", "secret")
+	c3 := testkit.Dial(t, p.addr)
+	c3.MustLogin("alice", "secret")
 }
 
 // TestSessionsPerUserRelogin: a user at the limit who logs out and logs in
@@ -313,14 +315,14 @@ func TestSessionsPerUserRelogin(t *testing.T) {
 	b := newFakeBackend(t)
 	p := startFakeProxy(t, b, func(o *Options) { o.MaxSessionsPerUser = 1 })
 	for i := range 30 {
-		c := dialClient(t, p.addr)
-		c.mustLogin("alice", "secret")
+		c := testkit.Dial(t, p.addr)
+		c.MustLogin("alice", "secret")
 		// The tagged OK only, not the close: the next login goes out
 		// before the proxy has finished with this session.
-		if res := c.cmd("LOGOUT"); !res.ok() {
+		if res := c.Cmd("LOGOUT"); !res.OK() {
 			t.Fatalf("round %d: LOGOUT: %s", i, res)
 		}
-		defer c.conn.Close()
+		defer c.NetConn.Close()
 	}
 }
 
@@ -342,13 +344,13 @@ func TestBadSelectKeepsSelection(t *testing.T) {
 		return false
 	}
 	p := startFakeProxy(t, b, nil)
-	c := dialClient(t, p.addr)
-	c.mustLogin("alice", "secret")
-	c.cmd("SELECT INBOX")
-	if r := c.cmd("SELECT"); !strings.Contains(r.Tagged, " BAD ") {
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin("alice", "secret")
+	c.Cmd("SELECT INBOX")
+	if r := c.Cmd("SELECT"); !strings.Contains(r.Tagged, " BAD ") {
 		t.Fatalf("SELECT without a mailbox: %q", r.Tagged)
 	}
-	c.logout()
+	c.Logout()
 	p.waitCached(t, 1)
 	mu.Lock()
 	defer mu.Unlock()

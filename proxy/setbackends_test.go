@@ -5,6 +5,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 // waitDrains waits until no drain timer is pending: those scheduled have
@@ -41,11 +43,11 @@ func TestWeightChangeKeepsBackend(t *testing.T) {
 	p := startClusterProxy(t, []string{a.addr(), b.addr()}, func(o *Options) { o.BackendDrain = 20 * time.Millisecond })
 	set := []Backend{{ID: "b0", Addr: a.addr(), Weight: 1}, {ID: "b1", Addr: b.addr(), Weight: 1}}
 	user := p.userOn(t, "b0")
-	active := dialClient(t, p.addr)
-	active.mustLogin(user, "secret")
-	c := dialClient(t, p.addr)
-	c.mustLogin(user, "secret")
-	c.logout()
+	active := testkit.Dial(t, p.addr)
+	active.MustLogin(user, "secret")
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin(user, "secret")
+	c.Logout()
 	p.waitCached(t, 1)
 
 	users := make([]string, 300)
@@ -85,11 +87,11 @@ func TestWeightChangeKeepsBackend(t *testing.T) {
 	if w := p.srv.Backends()[0].Weight; w != 5 {
 		t.Errorf("b0's weight = %d, want 5", w)
 	}
-	if res := active.cmd("NOOP"); !res.ok() {
+	if res := active.Cmd("NOOP"); !res.OK() {
 		t.Errorf("the session on b0 after the weight change: %s", res)
 	}
-	c = dialClient(t, p.addr)
-	if res := c.mustLogin(user, "secret"); !res.has("XPROXYREUSE") {
+	c = testkit.Dial(t, p.addr)
+	if res := c.MustLogin(user, "secret"); !res.Has("XPROXYREUSE") {
 		t.Errorf("the next login did not reuse the cached connection: %s", res)
 	}
 }
@@ -104,20 +106,20 @@ func TestHeldBackendKeepsSessions(t *testing.T) {
 	b0 := Backend{ID: "b0", Addr: a.addr(), Weight: 1}
 	b1 := Backend{ID: "b1", Addr: b.addr(), Weight: 1}
 	user := p.userOn(t, "b0")
-	active := dialClient(t, p.addr)
-	active.mustLogin(user, "secret")
+	active := testkit.Dial(t, p.addr)
+	active.MustLogin(user, "secret")
 
 	p.srv.SetBackends([]Backend{b1})                    // b0 leaves: a drain is scheduled
 	p.srv.SetBackendsHeld([]Backend{b1}, []Backend{b0}) // and is back, held
 	p.waitDrains(t)
-	if res := active.cmd("NOOP"); !res.ok() {
+	if res := active.Cmd("NOOP"); !res.OK() {
 		t.Fatalf("the session on the held backend after the drain time: %s", res)
 	}
 	if n := p.srv.Stats().BackendsDrained; n != 0 {
 		t.Errorf("sessions drained = %d, want 0", n)
 	}
-	c := dialClient(t, p.addr)
-	c.mustLogin(user, "secret")
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin(user, "secret")
 	if b.logins.Load() != 1 {
 		t.Errorf("logins on b1 = %d, want 1: a held backend takes no new login", b.logins.Load())
 	}
@@ -132,7 +134,7 @@ func TestHeldBackendKeepsSessions(t *testing.T) {
 	}
 
 	p.srv.SetBackends([]Backend{b1}) // b0 leaves for real
-	if got := active.readLine(); !strings.HasPrefix(got, "* BYE [UNAVAILABLE]") {
+	if got := active.ReadLine(); !strings.HasPrefix(got, "* BYE [UNAVAILABLE]") {
 		t.Fatalf("the session on b0 after it left got %q, want BYE", got)
 	}
 }

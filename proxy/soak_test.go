@@ -16,6 +16,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 	"github.com/imapproxy/imapproxy/pool"
 )
 
@@ -36,7 +37,7 @@ func TestSoak(t *testing.T) {
 	dc := dovecottest.StartT(t, dovecottest.Options{Name: "soak", Users: 8, Messages: 20, BigMessages: 1})
 	// Warnings only: a trace-level log of minutes of traffic, kept in
 	// memory by the test harness, would be most of the heap measured.
-	logs := &syncBuffer{}
+	logs := &testkit.SyncBuffer{}
 	p := startProxy(t, []*dovecottest.Server{dc}, func(o *Options) {
 		o.Logger = hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: logs})
 		o.Pool = pool.New(pool.Options{Logger: o.Logger.Named("pool")})
@@ -158,7 +159,7 @@ func (s *soakClient) line() (string, error) {
 		l := string(s.buf[:i+1])
 		s.buf = s.buf[i+1:]
 		out.WriteString(l)
-		n, ok := literalSize(strings.TrimRight(l, "\r\n"))
+		n, ok := testkit.LiteralSize(strings.TrimRight(l, "\r\n"))
 		if !ok {
 			return out.String(), nil
 		}
@@ -203,7 +204,7 @@ func soakLogin(addr, user, pass string) (*soakClient, error) {
 	if err != nil {
 		return nil, err
 	}
-	if _, err := s.cmd("LOGIN %s %s", user, quote(pass)); err != nil {
+	if _, err := s.cmd("LOGIN %s %s", user, testkit.Quote(pass)); err != nil {
 		s.c.Close()
 		return nil, err
 	}

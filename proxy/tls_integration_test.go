@@ -6,14 +6,9 @@ package proxy
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"errors"
-	"math/big"
 	"net"
 	"regexp"
 	"strings"
@@ -24,48 +19,17 @@ import (
 
 	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 	"github.com/imapproxy/imapproxy/pool"
 	"github.com/imapproxy/imapproxy/upstream"
 )
-
-// selfSignedCert makes a certificate for 127.0.0.1 and the pool of roots
-// that trusts it.
-func selfSignedCert(t testing.TB) (tls.Certificate, *x509.CertPool) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "imapproxy test"},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1)},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leaf, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	roots := x509.NewCertPool()
-	roots.AddCert(leaf)
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, roots
-}
 
 // startProxyListeners is startProxy with the backends given as they are,
 // one listener per client TLS mode, and no capability probe (a test may
 // mean its backend to fail). It returns the address of each listener.
 func startProxyListeners(t testing.TB, bs []Backend, mod func(*Options), modes ...backend.TLSMode) (*testProxy, map[backend.TLSMode]string) {
 	t.Helper()
-	logs := &syncBuffer{}
+	logs := &testkit.SyncBuffer{}
 	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Trace, Output: logs})
 	opts := Options{
 		Logger: log,
@@ -108,15 +72,15 @@ func startProxyListeners(t testing.TB, bs []Backend, mod func(*Options), modes .
 }
 
 // dialTLSClient connects to an implicit TLS listener.
-func dialTLSClient(t testing.TB, addr string, cfg *tls.Config) *testClient {
+func dialTLSClient(t testing.TB, addr string, cfg *tls.Config) *testkit.Client {
 	t.Helper()
 	d := &net.Dialer{Timeout: 5 * time.Second}
 	conn, err := tls.DialWithDialer(d, "tcp", addr, cfg)
 	if err != nil {
 		t.Fatalf("tls dial %s: %v", addr, err)
 	}
-	c := newTestClient(t, conn)
-	c.Greeting = c.readLine()
+	c := testkit.NewClient(t, conn)
+	c.Greeting = c.ReadLine()
 	return c
 }
 
@@ -125,7 +89,8 @@ func TestClientTLS(t *testing.T) {
 	dc := dovecottest.StartT(t, dovecottest.Options{Users: 1, Messages: 2})
 	user := dovecottest.UserName(1)
 	pass := dc.PasswordOf(user)
-	cert, roots := selfSignedCert(t)
+	kit := testkit.NewCertT(t, "127.0.0.1")
+	cert, roots := kit.KeyPair, kit.Roots
 	p, addrs := startProxyListeners(t, []Backend{{ID: dc.Name, Addr: dc.Addr, Weight: 1}}, func(o *Options) {
 		o.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 		o.RequireTLSForLogin = true
@@ -133,7 +98,7 @@ func TestClientTLS(t *testing.T) {
 	clientTLS := &tls.Config{RootCAs: roots, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12}
 
 	t.Run("cleartext refuses login", func(t *testing.T) {
-		c := dialClient(t, addrs[TLSStartTLS])
+		c := testkit.Dial(t, addrs[TLSStartTLS])
 		for _, want := range []string{" STARTTLS", " LOGINDISABLED"} {
 			if !strings.Contains(c.Greeting, want) {
 				t.Errorf("greeting %q lacks %q", c.Greeting, want)
@@ -142,42 +107,42 @@ func TestClientTLS(t *testing.T) {
 		if strings.Contains(c.Greeting, "AUTH=") {
 			t.Errorf("greeting %q offers AUTH= mechanisms in the clear", c.Greeting)
 		}
-		if res := c.login(user, pass); !strings.Contains(res.Tagged, " NO [PRIVACYREQUIRED]") {
+		if res := c.Login(user, pass); !strings.Contains(res.Tagged, " NO [PRIVACYREQUIRED]") {
 			t.Fatalf("LOGIN in the clear: got %q, want NO [PRIVACYREQUIRED]", res)
 		}
-		if res := c.authPlain("", user, pass, true); !strings.Contains(res.Tagged, " NO [PRIVACYREQUIRED]") {
+		if res := authPlain(c, "", user, pass, true); !strings.Contains(res.Tagged, " NO [PRIVACYREQUIRED]") {
 			t.Fatalf("AUTHENTICATE in the clear: got %q, want NO [PRIVACYREQUIRED]", res)
 		}
-		if res := c.loginLiteral(user, pass, false); !strings.Contains(res.Tagged, " NO [PRIVACYREQUIRED]") {
+		if res := c.LoginLiteral(user, pass, false); !strings.Contains(res.Tagged, " NO [PRIVACYREQUIRED]") {
 			t.Fatalf("LOGIN with literals in the clear: got %q, want NO [PRIVACYREQUIRED]", res)
 		}
 	})
 	t.Run("STARTTLS then login", func(t *testing.T) {
-		c := dialClient(t, addrs[TLSStartTLS])
-		c.startTLS(clientTLS)
-		res := c.cmd("CAPABILITY")
-		if !res.ok() || !res.has(" AUTH=PLAIN") || res.has("STARTTLS") || res.has("LOGINDISABLED") {
+		c := testkit.Dial(t, addrs[TLSStartTLS])
+		c.StartTLS(clientTLS)
+		res := c.Cmd("CAPABILITY")
+		if !res.OK() || !res.Has(" AUTH=PLAIN") || res.Has("STARTTLS") || res.Has("LOGINDISABLED") {
 			t.Fatalf("CAPABILITY after STARTTLS: %s", res)
 		}
-		if res := c.cmd("STARTTLS"); !strings.Contains(res.Tagged, " BAD ") {
+		if res := c.Cmd("STARTTLS"); !strings.Contains(res.Tagged, " BAD ") {
 			t.Fatalf("second STARTTLS: got %q, want BAD", res)
 		}
-		c.mustLogin(user, pass)
-		if res := c.cmd("STATUS INBOX (MESSAGES)"); !res.ok() || !res.has("MESSAGES 2") {
+		c.MustLogin(user, pass)
+		if res := c.Cmd("STATUS INBOX (MESSAGES)"); !res.OK() || !res.Has("MESSAGES 2") {
 			t.Fatalf("STATUS over TLS: %s", res)
 		}
-		if st := c.conn.(*tls.Conn).ConnectionState(); !st.HandshakeComplete {
+		if st := c.NetConn.(*tls.Conn).ConnectionState(); !st.HandshakeComplete {
 			t.Fatal("no TLS handshake")
 		}
-		c.logout()
+		c.Logout()
 		p.waitCached(t, 1)
 	})
 	t.Run("STARTTLS with a pipelined command", func(t *testing.T) {
 		// A command sent in the clear behind STARTTLS could have been
 		// injected: the proxy must not run it.
-		c := dialClient(t, addrs[TLSStartTLS])
-		c.send("s1 STARTTLS\r\ns2 LOGIN " + quote(user) + " " + quote(pass) + "\r\n")
-		lines := c.readToEOF()
+		c := testkit.Dial(t, addrs[TLSStartTLS])
+		c.Send("s1 STARTTLS\r\ns2 LOGIN " + testkit.Quote(user) + " " + testkit.Quote(pass) + "\r\n")
+		lines := c.ReadToEOF()
 		if len(lines) != 1 || !strings.HasPrefix(lines[0], "* BYE") {
 			t.Fatalf("STARTTLS with a command behind it: got %q, want only * BYE and close", lines)
 		}
@@ -187,11 +152,11 @@ func TestClientTLS(t *testing.T) {
 		if !strings.HasPrefix(c.Greeting, "* OK ") || strings.Contains(c.Greeting, "STARTTLS") || strings.Contains(c.Greeting, "LOGINDISABLED") || !strings.Contains(c.Greeting, "AUTH=PLAIN") {
 			t.Fatalf("greeting over implicit TLS: %q", c.Greeting)
 		}
-		if res := c.cmd("STARTTLS"); !strings.Contains(res.Tagged, " BAD ") {
+		if res := c.Cmd("STARTTLS"); !strings.Contains(res.Tagged, " BAD ") {
 			t.Fatalf("STARTTLS on an implicit TLS listener: got %q, want BAD", res)
 		}
-		c.mustLogin(user, pass)
-		c.logout()
+		c.MustLogin(user, pass)
+		c.Logout()
 	})
 	t.Run("implicit TLS, wrong certificate", func(t *testing.T) {
 		cfg := clientTLS.Clone()
@@ -242,8 +207,8 @@ func TestBackendTLS(t *testing.T) {
 				o.Dialer.TLS = tc.dialTLS
 				o.Dialer.TLSConfig = &tls.Config{RootCAs: tc.roots, MinVersion: tls.VersionTLS12}
 			}, TLSNone)
-			c := dialClient(t, p.addr)
-			res := c.login(user, pass)
+			c := testkit.Dial(t, p.addr)
+			res := c.Login(user, pass)
 			if !tc.ok {
 				if !strings.Contains(res.Tagged, " NO [UNAVAILABLE]") {
 					t.Fatalf("LOGIN through an untrusted backend: got %q, want NO [UNAVAILABLE]", res)
@@ -259,13 +224,13 @@ func TestBackendTLS(t *testing.T) {
 				}
 				return
 			}
-			if !res.ok() {
+			if !res.OK() {
 				t.Fatalf("LOGIN: %s", res)
 			}
-			if res := c.cmd("STATUS INBOX (MESSAGES)"); !res.ok() || !res.has("MESSAGES 1") {
+			if res := c.Cmd("STATUS INBOX (MESSAGES)"); !res.OK() || !res.Has("MESSAGES 1") {
 				t.Fatalf("STATUS: %s", res)
 			}
-			c.logout()
+			c.Logout()
 			p.waitCached(t, 1)
 			waitLoginsFor(t, dc, user, 1)
 			// Dovecot marks a login over TLS with "TLS" (a trusted
@@ -275,11 +240,11 @@ func TestBackendTLS(t *testing.T) {
 				t.Fatalf("Dovecot login line %q does not say TLS", line)
 			}
 			// The cached TLS connection passes the liveness check.
-			c = dialClient(t, p.addr)
-			if res := c.mustLogin(user, pass); !res.has("[XPROXYREUSE]") {
+			c = testkit.Dial(t, p.addr)
+			if res := c.MustLogin(user, pass); !res.Has("[XPROXYREUSE]") {
 				t.Fatalf("second login not reused:\n%s", res)
 			}
-			c.logout()
+			c.Logout()
 			p.waitCached(t, 1)
 		})
 	}

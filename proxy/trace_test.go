@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 // TestTrace traces one user against Dovecot: the file has the user's
@@ -20,37 +21,37 @@ func TestTrace(t *testing.T) {
 	u, other := dc.Users()[0], dc.Users()[1]
 	path := filepath.Join(t.TempDir(), "trace.log")
 
-	early := dialClient(t, p.addr)
-	early.mustLogin(u, dc.PasswordOf(u))
+	early := testkit.Dial(t, p.addr)
+	early.MustLogin(u, dc.PasswordOf(u))
 	if err := p.srv.StartTrace(strings.ToUpper(u), path); err != nil {
 		t.Fatal(err)
 	}
 	if err := p.srv.StartTrace(u, path+"2"); !errors.Is(err, ErrTraceActive) {
 		t.Errorf("second StartTrace: %v, want ErrTraceActive", err)
 	}
-	if res := early.cmd("SELECT INBOX"); !res.ok() {
+	if res := early.Cmd("SELECT INBOX"); !res.OK() {
 		t.Fatal(res)
 	}
-	early.logout()
+	early.Logout()
 
-	c := dialClient(t, p.addr)
-	c.mustLogin(u, dc.PasswordOf(u))
-	if res := c.cmd("EXAMINE INBOX"); !res.ok() {
+	c := testkit.Dial(t, p.addr)
+	c.MustLogin(u, dc.PasswordOf(u))
+	if res := c.Cmd("EXAMINE INBOX"); !res.OK() {
 		t.Fatal(res)
 	}
-	if res := c.cmd("UID FETCH 1 (BODY.PEEK[])"); !res.ok() {
+	if res := c.Cmd("UID FETCH 1 (BODY.PEEK[])"); !res.OK() {
 		t.Fatal(res)
 	}
 	// Refused after login, but the line carries a password.
-	if res := c.cmd("LOGIN %s %s", u, quote(dc.PasswordOf(u))); res.ok() {
+	if res := c.Cmd("LOGIN %s %s", u, testkit.Quote(dc.PasswordOf(u))); res.OK() {
 		t.Fatal("LOGIN after login accepted")
 	}
-	c.logout()
+	c.Logout()
 
-	o := dialClient(t, p.addr)
-	o.mustLogin(other, dc.PasswordOf(other))
-	o.cmd("SELECT INBOX")
-	o.logout()
+	o := testkit.Dial(t, p.addr)
+	o.MustLogin(other, dc.PasswordOf(other))
+	o.Cmd("SELECT INBOX")
+	o.Logout()
 
 	info, err := p.srv.StopTrace(u)
 	if err != nil {

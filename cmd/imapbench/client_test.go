@@ -170,9 +170,10 @@ func appendInt(b []byte, n int) []byte {
 	return append(b, byte('0'+n%10))
 }
 
-// scriptedServer reads one command per Read on the server end of a pipe,
-// checks it, and writes the scripted reply. net.Pipe hands a Read at most
-// one Write, so an exact match also proves one write per command.
+// step is one command of a script: the server scripted starts reads one
+// command per Read on the server end of a pipe, checks it, and writes the
+// reply. net.Pipe hands a Read at most one Write, so an exact match also
+// proves one write per command.
 type step struct {
 	want  string // the exact bytes of one write
 	reply string

@@ -18,6 +18,7 @@ import (
 	"github.com/imapproxy/imapproxy/admin"
 	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 	"github.com/imapproxy/imapproxy/pool"
 	"github.com/imapproxy/imapproxy/proxy"
 	"github.com/imapproxy/imapproxy/upstream"
@@ -49,8 +50,8 @@ func (c *cluster) testAdminDrain(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ic.close()
-	if res, err := ic.login(resident, c.password(resident)); err != nil || !res.ok() {
+	defer ic.Close()
+	if res, err := ic.Login(resident, c.password(resident)); err != nil || !res.OK() {
 		t.Fatalf("LOGIN: %v %v", res, err)
 	}
 
@@ -102,7 +103,7 @@ func (c *cluster) testAdminDrain(t *testing.T) {
 			t.Errorf("drained: %s, not on the drained backend, lost its cached connection", u)
 		}
 	}
-	if res, err := ic.cmd("ID NIL"); err != nil || !res.ok() || !strings.Contains(strings.Join(res.untagged, " "), drained.name) {
+	if res, err := ic.Cmd("ID NIL"); err != nil || !res.OK() || !strings.Contains(strings.Join(res.Untagged, " "), drained.name) {
 		t.Errorf("the session on the drained backend: %v %v", res, err)
 	}
 
@@ -175,25 +176,25 @@ func TestAdminAPIAgainstDovecot(t *testing.T) {
 		TraceDir: traceDir,
 	})
 
-	login := func() *imapConn {
+	login := func() *testkit.Conn {
 		t.Helper()
 		c, err := dialIMAP(ln.Addr().String())
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(c.close)
-		if res, err := c.login(user, pass); err != nil || !res.ok() {
+		t.Cleanup(func() { c.Close() })
+		if res, err := c.Login(user, pass); err != nil || !res.OK() {
 			t.Fatalf("LOGIN: %v %s", err, res)
 		}
 		return c
 	}
-	if err := login().logout(); err != nil {
+	if err := login().Logout(); err != nil {
 		t.Fatal(err)
 	}
 	// The second login reuses the first's connection; the third needs a
 	// new one, which its LOGOUT caches before it is answered.
 	active := login()
-	if err := login().logout(); err != nil {
+	if err := login().Logout(); err != nil {
 		t.Fatal(err)
 	}
 	var bodies []string
@@ -203,7 +204,7 @@ func TestAdminAPIAgainstDovecot(t *testing.T) {
 	if err := json.Unmarshal([]byte(body), &u); err != nil {
 		t.Fatal(err)
 	}
-	if u.Active != 1 || len(u.Sessions) != 1 || len(u.Cached) != 1 || u.Sessions[0].Client != active.conn.LocalAddr().String() || u.Sessions[0].User != user {
+	if u.Active != 1 || len(u.Sessions) != 1 || len(u.Cached) != 1 || u.Sessions[0].Client != active.NetConn.LocalAddr().String() || u.Sessions[0].User != user {
 		t.Fatalf("user = %+v", u)
 	}
 	_, _, body = call(h, "GET", "/api/v1/status")
@@ -227,7 +228,7 @@ func TestAdminAPIAgainstDovecot(t *testing.T) {
 		t.Errorf("second start trace = %d %s, want 409", code, body)
 	}
 	traced := login()
-	if res, err := traced.cmd("SELECT INBOX"); err != nil || !res.ok() {
+	if res, err := traced.Cmd("SELECT INBOX"); err != nil || !res.OK() {
 		t.Fatalf("SELECT: %v %s", err, res)
 	}
 	if _, _, body := call(h, "GET", "/api/v1/traces"); !strings.Contains(body, tr.Path) {
@@ -244,7 +245,7 @@ func TestAdminAPIAgainstDovecot(t *testing.T) {
 	if err != nil || !strings.Contains(string(b), "SELECT INBOX") || strings.Contains(string(b), pass) {
 		t.Errorf("trace file (%v):\n%s", err, b)
 	}
-	traced.logout()
+	traced.Logout()
 
 	code, _, body = call(h, "POST", "/api/v1/users/"+user+"/kick")
 	bodies = append(bodies, body)
@@ -252,7 +253,7 @@ func TestAdminAPIAgainstDovecot(t *testing.T) {
 	if code != 200 || json.Unmarshal([]byte(body), &k) != nil || k.Sessions != 1 || k.Cached != 1 {
 		t.Fatalf("kick = %d %s", code, body)
 	}
-	lines, err := active.readToEOF()
+	lines, err := active.ReadToEOF()
 	if err != nil || len(lines) != 1 || !strings.HasPrefix(lines[0], "* BYE [UNAVAILABLE]") {
 		t.Errorf("kicked client got %q (%v), want a BYE [UNAVAILABLE] and EOF", lines, err)
 	}

@@ -61,6 +61,7 @@ import (
 	"github.com/imapproxy/imapproxy/internal/consultest"
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
 	"github.com/imapproxy/imapproxy/internal/faultnet"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 const (
@@ -394,7 +395,7 @@ func (ch *chaos) webmail(user string, count bool, rnd *rand.Rand) error {
 		if err != nil {
 			return err
 		}
-		if strings.Contains(res.tagged, " OK") || len(res.untagged) > 0 {
+		if strings.Contains(res.Tagged, " OK") || len(res.Untagged) > 0 {
 			return fmt.Errorf("session from the cache had a mailbox selected: FETCH gave %s", res)
 		}
 	}
@@ -403,7 +404,7 @@ func (ch *chaos) webmail(user string, count bool, rnd *rand.Rand) error {
 		return err
 	}
 	backend := "?"
-	for _, l := range res.untagged {
+	for _, l := range res.Untagged {
 		if m := idNameRE.FindStringSubmatch(l); m != nil {
 			backend = m[1]
 		}
@@ -518,7 +519,7 @@ func (ch *chaos) abort(user string, rnd *rand.Rand) error {
 var chaosSubjectRE = regexp.MustCompile(`Subject: msg (\d+) for (user\d+)`)
 
 // ownMail checks that res shows exactly want subjects, all of user's.
-func ownMail(user string, res imapResponse, want int) error {
+func ownMail(user string, res testkit.Response, want int) error {
 	ms := chaosSubjectRE.FindAllStringSubmatch(res.String(), -1)
 	for _, m := range ms {
 		if m[2] != user {
@@ -573,7 +574,7 @@ func (ch *chaos) login(user string) (*chaosConn, bool, error) {
 		return nil, false, fmt.Errorf("greeting %q", g)
 	}
 	tag := cc.nextTag()
-	if err := cc.send(fmt.Sprintf("%s LOGIN %s %s\r\n", tag, user, quote(ch.c.password(user)))); err != nil {
+	if err := cc.send(fmt.Sprintf("%s LOGIN %s %s\r\n", tag, user, testkit.Quote(ch.c.password(user)))); err != nil {
 		conn.Close()
 		return nil, false, cc.ended(err)
 	}
@@ -582,14 +583,14 @@ func (ch *chaos) login(user string) (*chaosConn, bool, error) {
 		conn.Close()
 		return nil, false, err
 	}
-	if !res.ok() {
+	if !res.OK() {
 		conn.Close()
-		if strings.Contains(res.tagged, "NO [UNAVAILABLE]") {
+		if strings.Contains(res.Tagged, "NO [UNAVAILABLE]") {
 			return nil, false, errUnavailable
 		}
 		return nil, false, fmt.Errorf("LOGIN: %s", res)
 	}
-	return cc, res.has("* OK [XPROXYREUSE]"), nil
+	return cc, res.HasPrefix("* OK [XPROXYREUSE]"), nil
 }
 
 func (cc *chaosConn) nextTag() string {
@@ -615,7 +616,7 @@ func (cc *chaosConn) line(limit time.Duration, what string) (string, error) {
 		}
 		l = strings.TrimRight(l, "\r\n")
 		b.WriteString(l)
-		n, ok := literalSize(l)
+		n, ok := testkit.LiteralSize(l)
 		if !ok {
 			return b.String(), nil
 		}
@@ -648,31 +649,31 @@ func (cc *chaosConn) ended(err error) error {
 }
 
 // readTagged reads up to the tagged reply to tag, noting a BYE on the way.
-func (cc *chaosConn) readTagged(tag string, limit time.Duration, what string) (imapResponse, error) {
-	var res imapResponse
+func (cc *chaosConn) readTagged(tag string, limit time.Duration, what string) (testkit.Response, error) {
+	var res testkit.Response
 	for {
 		l, err := cc.line(limit, what)
 		if err != nil {
 			return res, err
 		}
 		if strings.HasPrefix(l, tag+" ") {
-			res.tagged = l
+			res.Tagged = l
 			return res, nil
 		}
 		if strings.HasPrefix(l, "* BYE") {
 			cc.bye = l
 		}
-		res.untagged = append(res.untagged, l)
+		res.Untagged = append(res.Untagged, l)
 	}
 }
 
 // cmd sends one command and reads its answer. A BAD or NO is returned in
 // res for the caller to judge.
-func (cc *chaosConn) cmd(format string, a ...any) (imapResponse, error) {
+func (cc *chaosConn) cmd(format string, a ...any) (testkit.Response, error) {
 	tag := cc.nextTag()
 	cmd := fmt.Sprintf(format, a...)
 	if err := cc.send(tag + " " + cmd + "\r\n"); err != nil {
-		return imapResponse{}, cc.ended(err)
+		return testkit.Response{}, cc.ended(err)
 	}
 	name, _, _ := strings.Cut(cmd, " ")
 	return cc.readTagged(tag, stallBound, "waiting for the answer to "+name)
@@ -684,10 +685,10 @@ func (cc *chaosConn) selectInbox(user string) error {
 	if err != nil {
 		return err
 	}
-	if !res.ok() {
+	if !res.OK() {
 		return fmt.Errorf("SELECT INBOX of %s: %s", user, res)
 	}
-	if want := fmt.Sprintf("* %d EXISTS", chaosMessages); !res.has(want) {
+	if want := fmt.Sprintf("* %d EXISTS", chaosMessages); !res.HasPrefix(want) {
 		return fmt.Errorf("SELECT INBOX of %s: no %q in %s", user, want, res)
 	}
 	return nil
@@ -703,7 +704,7 @@ func (cc *chaosConn) logout() error {
 	if err != nil {
 		return err
 	}
-	if !res.ok() || !res.has("* BYE") {
+	if !res.OK() || !res.HasPrefix("* BYE") {
 		return fmt.Errorf("LOGOUT: %s", res)
 	}
 	if _, err := cc.r.ReadByte(); err != io.EOF {

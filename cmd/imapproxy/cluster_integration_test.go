@@ -38,6 +38,7 @@ import (
 	"github.com/imapproxy/imapproxy/balancer"
 	"github.com/imapproxy/imapproxy/internal/consultest"
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 const (
@@ -427,7 +428,7 @@ func (c *cluster) testFailureMovesOnlyItsUsers(t *testing.T) {
 	// Two users outside the sample stay logged in across the change: one
 	// on the failing backend (ended after cluster.backend_drain), one on
 	// another (untouched).
-	var onFailed, onOther *imapConn
+	var onFailed, onOther *testkit.Conn
 	for i := 261; i <= clusterUsers && (onFailed == nil || onOther == nil); i++ {
 		u := dovecottest.UserName(i)
 		home := c.pick(ring, u)
@@ -438,8 +439,8 @@ func (c *cluster) testFailureMovesOnlyItsUsers(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer ic.close()
-		if res, err := ic.login(u, c.password(u)); err != nil || !res.ok() {
+		defer ic.Close()
+		if res, err := ic.Login(u, c.password(u)); err != nil || !res.OK() {
 			t.Fatalf("LOGIN %s: %v %v", u, res, err)
 		}
 		if home == failed.id {
@@ -478,7 +479,7 @@ func (c *cluster) testFailureMovesOnlyItsUsers(t *testing.T) {
 
 	// The session on the failed backend is ended after backend_drain
 	// (1s); the other one goes on.
-	lines, err := onFailed.readToEOF()
+	lines, err := onFailed.ReadToEOF()
 	if err != nil {
 		t.Errorf("session on %s: %v", failed.id, err)
 	}
@@ -486,10 +487,10 @@ func (c *cluster) testFailureMovesOnlyItsUsers(t *testing.T) {
 		t.Errorf("session on %s got %q, want * BYE [UNAVAILABLE] after backend_drain", failed.id, lines)
 	}
 	d.waitMetric(t, "imapproxy_sessions_drained_total", drained0+1)
-	if res, err := onOther.cmd("NOOP"); err != nil || !res.ok() {
+	if res, err := onOther.Cmd("NOOP"); err != nil || !res.OK() {
 		t.Errorf("session on another backend after the drain: NOOP %v %v", res, err)
 	}
-	if err := onOther.logout(); err != nil {
+	if err := onOther.Logout(); err != nil {
 		t.Errorf("session on another backend: %v", err)
 	}
 	// Its connection is cached too from now on.
@@ -689,11 +690,11 @@ func (c *cluster) testGracefulSIGTERM(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer idle.close()
-	if res, err := idle.login(u1, c.password(u1)); err != nil || !res.ok() {
+	defer idle.Close()
+	if res, err := idle.Login(u1, c.password(u1)); err != nil || !res.OK() {
 		t.Fatalf("LOGIN %s: %v %v", u1, res, err)
 	}
-	if res, err := idle.cmd("SELECT INBOX"); err != nil || !res.ok() {
+	if res, err := idle.Cmd("SELECT INBOX"); err != nil || !res.OK() {
 		t.Fatalf("SELECT: %v %v", res, err)
 	}
 	// A second client sits in IDLE: the proxy ends it with DONE first.
@@ -703,14 +704,14 @@ func (c *cluster) testGracefulSIGTERM(t *testing.T) {
 	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	lines, err := idle.readToEOF()
+	lines, err := idle.ReadToEOF()
 	if err != nil {
 		t.Errorf("idle client: %v", err)
 	}
 	if !slices.Contains(lines, "* BYE Server shutting down") {
 		t.Errorf("idle client got %q after SIGTERM, want \"* BYE Server shutting down\"", lines)
 	}
-	lines, err = idler.readToEOF()
+	lines, err = idler.ReadToEOF()
 	if err != nil {
 		t.Errorf("IDLE client: %v", err)
 	}
@@ -799,20 +800,20 @@ func (c *cluster) session(addr, user string) (sessionResult, error) {
 	if err != nil {
 		return r, err
 	}
-	defer ic.close()
-	res, err := ic.login(user, c.password(user))
+	defer ic.Close()
+	res, err := ic.Login(user, c.password(user))
 	if err != nil {
 		return r, fmt.Errorf("LOGIN: %w", err)
 	}
-	if !res.ok() {
+	if !res.OK() {
 		return r, fmt.Errorf("LOGIN: %s", res)
 	}
-	r.reused = res.has("* OK [XPROXYREUSE]")
-	res, err = ic.cmd("ID NIL")
-	if err != nil || !res.ok() {
+	r.reused = res.HasPrefix("* OK [XPROXYREUSE]")
+	res, err = ic.Cmd("ID NIL")
+	if err != nil || !res.OK() {
 		return r, fmt.Errorf("ID: %v %v", res, err)
 	}
-	for _, l := range res.untagged {
+	for _, l := range res.Untagged {
 		if m := idNameRE.FindStringSubmatch(l); m != nil {
 			b := c.byName[m[1]]
 			if b == nil {
@@ -824,7 +825,7 @@ func (c *cluster) session(addr, user string) (sessionResult, error) {
 	if r.backend == "" {
 		return r, fmt.Errorf("no backend name in ID reply %s", res)
 	}
-	if err := ic.logout(); err != nil {
+	if err := ic.Logout(); err != nil {
 		return r, err
 	}
 	return r, nil
@@ -1179,57 +1180,40 @@ func tailLines(s string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// ---------------------------------------------------------------------
-// A tiny IMAP client (after proxy/client_test.go, returning errors so
-// that it can run in worker goroutines)
-
-type imapConn struct {
-	conn     net.Conn
-	r        *bufio.Reader
-	n        int
-	greeting string
-}
-
-func dialIMAP(addr string) (*imapConn, error) {
-	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+// dialIMAP connects to the daemon at addr and wants its "* OK" greeting.
+func dialIMAP(addr string) (*testkit.Conn, error) {
+	c, err := testkit.DialConn(addr)
 	if err != nil {
 		return nil, err
 	}
-	conn.SetDeadline(time.Now().Add(bound))
-	c := &imapConn{conn: conn, r: bufio.NewReader(conn)}
-	if c.greeting, err = c.readLine(); err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("greeting: %w", err)
-	}
-	if !strings.HasPrefix(c.greeting, "* OK") {
-		conn.Close()
-		return nil, fmt.Errorf("greeting %q", c.greeting)
+	c.Timeout = bound
+	if !strings.HasPrefix(c.Greeting, "* OK") {
+		c.Close()
+		return nil, fmt.Errorf("greeting %q", c.Greeting)
 	}
 	return c, nil
 }
 
-func (c *imapConn) close() { c.conn.Close() }
-
 // startIdle logs user in on a new connection to addr, selects INBOX and
 // enters IDLE; it returns the connection and the IDLE command's tag.
-func (c *cluster) startIdle(t *testing.T, addr, user string) (*imapConn, string) {
+func (c *cluster) startIdle(t *testing.T, addr, user string) (*testkit.Conn, string) {
 	t.Helper()
 	ic, err := dialIMAP(addr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(ic.close)
-	if res, err := ic.login(user, c.password(user)); err != nil || !res.ok() {
+	t.Cleanup(func() { ic.Close() })
+	if res, err := ic.Login(user, c.password(user)); err != nil || !res.OK() {
 		t.Fatalf("LOGIN %s: %v %v", user, res, err)
 	}
-	if res, err := ic.cmd("SELECT INBOX"); err != nil || !res.ok() {
+	if res, err := ic.Cmd("SELECT INBOX"); err != nil || !res.OK() {
 		t.Fatalf("SELECT: %v %v", res, err)
 	}
-	tag := ic.nextTag()
-	if err := ic.send(tag + " IDLE\r\n"); err != nil {
+	tag := ic.NextTag()
+	if err := ic.Send(tag + " IDLE\r\n"); err != nil {
 		t.Fatal(err)
 	}
-	if l, err := ic.readLine(); err != nil || !strings.HasPrefix(l, "+") {
+	if l, err := ic.ReadLine(); err != nil || !strings.HasPrefix(l, "+") {
 		t.Fatalf("IDLE: got %q %v, want a continuation", l, err)
 	}
 	return ic, tag
@@ -1247,147 +1231,4 @@ func (c *cluster) flipMaintenance(t *testing.T, agent *consultest.Agent, d *daem
 		t.Fatal(err)
 	}
 	d.waitMetric(t, "imapproxy_backends", float64(len(c.backends)))
-}
-
-func (c *imapConn) nextTag() string {
-	c.n++
-	return "t" + strconv.Itoa(c.n)
-}
-
-func (c *imapConn) send(s string) error {
-	_, err := io.WriteString(c.conn, s)
-	return err
-}
-
-func (c *imapConn) readLine() (string, error) {
-	l, err := c.r.ReadString('\n')
-	if err != nil {
-		return "", fmt.Errorf("read: %w (partial %q)", err, l)
-	}
-	return strings.TrimRight(l, "\r\n"), nil
-}
-
-// imapResponse is everything the server answered to one command.
-type imapResponse struct {
-	untagged []string // literals inlined
-	tagged   string
-}
-
-func (r imapResponse) ok() bool {
-	_, rest, _ := strings.Cut(r.tagged, " ")
-	return strings.HasPrefix(rest, "OK")
-}
-
-func (r imapResponse) has(prefix string) bool {
-	for _, l := range r.untagged {
-		if strings.HasPrefix(l, prefix) {
-			return true
-		}
-	}
-	return false
-}
-
-func (r imapResponse) String() string {
-	return fmt.Sprintf("%q", append(slices.Clone(r.untagged), r.tagged))
-}
-
-func (c *imapConn) cmd(format string, a ...any) (imapResponse, error) {
-	tag := c.nextTag()
-	if err := c.send(tag + " " + fmt.Sprintf(format, a...) + "\r\n"); err != nil {
-		return imapResponse{}, err
-	}
-	var res imapResponse
-	for {
-		l, err := c.readFull()
-		if err != nil {
-			return res, err
-		}
-		if strings.HasPrefix(l, tag+" ") {
-			res.tagged = l
-			return res, nil
-		}
-		res.untagged = append(res.untagged, l)
-	}
-}
-
-// readFull reads one response line with its literals inlined.
-func (c *imapConn) readFull() (string, error) {
-	var b strings.Builder
-	for {
-		l, err := c.readLine()
-		if err != nil {
-			return "", err
-		}
-		b.WriteString(l)
-		n, ok := literalSize(l)
-		if !ok {
-			return b.String(), nil
-		}
-		buf := make([]byte, n)
-		if _, err := io.ReadFull(c.r, buf); err != nil {
-			return "", fmt.Errorf("read literal: %w", err)
-		}
-		b.Write(buf)
-	}
-}
-
-func literalSize(l string) (int, bool) {
-	if !strings.HasSuffix(l, "}") {
-		return 0, false
-	}
-	i := strings.LastIndexByte(l, '{')
-	if i < 0 {
-		return 0, false
-	}
-	n, err := strconv.Atoi(strings.TrimSuffix(l[i+1:len(l)-1], "+"))
-	return n, err == nil
-}
-
-func (c *imapConn) login(user, pass string) (imapResponse, error) {
-	return c.cmd("LOGIN %s %s", quote(user), quote(pass))
-}
-
-// logout sends LOGOUT and wants BYE, the tagged OK and then EOF.
-func (c *imapConn) logout() error {
-	res, err := c.cmd("LOGOUT")
-	if err != nil {
-		return fmt.Errorf("LOGOUT: %w", err)
-	}
-	if !res.ok() || !res.has("* BYE") {
-		return fmt.Errorf("LOGOUT: %s", res)
-	}
-	if _, err := c.r.ReadByte(); err != io.EOF {
-		return fmt.Errorf("after LOGOUT: got %v, want EOF", err)
-	}
-	return nil
-}
-
-// readToEOF reads lines until the server closes the connection.
-func (c *imapConn) readToEOF() ([]string, error) {
-	var lines []string
-	for {
-		l, err := c.r.ReadString('\n')
-		if l != "" {
-			lines = append(lines, strings.TrimRight(l, "\r\n"))
-		}
-		if err == io.EOF {
-			return lines, nil
-		}
-		if err != nil {
-			return lines, fmt.Errorf("read until EOF: %w (so far %q)", err, lines)
-		}
-	}
-}
-
-func quote(s string) string {
-	var b strings.Builder
-	b.WriteByte('"')
-	for i := 0; i < len(s); i++ {
-		if s[i] == '"' || s[i] == '\\' {
-			b.WriteByte('\\')
-		}
-		b.WriteByte(s[i])
-	}
-	b.WriteByte('"')
-	return b.String()
 }

@@ -277,10 +277,10 @@ func (c *cluster) testLastBackendMaintenance(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if res, err := ic.login(user, c.password(user)); err != nil || !strings.Contains(res.String(), "No IMAP server available") {
+	if res, err := ic.Login(user, c.password(user)); err != nil || !strings.Contains(res.String(), "No IMAP server available") {
 		t.Errorf("login during the outage: %v %v, want NO No IMAP server available", res, err)
 	}
-	ic.close()
+	ic.Close()
 	// The outage itself: Consul has no healthy backend for this long.
 	time.Sleep(outage - time.Since(away))
 	if err := agent.Maintenance(last.id, false); err != nil {
@@ -314,11 +314,11 @@ func (c *cluster) testLastBackendMaintenance(t *testing.T) {
 	if strings.Contains(d.log(), "ending sessions on a drained backend") {
 		t.Errorf("sessions were ended on a backend Consul has as healthy")
 	}
-	if err := idle.send("DONE\r\n"); err != nil {
+	if err := idle.Send("DONE\r\n"); err != nil {
 		t.Fatal(err)
 	}
 	for {
-		l, err := idle.readLine()
+		l, err := idle.ReadLine()
 		if err != nil {
 			t.Fatalf("the session on %s after the outage: %v", last.id, err)
 		}

@@ -411,7 +411,7 @@ func (d *daemon) shutdown(ctx context.Context) error {
 	return d.srv.Shutdown(ctx)
 }
 
-// reloadStatus is what the metrics show of reloads.
+// reloadCounts returns what the metrics show of reloads.
 func (d *daemon) reloadCounts() (ok, failed uint64, lastFailed bool) {
 	return d.reloadsOK.Load(), d.reloadsFailed.Load(), d.lastReloadFailed.Load()
 }

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 // testSIGTERMUnderLoad stops the daemon while eight clients run login
@@ -48,7 +49,7 @@ func (c *cluster) testSIGTERMUnderLoad(t *testing.T) {
 			}
 		})
 	}
-	idlers := make([]*imapConn, 4)
+	idlers := make([]*testkit.Conn, 4)
 	idleTags := make([]string, len(idlers))
 	for i := range idlers {
 		idlers[i], idleTags[i] = c.startIdle(t, d.addr, us[len(us)-1-i])
@@ -66,7 +67,7 @@ func (c *cluster) testSIGTERMUnderLoad(t *testing.T) {
 		t.Fatal(err)
 	}
 	for i, ic := range idlers {
-		lines, err := ic.readToEOF()
+		lines, err := ic.ReadToEOF()
 		if err != nil {
 			t.Errorf("IDLE client %d: %v", i, err)
 		}

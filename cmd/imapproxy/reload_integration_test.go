@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"io"
@@ -14,6 +13,7 @@ import (
 	"time"
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 // testReload changes the configuration under a running daemon with
@@ -56,8 +56,8 @@ func (c *cluster) testReload(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer second.close()
-	if res, err := second.login(idleUser, c.password(idleUser)); err != nil || !strings.Contains(res.tagged, "NO [LIMIT]") {
+	defer second.Close()
+	if res, err := second.Login(idleUser, c.password(idleUser)); err != nil || !strings.Contains(res.Tagged, "NO [LIMIT]") {
 		t.Errorf("second session of %s after max_sessions_per_user = 1: %v %v, want NO [LIMIT]", idleUser, res, err)
 	}
 
@@ -81,14 +81,14 @@ func (c *cluster) testReload(t *testing.T) {
 	}
 	raw.SetDeadline(time.Now().Add(bound))
 	raw.Write([]byte("PROXY TCP4 203.0.113.9 127.0.0.1 5555 143\r\n"))
-	pc := &imapConn{conn: raw, r: bufio.NewReader(raw)}
-	if pc.greeting, err = pc.readLine(); err != nil || !strings.HasPrefix(pc.greeting, "* OK") {
-		t.Fatalf("greeting after a PROXY header: %q %v", pc.greeting, err)
+	pc := testkit.NewConn(raw)
+	if pc.Greeting, err = pc.ReadLine(); err != nil || !strings.HasPrefix(pc.Greeting, "* OK") {
+		t.Fatalf("greeting after a PROXY header: %q %v", pc.Greeting, err)
 	}
-	if res, err := pc.login(u, c.password(u)); err != nil || !res.has("* OK [XPROXYREUSE]") {
+	if res, err := pc.Login(u, c.password(u)); err != nil || !res.HasPrefix("* OK [XPROXYREUSE]") {
 		t.Errorf("login through the PROXY header: %v %v, want a reused connection", res, err)
 	}
-	pc.close()
+	pc.Close()
 	if !strings.Contains(d.log(), "client=203.0.113.9:5555") {
 		t.Errorf("the daemon did not log the client address from the PROXY header")
 	}
@@ -126,11 +126,11 @@ func (c *cluster) testReload(t *testing.T) {
 	}
 
 	// The IDLE session lived through both.
-	if err := idler.send("DONE\r\n"); err != nil {
+	if err := idler.Send("DONE\r\n"); err != nil {
 		t.Fatal(err)
 	}
 	for {
-		l, err := idler.readLine()
+		l, err := idler.ReadLine()
 		if err != nil {
 			t.Fatalf("IDLE session after the reloads: %v", err)
 		}

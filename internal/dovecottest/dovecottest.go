@@ -34,6 +34,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 // Options configures an instance. The zero value works.
@@ -56,9 +58,9 @@ type Options struct {
 	// BigMessages is the number of ~1 MiB messages in each user's mailbox
 	// "Big" (Subject "big N for USER"). Default 0: no "Big" mailbox.
 	BigMessages int
-	// TLS enables ssl = yes with a self-signed certificate for 127.0.0.1
-	// and "localhost" made at start (Server.CertPEM); STARTTLS then works
-	// on Port.
+	// TLS enables ssl = yes with a certificate for 127.0.0.1, ::1 and
+	// "localhost" signed by a CA made at start (Server.CertPEM); STARTTLS
+	// then works on Port.
 	TLS bool
 	// ImplicitTLSPort, with TLS, also listens for imaps: >0 is the port,
 	// -1 picks a free one, 0 disables it.
@@ -137,7 +139,7 @@ type Server struct {
 	Addr    string // "127.0.0.1:PORT": plain IMAP, STARTTLS when TLS
 	TLSAddr string // implicit TLS, when enabled
 	Dir     string
-	CertPEM []byte // with TLS: the self-signed server certificate
+	CertPEM []byte // with TLS: the CA that signed the server's certificate, for a client's RootCAs
 
 	confPath   string
 	logPath    string
@@ -315,17 +317,14 @@ func (s *Server) prepare(opts Options) error {
 	}
 
 	if opts.TLS {
-		cert, key, err := selfSigned(s.Name)
+		cert, err := testkit.NewCert("localhost", "127.0.0.1", "::1")
 		if err != nil {
 			return fmt.Errorf("dovecottest: %w", err)
 		}
-		if err := os.WriteFile(filepath.Join(dir, "cert.pem"), cert, 0o644); err != nil {
+		if _, _, _, err := cert.WriteFiles(dir); err != nil {
 			return fmt.Errorf("dovecottest: %w", err)
 		}
-		if err := os.WriteFile(filepath.Join(dir, "key.pem"), key, 0o600); err != nil {
-			return fmt.Errorf("dovecottest: %w", err)
-		}
-		s.CertPEM = cert
+		s.CertPEM = cert.CAPEM
 	}
 	return nil
 }

@@ -1,118 +1,53 @@
 package dovecottest
 
 import (
-	"bufio"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
-	"regexp"
 	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
 const ioTimeout = 10 * time.Second
 
-// client is a tiny raw IMAP client: enough to log in, select and fetch.
-type client struct {
-	t   testing.TB
-	c   net.Conn
-	r   *bufio.Reader
-	tag int
-}
-
-func newClient(t testing.TB, c net.Conn) *client {
-	return &client{t: t, c: c, r: bufio.NewReader(c)}
+// newClient is testkit's client over c, each read bounded by ioTimeout.
+func newClient(t testing.TB, c net.Conn) *testkit.Client {
+	cl := testkit.NewClient(t, c)
+	cl.Timeout = ioTimeout
+	return cl
 }
 
 // dial connects and returns the client with its greeting line.
-func dial(t testing.TB, addr string) (*client, string) {
+func dial(t testing.TB, addr string) (*testkit.Client, string) {
 	t.Helper()
-	c, err := net.DialTimeout("tcp", addr, ioTimeout)
-	if err != nil {
-		t.Fatalf("dial %s: %v", addr, err)
-	}
-	t.Cleanup(func() { c.Close() })
-	cl := newClient(t, c)
-	g, err := cl.line()
-	if err != nil {
-		t.Fatalf("read greeting from %s: %v", addr, err)
-	}
-	return cl, g
-}
-
-var literalRE = regexp.MustCompile(`\{(\d+)\}$`)
-
-// line reads one response line without CRLF; a literal {n} at its end is
-// read and appended together with the rest of the line.
-func (c *client) line() (string, error) {
-	if err := c.c.SetReadDeadline(time.Now().Add(ioTimeout)); err != nil {
-		return "", err
-	}
-	var b strings.Builder
-	for {
-		s, err := c.r.ReadString('\n')
-		b.WriteString(strings.TrimRight(s, "\r\n"))
-		if err != nil {
-			return b.String(), err
-		}
-		m := literalRE.FindStringSubmatch(strings.TrimRight(s, "\r\n"))
-		if m == nil {
-			return b.String(), nil
-		}
-		n, _ := strconv.Atoi(m[1])
-		lit := make([]byte, n)
-		if _, err := io.ReadFull(c.r, lit); err != nil {
-			return b.String(), err
-		}
-		b.Write(lit)
-	}
+	c := testkit.Dial(t, addr)
+	c.Timeout = ioTimeout
+	return c, c.Greeting
 }
 
 // do sends one command and returns the untagged lines and the tagged reply
 // without its tag ("OK ...", "NO ...").
-func (c *client) do(format string, args ...any) (untagged []string, tagged string) {
-	c.t.Helper()
-	c.tag++
-	tag := fmt.Sprintf("t%d", c.tag)
-	if err := c.c.SetWriteDeadline(time.Now().Add(ioTimeout)); err != nil {
-		c.t.Fatal(err)
-	}
-	if _, err := fmt.Fprintf(c.c, "%s %s\r\n", tag, fmt.Sprintf(format, args...)); err != nil {
-		c.t.Fatalf("write %s: %v", tag, err)
-	}
-	for {
-		l, err := c.line()
-		if err != nil {
-			c.t.Fatalf("read reply to %s %s: %v (got %q)", tag, strings.Fields(format)[0], err, l)
-		}
-		if rest, ok := strings.CutPrefix(l, tag+" "); ok {
-			return untagged, rest
-		}
-		untagged = append(untagged, l)
-	}
-}
-
-// login logs in and fails the test unless the server says OK.
-func (c *client) login(user, pw string) {
-	c.t.Helper()
-	if _, r := c.do("LOGIN %s %s", user, pw); !strings.HasPrefix(r, "OK") {
-		c.t.Fatalf("LOGIN %s = %q, want OK", user, r)
-	}
+func do(c *testkit.Client, format string, args ...any) (untagged []string, tagged string) {
+	c.TB().Helper()
+	res := c.Cmd(format, args...)
+	return res.Untagged, res.Status()
 }
 
 // exists selects mailbox and returns its EXISTS count.
-func (c *client) exists(mailbox string) int {
-	c.t.Helper()
-	u, r := c.do("SELECT %s", mailbox)
+func exists(c *testkit.Client, mailbox string) int {
+	t := c.TB()
+	t.Helper()
+	u, r := do(c, "SELECT %s", mailbox)
 	if !strings.HasPrefix(r, "OK") {
-		c.t.Fatalf("SELECT %s = %q, want OK", mailbox, r)
+		t.Fatalf("SELECT %s = %q, want OK", mailbox, r)
 	}
 	for _, l := range u {
 		var n int
@@ -120,15 +55,15 @@ func (c *client) exists(mailbox string) int {
 			return n
 		}
 	}
-	c.t.Fatalf("SELECT %s: no EXISTS in %q", mailbox, u)
+	t.Fatalf("SELECT %s: no EXISTS in %q", mailbox, u)
 	return 0
 }
 
 // readUntilClosed reads until EOF (or a reset) and returns what was read.
-func (c *client) readUntilClosed() ([]string, error) {
+func readUntilClosed(c *testkit.Client) ([]string, error) {
 	var lines []string
 	for {
-		l, err := c.line()
+		l, err := c.Conn.ReadFull()
 		if l != "" {
 			lines = append(lines, l)
 		}
@@ -159,15 +94,15 @@ func TestServer(t *testing.T) {
 
 	t.Run("login and select", func(t *testing.T) {
 		c, _ := dial(t, s.Addr)
-		c.login("user0001", "pw-user0001")
+		c.MustLogin("user0001", "pw-user0001")
 		successful++
-		if u, _ := c.do("ID NIL"); len(u) != 1 || u[0] != `* ID ("name" "backend-t")` {
+		if u, _ := do(c, "ID NIL"); len(u) != 1 || u[0] != `* ID ("name" "backend-t")` {
 			t.Errorf("ID reply = %q, want [* ID (\"name\" \"backend-t\")]", u)
 		}
-		if got := c.exists("INBOX"); got != messages {
+		if got := exists(c, "INBOX"); got != messages {
 			t.Errorf("SELECT INBOX EXISTS = %d, want %d", got, messages)
 		}
-		u, r := c.do("FETCH 1:* (UID BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+		u, r := do(c, "FETCH 1:* (UID BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
 		if !strings.HasPrefix(r, "OK") || len(u) != messages {
 			t.Fatalf("FETCH = %q, %q", u, r)
 		}
@@ -178,10 +113,10 @@ func TestServer(t *testing.T) {
 				t.Errorf("FETCH line %d = %q, want %q...%q", i+1, l, want, subj)
 			}
 		}
-		if got := c.exists("Big"); got != big {
+		if got := exists(c, "Big"); got != big {
 			t.Errorf("SELECT Big EXISTS = %d, want %d", got, big)
 		}
-		u, _ = c.do("FETCH 1 RFC822.SIZE")
+		u, _ = do(c, "FETCH 1 RFC822.SIZE")
 		var size int
 		if len(u) != 1 || func() bool { _, err := fmt.Sscanf(u[0], "* 1 FETCH (RFC822.SIZE %d)", &size); return err != nil }() {
 			t.Fatalf("FETCH RFC822.SIZE = %q", u)
@@ -193,10 +128,10 @@ func TestServer(t *testing.T) {
 
 	t.Run("wrong password", func(t *testing.T) {
 		c, _ := dial(t, s.Addr)
-		if _, r := c.do("LOGIN user0001 nope"); !strings.HasPrefix(r, "NO") {
+		if _, r := do(c, "LOGIN user0001 nope"); !strings.HasPrefix(r, "NO") {
 			t.Errorf("LOGIN with wrong password = %q, want NO", r)
 		}
-		if _, r := c.do("LOGIN user0099 pw-user0099"); !strings.HasPrefix(r, "NO") {
+		if _, r := do(c, "LOGIN user0099 pw-user0099"); !strings.HasPrefix(r, "NO") {
 			t.Errorf("LOGIN of unknown user = %q, want NO", r)
 		}
 	})
@@ -204,7 +139,7 @@ func TestServer(t *testing.T) {
 	t.Run("logins", func(t *testing.T) {
 		for range 2 {
 			c, _ := dial(t, s.Addr)
-			c.login("user0002", "pw-user0002")
+			c.MustLogin("user0002", "pw-user0002")
 			successful++
 		}
 		// The failed logins above must not count: the count reached is
@@ -229,17 +164,17 @@ func TestServer(t *testing.T) {
 			t.Errorf("PasswordOf(user0003) = %q, want fresh", got)
 		}
 		c, _ := dial(t, s.Addr)
-		if _, r := c.do("LOGIN user0003 pw-user0003"); !strings.HasPrefix(r, "NO") {
+		if _, r := do(c, "LOGIN user0003 pw-user0003"); !strings.HasPrefix(r, "NO") {
 			t.Errorf("LOGIN with the old password = %q, want NO", r)
 		}
-		c.login("user0003", "fresh")
+		c.MustLogin("user0003", "fresh")
 		successful++
 		// Same length, same second: still seen.
 		if err := s.SetPassword("user0003", "fresX"); err != nil {
 			t.Fatal(err)
 		}
 		c2, _ := dial(t, s.Addr)
-		c2.login("user0003", "fresX")
+		c2.MustLogin("user0003", "fresX")
 		successful++
 		if got, err := s.WaitLogins(successful, ioTimeout); err != nil || got != successful {
 			t.Errorf("WaitLogins(%d) = %d, %v; want %d", successful, got, err, successful)
@@ -250,23 +185,23 @@ func TestServer(t *testing.T) {
 
 	t.Run("kick", func(t *testing.T) {
 		victim, _ := dial(t, s.Addr)
-		victim.login("user0001", "pw-user0001")
-		victim.exists("INBOX")
+		victim.MustLogin("user0001", "pw-user0001")
+		exists(victim, "INBOX")
 		bystander, _ := dial(t, s.Addr)
-		bystander.login("user0002", "pw-user0002")
+		bystander.MustLogin("user0002", "pw-user0002")
 		successful += 2
 
 		if err := s.Kick("user0001"); err != nil {
 			t.Fatal(err)
 		}
-		lines, err := victim.readUntilClosed()
+		lines, err := readUntilClosed(victim)
 		if err != nil {
 			t.Fatalf("kicked connection not closed: %v (read %q)", err, lines)
 		}
 		if len(lines) == 0 || !strings.HasPrefix(lines[len(lines)-1], "* BYE") {
 			t.Errorf("kicked connection read %q, want a final * BYE", lines)
 		}
-		if _, r := bystander.do("NOOP"); !strings.HasPrefix(r, "OK") {
+		if _, r := do(bystander, "NOOP"); !strings.HasPrefix(r, "OK") {
 			t.Errorf("NOOP of another user after the kick = %q, want OK", r)
 		}
 		if err := s.Kick("user0001"); err != nil {
@@ -276,11 +211,11 @@ func TestServer(t *testing.T) {
 
 	t.Run("kill", func(t *testing.T) {
 		c, _ := dial(t, s.Addr)
-		c.login("user0001", "pw-user0001")
+		c.MustLogin("user0001", "pw-user0001")
 		if err := s.Kill(); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := c.readUntilClosed(); err != nil {
+		if _, err := readUntilClosed(c); err != nil {
 			t.Errorf("connection after Kill: %v, want EOF or reset", err)
 		}
 		conn, err := net.DialTimeout("tcp", s.Addr, ioTimeout)
@@ -326,8 +261,8 @@ func TestTwoInstances(t *testing.T) {
 		if want := "Dovecot ready (" + names[i] + ")."; !strings.Contains(g, want) {
 			t.Errorf("greeting of %s = %q, want %q", s.Addr, g, want)
 		}
-		c.login("user0001", "pw-user0001")
-		if got := c.exists("INBOX"); got != 3+i {
+		c.MustLogin("user0001", "pw-user0001")
+		if got := exists(c, "INBOX"); got != 3+i {
 			t.Errorf("%s: EXISTS = %d, want %d", names[i], got, 3+i)
 		}
 	}
@@ -349,7 +284,7 @@ func TestTwoInstances(t *testing.T) {
 		t.Errorf("dial %s after Stop succeeded", servers[0].Addr)
 	}
 	c, _ := dial(t, servers[1].Addr)
-	c.login("user0002", "pw-user0002")
+	c.MustLogin("user0002", "pw-user0002")
 	if err := servers[0].Stop(); err != nil {
 		t.Errorf("second Stop: %v", err)
 	}
@@ -365,15 +300,15 @@ func TestTLS(t *testing.T) {
 		t.Fatalf("CertPEM holds no certificate: %q", s.CertPEM)
 	}
 
-	starttls := func(t *testing.T, cfg *tls.Config) (*client, error) {
+	starttls := func(t *testing.T, cfg *tls.Config) (*testkit.Client, error) {
 		c, g := dial(t, s.Addr)
 		if !strings.Contains(g, "STARTTLS") {
 			t.Fatalf("greeting %q does not offer STARTTLS", g)
 		}
-		if _, r := c.do("STARTTLS"); !strings.HasPrefix(r, "OK") {
+		if _, r := do(c, "STARTTLS"); !strings.HasPrefix(r, "OK") {
 			t.Fatalf("STARTTLS = %q, want OK", r)
 		}
-		tc := tls.Client(c.c, cfg)
+		tc := tls.Client(c.NetConn, cfg)
 		if err := tc.SetDeadline(time.Now().Add(ioTimeout)); err != nil {
 			t.Fatal(err)
 		}
@@ -389,8 +324,8 @@ func TestTLS(t *testing.T) {
 			if err != nil {
 				t.Fatalf("handshake verifying %s: %v", name, err)
 			}
-			c.login("user0001", "pw-user0001")
-			if got := c.exists("INBOX"); got != 2 {
+			c.MustLogin("user0001", "pw-user0001")
+			if got := exists(c, "INBOX"); got != 2 {
 				t.Errorf("EXISTS over TLS = %d, want 2", got)
 			}
 		})
@@ -410,11 +345,11 @@ func TestTLS(t *testing.T) {
 		}
 		defer tc.Close()
 		c := newClient(t, tc)
-		g, err := c.line()
+		g, err := c.Conn.ReadFull()
 		if err != nil || !strings.Contains(g, "Dovecot ready (secure).") {
 			t.Fatalf("greeting over implicit TLS = %q, %v", g, err)
 		}
-		c.login("user0001", "pw-user0001")
+		c.MustLogin("user0001", "pw-user0001")
 	})
 
 	t.Run("log has no errors or warnings", func(t *testing.T) { checkLogClean(t, s) })
@@ -499,13 +434,13 @@ func TestLarge(t *testing.T) {
 		t.Errorf("Users() = %q, want %q", got, want)
 	}
 	c, _ := dial(t, s.Addr)
-	c.login(LargeUser, "pw-"+LargeUser)
+	c.MustLogin(LargeUser, "pw-"+LargeUser)
 
 	t.Run("inbox", func(t *testing.T) {
-		if got := c.exists("INBOX"); got != messages {
+		if got := exists(c, "INBOX"); got != messages {
 			t.Fatalf("SELECT INBOX EXISTS = %d, want %d", got, messages)
 		}
-		u, r := c.do("UID SEARCH ALL")
+		u, r := do(c, "UID SEARCH ALL")
 		if !strings.HasPrefix(r, "OK") || len(u) != 1 {
 			t.Fatalf("UID SEARCH ALL = %d lines, %q", len(u), r)
 		}
@@ -516,12 +451,12 @@ func TestLarge(t *testing.T) {
 		if len(u[0]) < 100_000 {
 			t.Errorf("UID SEARCH ALL line is %d bytes, want over 100 KB", len(u[0]))
 		}
-		u, r = c.do("SORT (SUBJECT) US-ASCII ALL")
+		u, r = do(c, "SORT (SUBJECT) US-ASCII ALL")
 		if !strings.HasPrefix(r, "OK") || len(u) != 1 || len(strings.Fields(u[0])) != messages+2 {
 			t.Errorf("SORT = %d lines, %q", len(u), r)
 		}
 		// Message N is base 1 + (N-1) mod 100, with UIDs in order.
-		u, _ = c.do("UID FETCH 1,2,101,%d (BODY.PEEK[HEADER.FIELDS (SUBJECT)])", messages)
+		u, _ = do(c, "UID FETCH 1,2,101,%d (BODY.PEEK[HEADER.FIELDS (SUBJECT)])", messages)
 		for i, want := range []string{"large 1", "large 2", "large 1", "large 100"} {
 			if i >= len(u) || !strings.Contains(u[i], "Subject: "+want+"\r\n") {
 				t.Errorf("FETCH subjects = %q, want %q at %d", u, want, i)
@@ -530,10 +465,10 @@ func TestLarge(t *testing.T) {
 	})
 
 	t.Run("recipients", func(t *testing.T) {
-		if got := c.exists("Recipients"); got != 1 {
+		if got := exists(c, "Recipients"); got != 1 {
 			t.Fatalf("SELECT Recipients EXISTS = %d, want 1", got)
 		}
-		u, r := c.do("FETCH 1 (ENVELOPE)")
+		u, r := do(c, "FETCH 1 (ENVELOPE)")
 		if !strings.HasPrefix(r, "OK") || len(u) != 1 {
 			t.Fatalf("FETCH ENVELOPE = %d lines, %q", len(u), r)
 		}
@@ -550,10 +485,10 @@ func TestLarge(t *testing.T) {
 	})
 
 	t.Run("mime", func(t *testing.T) {
-		if got := c.exists("MIME"); got != 1 {
+		if got := exists(c, "MIME"); got != 1 {
 			t.Fatalf("SELECT MIME EXISTS = %d, want 1", got)
 		}
-		u, r := c.do("FETCH 1 (BODYSTRUCTURE)")
+		u, r := do(c, "FETCH 1 (BODYSTRUCTURE)")
 		if !strings.HasPrefix(r, "OK") || len(u) != 1 {
 			t.Fatalf("FETCH BODYSTRUCTURE = %d lines, %q", len(u), r)
 		}
@@ -573,7 +508,7 @@ func TestLarge(t *testing.T) {
 		t.Logf("FETCH 1 (BODYSTRUCTURE): %d bytes", len(u[0]))
 		// The deepest, last leaf is where the tree says it is.
 		path := strings.Repeat(strconv.Itoa(width)+".", depth)
-		u, _ = c.do("FETCH 1 (BODY.PEEK[%s])", strings.TrimSuffix(path, "."))
+		u, _ = do(c, "FETCH 1 (BODY.PEEK[%s])", strings.TrimSuffix(path, "."))
 		if len(u) != 1 || !strings.Contains(u[0], "part 1."+strings.TrimSuffix(path, ".")) {
 			t.Errorf("FETCH of the last leaf = %q", u)
 		}
@@ -581,8 +516,8 @@ func TestLarge(t *testing.T) {
 
 	t.Run("ordinary users unchanged", func(t *testing.T) {
 		c, _ := dial(t, s.Addr)
-		c.login("user0001", "pw-user0001")
-		if got := c.exists("INBOX"); got != 3 {
+		c.MustLogin("user0001", "pw-user0001")
+		if got := exists(c, "INBOX"); got != 3 {
 			t.Errorf("user0001 INBOX EXISTS = %d, want 3", got)
 		}
 	})
@@ -593,8 +528,8 @@ func TestLarge(t *testing.T) {
 func TestPause(t *testing.T) {
 	s := StartT(t, Options{Name: "sleepy", Users: 1, Messages: 1})
 	c, _ := dial(t, s.Addr)
-	c.login("user0001", "pw-user0001")
-	c.exists("INBOX")
+	c.MustLogin("user0001", "pw-user0001")
+	exists(c, "INBOX")
 
 	if err := s.Pause(); err != nil {
 		t.Fatal(err)
@@ -611,7 +546,7 @@ func TestPause(t *testing.T) {
 
 	// A session gets no answer; a new connection is accepted by the
 	// kernel but gets no greeting.
-	if _, err := fmt.Fprintf(c.c, "p1 NOOP\r\n"); err != nil {
+	if _, err := fmt.Fprintf(c.NetConn, "p1 NOOP\r\n"); err != nil {
 		t.Fatal(err)
 	}
 	hang := func(conn net.Conn, what string) {
@@ -624,7 +559,7 @@ func TestPause(t *testing.T) {
 			t.Fatalf("%s of a paused Dovecot: read %d bytes, %v; want a timeout", what, n, err)
 		}
 	}
-	hang(c.c, "NOOP")
+	hang(c.NetConn, "NOOP")
 	fresh, err := net.DialTimeout("tcp", s.Addr, ioTimeout)
 	if err != nil {
 		t.Fatalf("dial a paused Dovecot: %v, want the kernel to accept", err)
@@ -635,14 +570,14 @@ func TestPause(t *testing.T) {
 	if err := s.Resume(); err != nil {
 		t.Fatal(err)
 	}
-	l, err := c.line()
+	l, err := c.Conn.ReadFull()
 	if err != nil || !strings.HasPrefix(l, "p1 OK") {
 		t.Fatalf("NOOP after Resume = %q, %v; want p1 OK", l, err)
 	}
-	if _, r := c.do("NOOP"); !strings.HasPrefix(r, "OK") {
+	if _, r := do(c, "NOOP"); !strings.HasPrefix(r, "OK") {
 		t.Errorf("second NOOP after Resume = %q", r)
 	}
-	g, err := newClient(t, fresh).line()
+	g, err := newClient(t, fresh).Conn.ReadFull()
 	if err != nil || !strings.HasPrefix(g, "* OK") {
 		t.Errorf("greeting after Resume = %q, %v", g, err)
 	}
