@@ -47,6 +47,6 @@ done <<'TARGETS'
 ./imapwire FuzzReadResponse 100000x
 ./imapwire FuzzReadPart 100000x
 ./proxy FuzzPreAuth 10000x
-./proxy FuzzSASLPlain 10000x
+./session FuzzSASLPlain 10000x
 ./internal/proxyproto FuzzRead 100000x
 TARGETS

@@ -13,6 +13,7 @@ import (
 
 	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/proxy"
+	"github.com/imapproxy/imapproxy/session"
 )
 
 // The admin API: JSON under /api/v1/ on the admin listener, for the
@@ -374,7 +375,7 @@ type Trace struct {
 	Bytes   int64     `json:"bytes"`
 }
 
-func toTrace(t proxy.TraceInfo) Trace {
+func toTrace(t session.TraceInfo) Trace {
 	return Trace{User: t.User, Path: t.Path, Started: t.Started.UTC(), Bytes: t.Bytes}
 }
 

@@ -8,6 +8,7 @@ import (
 
 	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/cluster"
+	"github.com/imapproxy/imapproxy/session"
 )
 
 // The operator's view and controls. Everything here returns plain values
@@ -52,7 +53,7 @@ func (s *Server) BackendStatus() []BackendInfo {
 		cached[t.Name()] = t.Len()
 	}
 	active := map[string]int{}
-	for _, ss := range s.activeSessions(func(*relay) bool { return true }) {
+	for _, ss := range s.activeSessions(func(session.Info) bool { return true }) {
 		active[ss.Backend]++
 	}
 	members := set.Members()
@@ -137,28 +138,24 @@ func (s *Server) UserInfo(user string) UserInfo {
 			}
 		}
 	}
-	ui.Sessions = s.activeSessions(func(rl *relay) bool { return ownsKey(user, rl.user) })
+	ui.Sessions = s.activeSessions(func(in session.Info) bool { return ownsKey(user, in.Key) })
 	return ui
 }
 
 // activeSessions describes the relaying sessions whose relay passes match,
 // oldest login first.
-func (s *Server) activeSessions(match func(*relay) bool) []SessionInfo {
+func (s *Server) activeSessions(match func(session.Info) bool) []SessionInfo {
 	var out []SessionInfo
 	s.mu.Lock()
 	for sess := range s.sessions {
-		if rl := sess.rl.Load(); rl != nil && match(rl) {
-			user, authz := rl.user, ""
-			if a, u, ok := strings.Cut(rl.user, "\x00"); ok {
-				user, authz = u, a
-			}
+		if in, ok := sess.Info(); ok && match(in) {
 			out = append(out, SessionInfo{
-				ID:      sess.id,
-				User:    user,
-				AuthzID: authz,
-				Backend: rl.backend.ID,
-				Client:  sess.raw.RemoteAddr().String(),
-				Since:   time.Unix(0, sess.loginAt.Load()),
+				ID:      in.ID,
+				User:    in.User,
+				AuthzID: in.AuthzID,
+				Backend: in.Backend.ID,
+				Client:  in.Client,
+				Since:   in.Since,
 			})
 		}
 	}
@@ -229,7 +226,7 @@ func (s *Server) UndrainBackend(id string) error {
 // connections, on every backend, matching names as UserInfo does. It
 // returns how many of each it ended.
 func (s *Server) KickUser(user string) (sessions, cached int) {
-	var victims []*session
+	var victims []*session.Session
 	s.mu.Lock()
 	// A session between its LOGOUT and caching its connection is no
 	// longer found below: remember the kick, so that such a connection
@@ -245,7 +242,7 @@ func (s *Server) KickUser(user string) (sessions, cached int) {
 	}
 	s.kicked[user] = now
 	for sess := range s.sessions {
-		if rl := sess.rl.Load(); rl != nil && ownsKey(user, rl.user) {
+		if in, ok := sess.Info(); ok && ownsKey(user, in.Key) {
 			victims = append(victims, sess)
 		}
 	}
@@ -253,7 +250,7 @@ func (s *Server) KickUser(user string) (sessions, cached int) {
 	// Sessions first: an evicted session does not cache its connection,
 	// so the tables are emptied after the last of them could have.
 	for _, sess := range victims {
-		sess.evict(replyTo(errKicked, loggedIn, ""))
+		sess.Evict(session.ErrKicked)
 	}
 	for _, t := range s.pool.Tables() {
 		for key := range t.Users() {

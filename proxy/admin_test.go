@@ -300,7 +300,7 @@ func TestUserInfo(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d := p.srv.digest(&upstream.Credentials{User: []byte(user), Pass: []byte(pass)}, "")
+	d := p.srv.shared.Digest(&upstream.Credentials{User: []byte(user), Pass: []byte(pass)}, "")
 	for _, secret := range []string{pass, hex.EncodeToString(d[:]), base64.StdEncoding.EncodeToString(d[:])} {
 		if strings.Contains(string(js), secret) {
 			t.Errorf("UserInfo JSON holds a secret (%q): %s", secret, js)

@@ -11,6 +11,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/imapproxy/imapproxy/internal/dovecottest"
+	"github.com/imapproxy/imapproxy/internal/logx"
 	"github.com/imapproxy/imapproxy/internal/testkit"
 )
 
@@ -137,9 +138,9 @@ func TestLoginFailureDelay(t *testing.T) {
 		s := New(Options{})
 		srvSide, cliSide := net.Pipe()
 		defer cliSide.Close()
-		sess := s.newSession(srvSide, TLSNone)
+		sess := s.newSession(srvSide, &ListenerOptions{TLS: TLSNone})
 		done := make(chan struct{})
-		go func() { sess.serve(); close(done) }()
+		go func() { sess.Serve(); close(done) }()
 		r := bufio.NewReader(cliSide)
 		if g, _ := r.ReadString('\n'); !strings.HasPrefix(g, "* OK") {
 			t.Fatalf("greeting %q", g)
@@ -179,7 +180,7 @@ func TestClip(t *testing.T) {
 		{strings.Repeat("x", 63) + "é" + "y", strings.Repeat("x", 63) + "...(66 bytes)"},
 	}
 	for _, tt := range tests {
-		got := clip(tt.in)
+		got := logx.Clip(tt.in)
 		if got != tt.want {
 			t.Errorf("clip(%.80q) = %q, want %q", tt.in, got, tt.want)
 		}

@@ -11,6 +11,7 @@ import (
 	"unsafe"
 
 	"github.com/imapproxy/imapproxy/internal/testkit"
+	"github.com/imapproxy/imapproxy/session"
 )
 
 // TestPreAuthMemoryBounded: connections that each send the longest chain
@@ -64,7 +65,7 @@ func TestPreAuthMemoryBounded(t *testing.T) {
 		}
 		p.srv.mu.Lock()
 		for sess := range p.srv.sessions {
-			if tc, ok := sess.raw.(*net.TCPConn); ok {
+			if tc, ok := sess.Conn().(*net.TCPConn); ok {
 				queued += sockQueue(t, tc, syscall.TIOCINQ)
 			}
 		}
@@ -181,7 +182,7 @@ func TestRefusalWrittenOutsideLock(t *testing.T) {
 	s := New(Options{MaxClients: 1})
 	a, b := net.Pipe()
 	defer b.Close()
-	first := s.newSession(a, TLSNone)
+	first := s.newSession(a, &ListenerOptions{TLS: TLSNone})
 	if first == nil {
 		t.Fatal("first connection refused")
 	}
@@ -189,8 +190,8 @@ func TestRefusalWrittenOutsideLock(t *testing.T) {
 	c1, c2 := net.Pipe()
 	defer c2.Close()
 	stuck := &stuckConn{Conn: c1, writing: make(chan struct{}), release: make(chan struct{})}
-	refused := make(chan *session)
-	go func() { refused <- s.newSession(stuck, TLSNone) }()
+	refused := make(chan *session.Session)
+	go func() { refused <- s.newSession(stuck, &ListenerOptions{TLS: TLSNone}) }()
 	<-stuck.writing
 	stats := make(chan Stats)
 	go func() { stats <- s.Stats() }()

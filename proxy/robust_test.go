@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/imapproxy/imapproxy/internal/testkit"
+	"github.com/imapproxy/imapproxy/session"
 )
 
 // hugeLine is a response line far over any buffer, with the traps a
@@ -430,7 +431,7 @@ func TestEvictLogsOut(t *testing.T) {
 
 // TestPipelineFlood: a client that pipelines far more commands than may
 // be in flight, to a backend that has not answered yet, gets every
-// answer in order; the relay holds back at maxInFlight instead of
+// answer in order; the relay holds back at session.MaxInFlight instead of
 // growing its list without end.
 func TestPipelineFlood(t *testing.T) {
 	b := newFakeBackend(t)
@@ -448,7 +449,7 @@ func TestPipelineFlood(t *testing.T) {
 	t.Cleanup(func() { once.Do(func() { close(release) }) })
 	c := testkit.Dial(t, p.addr)
 	c.MustLogin("alice", "secret")
-	const n = 3 * maxInFlight
+	const n = 3 * session.MaxInFlight
 	var burst strings.Builder
 	for i := 0; i < n; i++ {
 		fmt.Fprintf(&burst, "f%d NOOP\r\n", i)
@@ -458,22 +459,20 @@ func TestPipelineFlood(t *testing.T) {
 		p.srv.mu.Lock()
 		defer p.srv.mu.Unlock()
 		for sess := range p.srv.sessions {
-			if rl := sess.rl.Load(); rl != nil {
-				rl.mu.Lock()
-				defer rl.mu.Unlock()
-				return len(rl.inflight)
+			if n := sess.InFlight(); n > 0 {
+				return n
 			}
 		}
 		return 0
 	}
 	deadline := time.Now().Add(5 * time.Second)
-	for inflight() < maxInFlight && time.Now().Before(deadline) {
+	for inflight() < session.MaxInFlight && time.Now().Before(deadline) {
 		time.Sleep(time.Millisecond)
 	}
 	// Had the relay not held back, it would go on past the bound.
 	for range 50 {
-		if got := inflight(); got != maxInFlight {
-			t.Fatalf("%d commands in flight, want the bound %d", got, maxInFlight)
+		if got := inflight(); got != session.MaxInFlight {
+			t.Fatalf("%d commands in flight, want the bound %d", got, session.MaxInFlight)
 		}
 		time.Sleep(time.Millisecond)
 	}

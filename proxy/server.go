@@ -6,18 +6,13 @@ package proxy
 
 import (
 	"context"
-	"crypto/hmac"
 	"crypto/rand"
-	"crypto/sha256"
 	"crypto/tls"
 	"errors"
 	"net"
-	"net/netip"
 	"os"
-	"strconv"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -25,8 +20,10 @@ import (
 	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/balancer"
 	"github.com/imapproxy/imapproxy/cluster"
+	"github.com/imapproxy/imapproxy/internal/logx"
 	"github.com/imapproxy/imapproxy/internal/proxyproto"
 	"github.com/imapproxy/imapproxy/pool"
+	"github.com/imapproxy/imapproxy/session"
 	"github.com/imapproxy/imapproxy/upstream"
 )
 
@@ -102,7 +99,7 @@ type Options struct {
 	MaxSessionsPerUser int // logged-in sessions of one user
 
 	// Metrics, if not nil, receive latencies and backend login results.
-	Metrics *Metrics
+	Metrics *session.Metrics
 }
 
 func (o *Options) banner() string {
@@ -169,22 +166,23 @@ func orInt(n, def int) int {
 type Server struct {
 	// opts is replaced whole by SetOptions: a session reads it when it
 	// needs a value, so a reload reaches sessions already running.
-	opts atomic.Pointer[Options]
-	log  hclog.Logger
-	pool *pool.Pool
-	key  [32]byte // HMAC key for credential digests, drawn at start
+	opts          atomic.Pointer[Options]
+	sessionConfig atomic.Pointer[session.Config] // what sessions read of opts
+	log           hclog.Logger
+	pool          *pool.Pool
+	shared        *session.Server // what every session shares
 
 	backends *cluster.Roster          // the backend set, read by every login
 	preCaps  atomic.Pointer[[]string] // latest backend pre-login capabilities
 
 	nextID atomic.Uint64
-	stats  counters
+	stats  counters // the sessions' own are in shared.Stats
 
 	// ctx is cancelled by Close: logins under way toward backends end
 	// with it, as sessions do.
 	ctx    context.Context
 	cancel context.CancelFunc
-	events *eventLog // lines of events clients can repeat at will
+	events *logx.Events // lines of events clients can repeat at will
 
 	// setMu serialises changes of the backend set with acting on them,
 	// and SetOptions.
@@ -203,10 +201,10 @@ type Server struct {
 	preAuthBy map[string]int // connections not yet logged in, by preAuthNet
 	drains    map[*time.Timer]struct{}
 	listeners map[net.Listener]*atomic.Pointer[ListenerOptions]
-	sessions  map[*session]struct{}
-	traces    map[string]*tracer    // by traceKey(user)
-	kicked    map[string]time.Time  // users an operator kicked, and when
-	pending   map[net.Conn]struct{} // from load balancers, header not read yet
+	sessions  map[*session.Session]*member
+	traces    map[string]*session.Tracer // by traceKey(user)
+	kicked    map[string]time.Time       // users an operator kicked, and when
+	pending   map[net.Conn]struct{}      // from load balancers, header not read yet
 	shutdown  bool
 	wg        sync.WaitGroup // sessions
 }
@@ -215,12 +213,12 @@ type Server struct {
 func New(opts Options) *Server {
 	s := &Server{
 		listeners: map[net.Listener]*atomic.Pointer[ListenerOptions]{},
-		sessions:  map[*session]struct{}{},
+		sessions:  map[*session.Session]*member{},
 		drains:    map[*time.Timer]struct{}{},
 		perIP:     map[string]int{},
 		perUser:   map[string]int{},
 		preAuthBy: map[string]int{},
-		events:    newEventLog(eventInterval),
+		events:    logx.NewEvents(logx.Interval),
 	}
 	s.log = opts.Logger
 	if s.log == nil {
@@ -234,14 +232,34 @@ func New(opts Options) *Server {
 	if opts.Dialer == nil {
 		opts.Dialer = &upstream.Dialer{}
 	}
-	s.opts.Store(&opts)
-	if _, err := rand.Read(s.key[:]); err != nil {
-		panic("proxy: no randomness for the credential key: " + err.Error())
-	}
+	s.storeOptions(&opts)
 	s.reserve, _ = os.Open(os.DevNull)
 	s.backends = cluster.New(cluster.Options{Key: opts.HashKey})
 	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.shared = &session.Server{
+		Host: host{s}, Log: s.log, Pool: s.pool, Events: s.events,
+		Stats: &session.Counters{}, Ctx: s.ctx,
+	}
+	if _, err := rand.Read(s.shared.Key[:]); err != nil {
+		panic("proxy: no randomness for the credential key: " + err.Error())
+	}
 	return s
+}
+
+// storeOptions installs opts and the session settings drawn from them.
+func (s *Server) storeOptions(o *Options) {
+	s.opts.Store(o)
+	s.sessionConfig.Store(&session.Config{
+		Dialer: o.Dialer, TLSConfig: o.TLSConfig, RequireTLSForLogin: o.RequireTLSForLogin,
+		Banner: o.Banner, Metrics: o.Metrics,
+		PreAuthTimeout: o.PreAuthTimeout, AuthIdleTimeout: o.AuthIdleTimeout, IdleTimeout: o.IdleTimeout,
+		LiteralTimeout: o.LiteralTimeout, WriteTimeout: o.WriteTimeout, LogoutWait: o.LogoutWait,
+		ResponseTimeout: o.ResponseTimeout,
+		MaxLineLength:   o.MaxLineLength, MaxLiteralPreAuth: o.MaxLiteralPreAuth,
+		MaxCommandPreAuth: o.MaxCommandPreAuth, MaxLiteral: o.MaxLiteral, MaxBadCommands: o.MaxBadCommands,
+		MaxUserLength: o.MaxUserLength, MaxPasswordLength: o.MaxPasswordLength,
+		MaxLoginFailures: o.MaxLoginFailures, LoginFailureDelay: o.LoginFailureDelay,
+	})
 }
 
 func (s *Server) options() *Options { return s.opts.Load() }
@@ -261,7 +279,7 @@ func (s *Server) SetOptions(opts Options) {
 	if opts.Dialer == nil {
 		opts.Dialer = &upstream.Dialer{}
 	}
-	s.opts.Store(&opts)
+	s.storeOptions(&opts)
 	if opts.HashKey != old.HashKey {
 		s.backends.SetKey(opts.HashKey)
 		s.log.Warn("hash_key changed: users are mapped anew", "from", old.HashKey, "to", opts.HashKey)
@@ -294,7 +312,7 @@ func (s *Server) SetBackendsHeld(bs, held []backend.Backend) {
 // change.
 func (s *Server) applyLocked(ch cluster.Change) {
 	for _, id := range ch.Dropped {
-		s.options().Metrics.forget(id)
+		s.options().Metrics.Forget(id)
 	}
 	// Drained backends lose their cached connections but, unlike those
 	// that left, keep their sessions.
@@ -336,19 +354,14 @@ func (s *Server) scheduleDrain(b backend.Backend) {
 			s.mu.Unlock()
 			return
 		}
-		var victims []*session
-		for sess := range s.sessions {
-			if rl := sess.rl.Load(); rl != nil && rl.backend.Same(b) {
-				victims = append(victims, sess)
-			}
-		}
 		s.mu.Unlock()
+		victims := s.sessionsOn(b)
 		if len(victims) > 0 {
 			s.log.Info("ending sessions on a drained backend", "backend", b.ID, "sessions", len(victims))
 		}
 		s.stats.drained.Add(uint64(len(victims)))
 		for _, sess := range victims {
-			sess.evict(replyTo(errDrained, loggedIn, ""))
+			sess.Evict(session.ErrDrained)
 		}
 	})
 	s.drains[t] = struct{}{}
@@ -379,9 +392,7 @@ type Stats struct {
 }
 
 type counters struct {
-	fresh, reused, refused, failed, failovers, down, drained atomic.Uint64
-	rejected, userLimited                                    atomic.Uint64
-	bytesUp, bytesDown                                       atomic.Uint64
+	down, drained, rejected atomic.Uint64
 }
 
 // Stats returns the server's counters.
@@ -391,17 +402,17 @@ func (s *Server) Stats() Stats {
 	s.mu.Unlock()
 	return Stats{
 		Sessions:        n,
-		LoginsFresh:     s.stats.fresh.Load(),
-		LoginsReused:    s.stats.reused.Load(),
-		LoginsRefused:   s.stats.refused.Load(),
-		LoginsFailed:    s.stats.failed.Load(),
-		Failovers:       s.stats.failovers.Load(),
+		LoginsFresh:     s.shared.Stats.Fresh.Load(),
+		LoginsReused:    s.shared.Stats.Reused.Load(),
+		LoginsRefused:   s.shared.Stats.Refused.Load(),
+		LoginsFailed:    s.shared.Stats.Failed.Load(),
+		Failovers:       s.shared.Stats.Failovers.Load(),
 		BackendsDown:    s.stats.down.Load(),
 		BackendsDrained: s.stats.drained.Load(),
 		Rejected:        s.stats.rejected.Load(),
-		UserLimited:     s.stats.userLimited.Load(),
-		BytesToServer:   s.stats.bytesUp.Load(),
-		BytesToClient:   s.stats.bytesDown.Load(),
+		UserLimited:     s.shared.Stats.UserLimited.Load(),
+		BytesToServer:   s.shared.Stats.BytesUp.Load(),
+		BytesToClient:   s.shared.Stats.BytesDown.Load(),
 	}
 }
 
@@ -440,27 +451,6 @@ func (s *Server) backendCaps() []string {
 		return *p
 	}
 	return []string{"IDLE", "ENABLE"}
-}
-
-// digest binds a credential to the process key. The password itself is
-// never kept: only this HMAC, compared in constant time by the pool.
-// A client address, when given, is bound in too: a cached connection is
-// then found only by logins from that address, while the pool still
-// files it under the user, where CloseUser and kicks find it.
-func (s *Server) digest(cr *upstream.Credentials, addr string) pool.Digest {
-	m := hmac.New(sha256.New, s.key[:])
-	m.Write(cr.User)
-	m.Write([]byte{0})
-	m.Write(cr.Authzid)
-	m.Write([]byte{0})
-	m.Write(cr.Pass)
-	if addr != "" {
-		m.Write([]byte{0})
-		m.Write([]byte(addr))
-	}
-	var d pool.Digest
-	m.Sum(d[:0])
-	return d
 }
 
 // Serve accepts connections on l until it fails or the server shuts down.
@@ -515,7 +505,7 @@ func (s *Server) ServeListener(l net.Listener, lo ListenerOptions) error {
 			if down {
 				return ErrServerClosed
 			}
-			if outOfFiles(err) && s.shed(l) {
+			if session.OutOfFiles(err) && s.shed(l) {
 				// A client waiting in the queue was told to come
 				// back later; go on at once with the next.
 				continue
@@ -537,19 +527,15 @@ func (s *Server) ServeListener(l net.Listener, lo ListenerOptions) error {
 			tc.SetNoDelay(true)
 		}
 		lo := opts.Load()
-		tlsMode := lo.TLS
 		if lo.ProxyProtocolFrom.Contains(c.RemoteAddr()) {
 			// The header may be slow to come: read it off the
 			// accept loop.
 			go s.acceptProxied(c, *lo)
 			continue
 		}
-		sess := s.newSession(c, tlsMode)
-		if sess == nil {
-			continue
+		if sess := s.newSession(c, lo); sess != nil {
+			go sess.Serve()
 		}
-		sess.cacheByAddr = lo.CacheByClientAddress
-		go sess.serve()
 	}
 }
 
@@ -578,9 +564,8 @@ func (s *Server) acceptProxied(c net.Conn, lo ListenerOptions) {
 		c.Close()
 		return
 	}
-	if sess := s.newSession(pc, lo.TLS); sess != nil {
-		sess.cacheByAddr = lo.CacheByClientAddress
-		sess.serve()
+	if sess := s.newSession(pc, &lo); sess != nil {
+		sess.Serve()
 	}
 }
 
@@ -601,12 +586,6 @@ func (s *Server) SetListenerOptions(l net.Listener, lo ListenerOptions) error {
 	}
 	opts.Store(&lo)
 	return nil
-}
-
-// outOfFiles reports whether err is the process or the system running out
-// of file descriptors.
-func outOfFiles(err error) bool {
-	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE)
 }
 
 // shed turns away one client waiting in l's accept queue when the process
@@ -653,164 +632,13 @@ func (s *Server) shed(l net.Listener) bool {
 	}
 	s.stats.rejected.Add(1)
 	s.log.Warn("connection refused: out of file descriptors", "client", c.RemoteAddr().String())
-	refuseConn(c, errOutOfFiles)
+	session.Refuse(c, session.ErrOutOfFiles)
 	return true
 }
 
 func isTemporary(err error) bool {
 	var t interface{ Temporary() bool }
 	return errors.As(err, &t) && t.Temporary()
-}
-
-func (s *Server) newSession(c net.Conn, tlsMode backend.TLSMode) *session {
-	ip := remoteIP(c)
-	pnet := preAuthNet(ip)
-	s.mu.Lock()
-	if s.shutdown {
-		s.mu.Unlock()
-		c.Close()
-		return nil
-	}
-	o := s.options()
-	var over string
-	switch {
-	case o.MaxClients > 0 && len(s.sessions) >= o.MaxClients:
-		over = "clients"
-	case o.MaxClientsPerIP > 0 && s.perIP[ip] >= o.MaxClientsPerIP:
-		over = "clients per address"
-	case o.MaxPreAuth > 0 && s.preAuth >= o.MaxPreAuth:
-		over = "connections not logged in"
-	case o.maxPreAuthPerIP() > 0 && s.preAuthBy[pnet] >= o.maxPreAuthPerIP():
-		over = "connections not logged in per address"
-	}
-	if over != "" {
-		s.mu.Unlock()
-		// Written after the lock is let go: a client that does not
-		// read would hold every other accept and login for the write
-		// deadline.
-		s.stats.rejected.Add(1)
-		s.events.log(s.log, hclog.Warn, "refused:"+over, "connection refused: limit reached", "limit", over, "client", c.RemoteAddr().String())
-		refuseConn(c, errTooManyClients)
-		return nil
-	}
-	defer s.mu.Unlock()
-	sess := &session{
-		srv:     s,
-		id:      strconv.FormatUint(s.nextID.Add(1), 36),
-		conn:    c,
-		raw:     c,
-		tlsMode: tlsMode,
-		ip:      ip,
-		preNet:  pnet,
-	}
-	s.sessions[sess] = struct{}{}
-	s.perIP[ip]++
-	s.preAuth++
-	s.preAuthBy[pnet]++
-	s.wg.Add(1)
-	return sess
-}
-
-// preAuthNet is what the per-address pre-login limit counts by: an IPv4
-// address, or the /64 of an IPv6 one, since a subscriber usually has a
-// whole /64 to pick addresses from.
-func preAuthNet(ip string) string {
-	a, err := netip.ParseAddr(ip)
-	if err != nil {
-		return ip
-	}
-	a = a.Unmap()
-	if a.Is4() {
-		return a.String()
-	}
-	p, err := a.Prefix(64)
-	if err != nil {
-		return ip
-	}
-	return p.String()
-}
-
-// leavePreAuthLocked takes a session out of the pre-login counts; the
-// caller holds s.mu.
-func (s *Server) leavePreAuthLocked(sess *session) {
-	s.preAuth--
-	if s.preAuthBy[sess.preNet]--; s.preAuthBy[sess.preNet] <= 0 {
-		delete(s.preAuthBy, sess.preNet)
-	}
-}
-
-func remoteIP(c net.Conn) string {
-	host, _, err := net.SplitHostPort(c.RemoteAddr().String())
-	if err != nil {
-		return c.RemoteAddr().String()
-	}
-	return host
-}
-
-// loggedIn moves a session out of the pre-auth count and counts it for
-// user; it reports false, counting nothing, when user has
-// MaxSessionsPerUser sessions already.
-func (s *Server) loggedIn(sess *session, rl *relay, user string) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if max := s.options().MaxSessionsPerUser; max > 0 && s.perUser[user] >= max {
-		return false
-	}
-	s.perUser[user]++
-	if sess.user == "" {
-		s.leavePreAuthLocked(sess)
-	}
-	sess.user = user
-	// Under the lock StartTrace takes to match sessions by user: a trace
-	// started at any moment finds the session or is found here.
-	if tr := s.traces[traceKey(user)]; tr != nil {
-		rl.trace.Store(tr)
-	}
-	return true
-}
-
-// userFull reports whether user is at MaxSessionsPerUser, so a login can
-// be refused before it costs a backend anything.
-func (s *Server) userFull(user string) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	max := s.options().MaxSessionsPerUser
-	return max > 0 && s.perUser[user] >= max
-}
-
-func (s *Server) endSession(sess *session) {
-	s.mu.Lock()
-	delete(s.sessions, sess)
-	if s.perIP[sess.ip]--; s.perIP[sess.ip] <= 0 {
-		delete(s.perIP, sess.ip)
-	}
-	if sess.user == "" {
-		s.leavePreAuthLocked(sess)
-	} else {
-		s.leaveUserLocked(sess)
-	}
-	s.mu.Unlock()
-	s.wg.Done()
-}
-
-// leaveUser takes a logged-in session out of its user's count before the
-// session is over: when it says its last word. A webmail logs in again
-// the moment the LOGOUT answer arrives, and must not be refused for the
-// session it has just ended.
-func (s *Server) leaveUser(sess *session) {
-	s.mu.Lock()
-	s.leaveUserLocked(sess)
-	s.mu.Unlock()
-}
-
-func (s *Server) leaveUserLocked(sess *session) {
-	if sess.user == "" || sess.userLeft {
-		return
-	}
-	sess.userLeft = true
-	if s.perUser[sess.user]--; s.perUser[sess.user] <= 0 {
-		delete(s.perUser, sess.user)
-	}
 }
 
 // Shutdown stops accepting, asks every session to end at its next command
@@ -828,13 +656,13 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	for c := range s.pending {
 		c.Close()
 	}
-	sessions := make([]*session, 0, len(s.sessions))
+	sessions := make([]*session.Session, 0, len(s.sessions))
 	for sess := range s.sessions {
 		sessions = append(sessions, sess)
 	}
 	s.mu.Unlock()
 	for _, sess := range sessions {
-		sess.drain()
+		sess.Drain()
 	}
 	done := make(chan struct{})
 	go func() { s.wg.Wait(); close(done) }()
@@ -851,7 +679,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	s.dropReserve()
 	s.stopTraces()
-	s.events.close()
+	s.events.Close()
 	return err
 }
 
@@ -878,12 +706,12 @@ func (s *Server) Close() {
 		c.Close()
 	}
 	for sess := range s.sessions {
-		sess.kill()
+		sess.Kill()
 	}
 	s.mu.Unlock()
 	s.dropReserve()
 	s.stopTraces()
-	s.events.close()
+	s.events.Close()
 }
 
 func (s *Server) stopDrainsLocked() {

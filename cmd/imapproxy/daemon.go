@@ -20,6 +20,7 @@ import (
 	"github.com/imapproxy/imapproxy/internal/proxyproto"
 	"github.com/imapproxy/imapproxy/pool"
 	"github.com/imapproxy/imapproxy/proxy"
+	"github.com/imapproxy/imapproxy/session"
 )
 
 // daemon is the running process: the proxy server and the parts around it
@@ -31,8 +32,8 @@ type daemon struct {
 	log     hclog.Logger // the root logger; its level follows log_level
 	srv     *proxy.Server
 	pool    *pool.Pool
-	metrics *proxy.Metrics  // kept across reloads
-	ctx     context.Context // the process's: ends at shutdown
+	metrics *session.Metrics // kept across reloads
+	ctx     context.Context  // the process's: ends at shutdown
 	wg      sync.WaitGroup
 	errc    chan error // a listener that failed for good
 
@@ -130,7 +131,7 @@ func newDaemon(ctx context.Context, path string, cfg *config.Config, log hclog.L
 	if err != nil {
 		return nil, err
 	}
-	opts.Metrics = proxy.NewMetrics()
+	opts.Metrics = session.NewMetrics()
 	d := &daemon{
 		metrics:   opts.Metrics,
 		path:      path,

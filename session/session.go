@@ -1,4 +1,4 @@
-package proxy
+package session
 
 import (
 	"bytes"
@@ -19,6 +19,7 @@ import (
 
 	"github.com/imapproxy/imapproxy/backend"
 	"github.com/imapproxy/imapproxy/imapwire"
+	"github.com/imapproxy/imapproxy/internal/logx"
 	"github.com/imapproxy/imapproxy/internal/proxyproto"
 	"github.com/imapproxy/imapproxy/pool"
 	"github.com/imapproxy/imapproxy/upstream"
@@ -26,7 +27,7 @@ import (
 
 // session is one client connection. It owns conn, and the upstream
 // connection while it is checked out of the pool.
-type session struct {
+type Session struct {
 	srv     *Server
 	id      string
 	conn    net.Conn // the client; replaced by its TLS conn at STARTTLS
@@ -54,17 +55,13 @@ type session struct {
 	rl       atomic.Pointer[relay] // set while relaying
 	loginAt  atomic.Int64          // unix nanoseconds of the login, for the admin view
 
-	// Guarded by srv.mu: the counts this session is in.
-	ip       string
-	preNet   string // preAuthNet(ip)
-	user     string // set when logged in; until then the session counts as pre-auth
-	userLeft bool   // no longer in the user's count (see Server.leaveUser)
+	ip string // the client's address, bound into the cache key by cacheByAddr
 }
 
-func (sess *session) serve() {
-	defer sess.srv.endSession(sess)
+func (sess *Session) serve() {
+	defer sess.srv.Host.Ended(sess)
 	defer sess.conn.Close()
-	sess.log = withFields(sess.srv.log, "session", sess.id, "client", sess.conn.RemoteAddr().String())
+	sess.log = logx.With(sess.srv.Log, "session", sess.id, "client", sess.conn.RemoteAddr().String())
 	defer func() {
 		if p := recover(); p != nil {
 			sess.log.Error("session panic", "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
@@ -79,7 +76,7 @@ func (sess *session) serve() {
 
 // start greets the client and runs the session up to its login; it
 // returns the relay of a logged-in session, nil when the session ended.
-func (sess *session) start() *relay {
+func (sess *Session) start() *relay {
 	if sess.tlsMode == backend.TLSImplicit {
 		if sess.srv.options().TLSConfig == nil {
 			sess.log.Error("implicit TLS listener without a certificate")
@@ -110,21 +107,21 @@ func (sess *session) start() *relay {
 	return rl
 }
 
-func (sess *session) capabilities() string {
+func (sess *Session) capabilities() string {
 	o := sess.srv.options()
 	startTLS := sess.tlsMode == backend.TLSStartTLS && !sess.tls && o.TLSConfig != nil
 	loginDisabled := o.RequireTLSForLogin && !sess.tls
-	return preLoginCaps(sess.srv.backendCaps(), startTLS, loginDisabled)
+	return preLoginCaps(sess.srv.Host.BackendCaps(), startTLS, loginDisabled)
 }
 
-func (sess *session) flush() error { return sess.w.Flush() }
+func (sess *Session) flush() error { return sess.w.Flush() }
 
 // clientDst is the client's socket as the session's Writer sees it: each
 // write gets a fresh write deadline, whether Flush makes it or the Writer
 // does on its own when a burst fills its buffer. A deadline set only at
 // Flush would be stale for the second kind, and a burst after a quiet
 // spell longer than the write timeout would fail at once.
-type clientDst struct{ sess *session }
+type clientDst struct{ sess *Session }
 
 func (d clientDst) Write(p []byte) (int, error) {
 	sess := d.sess
@@ -145,7 +142,7 @@ const lastWordsTimeout = time.Second
 
 // endWithError says goodbye as the error deserves. Ordinary ends of a
 // connection are not worth a log line above debug.
-func (sess *session) endWithError(err error) {
+func (sess *Session) endWithError(err error) {
 	var ne net.Error
 	switch {
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, net.ErrClosed):
@@ -165,11 +162,11 @@ func (sess *session) endWithError(err error) {
 	case errors.Is(err, errTooManyBad):
 		sess.reply(replyTo(err, preLogin, ""))
 		sess.flush()
-		sess.srv.events.log(sess.log, hclog.Info, "too many invalid commands", "too many invalid commands")
+		sess.srv.Events.Log(sess.log, hclog.Info, "too many invalid commands", "too many invalid commands")
 	case errors.Is(err, errTooManyFailures):
 		sess.reply(replyTo(err, preLogin, ""))
 		sess.flush()
-		sess.srv.events.log(sess.log, hclog.Info, "too many failed logins", "too many failed logins")
+		sess.srv.Events.Log(sess.log, hclog.Info, "too many failed logins", "too many failed logins")
 	case errors.Is(err, errLogout):
 	default:
 		sess.log.Debug("session ended", "error", err)
@@ -183,7 +180,7 @@ var (
 )
 
 // bad answers a command error and counts it; too many end the session.
-func (sess *session) bad(st imapwire.Status) error {
+func (sess *Session) bad(st imapwire.Status) error {
 	sess.reply(st)
 	sess.nbad++
 	if sess.nbad >= sess.srv.options().maxBad() {
@@ -194,7 +191,7 @@ func (sess *session) bad(st imapwire.Status) error {
 
 // preAuth runs the not-authenticated state until a login succeeds
 // (returning the relay to run), the client logs out, or an error.
-func (sess *session) preAuth() (*relay, error) {
+func (sess *Session) preAuth() (*relay, error) {
 	o := sess.srv.options()
 	dec := &imapwire.Decoder{
 		R:          sess.r,
@@ -273,9 +270,9 @@ func preAuthArgs(name string) int {
 	return -1
 }
 
-func (sess *session) preAuthCommand(cmd *imapwire.Command) (*relay, error) {
+func (sess *Session) preAuthCommand(cmd *imapwire.Command) (*relay, error) {
 	o := sess.srv.options()
-	sess.log.Trace("command", "tag", clip(cmd.Tag), "command", clip(cmd.Name))
+	sess.log.Trace("command", "tag", logx.Clip(cmd.Tag), "command", logx.Clip(cmd.Name))
 	switch cmd.Name {
 	case "CAPABILITY":
 		if len(cmd.Args) != 0 {
@@ -316,7 +313,7 @@ func (sess *session) preAuthCommand(cmd *imapwire.Command) (*relay, error) {
 
 func isString(t imapwire.Token) bool { return t.Kind == imapwire.String || t.Kind == imapwire.Atom }
 
-func (sess *session) startTLS(cmd *imapwire.Command) error {
+func (sess *Session) startTLS(cmd *imapwire.Command) error {
 	if sess.tlsMode != backend.TLSStartTLS || sess.tls || sess.srv.options().TLSConfig == nil {
 		return sess.bad(badStatus(cmd.Tag, "STARTTLS not available"))
 	}
@@ -350,7 +347,7 @@ const (
 	maxIDValueLen = 1024
 )
 
-func (sess *session) idCommand(cmd *imapwire.Command) error {
+func (sess *Session) idCommand(cmd *imapwire.Command) error {
 	args := cmd.Args
 	var params [][2][]byte
 	switch {
@@ -392,7 +389,7 @@ func (sess *session) idCommand(cmd *imapwire.Command) error {
 // backendID builds the ID parameter list sent to a backend before LOGIN:
 // the client's own fields plus where it really connects from, which
 // Dovecot honours from its login_trusted_networks.
-func (sess *session) backendID() []byte {
+func (sess *Session) backendID() []byte {
 	buf := []byte{'('}
 	add := func(k, v []byte) {
 		if len(buf) > 1 {
@@ -434,7 +431,7 @@ func (sess *session) backendID() []byte {
 
 // authenticate runs AUTHENTICATE PLAIN or LOGIN, with or without an
 // initial response (SASL-IR).
-func (sess *session) authenticate(cmd *imapwire.Command) (*relay, error) {
+func (sess *Session) authenticate(cmd *imapwire.Command) (*relay, error) {
 	if len(cmd.Args) < 1 || len(cmd.Args) > 2 || cmd.Args[0].Kind != imapwire.Atom {
 		return nil, sess.bad(badStatus(cmd.Tag, "AUTHENTICATE expects a mechanism"))
 	}
@@ -517,7 +514,7 @@ func parsePlain(data []byte) (*upstream.Credentials, bool) {
 
 // saslStep sends a continuation request with challenge and reads the
 // client's base64 answer; "*" cancels.
-func (sess *session) saslStep(challenge string) (data []byte, cancel bool, err error) {
+func (sess *Session) saslStep(challenge string) (data []byte, cancel bool, err error) {
 	enc := imapwire.Encoder{W: sess.w}
 	enc.Continuation(challenge)
 	if err := sess.flush(); err != nil {
@@ -554,22 +551,22 @@ func decodeSASL(b []byte) ([]byte, error) {
 // login authenticates the client through its backend: a cached
 // connection of the same user and credential if one is alive, otherwise a
 // new connection and a real LOGIN. The password is cleared before return.
-func (sess *session) login(tag string, cr *upstream.Credentials) (*relay, error) {
+func (sess *Session) login(tag string, cr *upstream.Credentials) (*relay, error) {
 	defer clear(cr.Pass)
 	srv := sess.srv
 	user := string(cr.User)
-	log := withFields(sess.log, "user", clip(user))
+	log := logx.With(sess.log, "user", logx.Clip(user))
 	if answer, bad := sess.checkCredentials(tag, cr); bad {
-		srv.events.log(log, hclog.Info, "login rejected", "login rejected: unacceptable credentials", "reason", untaggedLine(answer))
+		srv.Events.Log(log, hclog.Info, "login rejected", "login rejected: unacceptable credentials", "reason", untaggedLine(answer))
 		return nil, sess.loginFailed(answer)
 	}
 	var addr string
 	if sess.cacheByAddr {
 		addr = sess.ip
 	}
-	digest := srv.digest(cr, addr)
-	set := srv.backends.Load()
-	if srv.userFull(user) {
+	digest := srv.Digest(cr, addr)
+	set := srv.backends()
+	if srv.Host.UserFull(user) {
 		return sess.userLimited(tag, log)
 	}
 	// The mailbox owner picks the backend: the authorization identity
@@ -581,8 +578,8 @@ func (sess *session) login(tag string, cr *upstream.Credentials) (*relay, error)
 	var order [8]backend.Backend
 	candidates := set.Order(pinUser, order[:0])
 	if len(candidates.All) == 0 {
-		srv.stats.failed.Add(1)
-		srv.events.log(log, hclog.Warn, "no backend available", "login failed: no backend available")
+		srv.Stats.Failed.Add(1)
+		srv.Events.Log(log, hclog.Warn, "no backend available", "login failed: no backend available")
 		sess.reply(replyTo(errNoBackend, preLogin, tag))
 		return nil, nil
 	}
@@ -614,9 +611,9 @@ func (sess *session) login(tag string, cr *upstream.Credentials) (*relay, error)
 		if reused {
 			served = "reused"
 			sess.reply(statusReused)
-			srv.stats.reused.Add(1)
+			srv.Stats.Reused.Add(1)
 		} else {
-			srv.stats.fresh.Add(1)
+			srv.Stats.Fresh.Add(1)
 		}
 		m.login(served, start)
 		blog.Info("login", "reused", reused)
@@ -628,35 +625,35 @@ func (sess *session) login(tag string, cr *upstream.Credentials) (*relay, error)
 	attempt := func(b backend.Backend) (rl *relay, done bool, err error) {
 		// Each backend gets the whole login timeout: one that hangs
 		// must not leave none for the user's next backend.
-		ctx, cancel := context.WithTimeout(srv.ctx, srv.dialer().LoginLimit())
+		ctx, cancel := context.WithTimeout(srv.Ctx, srv.dialer().LoginLimit())
 		defer cancel()
-		table := srv.pool.Table(b.ID)
-		blog := withFields(log, "backend", b.ID)
+		table := srv.Pool.Table(b.ID)
+		blog := logx.With(log, "backend", b.ID)
 		if first := candidates.First().ID; b.ID != first {
-			srv.stats.failovers.Add(1)
-			srv.events.log(blog, hclog.Info, "failover:"+first, "failing over to the next backend", "preferred", first)
+			srv.Stats.Failovers.Add(1)
+			srv.Events.Log(blog, hclog.Info, "failover:"+first, "failing over to the next backend", "preferred", first)
 		}
 		if lease, ok := table.Take(ctx, cacheKey, digest); ok {
 			return take(lease.Conn().(*upstream.Conn), b, lease, lease.Born(), true, blog)
 		}
 		lease, err := table.Lease()
 		if err != nil {
-			srv.events.log(blog, hclog.Warn, "connection limit", "login failed: connection limit reached", "error", err)
+			srv.Events.Log(blog, hclog.Warn, "connection limit", "login failed: connection limit reached", "error", err)
 			sess.reply(replyTo(pool.ErrFull, preLogin, tag))
 			return nil, true, nil
 		}
 		dialStart := time.Now()
 		up, err := srv.dialer().Dial(ctx, b)
-		if !outOfFiles(err) {
+		if !OutOfFiles(err) {
 			m.dial(b.ID, dialStart, err)
 		}
 		if err != nil {
 			lease.Release()
-			if outOfFiles(err) {
+			if OutOfFiles(err) {
 				// Our trouble, not the backend's: marking it down
 				// would move its users for nothing.
 				blog.Error("login failed: out of file descriptors", "error", err)
-				sess.reply(replyTo(errOutOfFiles, preLogin, tag))
+				sess.reply(replyTo(ErrOutOfFiles, preLogin, tag))
 				return nil, true, nil
 			}
 			srv.markDown(b.ID, fmt.Errorf("dial: %w", err))
@@ -664,14 +661,14 @@ func (sess *session) login(tag string, cr *upstream.Credentials) (*relay, error)
 			return nil, false, nil
 		}
 		caps := up.PreCaps()
-		srv.preCaps.Store(&caps)
+		srv.Host.SawCaps(caps)
 		var id []byte
 		if srv.dialer().ForwardID {
 			id = sess.backendID()
 		}
 		// Close (the end of a shutdown's grace) cuts a login that
 		// waits on a hung backend, as it cuts sessions.
-		res, err := up.Login(srv.ctx, cr, id)
+		res, err := up.Login(srv.Ctx, cr, id)
 		if err != nil {
 			m.backendLogin(b.ID, "error")
 			lease.Abort(up)
@@ -681,9 +678,9 @@ func (sess *session) login(tag string, cr *upstream.Credentials) (*relay, error)
 				// login (Dovecot drops one whose user name it
 				// cannot take), and must not send every user of
 				// the backend elsewhere, nor this one.
-				srv.stats.failed.Add(1)
+				srv.Stats.Failed.Add(1)
 				m.login("failed", start)
-				srv.events.log(blog, hclog.Warn, "ended:"+b.ID, "login failed: backend ended the connection", "error", err)
+				srv.Events.Log(blog, hclog.Warn, "ended:"+b.ID, "login failed: backend ended the connection", "error", err)
 				return nil, true, sess.loginFailed(replyTo(errBackendEnded, preLogin, tag))
 			}
 			// Greeting and not answering: the backend is sick.
@@ -702,10 +699,10 @@ func (sess *session) login(tag string, cr *upstream.Credentials) (*relay, error)
 			}
 			// The backend's answer stands: a wrong password is the
 			// client's to know, and caches nothing and evicts nothing.
-			srv.stats.refused.Add(1)
+			srv.Stats.Refused.Add(1)
 			m.backendLogin(b.ID, "refused")
 			m.login("refused", start)
-			srv.events.log(blog, hclog.Info, "refused:"+b.ID, "login refused by backend", "status", res.Status)
+			srv.Events.Log(blog, hclog.Info, "refused:"+b.ID, "login refused by backend", "status", res.Status)
 			return nil, true, sess.loginFailed(refusal(tag, res.Status, res.Text))
 		}
 		m.backendLogin(b.ID, "ok")
@@ -716,21 +713,21 @@ func (sess *session) login(tag string, cr *upstream.Credentials) (*relay, error)
 			return rl, err
 		}
 	}
-	srv.stats.failed.Add(1)
+	srv.Stats.Failed.Add(1)
 	m.login("failed", start)
 	if refused != nil {
-		srv.events.log(log, hclog.Warn, "every backend unavailable", "login failed: every backend refused as unavailable")
+		srv.Events.Log(log, hclog.Warn, "every backend unavailable", "login failed: every backend refused as unavailable")
 		sess.reply(refusal(tag, refused.Status, refused.Text))
 		return nil, nil
 	}
-	if srv.backends.Load().Len() == 0 {
+	if srv.backends().Len() == 0 {
 		// The backends left the set while the login was under way:
 		// answer as the next login will be answered.
-		srv.events.log(log, hclog.Warn, "no backend available", "login failed: no backend available", "error", lastErr)
+		srv.Events.Log(log, hclog.Warn, "no backend available", "login failed: no backend available", "error", lastErr)
 		sess.reply(replyTo(errNoBackend, preLogin, tag))
 		return nil, nil
 	}
-	srv.events.log(log, hclog.Warn, "no backend reachable", "login failed: no backend reachable", "error", lastErr)
+	srv.Events.Log(log, hclog.Warn, "no backend reachable", "login failed: no backend reachable", "error", lastErr)
 	sess.reply(replyTo(errUnreachable, preLogin, tag))
 	return nil, nil
 }
@@ -739,7 +736,7 @@ func (sess *session) login(tag string, cr *upstream.Credentials) (*relay, error)
 // should see, and false for acceptable ones. NUL, CR and LF would change
 // the meaning of a SASL PLAIN message or a LOGIN line; over-long ones make
 // Dovecot drop the connection instead of answering.
-func (sess *session) checkCredentials(tag string, cr *upstream.Credentials) (imapwire.Status, bool) {
+func (sess *Session) checkCredentials(tag string, cr *upstream.Credentials) (imapwire.Status, bool) {
 	o := sess.srv.options()
 	switch {
 	case len(cr.User) > o.maxUserLength() || len(cr.Authzid) > o.maxUserLength():
@@ -758,7 +755,7 @@ func (sess *session) checkCredentials(tag string, cr *upstream.Credentials) (ima
 // LoginFailureDelay, and ends the session after
 // MaxLoginFailures of them: a client that guesses, or that sends what
 // makes a backend fail, gets few tries per connection and those slowly.
-func (sess *session) loginFailed(answer imapwire.Status) error {
+func (sess *Session) loginFailed(answer imapwire.Status) error {
 	o := sess.srv.options()
 	sess.nfail++
 	if d := o.loginFailureDelay(); d > 0 {
@@ -767,7 +764,7 @@ func (sess *session) loginFailed(answer imapwire.Status) error {
 		t := time.NewTimer(d)
 		select {
 		case <-t.C:
-		case <-sess.srv.ctx.Done():
+		case <-sess.srv.Ctx.Done():
 			t.Stop()
 		}
 	}
@@ -792,27 +789,31 @@ var (
 // the login was under way. Registering first and checking second means a
 // drain of that backend either finds the session or the session finds the
 // backend gone: no session can slip past both.
-func (sess *session) adopt(rl *relay, user string) error {
+func (sess *Session) adopt(rl *relay, user string) error {
 	sess.loginAt.Store(time.Now().UnixNano())
 	sess.rl.Store(rl)
-	if !sess.srv.backends.Load().Serves(rl.backend) {
+	if !sess.srv.backends().Serves(rl.backend) {
 		sess.rl.Store(nil)
 		return errBackendLeft
 	}
-	if !sess.srv.loggedIn(sess, rl, user) {
+	tr, ok := sess.srv.Host.LoggedIn(sess, user)
+	if !ok {
 		// Another login of the user took the last place meanwhile.
 		sess.rl.Store(nil)
 		return errUserLimit
 	}
+	if tr != nil {
+		rl.trace.Store(tr)
+	}
 	if tr := rl.trace.Load(); tr != nil {
-		tr.event(fmt.Sprintf("session %s of %s from %s logged in on %s", sess.id, user, sess.conn.RemoteAddr(), rl.backend.ID))
+		tr.Event(fmt.Sprintf("session %s of %s from %s logged in on %s", sess.id, user, sess.conn.RemoteAddr(), rl.backend.ID))
 	}
 	return nil
 }
 
-func (sess *session) userLimited(tag string, log hclog.Logger) (*relay, error) {
-	sess.srv.stats.userLimited.Add(1)
-	sess.srv.events.log(log, hclog.Warn, "user limit", "login refused: too many sessions for this user")
+func (sess *Session) userLimited(tag string, log hclog.Logger) (*relay, error) {
+	sess.srv.Stats.UserLimited.Add(1)
+	sess.srv.Events.Log(log, hclog.Warn, "user limit", "login refused: too many sessions for this user")
 	sess.reply(replyTo(errUserLimit, preLogin, tag))
 	return nil, nil
 }
@@ -839,7 +840,7 @@ func sanitizeText(b []byte) string {
 }
 
 // drain asks the session to end at its next command boundary.
-func (sess *session) drain() {
+func (sess *Session) drain() {
 	sess.draining.Store(true)
 	if rl := sess.rl.Load(); rl != nil {
 		rl.drain()
@@ -851,7 +852,7 @@ func (sess *session) drain() {
 
 // evict ends a logged-in session with a BYE of the proxy's own: its
 // backend left the set, or an operator asked (see relay.evict).
-func (sess *session) evict(msg imapwire.Status) {
+func (sess *Session) evict(msg imapwire.Status) {
 	if rl := sess.rl.Load(); rl != nil {
 		rl.evict(msg)
 	}
@@ -859,7 +860,7 @@ func (sess *session) evict(msg imapwire.Status) {
 
 // kill ends the session at once: both connections are closed under the
 // session's feet. Shutdown's drain is the polite way.
-func (sess *session) kill() {
+func (sess *Session) kill() {
 	sess.raw.Close()
 	if rl := sess.rl.Load(); rl != nil {
 		rl.up.Abort()

@@ -1,4 +1,4 @@
-package proxy
+package logx
 
 import (
 	"bytes"
@@ -11,10 +11,10 @@ import (
 func TestFieldLogger(t *testing.T) {
 	var out bytes.Buffer
 	base := hclog.New(&hclog.LoggerOptions{Output: &out, Level: hclog.Info, DisableTime: true})
-	sess := withFields(base, "session", "s1", "client", "127.0.0.1:1")
+	sess := With(base, "session", "s1", "client", "127.0.0.1:1")
 	// Two users derived from one session must not share their fields
 	// (append into a shared array would give both the last user).
-	a := withFields(sess, "user", "alice")
+	a := With(sess, "user", "alice")
 	b := sess.With("user", "bob")
 
 	a.Info("login", "reused", true)
@@ -50,7 +50,7 @@ func TestFieldLogger(t *testing.T) {
 // every command path.
 func TestFieldLoggerDisabledAllocs(t *testing.T) {
 	base := hclog.New(&hclog.LoggerOptions{Output: &bytes.Buffer{}, Level: hclog.Info})
-	l := withFields(base, "session", "s1", "user", "alice")
+	l := With(base, "session", "s1", "user", "alice")
 	allocs := testing.AllocsPerRun(100, func() { l.Debug("not caching", "reason", "selected") })
 	if allocs != 0 {
 		t.Errorf("Debug below the level: %v allocations, want 0", allocs)

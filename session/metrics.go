@@ -1,4 +1,4 @@
-package proxy
+package session
 
 import (
 	"time"
@@ -52,9 +52,9 @@ func (m *Metrics) Collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.Dial, m.Login, m.BackendLogins}
 }
 
-// forget drops the series of a backend that left the set, so that a
+// Forget drops the series of a backend that left the set, so that a
 // cluster whose instance IDs change does not grow them for ever.
-func (m *Metrics) forget(backend string) {
+func (m *Metrics) Forget(backend string) {
 	if m == nil {
 		return
 	}

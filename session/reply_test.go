@@ -1,4 +1,4 @@
-package proxy
+package session
 
 import (
 	"go/ast"
@@ -27,15 +27,15 @@ const (
 var failureClasses = map[error]failureClass{
 	errSyntax:                 clientSyntax,
 	imapwire.ErrLineTooLong:   clientSyntax,
-	errTooManyClients:         retryLater,
-	errOutOfFiles:             retryLater,
+	ErrTooManyClients:         retryLater,
+	ErrOutOfFiles:             retryLater,
 	pool.ErrFull:              retryLater,
 	errNoBackend:              retryLater,
 	errUnreachable:            retryLater,
 	errBackendEnded:           retryLater,
 	errBackendTimeout:         retryLater,
-	errDrained:                retryLater,
-	errKicked:                 retryLater,
+	ErrDrained:                retryLater,
+	ErrKicked:                 retryLater,
 	errUserLimit:              limitReached,
 	errUserTooLong:            limitReached,
 	errPassTooLong:            limitReached,
@@ -112,8 +112,8 @@ func TestReplies(t *testing.T) {
 		{errUserTooLong, preLogin, "a NO [LIMIT] User name too long (at most 7 bytes)\r\n"},
 		{&imapwire.SyntaxError{Msg: "bad tag"}, loggedIn, "a BAD Error in IMAP command: bad tag\r\n"},
 		{imapwire.ErrNonSyncTooBig, loggedIn, "* BYE [TOOBIG] Literal too big\r\n"},
-		{errTooManyClients, accepting, "* BYE [UNAVAILABLE] Too many connections, try again later\r\n"},
-		{errKicked, loggedIn, "* BYE [UNAVAILABLE] Session ended by the administrator, please reconnect\r\n"},
+		{ErrTooManyClients, accepting, "* BYE [UNAVAILABLE] Too many connections, try again later\r\n"},
+		{ErrKicked, loggedIn, "* BYE [UNAVAILABLE] Session ended by the administrator, please reconnect\r\n"},
 	} {
 		var args []any
 		if tt.err == errUserTooLong {
@@ -143,7 +143,7 @@ func encodeStatus(t *testing.T, st imapwire.Status) string {
 	return b.String()
 }
 
-// TestReplyCoverage reads the proxy's source: every sentinel of another
+// TestReplyCoverage reads the session package: every sentinel of another
 // package that the proxy uses must have a reply, and every replyTo call
 // with a named failure and phase must find its entry.
 func TestReplyCoverage(t *testing.T) {
@@ -170,7 +170,7 @@ func TestReplyCoverage(t *testing.T) {
 	}
 	phases := map[string]phase{"accepting": accepting, "preLogin": preLogin, "loggedIn": loggedIn}
 	calls := 0
-	for _, f := range pkgs["proxy"].Files {
+	for _, f := range pkgs["session"].Files {
 		ast.Inspect(f, func(n ast.Node) bool {
 			switch n := n.(type) {
 			case *ast.SelectorExpr:
@@ -249,13 +249,13 @@ func errName(e error, exported map[string]error) string {
 }
 
 var proxyErrors = map[string]error{
-	"errTooManyClients": errTooManyClients, "errOutOfFiles": errOutOfFiles, "errNoBackend": errNoBackend,
+	"ErrTooManyClients": ErrTooManyClients, "ErrOutOfFiles": ErrOutOfFiles, "errNoBackend": errNoBackend,
 	"errUnreachable": errUnreachable, "errBackendEnded": errBackendEnded, "errUserTooLong": errUserTooLong,
 	"errPassTooLong": errPassTooLong, "errUserChars": errUserChars, "errPassChars": errPassChars,
 	"errNeedTLS": errNeedTLS, "errMechanism": errMechanism, "errPipelinedTLS": errPipelinedTLS,
 	"errSyntax": errSyntax, "errIdle": errIdle, "errShutdown": errShutdown,
-	"errBackendTimeout": errBackendTimeout, "errBackendLost": errBackendLost, "errDrained": errDrained,
-	"errKicked": errKicked, "errUserLimit": errUserLimit, "errTooManyBad": errTooManyBad,
+	"errBackendTimeout": errBackendTimeout, "errBackendLost": errBackendLost, "ErrDrained": ErrDrained,
+	"ErrKicked": ErrKicked, "errUserLimit": errUserLimit, "errTooManyBad": errTooManyBad,
 	"errTooManyFailures": errTooManyFailures,
 }
 

@@ -1,4 +1,4 @@
-package proxy
+package session
 
 import (
 	"errors"
@@ -6,6 +6,8 @@ import (
 	"net"
 	"strings"
 	"time"
+
+	"syscall"
 
 	"github.com/imapproxy/imapproxy/imapwire"
 	"github.com/imapproxy/imapproxy/pool"
@@ -38,10 +40,20 @@ var phaseNames = [...]string{accepting: "accepting", preLogin: "pre-login", logg
 
 func (p phase) String() string { return phaseNames[p] }
 
+// Failures the server hands to Refuse and Session.Evict.
+var (
+	// ErrTooManyClients: a client limit turned the connection away.
+	ErrTooManyClients = errors.New("too many client connections")
+	// ErrOutOfFiles: the process ran out of descriptors.
+	ErrOutOfFiles = errors.New("out of file descriptors")
+	// ErrDrained: the session's backend left the set or was drained.
+	ErrDrained = errors.New("backend taken out of service")
+	// ErrKicked: an operator ended the user's sessions.
+	ErrKicked = errors.New("session ended by the administrator")
+)
+
 // Failures the proxy answers that no other package names.
 var (
-	errTooManyClients = errors.New("too many client connections")
-	errOutOfFiles     = errors.New("out of file descriptors")
 	errNoBackend      = errors.New("no backend available")
 	errUnreachable    = errors.New("no backend reachable")
 	errBackendEnded   = errors.New("backend ended the connection during login")
@@ -57,8 +69,6 @@ var (
 	errShutdown       = errors.New("server shutting down")
 	errBackendTimeout = errors.New("backend not responding")
 	errBackendLost    = errors.New("backend connection lost")
-	errDrained        = errors.New("backend taken out of service")
-	errKicked         = errors.New("session ended by the administrator")
 )
 
 type replyKey struct {
@@ -73,10 +83,10 @@ type replyKey struct {
 // fail, and BYE when the session must end; a text with a verb takes the
 // reply's arguments. TestReplies checks the policy entry by entry.
 var replies = map[replyKey]imapwire.Status{
-	{errTooManyClients, accepting}: {Type: imapwire.StatusBye, Code: imapwire.CodeUnavailable, Text: "Too many connections, try again later"},
-	{errOutOfFiles, accepting}:     {Type: imapwire.StatusBye, Code: imapwire.CodeUnavailable, Text: "Server out of resources, try again later"},
+	{ErrTooManyClients, accepting}: {Type: imapwire.StatusBye, Code: imapwire.CodeUnavailable, Text: "Too many connections, try again later"},
+	{ErrOutOfFiles, accepting}:     {Type: imapwire.StatusBye, Code: imapwire.CodeUnavailable, Text: "Server out of resources, try again later"},
 
-	{errOutOfFiles, preLogin}:      {Type: imapwire.StatusNo, Code: imapwire.CodeUnavailable, Text: "Server out of resources, try again later"},
+	{ErrOutOfFiles, preLogin}:      {Type: imapwire.StatusNo, Code: imapwire.CodeUnavailable, Text: "Server out of resources, try again later"},
 	{pool.ErrFull, preLogin}:       {Type: imapwire.StatusNo, Code: imapwire.CodeUnavailable, Text: "Too many connections, try again later"},
 	{errNoBackend, preLogin}:       {Type: imapwire.StatusNo, Code: imapwire.CodeUnavailable, Text: "No IMAP server available, try again later"},
 	{errUnreachable, preLogin}:     {Type: imapwire.StatusNo, Code: imapwire.CodeUnavailable, Text: "IMAP server unreachable, try again later"},
@@ -109,8 +119,8 @@ var replies = map[replyKey]imapwire.Status{
 	// After login the backend connection is the session.
 	{errBackendTimeout, loggedIn}: {Type: imapwire.StatusBye, Code: imapwire.CodeUnavailable, Text: "IMAP server not responding"},
 	{errBackendLost, loggedIn}:    {Type: imapwire.StatusBye, Text: "Connection to IMAP server lost"},
-	{errDrained, loggedIn}:        {Type: imapwire.StatusBye, Code: imapwire.CodeUnavailable, Text: "IMAP server taken out of service, please reconnect"},
-	{errKicked, loggedIn}:         {Type: imapwire.StatusBye, Code: imapwire.CodeUnavailable, Text: "Session ended by the administrator, please reconnect"},
+	{ErrDrained, loggedIn}:        {Type: imapwire.StatusBye, Code: imapwire.CodeUnavailable, Text: "IMAP server taken out of service, please reconnect"},
+	{ErrKicked, loggedIn}:         {Type: imapwire.StatusBye, Code: imapwire.CodeUnavailable, Text: "Session ended by the administrator, please reconnect"},
 }
 
 // replyTo is the answer to err in phase ph: tagged with tag when it
@@ -192,19 +202,25 @@ func untaggedLine(st imapwire.Status) string {
 
 // reply queues st for the client. Callers hold no lock before login (the
 // session goroutine is the only writer), wmu after.
-func (sess *session) reply(st imapwire.Status) {
+func (sess *Session) reply(st imapwire.Status) {
 	enc := imapwire.Encoder{W: sess.w}
 	enc.Status(st)
 }
 
-// refuseConn answers a connection turned away before its greeting and
+// Refuse answers a connection turned away before its greeting and
 // closes it. A fresh socket takes a short line without blocking; the
 // deadline is for the pathological case.
-func refuseConn(c net.Conn, err error) {
+func Refuse(c net.Conn, err error) {
 	w := imapwire.NewWriter(c)
 	enc := imapwire.Encoder{W: w}
 	c.SetWriteDeadline(time.Now().Add(time.Second))
 	enc.Status(replyTo(err, accepting, ""))
 	w.Flush()
 	c.Close()
+}
+
+// OutOfFiles reports whether err is the process or the system running out
+// of file descriptors: the proxy's trouble, not a backend's.
+func OutOfFiles(err error) bool {
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE)
 }

@@ -1,4 +1,7 @@
-package proxy
+// Package logx holds the logging the proxy's parts share: a logger that
+// adds a session's fields only when a line is written, and the
+// aggregation of events that clients can repeat at will.
+package logx
 
 import (
 	"strconv"
@@ -9,17 +12,17 @@ import (
 	"github.com/hashicorp/go-hclog"
 )
 
-// eventInterval is how often a repeated client event is logged at most.
-const eventInterval = 10 * time.Second
+// Interval is how often the server logs a repeated client event at most.
+const Interval = 10 * time.Second
 
-// eventLog aggregates the log lines of events that clients can repeat at
+// Events aggregates the log lines of events that clients can repeat at
 // will (refused logins, limits hit): thousands of clients retrying at
 // once during an outage must not write a line each and fill the disk.
 // The first event of a kind is logged at once; the others in the
 // interval after it are counted, and at its end one line says how many
 // there were, with the last of them as the example. An interval without
 // events ends the kind's run, and the next event is again logged at once.
-type eventLog struct {
+type Events struct {
 	every time.Duration
 	mu    sync.Mutex
 	kinds map[string]*eventRun
@@ -36,12 +39,13 @@ type eventRun struct {
 	timer *time.Timer
 }
 
-func newEventLog(every time.Duration) *eventLog {
-	return &eventLog{every: every, kinds: map[string]*eventRun{}}
+// NewEvents returns an Events that logs each kind at most once every every.
+func NewEvents(every time.Duration) *Events {
+	return &Events{every: every, kinds: map[string]*eventRun{}}
 }
 
-// log records an event of kind: msg and args as l.Log takes them.
-func (e *eventLog) log(l hclog.Logger, level hclog.Level, kind, msg string, args ...any) {
+// Log records an event of kind: msg and args as l.Log takes them.
+func (e *Events) Log(l hclog.Logger, level hclog.Level, kind, msg string, args ...any) {
 	e.mu.Lock()
 	if e.done {
 		e.mu.Unlock()
@@ -64,7 +68,7 @@ func (e *eventLog) log(l hclog.Logger, level hclog.Level, kind, msg string, args
 
 // tick ends an interval of kind: it writes the summary, if there were
 // events, and starts the next interval; else it ends the run.
-func (e *eventLog) tick(kind string) {
+func (e *Events) tick(kind string) {
 	e.mu.Lock()
 	r := e.kinds[kind]
 	if r == nil || e.done {
@@ -88,9 +92,9 @@ func (r *eventRun) write(every time.Duration) {
 	r.log.Log(r.level, r.msg, args...)
 }
 
-// close writes what is counted and not yet logged, and stops the timers;
+// Close writes what is counted and not yet logged, and stops the timers;
 // later events are logged one by one.
-func (e *eventLog) close() {
+func (e *Events) Close() {
 	e.mu.Lock()
 	e.done = true
 	var pending []eventRun
@@ -111,11 +115,11 @@ func (e *eventLog) close() {
 // tag) goes into a log line.
 const maxLogString = 64
 
-// clip makes a client-controlled string fit for a log field: at most
+// Clip makes a client-controlled string fit for a log field: at most
 // maxLogString bytes of it, cut at a character boundary and marked with
 // the full length when cut, and control characters replaced by '?', so
 // that no client can make lines long or forge new ones.
-func clip[S ~string | ~[]byte](s S) string {
+func Clip[S ~string | ~[]byte](s S) string {
 	n := len(s)
 	cut := n > maxLogString
 	if cut {

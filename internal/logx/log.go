@@ -1,4 +1,4 @@
-package proxy
+package logx
 
 import (
 	"io"
@@ -20,8 +20,8 @@ type fieldLogger struct {
 	kv []any
 }
 
-// withFields returns l with the key/value pairs kv added to every line.
-func withFields(l hclog.Logger, kv ...any) hclog.Logger {
+// With returns l with the key/value pairs kv added to every line.
+func With(l hclog.Logger, kv ...any) hclog.Logger {
 	if f, ok := l.(*fieldLogger); ok {
 		return &fieldLogger{f.Logger, f.with(kv)}
 	}
@@ -48,7 +48,7 @@ func (l *fieldLogger) Info(msg string, args ...any)  { l.Log(hclog.Info, msg, ar
 func (l *fieldLogger) Warn(msg string, args ...any)  { l.Log(hclog.Warn, msg, args...) }
 func (l *fieldLogger) Error(msg string, args ...any) { l.Log(hclog.Error, msg, args...) }
 
-func (l *fieldLogger) With(args ...any) hclog.Logger { return withFields(l, args...) }
+func (l *fieldLogger) With(args ...any) hclog.Logger { return With(l, args...) }
 
 // ImpliedArgs must not append into the parent's slice: its spare capacity
 // is the parent's.

@@ -1,4 +1,4 @@
-package proxy
+package session
 
 import (
 	"bytes"
@@ -46,7 +46,7 @@ type pending struct {
 // responses back. Both keep just enough state to know, at logout, whether
 // the backend connection is back where a fresh login would leave it.
 type relay struct {
-	sess    *session
+	sess    *Session
 	up      *upstream.Conn
 	backend backend.Backend
 	lease   *pool.Lease // up's slot of the budget, settled by giveBack
@@ -75,7 +75,7 @@ type relay struct {
 	internal  string // status of the internal command
 
 	// trace, when an operator traces the user, records the protocol.
-	trace atomic.Pointer[tracer]
+	trace atomic.Pointer[Tracer]
 	sent  int64 // relayed to the client since the last flush; the pump's
 
 	// running is set, under the session's wmu, once the relay owns the
@@ -99,7 +99,7 @@ type relay struct {
 	pumpErr  error
 }
 
-func (sess *session) newRelay(up *upstream.Conn, b backend.Backend, l *pool.Lease, user string, d pool.Digest, born time.Time, log hclog.Logger) *relay {
+func (sess *Session) newRelay(up *upstream.Conn, b backend.Backend, l *pool.Lease, user string, d pool.Digest, born time.Time, log hclog.Logger) *relay {
 	return &relay{
 		sess: sess, up: up, backend: b, lease: l, user: user, digest: d, born: born,
 		log:      log,
@@ -419,17 +419,17 @@ func (rl *relay) markNonSyncLocked(seq uint64) {
 	}
 }
 
-// maxInFlight bounds the commands a client may have in flight: a client
+// MaxInFlight bounds the commands a client may have in flight: a client
 // that pipelines without reading answers would otherwise grow the list
 // (and the time to search it) without end, held back only by the
 // backend's pace. Webmails pipeline a handful.
-const maxInFlight = 1000
+const MaxInFlight = 1000
 
-// awaitRoom waits, when maxInFlight commands are in flight, until the
+// awaitRoom waits, when MaxInFlight commands are in flight, until the
 // backend has answered one.
 func (rl *relay) awaitRoom() (end endKind, done bool) {
 	return rl.awaitAnswers("no answer to pipelined commands", rl.sess.srv.options().responseTimeout(), func() bool {
-		return len(rl.inflight) >= maxInFlight
+		return len(rl.inflight) >= MaxInFlight
 	})
 }
 
@@ -516,7 +516,7 @@ func (rl *relay) copyLiteralUp(n int64) (end endKind, done bool) {
 	for n > 0 {
 		k := min(n, literalChunk)
 		m, err := sess.r.CopyLiteral(dst, k, sess.conn)
-		sess.srv.stats.bytesUp.Add(uint64(m))
+		sess.srv.Stats.BytesUp.Add(uint64(m))
 		n -= m
 		if err != nil {
 			rl.setDirty("literal interrupted")
@@ -655,7 +655,7 @@ func (rl *relay) flushUp() error {
 		return nil
 	}
 	// Counted per flush, not per line: the counter is the whole server's.
-	rl.sess.srv.stats.bytesUp.Add(uint64(rl.up.Writer().Buffered()))
+	rl.sess.srv.Stats.BytesUp.Add(uint64(rl.up.Writer().Buffered()))
 	return rl.up.Writer().Flush()
 }
 
@@ -866,7 +866,7 @@ func (rl *relay) finish(end endKind) {
 
 // bye gives the client its last words, if any are due, and closes it.
 func (rl *relay) bye() {
-	rl.sess.srv.leaveUser(rl.sess)
+	rl.sess.srv.Host.LeftUser(rl.sess)
 	if rl.logoutTag != "" {
 		rl.say(statusLogout, okStatus(rl.logoutTag, "LOGOUT completed"))
 	} else {
@@ -903,7 +903,7 @@ func (rl *relay) uncacheable(end endKind) (reason string, selected bool) {
 		}
 	default:
 	}
-	if reason == "" && !rl.sess.srv.backends.Load().Serves(rl.backend) {
+	if reason == "" && !rl.sess.srv.backends().Serves(rl.backend) {
 		reason = "backend left the set"
 	}
 	return reason, selected
@@ -930,7 +930,7 @@ func (rl *relay) clean(selected bool) (reason string, how upEnd) {
 		return "cleanup answered " + status, upLogout
 	case rl.up.Reader().Buffered() > 0:
 		return "unread data", upAbort
-	case rl.sess.srv.kickedSince(rl.user, rl.born):
+	case rl.sess.srv.Host.KickedSince(rl.user, rl.born):
 		return "user kicked by an operator", upLogout
 	}
 	return "", upCache
@@ -956,7 +956,7 @@ func (rl *relay) giveBack(how upEnd) {
 		// this session must no longer find it.
 		rl.sess.rl.Store(nil)
 		rl.lease.Put(rl.user, rl.digest, rl.up, rl.born)
-		if rl.sess.srv.kickedSince(rl.user, rl.born) {
+		if rl.sess.srv.Host.KickedSince(rl.user, rl.born) {
 			// A kick that came between the check in clean and the
 			// Put found neither this session nor the cached
 			// connection.
@@ -1356,7 +1356,7 @@ func (rl *relay) forward(line []byte, more bool, lit *imapwire.Literal, pass, te
 	if out && up.Reader().Buffered() == 0 {
 		// Counted per burst, not per line: the counter is the whole
 		// server's.
-		sess.srv.stats.bytesDown.Add(uint64(rl.sent))
+		sess.srv.Stats.BytesDown.Add(uint64(rl.sent))
 		rl.sent = 0
 		if err := sess.flush(); err != nil {
 			return clientGone(err)
