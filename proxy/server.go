@@ -1,7 +1,10 @@
-// Package proxy is the client side of imapproxy: listeners, the per-client
-// session (greeting, pre-login commands, STARTTLS, LOGIN/AUTHENTICATE),
-// the relay after login, and LOGOUT interception that hands clean upstream
-// connections to the pool.
+// Package proxy is the server of imapproxy: it accepts clients on its
+// listeners (PROXY protocol from load balancers, shedding when out of
+// descriptors), admits them under the client limits, keeps the registry of
+// its sessions (per address, per user, traces, kicks), acts on changes of
+// the backend set (ending sessions on a backend that left, closing its
+// cached connections) and answers the admin queries. One client's session
+// is package session.
 package proxy
 
 import (

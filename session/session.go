@@ -1,3 +1,11 @@
+// Package session runs one client connection of the proxy: the greeting
+// and pre-login commands, STARTTLS, LOGIN and AUTHENTICATE, the choice of
+// a backend connection (from the pool's cache or a fresh login), the
+// relay after login (command framing, literals, IDLE, in-flight
+// tracking), and the LOGOUT that hands a clean connection back to the
+// pool. It reaches the server that accepted it only through Host and
+// Server (server.go); every status line it writes comes from the reply
+// table (reply.go).
 package session
 
 import (
