@@ -150,142 +150,179 @@ type hclLimits struct {
 
 // apply copies what the file sets over the defaults in c. A duration that
 // does not parse is reported and leaves the default, so that Validate does
-// not report the same key again.
+// not report the same key again. Blocks are applied in file-struct order, which
+// is the order their errors are reported in.
 func (c *Config) apply(f *hclFile, ck *checker) {
 	set(&c.LogLevel, f.LogLevel)
 	set(&c.LogFormat, f.LogFormat)
-
 	for _, h := range f.Listeners {
-		l := Listener{Name: h.Name, TLS: "none"}
-		set(&l.Address, h.Address)
-		setTLS(&l.TLS, h.TLS)
-		l.ProxyProtocolFrom = h.ProxyProtocolFrom
-		set(&l.CacheByClientAddress, h.CacheByClientAddress)
-		c.Listeners = append(c.Listeners, l)
+		c.Listeners = append(c.Listeners, h.listener())
 	}
-
 	if h := f.ClientTLS; h != nil {
-		t := &c.ClientTLS
-		set(&t.CertFile, h.CertFile)
-		set(&t.KeyFile, h.KeyFile)
-		set(&t.RequireTLSForLogin, h.RequireTLSForLogin)
-		set(&t.MinVersion, h.MinVersion)
+		h.apply(&c.ClientTLS)
 	}
-
 	if h := f.Upstream; h != nil {
-		u, k := &c.Upstream, top("upstream")
-		setTLS(&u.TLS, h.TLS)
-		set(&u.CAFile, h.CAFile)
-		set(&u.ServerName, h.ServerName)
-		set(&u.InsecureSkipVerify, h.InsecureSkipVerify)
-		set(&u.LoginMethod, h.LoginMethod)
-		ck.duration(k.dot("dial_timeout"), &u.DialTimeout, h.DialTimeout)
-		set(&u.DialRetries, h.DialRetries)
-		ck.duration(k.dot("retry_delay"), &u.RetryDelay, h.RetryDelay)
-		ck.duration(k.dot("tcp_keepalive"), &u.KeepAlive, h.KeepAlive)
-		set(&u.ForwardID, h.ForwardID)
+		h.apply(&c.Upstream, ck)
 	}
-
 	for _, h := range f.Backends {
-		b := backend.Backend{ID: h.Name, Weight: 1}
-		set(&b.Addr, h.Address)
-		set(&b.Weight, h.Weight)
-		setTLS(&b.TLS, h.TLS)
-		c.Backends = append(c.Backends, b)
+		c.Backends = append(c.Backends, h.backend())
 	}
-
 	if h := f.Cache; h != nil {
-		cc, k := &c.Cache, top("cache")
-		set(&cc.Enabled, h.Enabled)
-		ck.duration(k.dot("expiration"), &cc.Expiration, h.Expiration)
-		ck.duration(k.dot("sweep_interval"), &cc.SweepInterval, h.SweepInterval)
-		ck.duration(k.dot("reuse_max_age"), &cc.ReuseMaxAge, h.ReuseMaxAge)
-		set(&cc.MaxCachedPerUser, h.MaxCachedPerUser)
-		set(&cc.MaxConnections, h.MaxConnections)
+		h.apply(&c.Cache, ck)
 	}
-
 	if h := f.Timeouts; h != nil {
-		t, k := &c.Timeouts, top("timeouts")
-		ck.duration(k.dot("preauth"), &t.PreAuth, h.PreAuth)
-		ck.duration(k.dot("auth_idle"), &t.AuthIdle, h.AuthIdle)
-		ck.duration(k.dot("idle"), &t.Idle, h.Idle)
-		ck.duration(k.dot("literal"), &t.Literal, h.Literal)
-		ck.duration(k.dot("backend_login"), &t.BackendLogin, h.BackendLogin)
-		ck.duration(k.dot("check"), &t.Check, h.Check)
-		ck.duration(k.dot("response"), &t.Response, h.Response)
-		ck.duration(k.dot("write"), &t.Write, h.Write)
-		ck.duration(k.dot("drain"), &t.Drain, h.Drain)
+		h.apply(&c.Timeouts, ck)
 	}
-
 	if h := f.Limits; h != nil {
-		l, k := &c.Limits, top("limits")
-		set(&l.MaxLineLength, h.MaxLineLength)
-		set(&l.MaxLiteralPreAuth, h.MaxLiteralPreAuth)
-		set(&l.MaxLiteral, h.MaxLiteral)
-		set(&l.MaxBadCommands, h.MaxBadCommands)
-		set(&l.MaxCommandPreAuth, h.MaxCommandPreAuth)
-		set(&l.MaxUserLength, h.MaxUserLength)
-		set(&l.MaxPasswordLength, h.MaxPasswordLength)
-		set(&l.MaxLoginFailures, h.MaxLoginFailures)
-		ck.duration(k.dot("login_failure_delay"), &l.LoginFailureDelay, h.LoginFailureDelay)
-		set(&l.MaxClients, h.MaxClients)
-		set(&l.MaxClientsPerIP, h.MaxClientsPerIP)
-		set(&l.MaxPreAuth, h.MaxPreAuth)
-		set(&l.MaxPreAuthPerIP, h.MaxPreAuthPerIP)
-		set(&l.MaxSessionsPerUser, h.MaxSessionsPerUser)
+		h.apply(&c.Limits, ck)
 	}
-
 	if h := f.Cluster; h != nil {
-		cl, k := &c.Cluster, top("cluster")
-		set(&cl.HashKey, h.HashKey)
-		ck.duration(k.dot("backend_drain"), &cl.BackendDrain, h.BackendDrain)
-		ck.duration(k.dot("down_time"), &cl.DownTime, h.DownTime)
-		ck.duration(k.dot("rejoin_hold"), &cl.RejoinHold, h.RejoinHold)
+		h.apply(&c.Cluster, ck)
 	}
-
 	if h := f.Admin; h != nil {
-		set(&c.Admin.Address, h.Address)
-		set(&c.Admin.TokenFile, h.TokenFile)
-		set(&c.Admin.TraceDir, h.TraceDir)
+		h.apply(&c.Admin)
 	}
-
 	if h := f.Consul; h != nil {
-		cs, k := &Consul{WaitTime: 5 * time.Minute}, top("consul")
-		set(&cs.Address, h.Address)
-		set(&cs.Scheme, h.Scheme)
-		set(&cs.Token, h.Token)
-		set(&cs.TokenFile, h.TokenFile)
-		set(&cs.Datacenter, h.Datacenter)
-		set(&cs.Namespace, h.Namespace)
-		set(&cs.Partition, h.Partition)
-		set(&cs.CAFile, h.CAFile)
-		set(&cs.CertFile, h.CertFile)
-		set(&cs.KeyFile, h.KeyFile)
-		set(&cs.InsecureSkipVerify, h.InsecureSkipVerify)
-		set(&cs.Service, h.Service)
-		set(&cs.Tag, h.Tag)
-		ck.duration(k.dot("wait_time"), &cs.WaitTime, h.WaitTime)
-		c.Consul = cs
+		c.Consul = h.consul(ck)
 	}
-
 	if h := f.Register; h != nil {
-		r, k := &Register{
-			Service:         "imapproxy",
-			Check:           "tcp",
-			CheckInterval:   10 * time.Second,
-			DeregisterAfter: time.Minute,
-		}, top("register")
-		set(&r.Service, h.Service)
-		set(&r.ID, h.ID)
-		set(&r.Listener, h.Listener)
-		set(&r.Address, h.Address)
-		r.Tags = h.Tags
-		set(&r.Check, h.Check)
-		ck.duration(k.dot("check_interval"), &r.CheckInterval, h.CheckInterval)
-		ck.duration(k.dot("deregister_after"), &r.DeregisterAfter, h.DeregisterAfter)
-		set(&r.ConsulAddress, h.ConsulAddress)
-		c.Register = r
+		c.Register = h.register(ck)
 	}
+}
+
+func (h *hclListener) listener() Listener {
+	l := Listener{Name: h.Name, TLS: "none"}
+	set(&l.Address, h.Address)
+	setTLS(&l.TLS, h.TLS)
+	l.ProxyProtocolFrom = h.ProxyProtocolFrom
+	set(&l.CacheByClientAddress, h.CacheByClientAddress)
+	return l
+}
+
+func (h *hclClientTLS) apply(t *ClientTLS) {
+	set(&t.CertFile, h.CertFile)
+	set(&t.KeyFile, h.KeyFile)
+	set(&t.RequireTLSForLogin, h.RequireTLSForLogin)
+	set(&t.MinVersion, h.MinVersion)
+}
+
+func (h *hclUpstream) apply(u *Upstream, ck *checker) {
+	k := top("upstream")
+	setTLS(&u.TLS, h.TLS)
+	set(&u.CAFile, h.CAFile)
+	set(&u.ServerName, h.ServerName)
+	set(&u.InsecureSkipVerify, h.InsecureSkipVerify)
+	set(&u.LoginMethod, h.LoginMethod)
+	ck.duration(k.dot("dial_timeout"), &u.DialTimeout, h.DialTimeout)
+	set(&u.DialRetries, h.DialRetries)
+	ck.duration(k.dot("retry_delay"), &u.RetryDelay, h.RetryDelay)
+	ck.duration(k.dot("tcp_keepalive"), &u.KeepAlive, h.KeepAlive)
+	set(&u.ForwardID, h.ForwardID)
+}
+
+func (h *hclBackend) backend() backend.Backend {
+	b := backend.Backend{ID: h.Name, Weight: 1}
+	set(&b.Addr, h.Address)
+	set(&b.Weight, h.Weight)
+	setTLS(&b.TLS, h.TLS)
+	return b
+}
+
+func (h *hclCache) apply(cc *Cache, ck *checker) {
+	k := top("cache")
+	set(&cc.Enabled, h.Enabled)
+	ck.duration(k.dot("expiration"), &cc.Expiration, h.Expiration)
+	ck.duration(k.dot("sweep_interval"), &cc.SweepInterval, h.SweepInterval)
+	ck.duration(k.dot("reuse_max_age"), &cc.ReuseMaxAge, h.ReuseMaxAge)
+	set(&cc.MaxCachedPerUser, h.MaxCachedPerUser)
+	set(&cc.MaxConnections, h.MaxConnections)
+}
+
+func (h *hclTimeouts) apply(t *Timeouts, ck *checker) {
+	k := top("timeouts")
+	ck.duration(k.dot("preauth"), &t.PreAuth, h.PreAuth)
+	ck.duration(k.dot("auth_idle"), &t.AuthIdle, h.AuthIdle)
+	ck.duration(k.dot("idle"), &t.Idle, h.Idle)
+	ck.duration(k.dot("literal"), &t.Literal, h.Literal)
+	ck.duration(k.dot("backend_login"), &t.BackendLogin, h.BackendLogin)
+	ck.duration(k.dot("check"), &t.Check, h.Check)
+	ck.duration(k.dot("response"), &t.Response, h.Response)
+	ck.duration(k.dot("write"), &t.Write, h.Write)
+	ck.duration(k.dot("drain"), &t.Drain, h.Drain)
+}
+
+func (h *hclLimits) apply(l *Limits, ck *checker) {
+	k := top("limits")
+	set(&l.MaxLineLength, h.MaxLineLength)
+	set(&l.MaxLiteralPreAuth, h.MaxLiteralPreAuth)
+	set(&l.MaxLiteral, h.MaxLiteral)
+	set(&l.MaxBadCommands, h.MaxBadCommands)
+	set(&l.MaxCommandPreAuth, h.MaxCommandPreAuth)
+	set(&l.MaxUserLength, h.MaxUserLength)
+	set(&l.MaxPasswordLength, h.MaxPasswordLength)
+	set(&l.MaxLoginFailures, h.MaxLoginFailures)
+	ck.duration(k.dot("login_failure_delay"), &l.LoginFailureDelay, h.LoginFailureDelay)
+	set(&l.MaxClients, h.MaxClients)
+	set(&l.MaxClientsPerIP, h.MaxClientsPerIP)
+	set(&l.MaxPreAuth, h.MaxPreAuth)
+	set(&l.MaxPreAuthPerIP, h.MaxPreAuthPerIP)
+	set(&l.MaxSessionsPerUser, h.MaxSessionsPerUser)
+}
+
+func (h *hclCluster) apply(cl *Cluster, ck *checker) {
+	k := top("cluster")
+	set(&cl.HashKey, h.HashKey)
+	ck.duration(k.dot("backend_drain"), &cl.BackendDrain, h.BackendDrain)
+	ck.duration(k.dot("down_time"), &cl.DownTime, h.DownTime)
+	ck.duration(k.dot("rejoin_hold"), &cl.RejoinHold, h.RejoinHold)
+}
+
+func (h *hclAdmin) apply(a *Admin) {
+	set(&a.Address, h.Address)
+	set(&a.TokenFile, h.TokenFile)
+	set(&a.TraceDir, h.TraceDir)
+}
+
+// consul builds the block from its own defaults: Config holds none, since a
+// nil Consul means the static backend blocks are the backend set.
+func (h *hclConsul) consul(ck *checker) *Consul {
+	cs, k := &Consul{WaitTime: 5 * time.Minute}, top("consul")
+	set(&cs.Address, h.Address)
+	set(&cs.Scheme, h.Scheme)
+	set(&cs.Token, h.Token)
+	set(&cs.TokenFile, h.TokenFile)
+	set(&cs.Datacenter, h.Datacenter)
+	set(&cs.Namespace, h.Namespace)
+	set(&cs.Partition, h.Partition)
+	set(&cs.CAFile, h.CAFile)
+	set(&cs.CertFile, h.CertFile)
+	set(&cs.KeyFile, h.KeyFile)
+	set(&cs.InsecureSkipVerify, h.InsecureSkipVerify)
+	set(&cs.Service, h.Service)
+	set(&cs.Tag, h.Tag)
+	ck.duration(k.dot("wait_time"), &cs.WaitTime, h.WaitTime)
+	return cs
+}
+
+// register builds the block from its own defaults: Config has none, since a
+// nil Register means the proxy does not register itself.
+func (h *hclRegister) register(ck *checker) *Register {
+	r, k := &Register{
+		Service:         "imapproxy",
+		Check:           "tcp",
+		CheckInterval:   10 * time.Second,
+		DeregisterAfter: time.Minute,
+	}, top("register")
+	set(&r.Service, h.Service)
+	set(&r.ID, h.ID)
+	set(&r.Listener, h.Listener)
+	set(&r.Address, h.Address)
+	r.Tags = h.Tags
+	set(&r.Check, h.Check)
+	ck.duration(k.dot("check_interval"), &r.CheckInterval, h.CheckInterval)
+	ck.duration(k.dot("deregister_after"), &r.DeregisterAfter, h.DeregisterAfter)
+	set(&r.ConsulAddress, h.ConsulAddress)
+	return r
 }
 
 func set[T any](dst, src *T) {

@@ -40,13 +40,25 @@ func (c *Config) check(ck *checker) {
 	c.checkUpstream(ck)
 	c.checkBackends(ck, addrs)
 
+	c.checkCache(ck)
+	c.checkTimeouts(ck)
+	c.checkCluster(ck)
+	c.checkConsul(ck)
+	c.checkRegister(ck)
+	c.checkAdmin(ck, addrs)
+	c.checkLimits(ck)
+}
+
+func (c *Config) checkCache(ck *checker) {
 	k := top("cache")
 	ck.positive(k.dot("expiration"), c.Cache.Expiration)
 	ck.positive(k.dot("sweep_interval"), c.Cache.SweepInterval)
 	ck.positive(k.dot("reuse_max_age"), c.Cache.ReuseMaxAge)
 	ck.atLeast(k.dot("max_cached_per_user"), int64(c.Cache.MaxCachedPerUser), 1)
 	ck.atLeast(k.dot("max_connections"), int64(c.Cache.MaxConnections), 1)
+}
 
+func (c *Config) checkTimeouts(ck *checker) {
 	k, t := top("timeouts"), c.Timeouts
 	ck.positive(k.dot("preauth"), t.PreAuth)
 	ck.positive(k.dot("auth_idle"), t.AuthIdle)
@@ -57,16 +69,21 @@ func (c *Config) check(ck *checker) {
 	ck.positive(k.dot("response"), t.Response)
 	ck.positive(k.dot("write"), t.Write)
 	ck.positive(k.dot("drain"), t.Drain)
+}
 
-	k = top("cluster")
+func (c *Config) checkCluster(ck *checker) {
+	k := top("cluster")
 	ck.oneOf(k.dot("hash_key"), c.Cluster.HashKey, "lowercase", "exact", "domain")
 	ck.positive(k.dot("backend_drain"), c.Cluster.BackendDrain)
 	ck.positive(k.dot("down_time"), c.Cluster.DownTime)
 	if c.Cluster.RejoinHold < 0 {
 		ck.addf(k.dot("rejoin_hold"), "must not be negative (\"0s\" disables it), got %s", c.Cluster.RejoinHold)
 	}
-	c.checkConsul(ck)
-	c.checkRegister(ck)
+}
+
+// checkAdmin takes the addresses of listeners and backends so that the
+// admin listener cannot collide with either.
+func (c *Config) checkAdmin(ck *checker, addrs map[string]string) {
 	if c.Admin.Address != "" {
 		ck.address(top("admin"), c.Admin.Address, addrs, false)
 	}
@@ -82,8 +99,10 @@ func (c *Config) check(ck *checker) {
 			ck.addf(top("admin").dot("trace_dir"), "%s is not a directory", d)
 		}
 	}
+}
 
-	k = top("limits")
+func (c *Config) checkLimits(ck *checker) {
+	k := top("limits")
 	ck.atLeast(k.dot("max_line_length"), int64(c.Limits.MaxLineLength), 1024)
 	ck.atLeast(k.dot("max_literal_preauth"), int64(c.Limits.MaxLiteralPreAuth), 1)
 	ck.atLeast(k.dot("max_literal"), c.Limits.MaxLiteral, 1)

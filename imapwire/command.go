@@ -78,13 +78,7 @@ func (d *Decoder) ReadCommand() (*Command, error) {
 		return cmd, d.fail(lit, syntaxErrorf("missing command"))
 	}
 	cmd.Name = string(bytes.ToUpper(name))
-	maxArgs := d.MaxArgs
-	if maxArgs <= 0 {
-		maxArgs = 256
-	}
-	if d.ArgLimit != nil {
-		maxArgs = d.ArgLimit(cmd.Name)
-	}
+	maxArgs := d.maxArgs(cmd.Name)
 	size := int64(len(line))
 	// rest either is empty or begins with SP.
 	for {
@@ -98,19 +92,8 @@ func (d *Decoder) ReadCommand() (*Command, error) {
 		if lit == nil {
 			return cmd, nil
 		}
-		// Refused before the literal is read, and before a "+" asks
-		// for it.
-		if len(cmd.Args) >= maxArgs {
-			return cmd, d.fail(lit, syntaxErrorf("too many arguments"))
-		}
-		if d.MaxCommand > 0 && size+lit.Size > int64(d.MaxCommand) && lit.Size <= int64(d.MaxLiteral) {
-			return cmd, d.fail(lit, syntaxErrorf("command too long"))
-		}
-		if lit.Size > int64(d.MaxLiteral) {
-			if lit.NonSync {
-				return cmd, ErrNonSyncTooBig
-			}
-			return cmd, ErrLiteralTooBig
+		if err := d.admitLiteral(cmd, lit, size, maxArgs); err != nil {
+			return cmd, err
 		}
 		if !lit.NonSync && d.Continue != nil {
 			if err := d.Continue(); err != nil {
@@ -133,6 +116,36 @@ func (d *Decoder) ReadCommand() (*Command, error) {
 			return cmd, d.fail(lit, syntaxErrorf("missing space after literal"))
 		}
 	}
+}
+
+// maxArgs bounds the tokens of the command name: ArgLimit does, or
+// MaxArgs (256 when unset).
+func (d *Decoder) maxArgs(name string) int {
+	if d.ArgLimit != nil {
+		return d.ArgLimit(name)
+	}
+	if d.MaxArgs <= 0 {
+		return 256
+	}
+	return d.MaxArgs
+}
+
+// admitLiteral refuses lit, which follows size bytes of cmd, before it is
+// read, and before a "+" asks for it.
+func (d *Decoder) admitLiteral(cmd *Command, lit *Literal, size int64, maxArgs int) error {
+	if len(cmd.Args) >= maxArgs {
+		return d.fail(lit, syntaxErrorf("too many arguments"))
+	}
+	if d.MaxCommand > 0 && size+lit.Size > int64(d.MaxCommand) && lit.Size <= int64(d.MaxLiteral) {
+		return d.fail(lit, syntaxErrorf("command too long"))
+	}
+	if lit.Size > int64(d.MaxLiteral) {
+		if lit.NonSync {
+			return ErrNonSyncTooBig
+		}
+		return ErrLiteralTooBig
+	}
+	return nil
 }
 
 // fail turns a syntax error into one the caller can answer, consuming an

@@ -227,9 +227,7 @@ func (d *daemon) openListeners(cfg *config.Config) (map[string]*runningListener,
 		}
 		ln, err := listen(l.Address)
 		if err != nil {
-			for _, o := range opened {
-				o.ln.Close()
-			}
+			closeListeners(opened)
 			return nil, fmt.Errorf("listener %s: %w", l.Name, err)
 		}
 		opened[l.Address] = &runningListener{cfg: l, ln: ln, opts: listenerOptions(l)}
@@ -290,6 +288,9 @@ func (d *daemon) reload() error {
 	return nil
 }
 
+// reloadLocked applies the file at d.path, all or nothing up to discovery:
+// every step that can fail runs before any that cannot, and undoes what the
+// steps before it did.
 func (d *daemon) reloadLocked() error {
 	cfg, err := config.Load(d.path)
 	if err != nil {
@@ -305,56 +306,98 @@ func (d *daemon) reloadLocked() error {
 	if err != nil {
 		return err
 	}
-	closeOpened := func() {
-		for _, o := range opened {
-			o.ln.Close()
-		}
-	}
-	// An address kept keeps its socket; a new name, TLS mode or PROXY
-	// protocol sources apply to the connections it accepts from now on.
-	type change struct {
-		rl       *runningListener
-		cfg      config.Listener
-		old, new proxy.ListenerOptions
-	}
-	var changes []change
-	for _, l := range cfg.Listeners {
-		if rl, ok := d.listeners[l.Address]; ok && !reflect.DeepEqual(rl.cfg, l) {
-			changes = append(changes, change{rl, l, rl.opts, listenerOptions(l)})
-		}
-	}
-	for i, c := range changes {
-		if err := d.srv.SetListenerOptions(c.rl.ln, c.new); err != nil {
-			for _, u := range changes[:i] {
-				d.srv.SetListenerOptions(u.rl.ln, u.old)
-			}
-			closeOpened()
-			return fmt.Errorf("listener %s: %w; try again", c.cfg.Name, err)
-		}
+	changes, err := d.changeListeners(cfg)
+	if err != nil {
+		closeListeners(opened)
+		return err
 	}
 	// From here on nothing fails but discovery, whose failure keeps the
 	// old source running.
-	discChanged := !reflect.DeepEqual(old.Consul, cfg.Consul) || !reflect.DeepEqual(old.Backends, cfg.Backends) ||
-		old.Cluster.RejoinHold != cfg.Cluster.RejoinHold
+	discChanged := discoveryChanged(old, cfg)
 	if discChanged {
 		if err := d.startDiscovery(cfg, nil); err != nil {
-			for _, c := range changes {
-				d.srv.SetListenerOptions(c.rl.ln, c.old)
-			}
-			closeOpened()
+			changes.undo(d.srv)
+			closeListeners(opened)
 			return fmt.Errorf("discovery: %w", err)
 		}
 	}
-	for _, c := range changes {
-		d.log.Info("listener settings changed; its socket is kept", "listener", c.cfg.Name, "address", c.cfg.Address,
-			"tls", c.cfg.TLS, "proxy_protocol_from", c.cfg.ProxyProtocolFrom)
-		c.rl.cfg, c.rl.opts = c.cfg, c.new
-	}
+	changes.keep(d.log)
 
 	d.log.SetLevel(hclog.LevelFromString(cfg.LogLevel))
 	d.srv.SetOptions(opts)
 	d.pool.SetOptions(poolOptions(cfg, d.log))
+	d.swapListeners(cfg, opened)
+	d.warnUnapplied(old, cfg)
+	if err := d.startRegistration(cfg); err != nil {
+		// The rest applied; the registration is what it was, or none.
+		d.log.Error("configuration reloaded, but the Consul registration could not change", "error", err)
+	}
+	d.cfg = cfg
+	d.log.Info("configuration reloaded", "file", d.path, "listeners", len(d.listeners), "discovery_restarted", discChanged)
+	return nil
+}
 
+// listenerChange is new settings for a listener whose address a reload
+// keeps: it keeps its socket, and a new name, TLS mode or PROXY protocol
+// sources apply to the connections it accepts from now on.
+type listenerChange struct {
+	rl       *runningListener
+	cfg      config.Listener
+	old, new proxy.ListenerOptions
+}
+
+type listenerChanges []listenerChange
+
+// changeListeners gives the server the new settings of every listener cfg
+// keeps and changes. On failure it puts back those it changed.
+func (d *daemon) changeListeners(cfg *config.Config) (listenerChanges, error) {
+	var changes listenerChanges
+	for _, l := range cfg.Listeners {
+		if rl, ok := d.listeners[l.Address]; ok && !reflect.DeepEqual(rl.cfg, l) {
+			changes = append(changes, listenerChange{rl, l, rl.opts, listenerOptions(l)})
+		}
+	}
+	for i, c := range changes {
+		if err := d.srv.SetListenerOptions(c.rl.ln, c.new); err != nil {
+			changes[:i].undo(d.srv)
+			return nil, fmt.Errorf("listener %s: %w; try again", c.cfg.Name, err)
+		}
+	}
+	return changes, nil
+}
+
+// undo gives the server back the settings the listeners had.
+func (cs listenerChanges) undo(srv *proxy.Server) {
+	for _, c := range cs {
+		srv.SetListenerOptions(c.rl.ln, c.old)
+	}
+}
+
+// keep records the new settings as the listeners' own, once the reload
+// can no longer fail.
+func (cs listenerChanges) keep(log hclog.Logger) {
+	for _, c := range cs {
+		log.Info("listener settings changed; its socket is kept", "listener", c.cfg.Name, "address", c.cfg.Address,
+			"tls", c.cfg.TLS, "proxy_protocol_from", c.cfg.ProxyProtocolFrom)
+		c.rl.cfg, c.rl.opts = c.cfg, c.new
+	}
+}
+
+func closeListeners(ls map[string]*runningListener) {
+	for _, l := range ls {
+		l.ln.Close()
+	}
+}
+
+// discoveryChanged reports whether the backend source must restart.
+func discoveryChanged(old, cfg *config.Config) bool {
+	return !reflect.DeepEqual(old.Consul, cfg.Consul) || !reflect.DeepEqual(old.Backends, cfg.Backends) ||
+		old.Cluster.RejoinHold != cfg.Cluster.RejoinHold
+}
+
+// swapListeners closes the listeners whose address cfg drops and serves
+// those just opened.
+func (d *daemon) swapListeners(cfg *config.Config, opened map[string]*runningListener) {
 	keep := map[string]bool{}
 	for _, l := range cfg.Listeners {
 		keep[l.Address] = true
@@ -371,7 +414,10 @@ func (d *daemon) reloadLocked() error {
 		d.listeners[addr] = rl
 		d.serve(rl)
 	}
+}
 
+// warnUnapplied names the settings a reload changed but cannot apply.
+func (d *daemon) warnUnapplied(old, cfg *config.Config) {
 	var restart []string
 	if old.LogFormat != cfg.LogFormat {
 		restart = append(restart, "log_format")
@@ -387,13 +433,6 @@ func (d *daemon) reloadLocked() error {
 	if len(restart) > 0 {
 		d.log.Warn("configuration reloaded, but these settings apply only after a restart", "settings", strings.Join(restart, ", "))
 	}
-	if err := d.startRegistration(cfg); err != nil {
-		// The rest applied; the registration is what it was, or none.
-		d.log.Error("configuration reloaded, but the Consul registration could not change", "error", err)
-	}
-	d.cfg = cfg
-	d.log.Info("configuration reloaded", "file", d.path, "listeners", len(d.listeners), "discovery_restarted", discChanged)
-	return nil
 }
 
 // shutdown stops the listeners and discovery, drains the sessions until

@@ -88,6 +88,9 @@ func newLogger(cfg *config.Config) hclog.Logger {
 	})
 }
 
+// run serves cfg until a signal or a listener failure ends the process:
+// discovery first, so that the listeners open onto a backend set, then the
+// admin listener, then the client listeners, then the drain.
 func run(path string, cfg *config.Config) error {
 	log := newLogger(cfg)
 	ctx, stop := context.WithCancel(context.Background())
@@ -96,82 +99,30 @@ func run(path string, cfg *config.Config) error {
 	if err != nil {
 		return err
 	}
-	srv := d.srv
 
 	first := make(chan struct{})
 	if err := d.startDiscovery(cfg, first); err != nil {
 		return err
 	}
-	// Wait a little for the first backend set, so that the first logins
-	// after a restart do not fail for want of one; without it the proxy
-	// still starts and answers NO [UNAVAILABLE] until a set arrives.
-	waitFirst := time.NewTimer(10 * time.Second)
-	select {
-	case <-first:
-	case <-waitFirst.C:
-		log.Warn("no backend set yet; logins fail with UNAVAILABLE until discovery delivers one")
-	}
-	waitFirst.Stop()
+	waitFirstSet(first, log)
 
 	reg := prometheus.NewRegistry()
-	admin.RegisterMetrics(reg, srv, d.sourceStatus)
+	admin.RegisterMetrics(reg, d.srv, d.sourceStatus)
 	registerReloadMetrics(reg, d)
 	reg.MustRegister(d.metrics.Collectors()...)
 	var listening atomic.Bool
-	var adminSrv *http.Server
-	if cfg.Admin.Address != "" {
-		ln, err := net.Listen("tcp", cfg.Admin.Address)
-		if err != nil {
-			return fmt.Errorf("admin listener: %w", err)
-		}
-		// The token is read once: a changed one needs a restart, as the
-		// rest of the admin block does.
-		opts := admin.Options{TraceDir: cfg.Admin.TraceDir, Source: d.sourceStatus, Listening: listening.Load,
-			Metrics: reg, Logger: log.Named("admin")}
-		if cfg.Admin.TokenFile != "" {
-			tok, err := config.ReadToken(cfg.Admin.TokenFile)
-			if err != nil {
-				ln.Close()
-				return fmt.Errorf("admin token_file: %w", err)
-			}
-			opts.Token = tok
-		}
-		adminSrv = admin.NewServer(admin.New(srv, opts))
-		clear(opts.Token)
-		d.adminAddr = ln.Addr().String()
-		log.Info("admin listening", "address", ln.Addr().String())
-		d.wg.Go(func() {
-			if err := adminSrv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				log.Error("admin listener failed", "error", err)
-			}
-		})
+	adminSrv, err := d.startAdmin(cfg, reg, listening.Load)
+	if err != nil {
+		return err
 	}
 
 	if err := d.start(); err != nil {
-		srv.Close()
+		d.srv.Close()
 		return err
 	}
 
 	listening.Store(true)
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
-	var runErr error
-loop:
-	for {
-		select {
-		case s := <-sigs:
-			if s == syscall.SIGHUP {
-				log.Info("SIGHUP: reloading the configuration", "file", path)
-				d.reload() // logs its outcome
-				continue
-			}
-			log.Info("shutting down", "signal", s.String(), "drain", d.cfg.Timeouts.Drain)
-			break loop
-		case runErr = <-d.errc:
-			log.Error("listener failed", "error", runErr)
-			break loop
-		}
-	}
+	runErr := d.waitSignals()
 	listening.Store(false)
 	sctx, cancel := context.WithTimeout(context.Background(), d.cfg.Timeouts.Drain)
 	defer cancel()
@@ -185,6 +136,75 @@ loop:
 	d.wg.Wait()
 	log.Info("stopped")
 	return runErr
+}
+
+// waitFirstSet waits a little for the first backend set, so that the first
+// logins after a restart do not fail for want of one; without it the proxy
+// still starts and answers NO [UNAVAILABLE] until a set arrives.
+func waitFirstSet(first <-chan struct{}, log hclog.Logger) {
+	waitFirst := time.NewTimer(10 * time.Second)
+	select {
+	case <-first:
+	case <-waitFirst.C:
+		log.Warn("no backend set yet; logins fail with UNAVAILABLE until discovery delivers one")
+	}
+	waitFirst.Stop()
+}
+
+// startAdmin opens and serves the admin listener, if cfg has one; the
+// server it returns is nil without.
+func (d *daemon) startAdmin(cfg *config.Config, reg *prometheus.Registry, listening func() bool) (*http.Server, error) {
+	if cfg.Admin.Address == "" {
+		return nil, nil
+	}
+	ln, err := net.Listen("tcp", cfg.Admin.Address)
+	if err != nil {
+		return nil, fmt.Errorf("admin listener: %w", err)
+	}
+	// The token is read once: a changed one needs a restart, as the
+	// rest of the admin block does.
+	opts := admin.Options{TraceDir: cfg.Admin.TraceDir, Source: d.sourceStatus, Listening: listening,
+		Metrics: reg, Logger: d.log.Named("admin")}
+	if cfg.Admin.TokenFile != "" {
+		tok, err := config.ReadToken(cfg.Admin.TokenFile)
+		if err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("admin token_file: %w", err)
+		}
+		opts.Token = tok
+	}
+	adminSrv := admin.NewServer(admin.New(d.srv, opts))
+	clear(opts.Token)
+	d.adminAddr = ln.Addr().String()
+	d.log.Info("admin listening", "address", ln.Addr().String())
+	d.wg.Go(func() {
+		if err := adminSrv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			d.log.Error("admin listener failed", "error", err)
+		}
+	})
+	return adminSrv, nil
+}
+
+// waitSignals reloads on SIGHUP until SIGINT or SIGTERM, which return nil,
+// or a listener failure, which is returned.
+func (d *daemon) waitSignals() error {
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	for {
+		select {
+		case s := <-sigs:
+			if s == syscall.SIGHUP {
+				d.log.Info("SIGHUP: reloading the configuration", "file", d.path)
+				d.reload() // logs its outcome
+				continue
+			}
+			d.log.Info("shutting down", "signal", s.String(), "drain", d.cfg.Timeouts.Drain)
+			return nil
+		case err := <-d.errc:
+			d.log.Error("listener failed", "error", err)
+			return err
+		}
+	}
 }
 
 // listen opens a TCP listener. Go asks the kernel for the largest backlog
@@ -213,16 +233,9 @@ func serverOptions(cfg *config.Config, log hclog.Logger, p *pool.Pool) (proxy.Op
 	if err != nil {
 		return proxy.Options{}, err
 	}
-	var clientTLS *tls.Config
-	if cfg.ClientTLS.CertFile != "" {
-		cert, err := tls.LoadX509KeyPair(cfg.ClientTLS.CertFile, cfg.ClientTLS.KeyFile)
-		if err != nil {
-			return proxy.Options{}, fmt.Errorf("client tls: %w", err)
-		}
-		clientTLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
-		if cfg.ClientTLS.MinVersion == "1.3" {
-			clientTLS.MinVersion = tls.VersionTLS13
-		}
+	clientTLS, err := clientTLSConfig(cfg)
+	if err != nil {
+		return proxy.Options{}, err
 	}
 	t := cfg.Timeouts
 	return proxy.Options{
@@ -277,6 +290,23 @@ func noneIfZero[T int | time.Duration](v T) T {
 		return -1
 	}
 	return v
+}
+
+// clientTLSConfig is nil without a certificate, which Validate allows only
+// when no listener offers TLS.
+func clientTLSConfig(cfg *config.Config) (*tls.Config, error) {
+	if cfg.ClientTLS.CertFile == "" {
+		return nil, nil
+	}
+	cert, err := tls.LoadX509KeyPair(cfg.ClientTLS.CertFile, cfg.ClientTLS.KeyFile)
+	if err != nil {
+		return nil, fmt.Errorf("client tls: %w", err)
+	}
+	tc := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	if cfg.ClientTLS.MinVersion == "1.3" {
+		tc.MinVersion = tls.VersionTLS13
+	}
+	return tc, nil
 }
 
 func upstreamTLS(cfg *config.Config) (*tls.Config, error) {

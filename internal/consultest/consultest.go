@@ -153,20 +153,9 @@ func Start() (*Agent, error) {
 	return a, nil
 }
 
-// start runs the binary with a fresh data dir and waits until it is ready.
-// On failure the process is gone.
-func (a *Agent) start() error {
-	data := filepath.Join(a.dir, "data")
-	if err := os.RemoveAll(data); err != nil {
-		return fmt.Errorf("consultest: %w", err)
-	}
-	if err := os.MkdirAll(data, 0o700); err != nil {
-		return fmt.Errorf("consultest: %w", err)
-	}
-	logf, err := os.OpenFile(a.logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
-	if err != nil {
-		return fmt.Errorf("consultest: %w", err)
-	}
+// command is a dev-mode agent on a.ports, keeping its state in data and
+// writing its output to logf.
+func (a *Agent) command(data string, logf *os.File) *exec.Cmd {
 	itoa := strconv.Itoa
 	cmd := exec.Command(a.bin, "agent", "-dev",
 		"-node", a.node,
@@ -189,6 +178,24 @@ func (a *Agent) start() error {
 	cmd.Stderr = logf
 	// If the test binary dies without Stop, the agent dies with it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	return cmd
+}
+
+// start runs the binary with a fresh data dir and waits until it is ready.
+// On failure the process is gone.
+func (a *Agent) start() error {
+	data := filepath.Join(a.dir, "data")
+	if err := os.RemoveAll(data); err != nil {
+		return fmt.Errorf("consultest: %w", err)
+	}
+	if err := os.MkdirAll(data, 0o700); err != nil {
+		return fmt.Errorf("consultest: %w", err)
+	}
+	logf, err := os.OpenFile(a.logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return fmt.Errorf("consultest: %w", err)
+	}
+	cmd := a.command(data, logf)
 	fmt.Fprintf(logf, "==> consultest: starting %s %q\n", a.bin, cmd.Args[1:])
 	p := &process{cmd: cmd, log: logf, done: make(chan struct{})}
 	started := make(chan error, 1)

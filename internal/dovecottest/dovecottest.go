@@ -229,7 +229,24 @@ func Start(opts Options) (*Server, error) {
 
 // prepare makes the directories, passwd-file, maildirs and certificate.
 func (s *Server) prepare(opts Options) error {
-	dir := opts.Dir
+	if err := s.makeDirs(opts.Dir); err != nil {
+		return err
+	}
+	if err := s.addUsers(opts); err != nil {
+		return err
+	}
+	if err := s.seedMail(opts); err != nil {
+		return err
+	}
+	if opts.TLS {
+		return s.writeCert()
+	}
+	return nil
+}
+
+// makeDirs makes dir (a temporary one when "") and the directories under
+// it that Dovecot needs, and names the files it will hold.
+func (s *Server) makeDirs(dir string) error {
 	if dir == "" {
 		d, err := os.MkdirTemp("", "dovecottest-")
 		if err != nil {
@@ -278,7 +295,11 @@ func (s *Server) prepare(opts Options) error {
 	s.outPath = filepath.Join(dir, "master.out")
 	s.passwdPath = filepath.Join(dir, "passwd")
 	s.mailDir = filepath.Join(dir, "mail")
+	return nil
+}
 
+// addUsers names the users opts asks for and writes the passwd file.
+func (s *Server) addUsers(opts Options) error {
 	n := opts.users()
 	for i := 1; i <= n; i++ {
 		u := UserName(i)
@@ -297,10 +318,10 @@ func (s *Server) prepare(opts Options) error {
 		s.users = append(s.users, LargeUser)
 		s.passwords[LargeUser] = pw
 	}
-	if err := s.writePasswdLocked(); err != nil {
-		return err
-	}
+	return s.writePasswdLocked()
+}
 
+func (s *Server) seedMail(opts Options) error {
 	if err := os.MkdirAll(s.mailDir, 0o755); err != nil {
 		return fmt.Errorf("dovecottest: %w", err)
 	}
@@ -315,17 +336,20 @@ func (s *Server) prepare(opts Options) error {
 			return fmt.Errorf("dovecottest: seed %s: %w", u, err)
 		}
 	}
+	return nil
+}
 
-	if opts.TLS {
-		cert, err := testkit.NewCert("localhost", "127.0.0.1", "::1")
-		if err != nil {
-			return fmt.Errorf("dovecottest: %w", err)
-		}
-		if _, _, _, err := cert.WriteFiles(dir); err != nil {
-			return fmt.Errorf("dovecottest: %w", err)
-		}
-		s.CertPEM = cert.CAPEM
+// writeCert writes a certificate for localhost into s.Dir, where the
+// rendered configuration expects it.
+func (s *Server) writeCert() error {
+	cert, err := testkit.NewCert("localhost", "127.0.0.1", "::1")
+	if err != nil {
+		return fmt.Errorf("dovecottest: %w", err)
 	}
+	if _, _, _, err := cert.WriteFiles(s.Dir); err != nil {
+		return fmt.Errorf("dovecottest: %w", err)
+	}
+	s.CertPEM = cert.CAPEM
 	return nil
 }
 
@@ -348,19 +372,39 @@ func checkSearchable(dir string) error {
 
 // launch picks ports, writes the config and starts the master.
 func (s *Server) launch(bin string, opts Options) error {
-	port := opts.Port
+	port, tlsPort, err := s.pickPorts(opts)
+	if err != nil {
+		return err
+	}
+	if err := s.writeConfig(opts, port, tlsPort); err != nil {
+		return err
+	}
+	if err := s.startMaster(bin); err != nil {
+		return err
+	}
+	if err := s.waitReady(); err != nil {
+		_ = s.Kill()
+		return fmt.Errorf("dovecottest: %s did not come up on %s: %w\n%s", s.Name, s.Addr, err, s.tail())
+	}
+	return nil
+}
+
+// pickPorts takes the ports opts names or free ones, and sets s.Addr and
+// s.TLSAddr to them.
+func (s *Server) pickPorts(opts Options) (port, tlsPort int, err error) {
+	port = opts.Port
 	if port == 0 {
 		p, err := freePort()
 		if err != nil {
-			return err
+			return 0, 0, err
 		}
 		port = p
 	}
-	tlsPort := opts.ImplicitTLSPort
+	tlsPort = opts.ImplicitTLSPort
 	if tlsPort == -1 {
 		p, err := freePort()
 		if err != nil {
-			return err
+			return 0, 0, err
 		}
 		tlsPort = p
 	}
@@ -369,7 +413,11 @@ func (s *Server) launch(bin string, opts Options) error {
 	if tlsPort > 0 {
 		s.TLSAddr = net.JoinHostPort("127.0.0.1", strconv.Itoa(tlsPort))
 	}
+	return port, tlsPort, nil
+}
 
+// writeConfig renders dovecot.conf and empties the logs.
+func (s *Server) writeConfig(opts Options, port, tlsPort int) error {
 	conf, err := renderConfig(configData{
 		Name:         s.Name,
 		Instance:     "dovecottest-" + s.Name + "-" + strconv.Itoa(port),
@@ -399,6 +447,12 @@ func (s *Server) launch(bin string, opts Options) error {
 			return fmt.Errorf("dovecottest: %w", err)
 		}
 	}
+	return nil
+}
+
+// startMaster starts the Dovecot master in the foreground, its output in
+// master.out, and returns once it runs (not once it listens).
+func (s *Server) startMaster(bin string) error {
 	out, err := os.OpenFile(s.outPath, os.O_WRONLY|os.O_APPEND, 0)
 	if err != nil {
 		return fmt.Errorf("dovecottest: %w", err)
@@ -422,11 +476,6 @@ func (s *Server) launch(bin string, opts Options) error {
 		return fmt.Errorf("dovecottest: start %s: %w", bin, err)
 	}
 	s.pid = cmd.Process.Pid
-
-	if err := s.waitReady(); err != nil {
-		_ = s.Kill()
-		return fmt.Errorf("dovecottest: %s did not come up on %s: %w\n%s", s.Name, s.Addr, err, s.tail())
-	}
 	return nil
 }
 

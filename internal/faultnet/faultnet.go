@@ -519,22 +519,9 @@ func (l *link) write() {
 	p := l.pr.p
 	out := make([]byte, queueSize)
 	for {
-		l.mu.Lock()
-		n, eof := len(l.q), l.eof
-		chunk := out[:copy(out, l.q)]
-		l.mu.Unlock()
-		if n == 0 {
-			if eof {
-				_ = l.dst.CloseWrite()
-				l.pr.linkFinished()
-				return
-			}
-			select {
-			case <-l.readable:
-				continue
-			case <-l.pr.done:
-				return
-			}
+		chunk, ok := l.waitQueued(out)
+		if !ok {
+			return
 		}
 
 		p.mu.Lock()
@@ -561,32 +548,72 @@ func (l *link) write() {
 			}
 		}
 
-		if _, err := l.dst.Write(chunk); err != nil {
-			l.pr.end(!errors.Is(err, net.ErrClosed))
+		if !l.send(chunk) {
 			return
 		}
-		p.bytes[l.dir].Add(int64(len(chunk)))
-		l.remember(chunk)
-		l.mu.Lock()
-		l.q = append(l.q[:0], l.q[len(chunk):]...)
-		l.mu.Unlock()
-		kick(l.writable)
 		if hit != nil {
 			close(hit)
 		}
-
-		if f.dripN > 0 {
-			t := time.NewTimer(f.dripEvery)
-			select {
-			case <-t.C:
-			case <-changed:
-				t.Stop()
-			case <-l.pr.done:
-				t.Stop()
-				return
-			}
+		if f.dripN > 0 && !l.drip(f.dripEvery, changed) {
+			return
 		}
 	}
+}
+
+// waitQueued copies what q holds into out, waiting while q is empty. It
+// returns false once the link is finished (EOF forwarded) or the pair is
+// done.
+func (l *link) waitQueued(out []byte) ([]byte, bool) {
+	for {
+		l.mu.Lock()
+		n, eof := len(l.q), l.eof
+		chunk := out[:copy(out, l.q)]
+		l.mu.Unlock()
+		if n > 0 {
+			return chunk, true
+		}
+		if eof {
+			_ = l.dst.CloseWrite()
+			l.pr.linkFinished()
+			return nil, false
+		}
+		select {
+		case <-l.readable:
+		case <-l.pr.done:
+			return nil, false
+		}
+	}
+}
+
+// send writes chunk to dst and then drops it from q; false when dst
+// failed, which ends the pair.
+func (l *link) send(chunk []byte) bool {
+	p := l.pr.p
+	if _, err := l.dst.Write(chunk); err != nil {
+		l.pr.end(!errors.Is(err, net.ErrClosed))
+		return false
+	}
+	p.bytes[l.dir].Add(int64(len(chunk)))
+	l.remember(chunk)
+	l.mu.Lock()
+	l.q = append(l.q[:0], l.q[len(chunk):]...)
+	l.mu.Unlock()
+	kick(l.writable)
+	return true
+}
+
+// drip waits between two drips, cut short when the faults change; false
+// when the pair is done.
+func (l *link) drip(every time.Duration, changed <-chan struct{}) bool {
+	t := time.NewTimer(every)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-changed:
+	case <-l.pr.done:
+		return false
+	}
+	return true
 }
 
 // match returns the length of the prefix of chunk that ends with the
