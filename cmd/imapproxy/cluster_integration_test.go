@@ -395,14 +395,16 @@ func (c *cluster) testPinningAndReuse(t *testing.T) {
 // 3. A backend in maintenance moves only its users, and they come back
 
 func (c *cluster) testFailureMovesOnlyItsUsers(t *testing.T) {
+	// The backend that fails is the one with weight 2: it has the most
+	// users, and its users' second choices are spread over the other two.
+	failed := c.backends[2]
+	// Dovecot logs a login after answering it: the count is read once
+	// every login this daemon sent (its metric) is in the log.
+	base := c.loginCounts(t)[failed.id]
 	agent := c.newAgent(t)
 	d := c.startDaemon(t, agent, daemonOptions{cache: true})
 	ring := c.ring()
 	sample := users(201, 260)
-
-	// The backend that fails is the one with weight 2: it has the most
-	// users, and its users' second choices are spread over the other two.
-	failed := c.backends[2]
 	var movers, stayers []string
 	for _, u := range sample {
 		if c.pick(ring, u) == failed.id {
@@ -455,7 +457,11 @@ func (c *cluster) testFailureMovesOnlyItsUsers(t *testing.T) {
 	// connections.
 	m0 := d.metrics(t)
 	gone0 := m0.get(`imapproxy_cache_closed_total{cause="backend_gone"}`)
-	failedLogins := c.loginCounts(t)[failed.id]
+	sent := int(d.metrics(t).get(fmt.Sprintf(`imapproxy_backend_logins_total{backend=%q,result="ok"}`, failed.id)))
+	failedLogins, err := failed.srv.WaitLogins(base+sent, bound)
+	if err != nil || failedLogins != base+sent {
+		t.Fatalf("%s logged %d logins before maintenance (err %v), want %d", failed.id, failedLogins-base, err, sent)
+	}
 	t0 := time.Now()
 	if err := agent.Maintenance(failed.id, true); err != nil {
 		t.Fatal(err)
