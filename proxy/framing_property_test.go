@@ -450,13 +450,16 @@ func (g *fpGen) play(tagOf func() string, hiddenTag func(string) string) []fpCmd
 		// The smuggled line ends inside the literal: what the client
 		// sends next is, to the proxy, the rest of the NOOP's line, and
 		// to Dovecot a command of its own, as hidden from the proxy as
-		// the first, so it needs a tag of its own too.
+		// the first, so it needs a tag of its own too. Hidden, the
+		// proxy cannot wait for its answer either before it answers a
+		// LOGOUT pipelined behind it: it is one command, with two
+		// hidden ones, to the proxy and to this client alike.
 		inner += "\r\n"
 		tag2 := hiddenTag(tagOf())
-		return []fpCmd{
-			{tag: tag, hidden: []string{h}, pieces: []fpPiece{{data: fmt.Sprintf("%s NOOP {%d+}\r\n%s", tag, len(inner), inner)}}},
-			{tag: tag2, pieces: []fpPiece{{data: tag2 + " NOOP\r\n"}}},
-		}
+		return []fpCmd{{tag: tag, hidden: []string{h, tag2}, pieces: []fpPiece{
+			{data: fmt.Sprintf("%s NOOP {%d+}\r\n%s", tag, len(inner), inner)},
+			{data: tag2 + " NOOP\r\n"},
+		}}}
 	case fpTrickEnable:
 		return line([]string{"ENABLE CONDSTORE", "ENABLE QRESYNC"}[rng.IntN(2)])
 	case fpTrickModseq:

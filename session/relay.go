@@ -73,6 +73,10 @@ type relay struct {
 	logoutTag string
 	stopping  bool   // the pump ends after the next internal reply
 	internal  string // status of the internal command
+	// passing is set while the pump passes on a tagged answer it has
+	// taken off inflight: until that is at the client the relay is not
+	// quiet (waitQuiet), or a LOGOUT's OK could overtake it.
+	passing bool
 
 	// trace, when an operator traces the user, records the protocol.
 	trace atomic.Pointer[Tracer]
@@ -744,9 +748,9 @@ func (rl *relay) waitQuiet(timeout time.Duration) bool {
 	defer t.Stop()
 	for {
 		rl.mu.Lock()
-		n := len(rl.inflight)
+		quiet := len(rl.inflight) == 0 && !rl.passing
 		rl.mu.Unlock()
-		if n == 0 {
+		if quiet {
 			return true
 		}
 		select {
@@ -1121,6 +1125,16 @@ func (rl *relay) pumpLoop() error {
 		if err := rl.forward(line, more, lit, forward, text); err != nil {
 			return err
 		}
+		rl.mu.Lock()
+		if rl.passing {
+			// Again, for waitQuiet: the answer is at the client now.
+			rl.passing = false
+			select {
+			case rl.progress <- struct{}{}:
+			default:
+			}
+		}
+		rl.mu.Unlock()
 		if stop {
 			return nil
 		}
@@ -1236,6 +1250,7 @@ func (rl *relay) tagged(line []byte) (forward, stop bool) {
 	}
 	p := rl.inflight[i]
 	rl.inflight = append(rl.inflight[:i], rl.inflight[i+1:]...)
+	rl.passing = true
 	if rl.litSeq != 0 && p.seq == rl.litSeq {
 		// A command whose literal waits for "+" was refused; no
 		// other command with its tag is in flight (awaitTagFree).
