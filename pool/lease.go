@@ -31,7 +31,8 @@ func (t *Table) Lease() (*Lease, error) {
 	if err := t.pool.reserve(); err != nil {
 		return nil, err
 	}
-	return t.newLease(nil, time.Time{}), nil
+	t.pool.inUse.Add(1)
+	return &Lease{t: t}, nil
 }
 
 // Take checks out a cached connection of user authenticated with the
@@ -43,16 +44,12 @@ func (t *Table) Lease() (*Lease, error) {
 // fails its check is aborted, not logged out: it is broken, and the login
 // must not wait for it.
 func (t *Table) Take(ctx context.Context, user string, d Digest) (l *Lease, ok bool) {
-	c, born, ok := t.get(ctx, user, d)
-	if !ok {
+	e := t.get(ctx, user, d)
+	if e == nil {
 		return nil, false
 	}
-	return t.newLease(c, born), true
-}
-
-func (t *Table) newLease(c Conn, born time.Time) *Lease {
 	t.pool.inUse.Add(1)
-	return &Lease{t: t, conn: c, born: born}
+	return &e.lease, true
 }
 
 // Conn is the cached connection Take handed out with the lease, nil for a

@@ -460,7 +460,7 @@ func (p *Pool) reserve() error {
 		// goes at once, without LOGOUT: behind a hung backend's
 		// closers it would stay open, and sockets over the budget
 		// would pile up as fast as logins make room.
-		e.conn.Abort()
+		e.lease.conn.Abort()
 		return nil
 	}
 }
@@ -578,9 +578,11 @@ func (p *Pool) Sweep(now time.Time) {
 type entry struct {
 	user   string
 	digest Digest
-	conn   Conn
-	born   time.Time // first authenticated
 	since  time.Time // cached at
+	// lease holds the connection, its first authentication and its
+	// table: Take hands it out as it is, once the entry has left the
+	// table for good, so that a checkout allocates nothing.
+	lease Lease
 }
 
 // Table holds one backend's cached connections.
@@ -616,30 +618,30 @@ func (t *Table) Len() int {
 	return t.lru.Len()
 }
 
-// get takes out a cached connection of user authenticated with digest d,
-// proven alive by Check, with its first authentication time, for Take.
+// get takes out the entry of a cached connection of user authenticated
+// with digest d, proven alive by Check, for Take; nil if there is none.
 // Its slot goes with it to the caller.
-func (t *Table) get(ctx context.Context, user string, d Digest) (Conn, time.Time, bool) {
+func (t *Table) get(ctx context.Context, user string, d Digest) *entry {
 	for {
 		e := t.take(user, d)
 		if e == nil {
 			t.pool.c.misses.Add(1)
-			return nil, time.Time{}, false
+			return nil
 		}
-		if time.Since(e.born) > t.pool.options().maxAge() {
+		if time.Since(e.lease.born) > t.pool.options().maxAge() {
 			t.pool.c.maxAge.Add(1)
-			t.closeAsync(e.conn, true)
+			t.closeAsync(e.lease.conn, true)
 			continue
 		}
-		if err := e.conn.Check(ctx); err != nil {
+		if err := e.lease.conn.Check(ctx); err != nil {
 			t.pool.c.dead.Add(1)
 			t.pool.log.Debug("cached connection failed check", "backend", t.name, "error", err)
-			e.conn.Abort()
+			e.lease.conn.Abort()
 			t.pool.release()
 			continue
 		}
 		t.pool.c.hits.Add(1)
-		return e.conn, e.born, true
+		return e
 	}
 }
 
@@ -676,7 +678,7 @@ func (t *Table) put(user string, d Digest, c Conn, born time.Time) {
 		t.closeAsync(c, true)
 		return
 	}
-	e := &entry{user: user, digest: d, conn: c, born: born, since: now}
+	e := &entry{user: user, digest: d, since: now, lease: Lease{t: t, conn: c, born: born}}
 	var evicted *entry
 	t.mu.Lock()
 	if t.closed {
@@ -694,7 +696,7 @@ func (t *Table) put(user string, d Digest, c Conn, born time.Time) {
 	t.mu.Unlock()
 	if evicted != nil {
 		t.pool.c.userLimit.Add(1)
-		t.closeAsync(evicted.conn, true)
+		t.closeAsync(evicted.lease.conn, true)
 	}
 }
 
@@ -724,7 +726,7 @@ func (t *Table) Conns() []ConnInfo {
 	out := make([]ConnInfo, 0, t.lru.Len())
 	for el := t.lru.Front(); el != nil; el = el.Next() {
 		e := el.Value.(*entry)
-		out = append(out, ConnInfo{User: e.user, Born: e.born, Since: e.since})
+		out = append(out, ConnInfo{User: e.user, Born: e.lease.born, Since: e.since})
 	}
 	return out
 }
@@ -736,7 +738,7 @@ func (t *Table) CloseUser(user string) int {
 	els := t.byUser[user]
 	conns := make([]Conn, 0, len(els))
 	for len(els) > 0 {
-		conns = append(conns, els[0].Value.(*entry).conn)
+		conns = append(conns, els[0].Value.(*entry).lease.conn)
 		t.unlinkLocked(els[0], 0)
 		els = t.byUser[user]
 	}
@@ -776,10 +778,10 @@ func (t *Table) collectExpired(now time.Time, expired, aged []Conn) ([]Conn, []C
 		next := el.Next()
 		e := el.Value.(*entry)
 		switch {
-		case now.Sub(e.born) > maxAge:
-			aged = append(aged, e.conn)
+		case now.Sub(e.lease.born) > maxAge:
+			aged = append(aged, e.lease.conn)
 		case now.Sub(e.since) > exp:
-			expired = append(expired, e.conn)
+			expired = append(expired, e.lease.conn)
 		default:
 			el = next
 			continue
@@ -809,7 +811,7 @@ func (t *Table) takeAll(closed bool) []Conn {
 	}
 	var conns []Conn
 	for el := t.lru.Front(); el != nil; el = el.Next() {
-		conns = append(conns, el.Value.(*entry).conn)
+		conns = append(conns, el.Value.(*entry).lease.conn)
 	}
 	t.lru.Init()
 	t.byUser = make(map[string][]*list.Element)
