@@ -8,13 +8,13 @@
 //
 // Ownership: a Lease is the only way in and out of the budget. Table.Take
 // hands a cached connection to the caller with its lease, Table.Lease a
-// slot for a new connection; Lease.Put or Lease.Discard hands the
-// connection back. A connection in a table belongs to the table. The
-// lease carries the connection's slot with it and settles once, whatever
-// the caller does twice, so that no path can give a slot back twice or
-// keep it for ever: the pool alone counts. No lock is held while a
-// connection does I/O: entries are taken out under the lock and checked
-// or closed outside it.
+// slot for a new connection; the lease's Put, Discard or Abort hands the
+// connection back, its Release a slot whose connection was never made.
+// A connection in a table belongs to the table. The lease carries the
+// connection's slot with it and settles once, whatever the caller does
+// twice, so that no path can give a slot back twice or keep it for ever:
+// the pool alone counts. No lock is held while a connection does I/O:
+// entries are taken out under the lock and checked or closed outside it.
 //
 // Closing is asynchronous: a connection that leaves the pool is logged out
 // by a background closer, never by the goroutine that decided to close it.
@@ -198,8 +198,8 @@ func (p *Pool) Table(backend string) *Table {
 }
 
 // RemoveTable closes a backend's cached connections (it left the healthy
-// set) and makes a connection put back to it later close instead of caching. It returns at
-// once: the connections log out in the background.
+// set) and makes a connection put back to it later close instead of
+// caching. It returns at once: the connections log out in the background.
 func (p *Pool) RemoveTable(backend string) {
 	p.mu.Lock()
 	t := p.tables[backend]
