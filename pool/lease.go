@@ -23,30 +23,33 @@ type Lease struct {
 }
 
 // Lease takes a slot of the budget for a new connection to t's backend,
-// as Pool.Reserve does: when the budget is spent, the oldest cached
-// connection of any backend, or one logging out, makes room. It fails
-// with ErrFull when none can.
+// before it is dialled. When the budget is spent, the oldest cached
+// connection of any backend is aborted to make room, or else a
+// connection logging out is, its LOGOUT cut short. It fails with ErrFull
+// when none can.
 func (t *Table) Lease() (*Lease, error) {
-	if err := t.pool.Reserve(); err != nil {
+	if err := t.pool.reserve(); err != nil {
 		return nil, err
 	}
-	return t.newLease(nil, time.Time{}), nil
+	t.pool.inUse.Add(1)
+	return &Lease{t: t}, nil
 }
 
-// Take is Get with the connection's lease: a cached connection of user
-// authenticated with digest d, proven alive, as l.Conn(). It reports false
-// when there is none; the caller then leases a slot for a new connection.
+// Take checks out a cached connection of user authenticated with the
+// same credential digest d, proven alive by Check within ctx, as l.Conn(),
+// with its lease. It tries the most recently cached first. It reports
+// false when there is none; the caller then leases a slot for a new
+// connection. A digest that matches none of the user's connections leaves
+// them all in place: a wrong password evicts nothing. A connection that
+// fails its check is aborted, not logged out: it is broken, and the login
+// must not wait for it.
 func (t *Table) Take(ctx context.Context, user string, d Digest) (l *Lease, ok bool) {
-	c, born, ok := t.Get(ctx, user, d)
-	if !ok {
+	e := t.get(ctx, user, d)
+	if e == nil {
 		return nil, false
 	}
-	return t.newLease(c, born), true
-}
-
-func (t *Table) newLease(c Conn, born time.Time) *Lease {
 	t.pool.inUse.Add(1)
-	return &Lease{t: t, conn: c, born: born}
+	return &e.lease, true
 }
 
 // Conn is the cached connection Take handed out with the lease, nil for a
@@ -60,19 +63,23 @@ func (l *Lease) Born() time.Time { return l.born }
 // connection belongs to.
 func (l *Lease) Table() *Table { return l.t }
 
-// Put caches c as Table.Put does, the slot going with it, and settles the
-// lease.
+// Put caches c, an idle connection at a command boundary and in the
+// authenticated state, for user with credential digest d, the slot going
+// with it, and settles the lease. born is when c was first authenticated.
+// If the table or pool is closed, caching is off, or c is older than
+// MaxAge, c is closed instead, in the background. The user's oldest cached
+// connection is closed when MaxPerUser is reached.
 func (l *Lease) Put(user string, d Digest, c Conn, born time.Time) {
 	if l.settle() {
-		l.t.Put(user, d, c, born)
+		l.t.put(user, d, c, born)
 	}
 }
 
-// Discard closes c in the background as Table.Discard does, and settles
-// the lease: its slot comes back once c is closed.
+// Discard logs c out and closes it in the background, and settles the
+// lease: its slot comes back once c is closed.
 func (l *Lease) Discard(c Conn) {
 	if l.settle() {
-		l.t.Discard(c)
+		l.t.closeAsync(c, true)
 	}
 }
 
@@ -82,7 +89,7 @@ func (l *Lease) Discard(c Conn) {
 func (l *Lease) Abort(c Conn) {
 	if l.settle() {
 		c.Abort()
-		l.t.pool.Release()
+		l.t.pool.release()
 	}
 }
 
@@ -90,7 +97,7 @@ func (l *Lease) Abort(c Conn) {
 // made (a dial failed) or is closed already.
 func (l *Lease) Release() {
 	if l.settle() {
-		l.t.pool.Release()
+		l.t.pool.release()
 	}
 }
 

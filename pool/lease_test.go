@@ -92,6 +92,41 @@ func TestLeasePutThenRelease(t *testing.T) {
 	})
 }
 
+// TestTakenLeaseStale: a lease of Take lives in its connection's cache
+// entry; once the connection is put back and taken again, the new lease is
+// a fresh one, and the old one, settled, touches neither the new lease nor
+// the connection.
+func TestTakenLeaseStale(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := New(Options{MaxConns: 1})
+		tb := p.Table("b1")
+		c := &fakeConn{name: "c"}
+		put(t, p, tb, "u", "pw", c)
+		old, ok := tb.Take(context.Background(), "u", digest("pw"))
+		if !ok {
+			t.Fatal("Take missed the cached connection")
+		}
+		old.Put("u", digest("pw"), c, old.Born())
+		cur, ok := tb.Take(context.Background(), "u", digest("pw"))
+		if !ok || cur == old || cur.Conn() != c {
+			t.Fatalf("second Take = %p (first %p), %v, want a lease of its own for the same connection", cur, old, ok)
+		}
+		old.Release()
+		old.Discard(c)
+		old.Abort(c)
+		synctest.Wait()
+		checkBudget(t, p, 1)
+		if c.isClosed() {
+			t.Fatal("a settled lease closed the connection of a later one")
+		}
+		cur.Put("u", digest("pw"), c, cur.Born())
+		checkBudget(t, p, 0)
+		if st := p.Stats(); st.Open != 1 || st.Cached != 1 {
+			t.Fatalf("stats %+v, want the connection cached again by the live lease", st)
+		}
+	})
+}
+
 // TestLeaseAbort: Abort closes at once, without LOGOUT, and its slot is
 // back before it returns.
 func TestLeaseAbort(t *testing.T) {

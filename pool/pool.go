@@ -6,13 +6,15 @@
 // connections alike) and runs the one sweeper that closes connections idle
 // for longer than the expiration, as up-imapproxy's sweeper thread does.
 //
-// Ownership: Get hands a connection to the caller; Put or Discard hands it
-// back. A connection in a table belongs to the table. A Lease (Table.Lease
-// for a new connection, Table.Take for a cached one) carries the
-// connection's slot of the budget with it, and settles it once whatever
-// the caller does twice: the proxy takes and gives back slots only so. No lock is held while
-// a connection does I/O: entries are taken out under the lock and checked
-// or closed outside it.
+// Ownership: a Lease is the only way in and out of the budget. Table.Take
+// hands a cached connection to the caller with its lease, Table.Lease a
+// slot for a new connection; the lease's Put, Discard or Abort hands the
+// connection back, its Release a slot whose connection was never made.
+// A connection in a table belongs to the table. The lease carries the
+// connection's slot with it and settles once, whatever the caller does
+// twice, so that no path can give a slot back twice or keep it for ever:
+// the pool alone counts. No lock is held while a connection does I/O:
+// entries are taken out under the lock and checked or closed outside it.
 //
 // Closing is asynchronous: a connection that leaves the pool is logged out
 // by a background closer, never by the goroutine that decided to close it.
@@ -72,7 +74,7 @@ type Options struct {
 	MaxAge        time.Duration // conns first authenticated longer ago are not reused (1h)
 	MaxPerUser    int           // cached conns per user and table (4)
 	MaxConns      int           // upstream conns in total, active + cached (1000)
-	Disabled      bool          // cache nothing; Put closes
+	Disabled      bool          // cache nothing; Lease.Put closes
 	// CloseTimeout bounds the LOGOUT of a connection being closed (2s);
 	// one not done by then is aborted. A healthy backend answers in
 	// milliseconds: the bound is for one that hangs.
@@ -115,13 +117,13 @@ type Stats struct {
 	// session has given its connection back.
 	InUse int
 
-	Hits   uint64 // Get returned a conn
-	Misses uint64 // Get found nothing reusable
+	Hits   uint64 // Take returned a conn
+	Misses uint64 // Take found nothing reusable
 
 	// Closes of cached connections, by cause.
 	ClosedExpired     uint64 // idle longer than Expiration (sweeper)
 	ClosedMaxAge      uint64 // authenticated longer ago than MaxAge
-	ClosedDead        uint64 // failed the liveness check on Get
+	ClosedDead        uint64 // failed the liveness check on Take
 	ClosedUserLimit   uint64 // pushed out by MaxPerUser
 	ClosedFull        uint64 // pushed out to make room under MaxConns
 	ClosedBackendGone uint64 // table removed or pool closed
@@ -157,7 +159,7 @@ type Pool struct {
 	closing   atomic.Int64  // closes not finished, waiting ones included
 	closeDone chan struct{} // a token after each close finishes; cap 1
 	// closes are the closes under way that hold a slot of the budget:
-	// Reserve takes one back, aborting its connection, before it
+	// reserve takes one back, aborting its connection, before it
 	// refuses a login (see reclaim).
 	closesMu sync.Mutex
 	closes   map[*closeOp]struct{}
@@ -196,8 +198,8 @@ func (p *Pool) Table(backend string) *Table {
 }
 
 // RemoveTable closes a backend's cached connections (it left the healthy
-// set) and makes later Puts to it close instead of caching. It returns at
-// once: the connections log out in the background.
+// set) and makes a connection put back to it later close instead of
+// caching. It returns at once: the connections log out in the background.
 func (p *Pool) RemoveTable(backend string) {
 	p.mu.Lock()
 	t := p.tables[backend]
@@ -268,7 +270,7 @@ func (t *Table) closeAsync(c Conn, release bool) {
 
 // closeOp is one background close. Its slot of the budget is given back
 // by whoever moves state from opClosing: the close when it ends
-// (opDone), or Reserve taking the slot over (opReclaimed).
+// (opDone), or reserve taking the slot over (opReclaimed).
 type closeOp struct {
 	c     Conn
 	state atomic.Int32
@@ -311,7 +313,7 @@ func (p *Pool) close(t *Table, op *closeOp) {
 			p.closesMu.Lock()
 			delete(p.closes, op)
 			p.closesMu.Unlock()
-			p.Release()
+			p.release()
 		}
 		p.closing.Add(-1)
 		select {
@@ -428,13 +430,13 @@ func (p *Pool) snapshotLocked() []*Table {
 	return ts
 }
 
-// Reserve takes one slot of the connection budget before a new upstream
-// connection is dialled. When the budget is spent it closes the oldest
-// cached connection of any backend to make room, and fails with ErrFull if
-// there is none. Every successful Reserve is matched by a Release, or by a
-// Put of the connection that used the slot: Table.Lease is the same slot
-// with that matching kept by the pool.
-func (p *Pool) Reserve() error {
+// reserve takes one slot of the connection budget, for Table.Lease. When
+// the budget is spent it closes the oldest cached connection of any
+// backend to make room, else takes over the slot of a close under way
+// (reclaim), and fails with ErrFull if there is neither. Every successful
+// reserve is matched by one release, or by a put of the connection that
+// used the slot: a Lease keeps that count.
+func (p *Pool) reserve() error {
 	for {
 		n := p.open.Load()
 		if n < int64(p.options().maxConns()) {
@@ -458,15 +460,13 @@ func (p *Pool) Reserve() error {
 		// goes at once, without LOGOUT: behind a hung backend's
 		// closers it would stay open, and sockets over the budget
 		// would pile up as fast as logins make room.
-		e.conn.Abort()
+		e.lease.conn.Abort()
 		return nil
 	}
 }
 
-// Release gives back a slot taken by Reserve whose connection was never
-// cached (dial failed, login refused, session ended dirty). A Lease
-// releases its own slot, once.
-func (p *Pool) Release() { p.open.Add(-1) }
+// release gives back a slot whose connection is closed or was never made.
+func (p *Pool) release() { p.open.Add(-1) }
 
 func (p *Pool) oldest() (*Table, *entry) {
 	p.mu.Lock()
@@ -578,9 +578,11 @@ func (p *Pool) Sweep(now time.Time) {
 type entry struct {
 	user   string
 	digest Digest
-	conn   Conn
-	born   time.Time // first authenticated
 	since  time.Time // cached at
+	// lease holds the connection, its first authentication and its
+	// table: Take hands it out as it is, once the entry has left the
+	// table for good, so that a checkout allocates nothing.
+	lease Lease
 }
 
 // Table holds one backend's cached connections.
@@ -616,34 +618,30 @@ func (t *Table) Len() int {
 	return t.lru.Len()
 }
 
-// Get returns a cached connection of user authenticated with the same
-// credential, proven alive by Check, with its first authentication time.
-// It tries the most recently cached first and closes any that fail the
-// check. A digest that matches none of the user's connections leaves them
-// all in place: a wrong password evicts nothing. A connection that fails
-// its check is aborted, not logged out: it is broken, and the login must
-// not wait for it.
-func (t *Table) Get(ctx context.Context, user string, d Digest) (Conn, time.Time, bool) {
+// get takes out the entry of a cached connection of user authenticated
+// with digest d, proven alive by Check, for Take; nil if there is none.
+// Its slot goes with it to the caller.
+func (t *Table) get(ctx context.Context, user string, d Digest) *entry {
 	for {
 		e := t.take(user, d)
 		if e == nil {
 			t.pool.c.misses.Add(1)
-			return nil, time.Time{}, false
+			return nil
 		}
-		if time.Since(e.born) > t.pool.options().maxAge() {
+		if time.Since(e.lease.born) > t.pool.options().maxAge() {
 			t.pool.c.maxAge.Add(1)
-			t.closeAsync(e.conn, true)
+			t.closeAsync(e.lease.conn, true)
 			continue
 		}
-		if err := e.conn.Check(ctx); err != nil {
+		if err := e.lease.conn.Check(ctx); err != nil {
 			t.pool.c.dead.Add(1)
 			t.pool.log.Debug("cached connection failed check", "backend", t.name, "error", err)
-			e.conn.Abort()
-			t.pool.Release()
+			e.lease.conn.Abort()
+			t.pool.release()
 			continue
 		}
 		t.pool.c.hits.Add(1)
-		return e.conn, e.born, true
+		return e
 	}
 }
 
@@ -669,12 +667,9 @@ func (t *Table) take(user string, d Digest) *entry {
 	return el.Value.(*entry)
 }
 
-// Put caches c, an idle connection at a command boundary and in the
-// authenticated state, for user with credential digest d. born is when it
-// was first authenticated. If the table or pool is closed, caching is off,
-// or c is too old, c is closed instead. The user's oldest cached
-// connection is closed when MaxPerUser is reached.
-func (t *Table) Put(user string, d Digest, c Conn, born time.Time) {
+// put caches c, for Lease.Put, its slot going into the table with it; or
+// closes it in the background, the slot coming back once it is closed.
+func (t *Table) put(user string, d Digest, c Conn, born time.Time) {
 	now := time.Now()
 	if t.pool.options().Disabled || now.Sub(born) > t.pool.options().maxAge() {
 		if !t.pool.options().Disabled {
@@ -683,7 +678,7 @@ func (t *Table) Put(user string, d Digest, c Conn, born time.Time) {
 		t.closeAsync(c, true)
 		return
 	}
-	e := &entry{user: user, digest: d, conn: c, born: born, since: now}
+	e := &entry{user: user, digest: d, since: now, lease: Lease{t: t, conn: c, born: born}}
 	var evicted *entry
 	t.mu.Lock()
 	if t.closed {
@@ -701,14 +696,8 @@ func (t *Table) Put(user string, d Digest, c Conn, born time.Time) {
 	t.mu.Unlock()
 	if evicted != nil {
 		t.pool.c.userLimit.Add(1)
-		t.closeAsync(evicted.conn, true)
+		t.closeAsync(evicted.lease.conn, true)
 	}
-}
-
-// Discard closes c, a connection taken from or meant for this table, in
-// the background, and gives its slot back once it is closed.
-func (t *Table) Discard(c Conn) {
-	t.closeAsync(c, true)
 }
 
 // Users returns how many connections each user has cached (for tests and
@@ -737,7 +726,7 @@ func (t *Table) Conns() []ConnInfo {
 	out := make([]ConnInfo, 0, t.lru.Len())
 	for el := t.lru.Front(); el != nil; el = el.Next() {
 		e := el.Value.(*entry)
-		out = append(out, ConnInfo{User: e.user, Born: e.born, Since: e.since})
+		out = append(out, ConnInfo{User: e.user, Born: e.lease.born, Since: e.since})
 	}
 	return out
 }
@@ -749,7 +738,7 @@ func (t *Table) CloseUser(user string) int {
 	els := t.byUser[user]
 	conns := make([]Conn, 0, len(els))
 	for len(els) > 0 {
-		conns = append(conns, els[0].Value.(*entry).conn)
+		conns = append(conns, els[0].Value.(*entry).lease.conn)
 		t.unlinkLocked(els[0], 0)
 		els = t.byUser[user]
 	}
@@ -789,10 +778,10 @@ func (t *Table) collectExpired(now time.Time, expired, aged []Conn) ([]Conn, []C
 		next := el.Next()
 		e := el.Value.(*entry)
 		switch {
-		case now.Sub(e.born) > maxAge:
-			aged = append(aged, e.conn)
+		case now.Sub(e.lease.born) > maxAge:
+			aged = append(aged, e.lease.conn)
 		case now.Sub(e.since) > exp:
-			expired = append(expired, e.conn)
+			expired = append(expired, e.lease.conn)
 		default:
 			el = next
 			continue
@@ -822,7 +811,7 @@ func (t *Table) takeAll(closed bool) []Conn {
 	}
 	var conns []Conn
 	for el := t.lru.Front(); el != nil; el = el.Next() {
-		conns = append(conns, el.Value.(*entry).conn)
+		conns = append(conns, el.Value.(*entry).lease.conn)
 	}
 	t.lru.Init()
 	t.byUser = make(map[string][]*list.Element)

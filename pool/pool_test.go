@@ -94,13 +94,14 @@ func digest(s string) Digest {
 	return d
 }
 
-// put reserves a slot and caches c, as a session does after a login.
+// put leases a slot and caches c, as a session does after a login.
 func put(t *testing.T, p *Pool, tb *Table, user, pw string, c Conn) {
 	t.Helper()
-	if err := p.Reserve(); err != nil {
-		t.Fatalf("Reserve: %v", err)
+	l, err := tb.Lease()
+	if err != nil {
+		t.Fatalf("Lease: %v", err)
 	}
-	tb.Put(user, digest(pw), c, time.Now())
+	l.Put(user, digest(pw), c, time.Now())
 }
 
 func TestGetMatchesUserAndDigest(t *testing.T) {
@@ -120,12 +121,12 @@ func TestGetMatchesUserAndDigest(t *testing.T) {
 		{"taken already", "alice", "pw", false},
 	}
 	for _, tt := range tests {
-		c, _, ok := tb.Get(context.Background(), tt.user, digest(tt.pw))
+		l, ok := tb.Take(context.Background(), tt.user, digest(tt.pw))
 		if ok != tt.hit {
-			t.Fatalf("%s: Get(%q) hit = %v, want %v", tt.name, tt.user, ok, tt.hit)
+			t.Fatalf("%s: Take(%q) hit = %v, want %v", tt.name, tt.user, ok, tt.hit)
 		}
-		if ok && c != a {
-			t.Fatalf("%s: got %v, want the cached conn", tt.name, c)
+		if ok && l.Conn() != a {
+			t.Fatalf("%s: got %v, want the cached conn", tt.name, l.Conn())
 		}
 	}
 	if a.isClosed() {
@@ -145,9 +146,9 @@ func TestGetNewestFirstAndSkipsDead(t *testing.T) {
 		put(t, p, tb, "u", "pw", c)
 	}
 	newest.dead.Store(true)
-	c, _, ok := tb.Get(context.Background(), "u", digest("pw"))
-	if !ok || c != mid {
-		t.Fatalf("Get = %v, %v; want mid (newest alive)", c, ok)
+	l, ok := tb.Take(context.Background(), "u", digest("pw"))
+	if !ok || l.Conn() != mid {
+		t.Fatalf("Take = %v, %v; want mid (newest alive)", l, ok)
 	}
 	if !newest.isClosed() {
 		t.Error("dead connection was not closed")
@@ -180,25 +181,26 @@ func TestReserveEvictsOldestIdle(t *testing.T) {
 	first, second := &fakeConn{}, &fakeConn{}
 	put(t, p, t1, "a", "pw", first)
 	put(t, p, t2, "b", "pw", second)
-	if err := p.Reserve(); err != nil {
-		t.Fatalf("Reserve with idle conns to evict: %v", err)
+	l1, err := t1.Lease()
+	if err != nil {
+		t.Fatalf("Lease with idle conns to evict: %v", err)
 	}
 	// At once and without LOGOUT: its slot is the caller's now, so its
 	// socket must not wait for a close behind a hung backend.
 	if !first.wasAborted() || second.isClosed() {
-		t.Fatalf("evicted first=%v (aborted %v) second=%v, want the oldest only, aborted before Reserve returned",
+		t.Fatalf("evicted first=%v (aborted %v) second=%v, want the oldest only, aborted before Lease returned",
 			first.isClosed(), first.wasAborted(), second.isClosed())
 	}
-	if err := p.Reserve(); err != nil {
-		t.Fatalf("second Reserve: %v", err)
+	if _, err := t1.Lease(); err != nil {
+		t.Fatalf("second Lease: %v", err)
 	}
 	// Both slots are now active: nothing to free.
-	if err := p.Reserve(); !errors.Is(err, ErrFull) {
-		t.Fatalf("Reserve when all busy = %v, want ErrFull", err)
+	if _, err := t1.Lease(); !errors.Is(err, ErrFull) {
+		t.Fatalf("Lease when all busy = %v, want ErrFull", err)
 	}
-	p.Release()
-	if err := p.Reserve(); err != nil {
-		t.Fatalf("Reserve after Release: %v", err)
+	l1.Release()
+	if _, err := t1.Lease(); err != nil {
+		t.Fatalf("Lease after Release: %v", err)
 	}
 	if st := p.Stats(); st.ClosedFull != 2 || st.Open != 2 {
 		t.Errorf("stats = %+v, want 2 closed for room, 2 open", st)
@@ -369,25 +371,26 @@ func TestMaxAge(t *testing.T) {
 		tb := p.Table("b1")
 		c := &fakeConn{}
 		born := time.Now()
-		if err := p.Reserve(); err != nil {
+		l, err := tb.Lease()
+		if err != nil {
 			t.Fatal(err)
 		}
-		tb.Put("u", digest("pw"), c, born)
+		l.Put("u", digest("pw"), c, born)
 		// Reused every 4 minutes: never idle long enough to expire.
 		for i := 0; i < 14; i++ {
 			time.Sleep(4 * time.Minute)
-			got, gotBorn, ok := tb.Get(context.Background(), "u", digest("pw"))
+			got, ok := tb.Take(context.Background(), "u", digest("pw"))
 			if !ok {
-				t.Fatalf("Get at %v: miss", time.Since(born))
+				t.Fatalf("Take at %v: miss", time.Since(born))
 			}
-			if !gotBorn.Equal(born) {
-				t.Fatalf("born = %v, want %v", gotBorn, born)
+			if !got.Born().Equal(born) {
+				t.Fatalf("born = %v, want %v", got.Born(), born)
 			}
-			tb.Put("u", digest("pw"), got, gotBorn)
+			got.Put("u", digest("pw"), got.Conn(), got.Born())
 		}
 		time.Sleep(5 * time.Minute) // 61 minutes since born
-		if _, _, ok := tb.Get(context.Background(), "u", digest("pw")); ok {
-			t.Fatal("Get handed out a conn older than MaxAge")
+		if _, ok := tb.Take(context.Background(), "u", digest("pw")); ok {
+			t.Fatal("Take handed out a conn older than MaxAge")
 		}
 		synctest.Wait()
 		if !c.isClosed() || p.Stats().ClosedMaxAge != 1 {
@@ -406,9 +409,16 @@ func TestConcurrentGetPut(t *testing.T) {
 			defer wg.Done()
 			user := []string{"a", "b"}[g%2]
 			for i := 0; i < 500; i++ {
-				c, born, ok := tb.Get(context.Background(), user, digest(user))
-				if !ok {
-					if err := p.Reserve(); err != nil {
+				var (
+					c    Conn
+					born time.Time
+				)
+				l, ok := tb.Take(context.Background(), user, digest(user))
+				if ok {
+					c, born = l.Conn(), l.Born()
+				} else {
+					var err error
+					if l, err = tb.Lease(); err != nil {
 						continue
 					}
 					c, born = &fakeConn{name: user}, time.Now()
@@ -417,14 +427,14 @@ func TestConcurrentGetPut(t *testing.T) {
 					t.Errorf("user %s got a conn of %s", user, fc.name)
 					return
 				}
-				tb.Put(user, digest(user), c, born)
+				l.Put(user, digest(user), c, born)
 			}
 		}(g)
 	}
 	wg.Wait()
 	st := p.Stats()
-	if st.Open != st.Cached {
-		t.Errorf("open %d != cached %d with no session active", st.Open, st.Cached)
+	if st.Open != st.Cached || st.InUse != 0 {
+		t.Errorf("open %d != cached %d, or %d leases unsettled, with no session active", st.Open, st.Cached, st.InUse)
 	}
 }
 
@@ -437,29 +447,31 @@ func (nopConn) Check(context.Context) error { return nil }
 func (nopConn) Close() error                { return nil }
 func (nopConn) Abort()                      {}
 
-// BenchmarkCheckout is a cache hit and the put back, among 1,000 users
-// with a cached connection each.
+// BenchmarkCheckout is a cache hit and the put back, as a session takes
+// and gives back its connection, among 1,000 users with a cached
+// connection each.
 func BenchmarkCheckout(b *testing.B) {
 	p := New(Options{MaxConns: 4096})
 	tb := p.Table("b1")
 	users := make([]string, 1000)
 	for i := range users {
 		users[i] = "user" + strconv.Itoa(i)
-		if err := p.Reserve(); err != nil {
+		l, err := tb.Lease()
+		if err != nil {
 			b.Fatal(err)
 		}
-		tb.Put(users[i], digest("pw"), nopConn{}, time.Now())
+		l.Put(users[i], digest("pw"), nopConn{}, time.Now())
 	}
 	ctx := context.Background()
 	b.ReportAllocs()
 	b.ResetTimer()
 	for i := 0; b.Loop(); i++ {
 		u := users[i%len(users)]
-		c, born, ok := tb.Get(ctx, u, digest("pw"))
+		l, ok := tb.Take(ctx, u, digest("pw"))
 		if !ok {
 			b.Fatal("miss")
 		}
-		tb.Put(u, digest("pw"), c, born)
+		l.Put(u, digest("pw"), l.Conn(), l.Born())
 	}
 }
 
@@ -679,11 +691,11 @@ func TestFailedCheckAborts(t *testing.T) {
 		c.dead.Store(true)
 		put(t, p, tb, "u", "pw", c)
 		start := time.Now()
-		if _, _, ok := tb.Get(context.Background(), "u", digest("pw")); ok {
-			t.Fatal("Get handed out a dead connection")
+		if _, ok := tb.Take(context.Background(), "u", digest("pw")); ok {
+			t.Fatal("Take handed out a dead connection")
 		}
 		if d := time.Since(start); d != 0 {
-			t.Errorf("Get took %v", d)
+			t.Errorf("Take took %v", d)
 		}
 		if !c.wasAborted() {
 			t.Error("the dead connection was not aborted")
@@ -695,8 +707,8 @@ func TestFailedCheckAborts(t *testing.T) {
 }
 
 // TestReserveReclaimsClosing: with the budget spent on connections whose
-// LOGOUT hangs, Reserve aborts one of them and takes its slot rather
-// than refuse the login; sockets stay within the budget.
+// LOGOUT hangs, Lease aborts one of them and takes its slot rather than
+// refuse the login; sockets stay within the budget.
 func TestReserveReclaimsClosing(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		p := New(Options{MaxConns: 2, CloseTimeout: time.Minute})
@@ -711,8 +723,8 @@ func TestReserveReclaimsClosing(t *testing.T) {
 		if st := p.Stats(); st.Closing != 2 || st.Open != 2 {
 			t.Fatalf("stats %+v, want 2 closing holding the budget", st)
 		}
-		if err := p.Reserve(); err != nil {
-			t.Fatalf("Reserve with closes under way = %v, want a reclaimed slot", err)
+		if _, err := tb.Lease(); err != nil {
+			t.Fatalf("Lease with closes under way = %v, want a reclaimed slot", err)
 		}
 		if n := btoi(a.wasAborted()) + btoi(b.wasAborted()); n != 1 {
 			t.Fatalf("%d closes aborted, want the one whose slot was taken", n)
@@ -720,11 +732,11 @@ func TestReserveReclaimsClosing(t *testing.T) {
 		if st := p.Stats(); st.Open != 2 {
 			t.Errorf("Open = %d after the reclaim, want 2: the budget", st.Open)
 		}
-		if err := p.Reserve(); err != nil {
-			t.Fatalf("second Reserve = %v", err)
+		if _, err := tb.Lease(); err != nil {
+			t.Fatalf("second Lease = %v", err)
 		}
-		if err := p.Reserve(); !errors.Is(err, ErrFull) {
-			t.Fatalf("third Reserve = %v, want ErrFull: nothing left to reclaim", err)
+		if _, err := tb.Lease(); !errors.Is(err, ErrFull) {
+			t.Fatalf("third Lease = %v, want ErrFull: nothing left to reclaim", err)
 		}
 		synctest.Wait()
 		if st := p.Stats(); st.Open != 2 || st.Closing != 0 {
