@@ -105,50 +105,14 @@ type Options struct {
 	Metrics *session.Metrics
 }
 
-func (o *Options) banner() string {
-	if o.Banner != "" {
-		return o.Banner
-	}
-	return "imapproxy ready."
-}
-func (o *Options) preAuthTimeout() time.Duration  { return orDur(o.PreAuthTimeout, 60*time.Second) }
-func (o *Options) authIdleTimeout() time.Duration { return orDur(o.AuthIdleTimeout, 30*time.Minute) }
-func (o *Options) idleTimeout() time.Duration     { return orDur(o.IdleTimeout, 60*time.Minute) }
-func (o *Options) literalTimeout() time.Duration  { return orDur(o.LiteralTimeout, 60*time.Second) }
-func (o *Options) writeTimeout() time.Duration    { return orDur(o.WriteTimeout, 60*time.Second) }
-func (o *Options) logoutWait() time.Duration      { return orDur(o.LogoutWait, 30*time.Second) }
-func (o *Options) responseTimeout() time.Duration { return orDur(o.ResponseTimeout, 120*time.Second) }
-func (o *Options) maxLine() int                   { return orInt(o.MaxLineLength, 64*1024) }
-func (o *Options) backendDrain() time.Duration    { return orDur(o.BackendDrain, 30*time.Second) }
-func (o *Options) downTime() time.Duration        { return orDur(o.DownTime, 10*time.Second) }
-func (o *Options) maxLiteralPreAuth() int         { return orInt(o.MaxLiteralPreAuth, 8*1024) }
-func (o *Options) maxCommandPreAuth() int         { return orInt(o.MaxCommandPreAuth, 40*1024) }
+func (o *Options) preAuthTimeout() time.Duration { return orDur(o.PreAuthTimeout, 60*time.Second) }
+func (o *Options) backendDrain() time.Duration   { return orDur(o.BackendDrain, 30*time.Second) }
+func (o *Options) downTime() time.Duration       { return orDur(o.DownTime, 10*time.Second) }
 func (o *Options) maxPreAuthPerIP() int {
 	if o.MaxPreAuthPerIP < 0 {
 		return 0
 	}
 	return orInt(o.MaxPreAuthPerIP, 100)
-}
-func (o *Options) maxUserLength() int     { return orInt(o.MaxUserLength, 256) }
-func (o *Options) maxPasswordLength() int { return orInt(o.MaxPasswordLength, 4096) }
-func (o *Options) maxLoginFailures() int {
-	if o.MaxLoginFailures < 0 {
-		return 0
-	}
-	return orInt(o.MaxLoginFailures, 3)
-}
-func (o *Options) loginFailureDelay() time.Duration {
-	if o.LoginFailureDelay < 0 {
-		return 0
-	}
-	return orDur(o.LoginFailureDelay, time.Second)
-}
-func (o *Options) maxBad() int { return orInt(o.MaxBadCommands, 3) }
-func (o *Options) maxLiteral() int64 {
-	if o.MaxLiteral > 0 {
-		return o.MaxLiteral
-	}
-	return 64 << 20
 }
 
 func orDur(d, def time.Duration) time.Duration {
